@@ -1,0 +1,71 @@
+"""Measurements a device (or the host, standing in for one) makes of a loaded model.
+
+``python -m edge.measure MODEL`` loads and runs a model in a fresh process and prints its memory
+footprint as JSON, so the figure is not polluted by whatever the caller had loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.runtime import EdgeModel
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    runs: int
+
+
+def measure_latency(model: EdgeModel, sample: np.ndarray, warmup_runs: int, runs: int) -> LatencyStats:
+    """Single-stream latency (batch of one), after ``warmup_runs`` untimed invocations."""
+    batch = np.asarray(sample, np.float32)[np.newaxis]
+    for _ in range(warmup_runs):
+        model.predict(batch)
+    timings = np.empty(runs)
+    for index in range(runs):
+        started = time.perf_counter()
+        model.predict(batch)
+        timings[index] = (time.perf_counter() - started) * 1000.0
+    return LatencyStats(float(np.percentile(timings, 50)), float(np.percentile(timings, 95)),
+                        float(timings.mean()), runs)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def memory_footprint(path: Path) -> dict[str, int]:
+    """Memory of a process that loads ``path`` and runs one inference.
+
+    ``model_rss_bytes`` is what loading and running the model added once its runtime was imported;
+    ``peak_rss_bytes`` is the whole process's peak (runtime included), what a device must have free.
+    """
+    runtime_module = "ai_edge_litert.interpreter" if path.suffix == ".tflite" else "onnxruntime"
+    __import__(runtime_module)
+    before = current_rss_bytes()
+    model = EdgeModel.load(path, num_threads=1)
+    shape = [1 if d == -1 else d for d in model.input.shape]
+    model.predict(np.zeros(shape, np.float32))
+    after = current_rss_bytes()
+    return {"model_rss_bytes": max(0, after - before), "peak_rss_bytes": max(peak_rss_bytes(), after)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(memory_footprint(Path(sys.argv[1]))))

@@ -1,0 +1,165 @@
+"""Load a model file and run it in the runtime a device uses: LiteRT for .tflite, ONNX Runtime for .onnx.
+
+Quantized inputs and outputs are handled here (scale and zero-point), so host evaluation, the
+device server and the on-device benchmark all run exactly the same code. Callers pass float32
+inputs and get float32 class probabilities back, whatever the model's tensor types are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model file that cannot be loaded: missing, corrupt, or of an unknown format."""
+
+
+class InferenceError(RuntimeError):
+    """An input the model cannot run on (wrong shape or dtype)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape (batch dim as -1), dtype and affine quantization (scale, zero_point) of a tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in ("int8", "uint8") and self.scale > 0.0
+
+
+class _Backend(Protocol):
+    input: TensorInfo
+    output: TensorInfo
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def quantize(values: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Float values to the tensor's integer type: round(x / scale) + zero_point, clipped."""
+    limits = np.iinfo(info.dtype)
+    scaled = np.round(values / info.scale) + info.zero_point
+    return np.clip(scaled, limits.min, limits.max).astype(info.dtype)
+
+
+def dequantize(values: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Integer tensor values back to float32: (q - zero_point) * scale."""
+    return ((values.astype(np.float32) - info.zero_point) * info.scale).astype(np.float32)
+
+
+class _LiteRTBackend:
+    def __init__(self, path: Path, num_threads: int | None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        self._interpreter.allocate_tensors()
+        self._input_detail = self._interpreter.get_input_details()[0]
+        self._output_detail = self._interpreter.get_output_details()[0]
+        self.input = self._info(self._input_detail)
+        self.output = self._info(self._output_detail)
+        self._batch = int(self._input_detail["shape"][0])
+
+    @staticmethod
+    def _info(detail: dict) -> TensorInfo:
+        scale, zero_point = detail["quantization"]
+        shape = tuple(int(d) for d in detail["shape_signature"])
+        return TensorInfo(detail["name"], shape, np.dtype(detail["dtype"]).name, float(scale), int(zero_point))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if batch.shape[0] != self._batch:
+            self._interpreter.resize_tensor_input(self._input_detail["index"], list(batch.shape))
+            self._interpreter.allocate_tensors()
+            self._batch = batch.shape[0]
+        self._interpreter.set_tensor(self._input_detail["index"], batch)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output_detail["index"])
+
+
+class _OnnxBackend:
+    _ONNX_TYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
+
+    def __init__(self, path: Path, num_threads: int | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self._info(self._session.get_inputs()[0])
+        self.output = self._info(self._session.get_outputs()[0])
+
+    @classmethod
+    def _info(cls, node) -> TensorInfo:
+        shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+        return TensorInfo(node.name, shape, cls._ONNX_TYPES.get(node.type, node.type))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run([self.output.name], {self.input.name: batch})[0]
+
+
+class EdgeModel:
+    """A loaded model file plus the pre/post-processing its tensor types need."""
+
+    def __init__(self, path: Path, runtime: str, backend: _Backend) -> None:
+        self.path = path
+        self.runtime = runtime
+        self._backend = backend
+
+    @classmethod
+    def load(cls, path: Path | str, num_threads: int | None = None) -> EdgeModel:
+        """Open ``path`` in the runtime its suffix names; raise :class:`ModelLoadError` when it can't."""
+        path = Path(path)
+        runtime = RUNTIME_BY_SUFFIX.get(path.suffix)
+        if runtime is None:
+            raise ModelLoadError(f"{path}: unknown model format {path.suffix!r}; expected one of {sorted(RUNTIME_BY_SUFFIX)}")
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: model file not found")
+        backend_type = _LiteRTBackend if runtime == "tflite" else _OnnxBackend
+        try:
+            backend = backend_type(path, num_threads)
+        except Exception as error:  # runtimes raise assorted types for corrupt files
+            raise ModelLoadError(
+                f"{path}: not a loadable {runtime} model ({type(error).__name__}: {error}); "
+                "the file is corrupt or truncated: re-run the convert stage or fetch it again"
+            ) from error
+        return cls(path, runtime, backend)
+
+    @property
+    def input(self) -> TensorInfo:
+        return self._backend.input
+
+    @property
+    def output(self) -> TensorInfo:
+        return self._backend.output
+
+    def _check(self, inputs: np.ndarray) -> np.ndarray:
+        inputs = np.asarray(inputs)
+        expected = self.input.shape[1:]
+        if inputs.ndim != len(self.input.shape) or any(e not in (-1, a) for e, a in zip(expected, inputs.shape[1:])):
+            raise InferenceError(f"input shape {inputs.shape} does not match the model's {self.input.shape} (batch first)")
+        if not np.issubdtype(inputs.dtype, np.number):
+            raise InferenceError(f"input dtype {inputs.dtype} is not numeric")
+        return inputs.astype(np.float32, copy=False)
+
+    def predict(self, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Float32 outputs for a float32 batch ``inputs`` (N, ...), run ``batch_size`` rows at a time."""
+        inputs = self._check(inputs)
+        outputs = [self._run(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
+        return np.concatenate(outputs) if outputs else np.empty((0,) + self.output.shape[1:], np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        feed = quantize(batch, self.input) if self.input.quantized else batch.astype(self.input.dtype)
+        raw = self._backend.run(np.ascontiguousarray(feed))
+        return dequantize(raw, self.output) if self.output.quantized else raw.astype(np.float32)

@@ -1,0 +1,1 @@
+"""Pipeline stages as plain typed functions; each module has a CLI used by dvc.yaml."""

@@ -1,0 +1,207 @@
+"""The one typed configuration of the pipeline, loaded from ``params.yaml``.
+
+Every stage receives only its own section. Validation happens at load: unknown keys, wrong
+types and out-of-range values raise :class:`ConfigError` naming the key, the value and what is
+allowed, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+VariantName = Literal[
+    "tflite_fp32",
+    "tflite_fp16",
+    "tflite_dynamic",
+    "tflite_int8",
+    "tflite_int8_qat",
+    "tflite_int8_pruned",
+    "onnx_fp32",
+    "onnx_int8",
+]
+ZooModel = Literal["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "keras_file"]
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: Literal["sklearn_digits", "npz", "image_folder"] = "sklearn_digits"
+    path: Path | None = None
+    image_size: tuple[int, int] = (8, 8)
+    color_mode: Literal["grayscale", "rgb"] = "grayscale"
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    representative_samples: int = Field(200, ge=1, le=10_000)
+    drift_reference_samples: int = Field(300, ge=1)
+    output_dir: Path = Path("data/prepared")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataParams:
+        if self.source != "sklearn_digits" and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if min(self.image_size) < 4 or max(self.image_size) > 512:
+            raise ValueError(f"data.image_size {list(self.image_size)} must be within 4..512 pixels")
+        return self
+
+
+class TrainParams(_Section):
+    model: ZooModel = "digits_cnn"
+    model_path: Path | None = None
+    epochs: int = Field(25, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    output_dir: Path = Path("models/keras")
+    metrics_file: Path = Path("reports/train_metrics.json")
+
+    @model_validator(mode="after")
+    def _model_path_for_keras_file(self) -> TrainParams:
+        if self.model == "keras_file" and self.model_path is None:
+            raise ValueError("train.model_path is required when train.model is 'keras_file'")
+        return self
+
+
+class QuantizeParams(_Section):
+    strategy: Literal["auto", "ptq", "qat", "all"] = "auto"
+    max_ptq_drop_pts: float = Field(2.0, ge=0.0, le=100.0)
+    qat_epochs: int = Field(5, ge=1, le=1000)
+    qat_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+
+
+class PruneParams(_Section):
+    enabled: bool = True
+    initial_sparsity: float = Field(0.1, ge=0.0, lt=1.0)
+    target_sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9], min_length=1)
+    max_accuracy_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
+    epochs: int = Field(8, ge=1, le=1000)
+    learning_rate: float = Field(5e-4, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _targets_above_initial(self) -> PruneParams:
+        for target in self.target_sparsities:
+            if not self.initial_sparsity < target < 1.0:
+                raise ValueError(
+                    f"prune.target_sparsities value {target} must be above "
+                    f"prune.initial_sparsity ({self.initial_sparsity}) and below 1.0"
+                )
+        return self
+
+
+class ConvertParams(_Section):
+    variants: dict[VariantName, bool] = Field(default_factory=lambda: dict.fromkeys(VariantName.__args__, True))
+    onnx_opset: int = Field(17, ge=13, le=21)
+    output_dir: Path = Path("models/variants")
+
+    @property
+    def enabled_variants(self) -> list[str]:
+        """Variant names switched on, in the canonical table order."""
+        return [name for name in VariantName.__args__ if self.variants.get(name, False)]
+
+
+class GateParams(_Section):
+    max_accuracy_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
+    min_size_reduction: float = Field(3.0, ge=0.0)
+    max_host_latency_ms: float = Field(20.0, gt=0.0)
+
+
+class EvaluateParams(_Section):
+    latency_warmup_runs: int = Field(20, ge=0)
+    latency_runs: int = Field(200, ge=5)
+    output_dir: Path = Path("reports")
+    gates: GateParams = GateParams()
+    recommend_by: Literal["size", "latency", "accuracy"] = "size"
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_root: Path = Path("mlartifacts")
+    experiment: str = Field("edgeloop", min_length=1)
+    registered_model: str = Field("edgeloop-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    hardware_targets: list[str] = Field(default_factory=list)
+    registration_file: Path = Path("reports/registration.json")
+
+
+class Params(_Section):
+    """All pipeline parameters; see ``params.yaml`` for the documented defaults."""
+
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    quantize: QuantizeParams = QuantizeParams()
+    prune: PruneParams = PruneParams()
+    convert: ConvertParams = ConvertParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    def params_hash(self) -> str:
+        """A stable sha256 of the effective parameters, recorded with every model."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def flat(self) -> dict[str, str]:
+        """Parameters flattened to ``section.key`` strings, as logged to MLflow."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested dict to dotted keys with string values."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
+    return flat
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: the dotted key, the offending value and what is allowed."""
+    lines = [f"invalid parameters in {source}:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (check the spelling; allowed keys are listed in params.yaml)")
+            continue
+        value = problem.get("input")
+        shown = "(missing)" if problem["type"] == "missing" else repr(value)
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {key}: got {shown}; {message}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a parsed mapping into :class:`Params`, raising :class:`ConfigError` on problems."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    """Load and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file {path} not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_params(raw, str(path))

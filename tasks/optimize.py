@@ -1,0 +1,185 @@
+"""The guide's optimisation recipe on a trained float32 Keras model.
+
+Post-training quantization is measured first; quantization-aware training (QAT) follows when its
+accuracy drop is too large (or when asked). Magnitude pruning steps sparsity up from 10% and keeps
+the highest sparsity within the accuracy budget; pruning-preserving QAT (PQAT) gives the pruned +
+int8 variant. Layers tfmot cannot quantize are reported by name and left in float (or the recipe
+falls back to PTQ) instead of crashing the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.runtime import EdgeModel
+from tasks.config import PruneParams, QuantizeParams, TrainParams
+from tasks.data import Dataset
+from tasks.exporters import tflite_bytes
+from tasks.tfsetup import tensorflow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QatOutcome:
+    model: Any | None
+    mode: str  # full | partial | fallback_ptq
+    unsupported_layers: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "unsupported_layers": self.unsupported_layers, "error": self.error}
+
+
+@dataclass(frozen=True)
+class PruneTrial:
+    target_sparsity: float
+    measured_sparsity: float
+    val_accuracy: float
+    drop_pts: float
+
+
+def tfmot():
+    tensorflow()
+    import tensorflow_model_optimization
+
+    return tensorflow_model_optimization
+
+
+def keras_accuracy(model: Any, data: Dataset) -> float:
+    probabilities = model.predict(data.x, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(probabilities, axis=1) == data.y))
+
+
+def runtime_accuracy(model_bytes: bytes, data: Dataset) -> float:
+    """Accuracy of a converted .tflite measured in LiteRT, the runtime the device uses."""
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as handle:
+        handle.write(model_bytes)
+        handle.flush()
+        outputs = EdgeModel.load(handle.name).predict(data.x)
+    return float(np.mean(np.argmax(outputs, axis=1) == data.y))
+
+
+def ptq_accuracy(model: Any, representative: np.ndarray, data: Dataset) -> float:
+    """Accuracy of full-integer PTQ of ``model``, in LiteRT."""
+    return runtime_accuracy(tflite_bytes(model, "int8", representative), data)
+
+
+def compile_model(model: Any, learning_rate: float) -> None:
+    import tf_keras as keras
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+
+def fit(model: Any, train: Dataset, val: Dataset, epochs: int, batch_size: int, callbacks=None) -> None:
+    model.fit(train.x, train.y, validation_data=(val.x, val.y), epochs=epochs, batch_size=batch_size,
+              callbacks=callbacks or [], verbose=0, shuffle=True)
+
+
+def unsupported_layers(model: Any) -> list[str]:
+    """Names of layers tfmot's default 8-bit scheme cannot quantize."""
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as registry,
+    )
+
+    supported = registry.Default8BitQuantizeRegistry()
+    return [layer.name for layer in model.layers[1:] if not supported.supports(layer)]
+
+
+def quantize_aware(model: Any) -> QatOutcome:
+    """Wrap ``model`` for QAT: whole model, else only the supported layers, else report a PTQ fallback."""
+    import tf_keras as keras
+
+    mot = tfmot()
+    try:
+        return QatOutcome(mot.quantization.keras.quantize_model(model), "full")
+    except Exception as error:  # tfmot raises RuntimeError/ValueError for unsupported layers
+        unsupported = unsupported_layers(model)
+        log.warning("QAT of the whole model failed (%s); unsupported layers: %s", error, unsupported)
+    try:
+        skip = set(unsupported)
+        annotated = keras.models.clone_model(
+            model,
+            clone_function=lambda layer: layer.__class__.from_config(layer.get_config())
+            if layer.name in skip else mot.quantization.keras.quantize_annotate_layer(
+                layer.__class__.from_config(layer.get_config())),
+        )
+        annotated.set_weights(model.get_weights())
+        return QatOutcome(mot.quantization.keras.quantize_apply(annotated), "partial", unsupported)
+    except Exception as error:
+        log.warning("partial QAT failed too (%s); falling back to post-training quantization", error)
+        return QatOutcome(None, "fallback_ptq", unsupported, f"{type(error).__name__}: {error}")
+
+
+def copy_model(model: Any) -> Any:
+    import tf_keras as keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def prune_to(model: Any, target: float, params: PruneParams, train: Dataset, val: Dataset,
+             batch_size: int) -> Any:
+    """Fine-tune a copy of ``model`` with a polynomial sparsity schedule; return it stripped."""
+    mot = tfmot()
+    steps = int(np.ceil(len(train.y) / batch_size)) * params.epochs
+    schedule = mot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=params.initial_sparsity, final_sparsity=target, begin_step=0,
+        end_step=max(1, int(steps * 0.7)), frequency=max(1, steps // 50))
+    wrapped = mot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
+    compile_model(wrapped, params.learning_rate)
+    fit(wrapped, train, val, params.epochs, batch_size, [mot.sparsity.keras.UpdatePruningStep()])
+    return mot.sparsity.keras.strip_pruning(wrapped)
+
+
+def kernel_sparsity(model: Any) -> float:
+    """Fraction of exact zeros among the kernel weights (tensors of rank >= 2)."""
+    kernels = [w for w in model.get_weights() if w.ndim >= 2]
+    total = sum(w.size for w in kernels)
+    return float(sum(np.count_nonzero(w == 0) for w in kernels) / total) if total else 0.0
+
+
+def search_sparsity(model: Any, baseline_val: float, params: PruneParams, train: Dataset, val: Dataset,
+                    batch_size: int) -> tuple[Any, list[PruneTrial], bool]:
+    """Step sparsity up; keep the highest whose val drop is within budget (else the lowest tried)."""
+    kept, trials = None, []
+    for target in sorted(params.target_sparsities):
+        pruned = prune_to(model, target, params, train, val, batch_size)
+        accuracy = keras_accuracy(pruned, val)
+        trial = PruneTrial(target, kernel_sparsity(pruned), accuracy, 100.0 * (baseline_val - accuracy))
+        trials.append(trial)
+        log.info("pruning to %.0f%%: val accuracy %.4f (drop %.2f pts)", 100 * target, accuracy, trial.drop_pts)
+        if trial.drop_pts > params.max_accuracy_drop_pts:
+            break
+        kept = pruned
+    if kept is not None:
+        return kept, trials, True
+    return prune_to(model, min(params.target_sparsities), params, train, val, batch_size), trials, False
+
+
+def prune_preserving_qat(pruned: Any, params: QuantizeParams, train: TrainParams, data_train: Dataset,
+                         val: Dataset) -> Any:
+    """PQAT: QAT that keeps the pruned weights at zero."""
+    mot = tfmot()
+    annotated = mot.quantization.keras.quantize_annotate_model(pruned)
+    scheme = mot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+    model = mot.quantization.keras.quantize_apply(annotated, scheme)
+    compile_model(model, params.qat_learning_rate)
+    fit(model, data_train, val, params.qat_epochs, train.batch_size)
+    return model
+
+
+def load_trained(path: Path) -> Any:
+    """Load a model this stage saved (QAT and PQAT models need tfmot's quantize scope)."""
+    import tf_keras as keras
+
+    with tfmot().quantization.keras.quantize_scope():
+        return keras.models.load_model(path, compile=False)

@@ -1,0 +1,123 @@
+"""Comparison reports of the variant matrix: CSV, Markdown, a Pareto plot and DVC metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from edge.sidecar import atomic_write_text
+
+COLUMNS = [
+    ("variant", "variant"), ("status", "status"), ("runtime", "runtime"), ("method", "method"),
+    ("accuracy", "test acc"), ("accuracy_drop_pts", "drop (pts)"), ("agreement", "agree fp32"),
+    ("max_abs_diff", "max |diff|"), ("size_bytes", "size (B)"), ("gzip_bytes", "gzip (B)"),
+    ("size_reduction", "x smaller"), ("sparsity", "sparsity"), ("latency_p50_ms", "p50 ms"),
+    ("latency_p95_ms", "p95 ms"), ("model_rss_bytes", "model RSS (B)"),
+    ("peak_rss_bytes", "peak RSS (B)"), ("gates_passed", "gates"),
+]
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
+    """Names of points not dominated on (cost lower is better, accuracy higher is better)."""
+    front = set()
+    for name, cost, accuracy in points:
+        dominated = any(c <= cost and a >= accuracy and (c < cost or a > accuracy) for _, c, a in points)
+        if not dominated:
+            front.add(name)
+    return front
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "pass" if value else "fail"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def comparison_markdown(evaluation: dict[str, Any]) -> str:
+    rows = evaluation["rows"]
+    lines = ["# Variant comparison", "",
+             "Measured on this host in each variant's device runtime (LiteRT / ONNX Runtime); "
+             "latency and RSS are host figures, not device timings.", "",
+             "| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["", f"**Recommended** (by {evaluation['recommend_by']}): `{evaluation['recommended']}`", "",
+              "## Gate results"]
+    for row in rows:
+        verdict = "pass" if row["gates_passed"] else "fail: " + "; ".join(row["gate_failures"])
+        lines.append(f"- `{row['variant']}`: {verdict}" + (f" (error: {row['error']})" if row["error"] else ""))
+    lines += ["", "## Device fit (storage and measured peak RSS)"]
+    for row in rows:
+        lines.append(f"- `{row['variant']}`: " + ", ".join(f"{d}: {v}" for d, v in row["devices"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields = [key for key, _ in COLUMNS] + ["gate_failures", "error"] + [f"device_{d}" for d in rows[0]["devices"]]
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            flat = {key: row[key] for key, _ in COLUMNS}
+            flat.update(gate_failures="; ".join(row["gate_failures"]), error=row["error"])
+            flat.update({f"device_{d}": v for d, v in row["devices"].items()})
+            writer.writerow(flat)
+    partial.replace(path)
+
+
+def write_plot(rows: list[dict[str, Any]], recommended: str | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [row for row in rows if row["status"] == "ok"]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, key, label in ((axes[0], "size_bytes", "size on disk (KiB)"),
+                             (axes[1], "latency_p50_ms", "host latency p50 (ms)")):
+        points = [(row["variant"], row[key], row["accuracy"]) for row in measured]
+        front = pareto_front(points)
+        scale = 1024.0 if key == "size_bytes" else 1.0
+        for name, cost, accuracy in points:
+            on_front = name in front
+            axis.scatter(cost / scale, accuracy * 100, marker="*" if on_front else "o", s=140 if on_front else 50,
+                         edgecolors="red" if name == recommended else "none", linewidths=2)
+            axis.annotate(name, (cost / scale, accuracy * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ordered = sorted((cost / scale, accuracy * 100) for name, cost, accuracy in points if name in front)
+        if ordered:
+            axis.plot(*zip(*ordered), "--", color="grey", linewidth=1, label="Pareto front")
+            axis.legend(loc="lower right")
+        axis.set_xlabel(label)
+        axis.set_ylabel("test accuracy (%)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"Variant matrix (stars: Pareto front, red edge: recommended {recommended})")
+    figure.tight_layout()
+    partial = path.with_name(f".{path.name}.partial.png")
+    figure.savefig(partial, dpi=110)
+    plt.close(figure)
+    partial.replace(path)
+
+
+def metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Flat numbers for ``dvc metrics``: each measured variant plus the recommendation."""
+    keys = ("accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "latency_p95_ms")
+    return {"recommended": evaluation["recommended"],
+            "variants": {row["variant"]: {k: row[k] for k in keys} for row in evaluation["rows"]
+                         if row["status"] == "ok"}}
+
+
+def write_reports(evaluation: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain_rows = evaluation["rows"]
+    atomic_write_text(out_dir / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics(evaluation), indent=2) + "\n")
+    atomic_write_text(out_dir / "comparison.md", comparison_markdown(evaluation))
+    write_csv(plain_rows, out_dir / "comparison.csv")
+    write_plot(plain_rows, evaluation["recommended"], out_dir / "comparison.png")

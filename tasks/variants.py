@@ -1,0 +1,38 @@
+"""The variant table: every export target as data (name, file suffix, runtime, source model, precision).
+
+Adding a variant is a row here plus, if it needs a new format, an exporter in :mod:`tasks.exporters`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    suffix: str
+    runtime: str  # the runtime that runs it on a device: tflite (LiteRT) or onnx (ONNX Runtime)
+    source: str  # which trained Keras model it is built from: baseline | qat | pruned_int8
+    precision: str  # fp32 | fp16 | dynamic | int8
+    description: str
+
+    def filename(self) -> str:
+        return f"{self.name}{self.suffix}"
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("tflite_fp32", ".tflite", "tflite", "baseline", "fp32", "float32 reference"),
+        Variant("tflite_fp16", ".tflite", "tflite", "baseline", "fp16", "float16 weights"),
+        Variant("tflite_dynamic", ".tflite", "tflite", "baseline", "dynamic", "dynamic-range int8 weights"),
+        Variant("tflite_int8", ".tflite", "tflite", "baseline", "int8", "full-integer PTQ, int8 I/O"),
+        Variant("tflite_int8_qat", ".tflite", "tflite", "qat", "int8", "quantization-aware trained, int8 I/O"),
+        Variant("tflite_int8_pruned", ".tflite", "tflite", "pruned_int8", "int8", "pruned + int8 (PQAT or PTQ)"),
+        Variant("onnx_fp32", ".onnx", "onnx", "baseline", "fp32", "tf2onnx float32"),
+        Variant("onnx_int8", ".onnx", "onnx", "baseline", "int8", "ONNX Runtime static QDQ, per-channel"),
+    )
+}
+
+REFERENCE_VARIANT = "tflite_fp32"
