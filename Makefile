@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# dvc.yaml stages call `python -m tasks...`: they must find the venv's python first.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test lint lock devices clean-outputs
 

@@ -123,7 +123,8 @@ class EdgeModel:
         path = Path(path)
         runtime = RUNTIME_BY_SUFFIX.get(path.suffix)
         if runtime is None:
-            raise ModelLoadError(f"{path}: unknown model format {path.suffix!r}; expected one of {sorted(RUNTIME_BY_SUFFIX)}")
+            raise ModelLoadError(
+                f"{path}: unknown model format {path.suffix!r}; expected one of {sorted(RUNTIME_BY_SUFFIX)}")
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found")
         backend_type = _LiteRTBackend if runtime == "tflite" else _OnnxBackend
@@ -148,7 +149,8 @@ class EdgeModel:
         inputs = np.asarray(inputs)
         expected = self.input.shape[1:]
         if inputs.ndim != len(self.input.shape) or any(e not in (-1, a) for e, a in zip(expected, inputs.shape[1:])):
-            raise InferenceError(f"input shape {inputs.shape} does not match the model's {self.input.shape} (batch first)")
+            raise InferenceError(
+                f"input shape {inputs.shape} does not match the model's {self.input.shape} (batch first)")
         if not np.issubdtype(inputs.dtype, np.number):
             raise InferenceError(f"input dtype {inputs.dtype} is not numeric")
         return inputs.astype(np.float32, copy=False)

@@ -122,7 +122,7 @@ class EvaluateParams(_Section):
     latency_runs: int = Field(200, ge=5)
     output_dir: Path = Path("reports")
     gates: GateParams = GateParams()
-    recommend_by: Literal["size", "latency", "accuracy"] = "size"
+    recommend_by: Literal["size", "gzip_size", "latency", "accuracy"] = "gzip_size"
 
 
 class MlflowParams(_Section):

@@ -72,8 +72,10 @@ def load_npz(path: Path) -> Dataset:
         x = x[..., np.newaxis]
     if x.ndim != 4:
         raise DataError(f"{path}: x has shape {archive['x'].shape}; expected (N, H, W) or (N, H, W, C)")
-    if x.size and float(np.nanmax(x)) > 1.0:
-        x = x / 255.0 if float(np.nanmax(x)) > 16.0 else x / 16.0
+    finite = x[np.isfinite(x)]
+    peak = float(finite.max()) if finite.size else 0.0
+    if peak > 1.0:  # 8-bit images (0..255) or the digits' 0..16 scale
+        x = x / 255.0 if peak > 16.0 else x / 16.0
     y = archive["y"]
     labels = [str(v) for v in archive["labels"]] if "labels" in archive.files else None
     if not np.issubdtype(y.dtype, np.integer):

@@ -111,9 +111,11 @@ def apply_gates(row: VariantRow, gates: GateParams) -> None:
         if value is None:
             row.gate_failures.append(f"{name}: not measured")
         elif kind == "max" and value > limit:
-            row.gate_failures.append(f"{name} {value:.2f}{unit} > max {limit}{unit} (over by {value - limit:.2f}{unit})")
+            margin = f"over by {value - limit:.2f}{unit}"
+            row.gate_failures.append(f"{name} {value:.2f}{unit} > max {limit}{unit} ({margin})")
         elif kind == "min" and value < limit:
-            row.gate_failures.append(f"{name} {value:.2f}{unit} < min {limit}{unit} (short by {limit - value:.2f}{unit})")
+            margin = f"short by {limit - value:.2f}{unit}"
+            row.gate_failures.append(f"{name} {value:.2f}{unit} < min {limit}{unit} ({margin})")
     row.gates_passed = not row.gate_failures
 
 
@@ -130,6 +132,7 @@ def recommend(rows: list[VariantRow], recommend_by: str) -> VariantRow | None:
     passing = [row for row in rows if row.gates_passed]
     keys = {
         "size": lambda r: (r.size_bytes, -r.accuracy, r.latency_p95_ms),
+        "gzip_size": lambda r: (r.gzip_bytes, -r.accuracy, r.latency_p95_ms),
         "latency": lambda r: (r.latency_p95_ms, -r.accuracy, r.size_bytes),
         "accuracy": lambda r: (-r.accuracy, r.size_bytes, r.latency_p95_ms),
     }

@@ -46,12 +46,16 @@ def comparison_markdown(evaluation: dict[str, Any]) -> str:
              "latency and RSS are host figures, not device timings.", "",
              "| " + " | ".join(title for _, title in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row[key] if row["status"] == "ok" or key != "gates_passed" else None)
+                                for key, _ in COLUMNS) + " |" for row in rows]
     lines += ["", f"**Recommended** (by {evaluation['recommend_by']}): `{evaluation['recommended']}`", "",
               "## Gate results"]
     for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"- `{row['variant']}`: {row['status']}: {row['error']}")
+            continue
         verdict = "pass" if row["gates_passed"] else "fail: " + "; ".join(row["gate_failures"])
-        lines.append(f"- `{row['variant']}`: {verdict}" + (f" (error: {row['error']})" if row["error"] else ""))
+        lines.append(f"- `{row['variant']}`: {verdict}")
     lines += ["", "## Device fit (storage and measured peak RSS)"]
     for row in rows:
         lines.append(f"- `{row['variant']}`: " + ", ".join(f"{d}: {v}" for d, v in row["devices"].items()))

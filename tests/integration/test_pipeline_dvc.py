@@ -1,0 +1,148 @@
+"""The whole model half on the bundled data, through real DVC and a real (SQLite) MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+PROJECT_FILES = ("tasks", "edge", "dvc.yaml", "params.yaml", "devices.yaml", ".dvc/config", ".gitignore")
+FAST_PARAMS = {
+    "train": {"epochs": 4},
+    "quantize": {"strategy": "all", "qat_epochs": 1},
+    "prune": {"epochs": 2, "target_sparsities": [0.5, 0.8], "max_accuracy_drop_pts": 3.0},
+    "evaluate": {"latency_warmup_runs": 5, "latency_runs": 30, "gates": {"max_accuracy_drop_pts": 5.0}},
+}
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", GIT_AUTHOR_NAME="edgeloop-test",
+               GIT_AUTHOR_EMAIL="test@edgeloop.invalid", GIT_COMMITTER_NAME="edgeloop-test",
+               GIT_COMMITTER_EMAIL="test@edgeloop.invalid", PYTHONPATH=str(workdir))
+    return env
+
+
+def _run(args: list[str], workdir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    completed = subprocess.run(args, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=900)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{args} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n"
+                             f"{completed.stderr[-5000:]}")
+    return completed
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the repository, git + DVC initialised, with fast training params, after `dvc repro`."""
+    workdir = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        source, target = REPO_ROOT / name, workdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    (workdir / "params.yaml").write_text(yaml.safe_dump(_merge(params, FAST_PARAMS)))
+    _run(["git", "init", "-q"], workdir)
+    _run(["git", "add", "-A"], workdir)
+    _run(["git", "commit", "-qm", "test project"], workdir)
+    _run([str(Path(sys.executable).parent / "dvc"), "repro"], workdir)
+    return workdir
+
+
+def test_repro_writes_every_output(project):
+    for path in ("data/prepared/train.npz", "data/prepared/dataset.json", "models/keras/baseline.h5",
+                 "models/keras/qat.h5", "models/keras/pruned.h5", "models/variants/conversion.json",
+                 "reports/comparison.csv", "reports/comparison.md", "reports/comparison.png",
+                 "reports/metrics.json", "reports/train_metrics.json", "reports/registration.json", "dvc.lock"):
+        assert (project / path).is_file(), path
+    with open(project / "reports/comparison.csv") as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",
+                         "tflite_int8_pruned", "onnx_fp32", "onnx_int8"}
+    assert all(row["status"] == "ok" for row in rows.values()), {k: r["error"] for k, r in rows.items()}
+    assert float(rows["tflite_int8"]["size_reduction"]) > 3.0
+    assert float(rows["tflite_int8_pruned"]["sparsity"]) >= 0.45
+    for variant in rows:
+        suffix = ".onnx" if variant.startswith("onnx") else ".tflite"
+        sidecar = json.loads((project / "models/variants" / f"{variant}{suffix}.json").read_text())
+        assert sidecar["variant"] == variant and len(sidecar["sha256"]) == 64
+
+
+def test_data_version_matches_dvc_lock(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    prepared_md5 = next(out["md5"] for out in lock["stages"]["prepare"]["outs"] if out["path"] == "data/prepared")
+    registration = json.loads((project / "reports/registration.json").read_text())
+    sidecar = json.loads((project / "models/variants/tflite_int8.tflite.json").read_text())
+    assert registration["data_version"] == prepared_md5 == sidecar["data_version"]
+    status = _run([str(Path(sys.executable).parent / "dvc"), "status"], project)
+    assert "up to date" in status.stdout
+    pushed = _run([str(Path(sys.executable).parent / "dvc"), "push"], project)
+    assert (project / ".dvc-storage" / "files" / "md5").is_dir(), pushed.stdout
+
+
+def _mlflow_client(project: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_mlflow_run_and_candidate_version(project):
+    registration = json.loads((project / "reports/registration.json").read_text())
+    client = _mlflow_client(project)
+    run = client.get_run(registration["run_id"])
+    assert run.data.params["train.epochs"] == "4"
+    assert run.data.tags["data_version"] == registration["data_version"]
+    assert "tflite_int8.accuracy" in run.data.metrics and "onnx_int8.latency_p95_ms" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/comparison.csv", "reports/comparison.md", "reports/comparison.png"} <= artifacts
+    model_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, f"models/{registration['variant']}")}
+    assert any(p.endswith(".json") for p in model_artifacts) and len(model_artifacts) == 2
+    version = client.get_model_version_by_alias(registration["registered_model"], "candidate")
+    assert str(version.version) == str(registration["version"]) and version.run_id == run.info.run_id
+    for tag in ("variant", "data_version", "quantize.strategy", "hardware_targets", "sha256"):
+        assert tag in version.tags, tag
+    assert version.tags["variant"] == registration["variant"]
+
+
+def test_no_variant_passing_fails_with_margins_and_registers_nothing(project):
+    client = _mlflow_client(project)
+    name = json.loads((project / "reports/registration.json").read_text())["registered_model"]
+    versions_before = len(client.search_model_versions(f"name = '{name}'"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["gates"]["min_size_reduction"] = 1000.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    completed = _run([str(Path(sys.executable).parent / "dvc"), "repro"], project, check=False)
+    assert completed.returncode != 0
+    output = completed.stdout + completed.stderr
+    assert "no variant passed the quality gates" in output
+    assert "size reduction" in output and "short by" in output
+    assert "Traceback" not in output
+    assert len(client.search_model_versions(f"name = '{name}'")) == versions_before
+    assert (project / "reports/comparison.md").is_file()  # the report is still there to read
+
+
+def test_bad_params_fail_before_any_work(project, tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    completed = _run([sys.executable, "-m", "tasks.train", "--params", str(bad)], project, check=False)
+    assert completed.returncode == 2
+    assert "train.epochz: unknown key" in completed.stderr and "Traceback" not in completed.stderr

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge.runtime import EdgeModel, InferenceError, ModelLoadError, TensorInfo, dequantize, quantize
+from edge.sidecar import SidecarError, read_sidecar, verify_model_file, write_sidecar
+from tests.conftest import REPO_ROOT
+
+
+def test_edge_never_imports_control_plane_packages():
+    code = ("import sys, edge.runtime, edge.sidecar, edge.measure; "
+            "heavy = [m for m in ('tensorflow', 'tf_keras', 'prefect', 'mlflow', 'tensorflow_model_optimization') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_quantize_roundtrip_within_half_a_step():
+    info = TensorInfo("x", (-1, 4), "int8", scale=0.05, zero_point=-3)
+    values = np.array([-7.0, -0.1, 0.0, 0.26, 7.0], np.float32)
+    quantized = quantize(values, info)
+    assert quantized.dtype == np.int8
+    assert quantized[0] == -128 and quantized[-1] == 127  # clipped, not wrapped
+    inside = slice(1, 4)
+    assert np.allclose(dequantize(quantized, info)[inside], values[inside], atol=info.scale / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("variant", ["tflite_fp32", "tflite_int8", "onnx_fp32", "onnx_int8"])
+def test_runtime_matches_keras(variant, tiny_model, tiny_model_files, digits):
+    model = EdgeModel.load(tiny_model_files[variant])
+    batch = digits.x[600:800]
+    expected = tiny_model.predict(batch, verbose=0)
+    outputs = model.predict(batch, batch_size=37)  # uneven batches exercise the resize path
+    assert outputs.shape == expected.shape and outputs.dtype == np.float32
+    tolerance = 1e-4 if variant.endswith("fp32") else 0.1
+    assert np.max(np.abs(outputs - expected)) < tolerance
+    agreement = np.mean(outputs.argmax(1) == expected.argmax(1))
+    assert agreement > (0.999 if variant.endswith("fp32") else 0.9)
+
+
+def test_int8_tflite_reports_quantized_io(tiny_model_files):
+    model = EdgeModel.load(tiny_model_files["tflite_int8"])
+    assert model.input.dtype == "int8" and model.input.quantized and model.input.scale > 0
+    assert model.output.dtype == "int8" and model.output.quantized
+
+
+def test_corrupt_truncated_unknown_and_missing_files(tmp_path, tiny_model_files):
+    corrupt = tmp_path / "corrupt.tflite"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelLoadError, match="corrupt.tflite: not a loadable tflite model"):
+        EdgeModel.load(corrupt)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(tiny_model_files["onnx_fp32"].read_bytes()[:200])
+    with pytest.raises(ModelLoadError, match="not a loadable onnx model"):
+        EdgeModel.load(truncated)
+    with pytest.raises(ModelLoadError, match="unknown model format"):
+        EdgeModel.load(tmp_path / "model.pt")
+    with pytest.raises(ModelLoadError, match="not found"):
+        EdgeModel.load(tmp_path / "absent.tflite")
+
+
+def test_wrong_input_shape_and_dtype(tiny_model_files):
+    model = EdgeModel.load(tiny_model_files["tflite_fp32"])
+    with pytest.raises(InferenceError, match="does not match"):
+        model.predict(np.zeros((2, 9, 9, 1), np.float32))
+    with pytest.raises(InferenceError, match="not numeric"):
+        model.predict(np.array([[["a"] * 1] * 8] * 8, dtype=object)[np.newaxis])
+
+
+def test_sidecar_roundtrip_and_tamper_detection(tmp_path, tiny_model_files):
+    model_file = tmp_path / "m.tflite"
+    model_file.write_bytes(tiny_model_files["tflite_int8"].read_bytes())
+    write_sidecar(model_file, {"variant": "tflite_int8", "labels": ["0", "1"]})
+    record = verify_model_file(model_file)
+    assert record["variant"] == "tflite_int8" and record["size_bytes"] == model_file.stat().st_size
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(SidecarError, match="does not match its sidecar"):
+        verify_model_file(model_file)
+    (tmp_path / "m.tflite.json").write_text("{not json")
+    with pytest.raises(SidecarError, match="not valid JSON"):
+        read_sidecar(model_file)
+    with pytest.raises(SidecarError, match="no metadata sidecar"):
+        read_sidecar(tmp_path / "other.tflite")
+
+
+def test_measure_module_reports_memory(tiny_model_files):
+    completed = subprocess.run([sys.executable, "-m", "edge.measure", str(tiny_model_files["tflite_fp32"])],
+                               cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert figures["peak_rss_bytes"] > figures["model_rss_bytes"] >= 0

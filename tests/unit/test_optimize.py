@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+
+from tasks import optimize
+from tasks.config import Params, PruneParams
+from tasks.data import Dataset
+from tasks.train import needs_qat
+
+
+@pytest.mark.parametrize(
+    ("strategy", "drop", "expected"),
+    [("auto", 0.5, False), ("auto", 2.5, True), ("auto", 2.0, False), ("ptq", 9.0, False), ("qat", 0.0, True),
+     ("all", 0.0, True)],
+)
+def test_needs_qat_follows_the_recipe(strategy, drop, expected):
+    wanted, reason = needs_qat(strategy, drop, 2.0)
+    assert wanted is expected and reason
+
+
+def _model_with_custom_layer():
+    import tf_keras as keras
+
+    from tasks.tfsetup import tensorflow
+
+    tf = tensorflow()
+
+    class Swish(keras.layers.Layer):  # a custom layer tfmot has no quantize config for
+        def call(self, inputs):
+            return inputs * tf.sigmoid(inputs)
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = Swish(name="custom_swish")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_unquantizable_layer_is_named_and_pipeline_falls_back():
+    model = _model_with_custom_layer()
+    assert optimize.unsupported_layers(model) == ["custom_swish"]
+    outcome = optimize.quantize_aware(model)
+    assert outcome.mode in ("partial", "fallback_ptq")
+    assert outcome.unsupported_layers == ["custom_swish"]
+    if outcome.mode == "partial":
+        assert outcome.model is not None
+        out = outcome.model.predict(np.zeros((1, 8, 8, 1), np.float32), verbose=0)
+        assert out.shape == (1, 10)
+    else:
+        assert outcome.model is None and outcome.error
+
+
+def test_supported_model_gets_full_qat(tiny_model):
+    outcome = optimize.quantize_aware(optimize.copy_model(tiny_model))
+    assert outcome.mode == "full" and outcome.unsupported_layers == []
+
+
+def test_pruning_reaches_the_target_sparsity(tiny_model, digits):
+    train = Dataset(digits.x[:300], digits.y[:300], digits.labels)
+    val = Dataset(digits.x[300:400], digits.y[300:400], digits.labels)
+    params = PruneParams(target_sparsities=[0.6], epochs=2)
+    pruned = optimize.prune_to(tiny_model, 0.6, params, train, val, batch_size=32)
+    assert abs(optimize.kernel_sparsity(pruned) - 0.6) < 0.02
+    assert optimize.kernel_sparsity(tiny_model) < 0.01
+    assert not any("prune" in layer.name for layer in pruned.layers)  # wrappers stripped
+
+
+@pytest.mark.parametrize(("budget", "targets", "expect_highest"),
+                         [(100.0, [0.3, 0.7], True), (0.0, [0.3, 0.99], False)])
+def test_sparsity_search_keeps_highest_within_budget(tiny_model, digits, budget, targets, expect_highest):
+    train = Dataset(digits.x[:300], digits.y[:300], digits.labels)
+    val = Dataset(digits.x[300:500], digits.y[300:500], digits.labels)
+    baseline = optimize.keras_accuracy(tiny_model, val)
+    params = PruneParams(target_sparsities=targets, epochs=1, max_accuracy_drop_pts=budget)
+    kept, trials, within = optimize.search_sparsity(tiny_model, baseline, params, train, val, 32)
+    assert trials[0].target_sparsity == 0.3
+    if expect_highest:
+        assert within and len(trials) == 2
+        assert abs(optimize.kernel_sparsity(kept) - 0.7) < 0.02
+    else:  # keeping 1% of the weights costs accuracy: that trial is never the one kept
+        assert trials[-1].drop_pts > 0.0
+        assert optimize.kernel_sparsity(kept) < 0.5
+
+
+def test_same_params_give_the_same_model(digits):
+    """Seeded training is reproducible on the same machine."""
+    from tasks.data import PreparedData
+    from tasks.tfsetup import set_seeds
+    from tasks.train import train_baseline
+
+    params = Params.model_validate({"seed": 3, "train": {"epochs": 1, "batch_size": 64}})
+    small = Dataset(digits.x[:256], digits.y[:256], digits.labels)
+    prepared = PreparedData(small, small, small, small.x[:10], small)
+    weights = []
+    for _ in range(2):
+        set_seeds(params.seed)
+        weights.append(train_baseline(params, prepared).get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
