@@ -134,6 +134,18 @@ class MlflowParams(_Section):
     registration_file: Path = Path("reports/registration.json")
 
 
+class RetrainParams(_Section):
+    labelled_dir: Path = Path("data/labelled")  # newly labelled device samples (.npz with x, y), optional
+    approval_timeout_s: int = Field(86_400, ge=1, le=30 * 86_400)
+
+
+class DriftParams(_Section):
+    collected_dir: Path = Path("data/collected")  # samples uploaded by devices (.npz files)
+    min_samples: int = Field(50, ge=1)
+    min_mean_confidence: float = Field(0.85, gt=0.0, le=1.0)
+    max_latency_p95_ms: float = Field(200.0, gt=0.0)
+
+
 class Params(_Section):
     """All pipeline parameters; see ``params.yaml`` for the documented defaults."""
 
@@ -145,6 +157,8 @@ class Params(_Section):
     convert: ConvertParams = ConvertParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    retrain: RetrainParams = RetrainParams()
+    drift: DriftParams = DriftParams()
 
     def params_hash(self) -> str:
         """A stable sha256 of the effective parameters, recorded with every model."""

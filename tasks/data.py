@@ -119,7 +119,7 @@ def load_source(params: DataParams) -> Dataset:
     return dataset
 
 
-def validate_dataset(dataset: Dataset, min_per_class: int = 4) -> None:
+def validate_dataset(dataset: Dataset, min_per_class: int = 4, min_classes: int = 2) -> None:
     """Raise :class:`DataError` for data no model should be trained on."""
     x, y = dataset.x, dataset.y
     if x.ndim != 4 or x.shape[0] == 0:
@@ -133,7 +133,7 @@ def validate_dataset(dataset: Dataset, min_per_class: int = 4) -> None:
     if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"labels range {int(y.min())}..{int(y.max())} is outside 0..{num_classes - 1}")
     counts = np.bincount(y, minlength=num_classes)
-    if np.count_nonzero(counts) < 2:
+    if np.count_nonzero(counts) < min_classes:
         raise DataError(f"only one class present (label {int(y[0])}); a classifier needs at least two")
     if counts.min() < min_per_class:
         sparse = [dataset.labels[i] for i in np.flatnonzero(counts < min_per_class)]

@@ -139,6 +139,20 @@ def recommend(rows: list[VariantRow], recommend_by: str) -> VariantRow | None:
     return min(passing, key=keys[recommend_by]) if passing else None
 
 
+def recommend_per_device(rows: list[dict[str, Any]], inventory: DeviceInventory, recommend_by: str,
+                         device_names: list[str] | None = None) -> dict[str, str | None]:
+    """For each device: the best variant that passes the gates and fits it, its preferred runtime first."""
+    picks: dict[str, str | None] = {}
+    for device in inventory.devices:
+        if device_names and device.name not in device_names:
+            continue
+        fitting = [VariantRow(**row) for row in rows if row["gates_passed"] and row["devices"].get(device.name) == "fit"]
+        preferred = [row for row in fitting if row.runtime == device.preferred_runtime]
+        best = recommend(preferred or fitting, recommend_by)
+        picks[device.name] = best.variant if best else None
+    return picks
+
+
 def evaluate_variants(params: Params, conversions: list[ConversionResult], test: Dataset,
                       inventory: DeviceInventory) -> list[VariantRow]:
     """One :class:`VariantRow` per conversion result, measured, gated and checked against each device."""

@@ -56,8 +56,11 @@ def register_candidate(params: Params, run: RunRecord, variant: str, tags: dict[
     return version.version
 
 
-def register(params: Params) -> dict[str, Any]:
-    """Log the pipeline run and register its recommended variant; return what was registered."""
+def register(params: Params, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Log the pipeline run and register its recommended variant; return what was registered.
+
+    ``extra_tags`` go on the MLflow run (the Prefect flow run id and the parameter overrides).
+    """
     configure(params.mlflow)
     evaluation = read_evaluation(Path(params.evaluate.output_dir))
     variant = evaluation["recommended"]
@@ -66,7 +69,7 @@ def register(params: Params) -> dict[str, Any]:
     model_file = Path(params.convert.output_dir) / VARIANTS[variant].filename()
     sidecar = read_sidecar(model_file)
     summary = read_summary(Path(params.train.output_dir))
-    run = log_pipeline_run(params, evaluation, summary, sidecar)
+    run = log_pipeline_run(params, evaluation, summary, sidecar, extra_tags)
     version = register_candidate(params, run, variant, version_tags(params, variant, sidecar, evaluation))
     record = {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": run.tracking_uri,
               "registered_model": params.mlflow.registered_model, "version": version, "alias": CANDIDATE_ALIAS,

@@ -69,18 +69,18 @@ def variant_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def log_pipeline_run(params: Params, evaluation: dict[str, Any], train_summary: dict[str, Any],
-                     lineage: dict[str, Any], run_name: str | None = None) -> RunRecord:
+                     lineage: dict[str, Any], extra_tags: dict[str, str] | None = None) -> RunRecord:
     """Log one run: flattened params, lineage tags, per-variant metrics, reports and model files."""
     import mlflow
 
     experiment_id = ensure_experiment(params.mlflow)
     report_dir, variant_dir = Path(params.evaluate.output_dir), Path(params.convert.output_dir)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params(params.flat())
         mlflow.set_tags({"data_version": lineage["data_version"], "git_commit": lineage["git_commit"],
                          "params_hash": lineage["params_hash"], "zoo_model": params.train.model,
                          "recommended_variant": str(evaluation["recommended"]),
-                         "quantize.strategy": params.quantize.strategy})
+                         "quantize.strategy": params.quantize.strategy, **(extra_tags or {})})
         mlflow.log_metrics({"baseline.val_accuracy": train_summary["baseline"]["val_accuracy"],
                             "baseline.test_accuracy": train_summary["baseline"]["test_accuracy"],
                             "ptq_check.drop_pts": train_summary["ptq_check"]["drop_pts"],
@@ -93,3 +93,10 @@ def log_pipeline_run(params: Params, evaluation: dict[str, Any], train_summary: 
                 variant = model_file.name.split(".")[0]
                 mlflow.log_artifact(str(model_file), f"models/{variant}")
         return RunRecord(run.info.run_id, experiment_id, run.info.artifact_uri, mlflow.get_tracking_uri())
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI address of a run, when the store is a server (None for a local store)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,0 +1,43 @@
+"""Prefect artifacts a run publishes: the comparison table, a markdown summary, links."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from tasks.tracking import run_url
+
+TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "size_reduction",
+                 "sparsity", "latency_p95_ms", "gates_passed")
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def publish_training(evaluation: dict[str, Any], registration: dict[str, Any], per_device: dict[str, str | None],
+                     overrides: dict[str, Any]) -> None:
+    create_table_artifact(
+        key="variant-comparison",
+        table=[{column: _rounded(row.get(column)) for column in TABLE_COLUMNS} for row in evaluation["rows"]],
+        description="Every variant measured in its device runtime (host figures)",
+    )
+    url = run_url(registration["tracking_uri"], registration["experiment_id"], registration["run_id"])
+    run_link = f"[{registration['run_id']}]({url})" if url else registration["run_id"]
+    lines = [
+        "# Training run", "",
+        f"Recommended variant (by {evaluation['recommend_by']}): **{evaluation['recommended']}**, registered as "
+        f"`{registration['registered_model']}` version {registration['version']} "
+        f"(alias `{registration['alias']}`).", "",
+        f"Data version: `{registration['data_version']}`", "",
+        "| device | recommended variant |", "|---|---|",
+        *[f"| {device} | {variant or 'none fits and passes the gates'} |" for device, variant in per_device.items()],
+        "", f"Parameter overrides: `{overrides or 'none'}`", "",
+        f"MLflow run: {run_link} "
+        f"(tracking store `{registration['tracking_uri']}`)",
+    ]
+    create_markdown_artifact(key="training-summary", markdown="\n".join(lines) + "\n",
+                             description="Recommended variant per device")
+    if url:
+        create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")

@@ -1,0 +1,78 @@
+"""The ``retrain`` flow (drift trigger or UI): new candidate, challenger vs champion, human approval, promotion."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from prefect import flow, get_run_logger, pause_flow_run, suspend_flow_run
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+from prefect.states import Completed, Failed, State
+
+from flows import steps
+from flows.parameters import TrainingParameters, default_parameters, resolve
+from flows.training import build_candidate
+from tasks.compare import comparison_markdown
+from tasks.promotion import ApprovalRecord
+from tasks.tracking import run_url
+
+
+class ApprovalDecision(RunInput):
+    """The reviewer's decision; the Prefect UI renders it as the resume form."""
+
+    approve: bool
+    reviewer: str
+    comment: str = ""
+
+
+def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
+    """Suspend (deployment runs: no worker held) or pause (local runs) until a decision arrives."""
+    context = FlowRunContext.get()
+    deployed = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
+    try:
+        if deployed:
+            return suspend_flow_run(wait_for_input=ApprovalDecision, timeout=timeout_s, key="approval")
+        return pause_flow_run(wait_for_input=ApprovalDecision, timeout=timeout_s, poll_interval=2, key="approval")
+    except FlowPauseTimeout:
+        return None
+
+
+@flow(name="retrain", log_prints=True, persist_result=True)
+def retrain(params: TrainingParameters = default_parameters(), drift_summary: dict[str, Any] | None = None,
+            approval_timeout_s: int | None = None, workspace: str | None = None) -> dict[str, Any] | State:
+    """Retrain on the newest data and promote the challenger only with a human approval.
+
+    Args:
+        params: what to change for this run (defaults: params.yaml).
+        drift_summary: what triggered the run (filled in by the edgeloop.drift.detected trigger).
+        approval_timeout_s: how long to wait for a decision (default: retrain.approval_timeout_s).
+        workspace: folder for this run's outputs.
+    """
+    logger = get_run_logger()
+    config = resolve(params, workspace)
+    if drift_summary:
+        logger.info("triggered by drift: %s", drift_summary.get("reasons", drift_summary))
+    # ---- challenger: the same path as the nightly training ------------------------------
+    _, registration = build_candidate(config, params)
+    # ---- challenger vs champion on the same evaluation sets -----------------------------
+    with tempfile.TemporaryDirectory(prefix="edgeloop-compare-") as workdir:
+        comparison = steps.compare_with_champion(config, registration, workdir)
+    url = run_url(registration["tracking_uri"], registration["experiment_id"], registration["run_id"])
+    links = {"MLflow run": url} if url else {}
+    create_markdown_artifact(key="challenger-vs-champion", markdown=comparison_markdown(comparison, links),
+                             description="Decide by resuming this run")
+    # ---- human approval gate ------------------------------------------------------------
+    timeout_s = approval_timeout_s or config.retrain.approval_timeout_s
+    decision = wait_for_decision(timeout_s)
+    version = str(registration["version"])
+    if decision is None:
+        return Failed(message=f"no decision within {timeout_s} s: version {version} not promoted, champion unchanged")
+    approval = ApprovalRecord.from_decision(decision.approve, decision.reviewer, decision.comment)
+    if not approval.approve:
+        return Completed(name="Rejected", message=f"rejected by {approval.reviewer or 'unknown'}: "
+                         f"{approval.comment or 'no comment'}; version {version} not promoted, champion unchanged")
+    # ---- promotion (refuses without the approval record) --------------------------------
+    return steps.promote(config, version, approval)

@@ -1,0 +1,57 @@
+"""The ``training`` flow (nightly, or Run from the UI): data check -> train -> convert -> evaluate -> register."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+
+from flows import steps
+from flows.artifacts import publish_training
+from flows.parameters import TrainingParameters, default_parameters, overrides, resolve
+from tasks.config import Params
+from tasks.devices import load_devices
+from tasks.evaluate import recommend_per_device
+
+
+def run_tags(parameters: TrainingParameters) -> dict[str, str]:
+    """MLflow run tags tying the run to its Prefect flow run and recording the UI overrides."""
+    context = FlowRunContext.get()
+    flow_run_id = str(context.flow_run.id) if context and context.flow_run else "local"
+    return {"prefect.flow_run_id": flow_run_id, "prefect.overrides": json.dumps(overrides(parameters))}
+
+
+def build_candidate(config: Params, parameters: TrainingParameters) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared path of the training and retrain flows; returns (evaluation, registration)."""
+    # ---- services and data ----------------------------------------------------------
+    steps.check_services(config)
+    steps.data_version(config)
+    steps.prepare(config)
+    # ---- model: train, convert, evaluate ----------------------------------------------
+    steps.train_models(config)
+    steps.convert_variants(config)
+    evaluation = steps.evaluate_variants(config)
+    # ---- [benchmark and package stages slot in here] -----------------------------------
+    # ---- registry: last, so a failed run registers nothing -------------------------------
+    registration = steps.register_candidate(config, run_tags(parameters))
+    return evaluation, registration
+
+
+@flow(name="training", log_prints=True, persist_result=True)
+def training(params: TrainingParameters = default_parameters(), workspace: str | None = None) -> dict[str, Any]:
+    """Build, measure and register a candidate from params.yaml plus the given parameters.
+
+    Args:
+        params: what to change for this run (defaults: params.yaml).
+        workspace: folder for this run's outputs (default: the repository paths in params.yaml).
+    """
+    config = resolve(params, workspace)
+    evaluation, registration = build_candidate(config, params)
+    per_device = recommend_per_device(evaluation["rows"], load_devices(steps.DEVICES_FILE),
+                                      evaluation["recommend_by"], params.devices)
+    publish_training(evaluation, registration, per_device, overrides(params))
+    get_run_logger().info("registered %s v%s (%s)", registration["registered_model"], registration["version"],
+                          registration["variant"])
+    return registration
