@@ -1,0 +1,196 @@
+"""Start and stop the local services edgeloop uses: a Prefect server, an MLflow server, a Prefect worker.
+
+Each runs in the background in its own process group, with a pid file and a log in the run folder
+(``.run/`` by default); ``down`` stops exactly the processes ``up`` started. ``up`` reuses services
+that are already running and healthy.
+
+    python -m scripts.services up        # Prefect :4200, MLflow :5000, worker on pool edgeloop-process
+    python -m scripts.services down
+    python -m scripts.services status
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WORK_POOL = "edgeloop-process"
+
+
+class ServiceError(RuntimeError):
+    """A service that did not start or answer; the message points at its log."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    pid: int
+    url: str
+    log: Path
+
+
+def _pid_file(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_pid(run_dir: Path, name: str) -> int | None:
+    path = _pid_file(run_dir, name)
+    if not path.is_file():
+        return None
+    pid = int(path.read_text().strip() or 0)
+    return pid if pid and _alive(pid) else None
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_healthy(url: str, timeout_s: float, pid: int, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if healthy(url):
+            return
+        if not _alive(pid):
+            raise ServiceError(f"process {pid} exited before {url} answered; see {log}:\n{_tail(log)}")
+        time.sleep(0.5)
+    raise ServiceError(f"{url} did not answer within {timeout_s:.0f} s; see {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
+
+
+def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], health_url: str | None,
+          url: str, timeout_s: float = 120.0) -> Service:
+    """Start ``command`` in the background (or reuse a running one) and wait until it answers."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / f"{name}.log"
+    pid = running_pid(run_dir, name)
+    if pid is not None and (health_url is None or healthy(health_url)):
+        return Service(name, pid, url, log)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=handle,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    _pid_file(run_dir, name).write_text(str(process.pid))
+    if health_url:
+        try:
+            wait_healthy(health_url, timeout_s, process.pid, log)
+        except ServiceError:
+            stop(name, run_dir)
+            raise
+    return Service(name, process.pid, url, log)
+
+
+def stop(name: str, run_dir: Path, timeout_s: float = 20.0) -> bool:
+    """Stop the process group ``start`` began for ``name``; True when something was stopped."""
+    pid = running_pid(run_dir, name)
+    _pid_file(run_dir, name).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if not _alive(pid):
+            return True
+    return True
+
+
+def prefect_env(home: Path, port: int) -> dict[str, str]:
+    return {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_LOGGING_LEVEL": "INFO",
+            "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS": "2"}
+
+
+def start_prefect(run_dir: Path, port: int) -> Service:
+    """A Prefect server on loopback with a SQLite database in ``run_dir/prefect``, analytics off."""
+    env = prefect_env(run_dir / "prefect", port)
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return start("prefect-server", command, run_dir, env, f"http://127.0.0.1:{port}/api/health",
+                 f"http://127.0.0.1:{port}")
+
+
+def start_mlflow(run_dir: Path, port: int) -> Service:
+    """An MLflow tracking server: SQLite backend and a local artifact root under ``run_dir/mlflow``."""
+    root = run_dir / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    return start("mlflow-server", command, run_dir, {}, f"http://127.0.0.1:{port}/health",
+                 f"http://127.0.0.1:{port}")
+
+
+def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = WORK_POOL) -> Service:
+    """A process worker on ``pool`` (created if missing); its flow runs log to ``mlflow_url``."""
+    env = {**prefect_env(run_dir / "prefect", prefect_port), "MLFLOW_TRACKING_URI": mlflow_url,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    return start("prefect-worker", command, run_dir, env, None, pool)
+
+
+def up(run_dir: Path, prefect_port: int, mlflow_port: int) -> list[Service]:
+    prefect = start_prefect(run_dir, prefect_port)
+    mlflow = start_mlflow(run_dir, mlflow_port)
+    worker = start_worker(run_dir, prefect_port, mlflow.url)
+    return [prefect, mlflow, worker]
+
+
+def down(run_dir: Path) -> list[str]:
+    return [name for name in ("prefect-worker", "mlflow-server", "prefect-server") if stop(name, run_dir)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="local edgeloop services")
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
+    parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("EDGELOOP_PREFECT_PORT", 4200)))
+    parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("EDGELOOP_MLFLOW_PORT", 5000)))
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "up":
+            for service in up(args.run_dir, args.prefect_port, args.mlflow_port):
+                print(f"{service.name:15s} pid {service.pid:<7d} {service.url}  (log {service.log})")
+        elif args.action == "down":
+            print("stopped: " + (", ".join(down(args.run_dir)) or "nothing was running"))
+        else:
+            for name in ("prefect-server", "mlflow-server", "prefect-worker"):
+                pid = running_pid(args.run_dir, name)
+                print(f"{name:15s} {'running, pid ' + str(pid) if pid else 'stopped'}")
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
