@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, get_run_logger, pause_flow_run, suspend_flow_run
+from prefect import flow, get_run_logger, pause_flow_run, resume_flow_run, suspend_flow_run
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
@@ -20,6 +22,10 @@ from tasks.promotion import ApprovalRecord
 from tasks.tracking import run_url
 
 
+TIMEOUT_REVIEWER = "edgeloop-timeout"
+PAUSE_BACKSTOP_S = 60
+
+
 class ApprovalDecision(RunInput):
     """The reviewer's decision; the Prefect UI renders it as the resume form."""
 
@@ -28,16 +34,36 @@ class ApprovalDecision(RunInput):
     comment: str = ""
 
 
-def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
-    """Suspend (deployment runs: no worker held) or pause (local runs) until a decision arrives."""
-    context = FlowRunContext.get()
-    deployed = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
+def _expire_pause(flow_run_id: UUID, timeout_s: int) -> None:
+    """Resume a local run that nobody decided on, marked as a timeout (not an approval)."""
     try:
-        if deployed:
-            return suspend_flow_run(wait_for_input=ApprovalDecision, timeout=timeout_s, key="approval")
-        return pause_flow_run(wait_for_input=ApprovalDecision, timeout=timeout_s, poll_interval=2, key="approval")
+        resume_flow_run(flow_run_id, run_input={"approve": False, "reviewer": TIMEOUT_REVIEWER,
+                                                "comment": f"no decision within {timeout_s} s"})
+    except Exception:  # a human resumed it first: nothing to do
+        pass
+
+
+def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
+    """Suspend (deployment runs: no worker held) or pause (local runs) until a decision or the timeout.
+
+    Suspended runs that time out are failed by the Prefect server ("paused and never resumed"). A
+    local run's own timer resumes it at the deadline so the run can end with a message of ours; the
+    Prefect pause timeout is only a backstop a little later.
+    """
+    context = FlowRunContext.get()
+    if context.flow_run.deployment_id is not None:
+        return suspend_flow_run(wait_for_input=ApprovalDecision, timeout=timeout_s, key="approval")
+    timer = threading.Timer(timeout_s, _expire_pause, args=(context.flow_run.id, timeout_s))
+    timer.daemon = True
+    timer.start()
+    try:
+        decision = pause_flow_run(wait_for_input=ApprovalDecision, timeout=timeout_s + PAUSE_BACKSTOP_S,
+                                  poll_interval=2, key="approval")
     except FlowPauseTimeout:
         return None
+    finally:
+        timer.cancel()
+    return None if decision.reviewer == TIMEOUT_REVIEWER else decision
 
 
 @flow(name="retrain", log_prints=True, persist_result=True)

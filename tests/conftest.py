@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +70,64 @@ def tiny_model_files(tiny_model, digits, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---- real services (Prefect server, MLflow server, process worker) --------------------------------
+
+FAST_FLOW_PARAMETERS = {
+    "epochs": 2, "strategy": "ptq", "prune": False, "variants": ["tflite_fp32", "tflite_int8"],
+    "gates": {"max_accuracy_drop_pts": 5.0, "min_size_reduction": 3.0, "max_host_latency_ms": 50.0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Stack:
+    prefect_url: str
+    api_url: str
+    mlflow_url: str
+    run_dir: Path
+    env: dict[str, str]
+
+
+def fast_parameters(**changes) -> dict:
+    """Full TrainingParameters JSON (as the UI would send) with fast training settings."""
+    from flows.parameters import default_parameters
+
+    return {**default_parameters().model_dump(mode="json"), **FAST_FLOW_PARAMETERS, **changes}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    """Prefect + MLflow servers and a worker, started by scripts/services.py; deployments applied."""
+    from scripts import services
+
+    run_dir = tmp_path_factory.mktemp("services")
+    prefect_port, mlflow_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{prefect_port}/api"
+    env = {**services.prefect_env(run_dir / "prefect", prefect_port),
+           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        started = services.up(run_dir, prefect_port, mlflow_port)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        deploy = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                                cwd=REPO_ROOT, env={**os.environ, "PWD": str(REPO_ROOT)}, capture_output=True,
+                                text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield Stack(started[0].url, api_url, started[1].url, run_dir, env)
+    finally:
+        services.down(run_dir)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

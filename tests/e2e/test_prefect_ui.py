@@ -1,0 +1,243 @@
+"""The Prefect UI end to end, in headless Chromium, against the real stack (Prefect, MLflow, worker).
+
+1. A data scientist opens the ``training/nightly`` deployment, presses Run -> Custom run, changes the
+   parameters (JSON input of ``params``, and a workspace) and submits; the run completes on the worker,
+   the UI shows it Completed and MLflow holds its run.
+2. A reviewer opens a suspended ``retrain/on-drift`` run, resumes it through the form Prefect renders from
+   ``ApprovalDecision``, and the approved version becomes the MLflow ``champion``.
+
+The UI under test is Prefect's default UI (V2, React, under ``/v2``); paths are pinned to ``/v2`` so the
+test does not depend on a browser's saved UI preference. Screenshots, page source and console of a failing
+step are kept under ``test-artifacts/e2e/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.conftest import fast_parameters
+from tests.e2e import browser as ui
+
+pytestmark = pytest.mark.e2e
+MODEL_NAME = "edgeloop-digits"
+RUN_TIMEOUT_S = 240.0
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def chromium_binaries() -> tuple[str, str]:
+    """Checked before ``stack`` starts any service: no browser, no e2e (skip; fail on CI)."""
+    return ui.require_browser()
+
+
+@pytest.fixture
+def driver(chromium_binaries, tmp_path, request):
+    driver_log = tmp_path / "chromedriver.log"
+    session = ui.start_chromium(tmp_path / "chromium-profile", driver_log)
+    session.driver_log = driver_log
+    yield session
+    session.quit()
+
+
+@pytest.fixture
+def step(driver, request):
+    """``with step("name"):`` keeps the browser's evidence when the block fails."""
+    def _step(name: str):
+        return ui.evidence_on_failure(driver, f"{request.node.name}-{name}", driver.driver_log)
+    return _step
+
+
+# ---- Prefect and MLflow helpers (API side) -------------------------------------------------------------
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def read_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def read_deployment_id(name: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name).id
+
+
+def wait_final(flow_run_id, timeout_s: float = RUN_TIMEOUT_S):
+    """The flow run once it reached a final state; fails with its last state when it does not."""
+    last = {}
+
+    def final():
+        run = last["run"] = read_run(flow_run_id)
+        return run if run.state and run.state.is_final() else None
+
+    try:
+        return wait_for(final, timeout_s, f"flow run {flow_run_id} to finish")
+    except AssertionError as error:
+        state = last.get("run") and last["run"].state
+        raise AssertionError(f"{error}; last state: {state.name if state else None} "
+                             f"({state.message if state else ''})") from None
+
+
+def mlflow_client(stack):
+    import mlflow
+
+    return mlflow.MlflowClient(stack.mlflow_url)
+
+
+def mlflow_runs_of(stack, flow_run_id) -> list:
+    client = mlflow_client(stack)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+
+
+def header_state(driver, run_name: str) -> str:
+    """The state badge next to the run's name in the header of its page."""
+    badge = ui.visible(driver, f"//nav[@aria-label='breadcrumb'][.//*[normalize-space()={ui.text_literal(run_name)}]]"
+                               "/following-sibling::*[1]//*[@data-slot='badge']")
+    return badge.text.strip()
+
+
+def wait_header_state(driver, run_name: str, expected: str) -> None:
+    ui.wait(driver).until(lambda d: header_state(d, run_name) == expected,
+                          f"the run page does not show {expected!r} for {run_name}")
+
+
+# ---- 1. custom run of training/nightly from the deployment page ----------------------------------------
+
+def test_custom_run_from_the_deployment_page_trains_and_logs_to_mlflow(stack, driver, step, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    base = f"{stack.prefect_url}/v2"
+    workspace = tmp_path / "nightly-from-ui"
+    params = fast_parameters(epochs=3)  # the one change from the fast settings: 3 epochs, not 2
+
+    with step("open-deployment"):
+        driver.get(f"{base}/")
+        ui.click(driver, "(//a[normalize-space()='Deployments'])[1]")  # the sidebar
+        ui.click(driver, "//a[normalize-space()='nightly']")
+        ui.wait(driver).until(lambda d: "/deployments/deployment/" in d.current_url, "the deployment page")
+        deployment_id = read_deployment_id("training/nightly")
+        assert str(deployment_id) in driver.current_url
+
+    with step("custom-run-form"):
+        ui.click(driver, ui.button("Run"))
+        ui.click(driver, ui.menu_item("Custom run"))
+        ui.wait(driver).until(lambda d: re.search(r"/deployments/deployment/[^/]+/run", d.current_url),
+                              "the custom run form")
+        run_name = ui.visible(driver, "//label[normalize-space()='Run Name']/following::input[1]").get_attribute(
+            "value")
+        assert run_name, "the form proposes no run name"
+        # params: switch the property to its JSON input and paste the whole parameter object
+        params_field = ui.form_field("params")
+        ui.click(driver, f"({params_field}//button[@aria-haspopup='menu'])[1]")
+        ui.click(driver, ui.menu_item("Use JSON Input"))
+        editor_xpath = f"{params_field}//*[contains(@class, 'cm-content')][@contenteditable='true']"
+        editor = ui.clickable(driver, editor_xpath)
+        editor.click()
+        editor.send_keys(Keys.CONTROL, "a")
+        editor.send_keys(Keys.DELETE)
+        ui.insert_text(driver, json.dumps(params, indent=2))
+        ui.wait(driver).until(lambda d: editor_json(d, editor_xpath) == params, "the pasted JSON in the editor")
+        # workspace: a str instead of None
+        workspace_field = ui.form_field("workspace")
+        ui.click(driver, f"{workspace_field}//button[@role='tab'][normalize-space()='str']")
+        ui.clickable(driver, f"{workspace_field}//textarea").send_keys(str(workspace))
+        ui.click(driver, "//button[@type='submit'][normalize-space()='Submit']")
+        # the confirmation toast links to the new flow run
+        toast = ("//li[@data-sonner-toast][.//*[@data-title][starts-with(normalize-space(), "
+                 f"{ui.text_literal(run_name + ' scheduled')})]]//a[contains(@href, '/runs/flow-run/')]")
+        href = ui.visible(driver, toast).get_attribute("href")
+        flow_run_id = href.rstrip("/").rsplit("/", 1)[-1]
+
+    flow_run = read_run(flow_run_id)
+    assert flow_run.name == run_name and flow_run.deployment_id == deployment_id
+    assert flow_run.parameters == {"params": params, "workspace": str(workspace)}
+    assert flow_run.parameters["params"]["epochs"] == 3
+    final = wait_final(flow_run_id)
+    assert final.state.is_completed(), f"{final.state.name}: {final.state.message}"
+
+    with step("run-page"):
+        driver.get(href)
+        wait_header_state(driver, run_name, "Completed")
+
+    runs = mlflow_runs_of(stack, flow_run_id)
+    assert len(runs) == 1, f"{len(runs)} MLflow runs tagged prefect.flow_run_id={flow_run_id}"
+    assert runs[0].data.params["train.epochs"] == "3"
+    assert json.loads(runs[0].data.tags["prefect.overrides"])["epochs"] == 3
+    assert (workspace / "reports").is_dir()  # the outputs went to the workspace given in the form
+
+
+def editor_json(driver, editor_xpath: str):
+    """The JSON in a CodeMirror editor (None while it does not parse)."""
+    from selenium.webdriver.common.by import By
+
+    text = driver.find_element(By.XPATH, editor_xpath).get_attribute("innerText")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+# ---- 2. resume a suspended retrain run with the approval form ------------------------------------------
+
+def test_resume_form_approves_the_retrained_model_as_champion(stack, driver, step, tmp_path):
+    from prefect.deployments import run_deployment
+
+    base = f"{stack.prefect_url}/v2"
+    flow_run = run_deployment(name="retrain/on-drift", timeout=0, parameters={
+        "params": fast_parameters(), "workspace": str(tmp_path / "retrain"), "approval_timeout_s": 900})
+    paused = wait_for(lambda: (run := read_run(flow_run.id)).state.is_paused() and run, RUN_TIMEOUT_S,
+                      "the retrain run to wait for approval")
+    assert paused.state.name == "Suspended"
+    runs = mlflow_runs_of(stack, flow_run.id)
+    assert len(runs) == 1, f"{len(runs)} MLflow runs tagged prefect.flow_run_id={flow_run.id}"
+    client = mlflow_client(stack)
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{runs[0].info.run_id}'")
+    assert len(versions) == 1
+    version = str(versions[0].version)
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "candidate").version) == version
+
+    with step("resume-form"):
+        driver.get(f"{base}/runs/flow-run/{flow_run.id}")
+        wait_header_state(driver, paused.name, "Suspended")
+        ui.click(driver, "(//nav[@aria-label='breadcrumb']/following::button[@aria-haspopup='menu'])[1]")
+        ui.click(driver, ui.menu_item("Resume"))
+        dialog = "//*[@role='dialog'][.//*[normalize-space()='Resume Flow Run']]"
+        ui.visible(driver, dialog)
+        switch = ui.clickable(driver, f"{ui.form_field('Approve', dialog)}//button[@role='switch']")
+        switch.click()
+        ui.wait(driver).until(lambda _: switch.get_attribute("aria-checked") == "true", "approve switched on")
+        ui.clickable(driver, f"{ui.form_field('Reviewer', dialog)}//textarea").send_keys("ui-reviewer")
+        ui.clickable(driver, f"{ui.form_field('Comment', dialog)}//textarea").send_keys("approved in the UI")
+        ui.click(driver, f"{dialog}{ui.button('Resume')}")
+        ui.gone(driver, dialog)
+
+    final = wait_final(flow_run.id)
+    assert final.state.is_completed(), f"{final.state.name}: {final.state.message}"
+
+    with step("resumed-run-page"):
+        driver.refresh()
+        wait_header_state(driver, paused.name, "Completed")
+
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == version
+    assert champion.tags["approved_by"] == "ui-reviewer"
+    assert champion.tags["approval_comment"] == "approved in the UI"
+    assert champion.tags["approved_at"]

@@ -1,0 +1,258 @@
+"""Flows against a real Prefect server, a real MLflow server and a real process worker (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, fast_parameters
+
+pytestmark = pytest.mark.integration
+MODEL_NAME = "edgeloop-digits"
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def read_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def mlflow_client(stack):
+    import mlflow
+
+    return mlflow.MlflowClient(stack.mlflow_url)
+
+
+def alias_version(stack, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow_client(stack).get_model_version_by_alias(MODEL_NAME, alias).version)
+    except MlflowException:
+        return None
+
+
+@pytest.fixture(scope="module")
+def nightly_run(stack, tmp_path_factory):
+    """One `training/nightly` deployment run through the worker, with epochs changed to 3."""
+    from prefect.deployments import run_deployment
+
+    workspace = tmp_path_factory.mktemp("nightly")
+    flow_run = run_deployment("training/nightly", timeout=600,
+                              parameters={"params": fast_parameters(epochs=3), "workspace": str(workspace)})
+    assert flow_run.state.is_completed(), flow_run.state.message
+    return flow_run
+
+
+def test_nightly_run_publishes_artifacts_and_records_overrides(stack, nightly_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[nightly_run.id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"variant-comparison", "training-summary", "mlflow-run"} <= set(by_key)
+    table = json.loads(by_key["variant-comparison"].data) if isinstance(by_key["variant-comparison"].data, str) \
+        else by_key["variant-comparison"].data
+    assert {row["variant"] for row in table} == {"tflite_fp32", "tflite_int8"}
+    assert "rpi4-8gb" in by_key["training-summary"].data
+    assert f"({stack.mlflow_url}/#/experiments/" in by_key["mlflow-run"].data
+
+    client = mlflow_client(stack)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`prefect.flow_run_id` = '{nightly_run.id}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.epochs"] == "3"
+    assert json.loads(run.data.tags["prefect.overrides"])["epochs"] == 3
+    candidate = client.get_model_version_by_alias(MODEL_NAME, "candidate")
+    assert candidate.run_id == run.info.run_id
+
+
+def test_invalid_parameters_are_rejected_before_any_work(stack):
+    from prefect.deployments import run_deployment
+
+    with pytest.raises(Exception) as caught:  # the server validates against the parameter schema
+        run_deployment("training/nightly", parameters={"params": fast_parameters(epochs=-1)}, timeout=0)
+    assert "epochs" in str(caught.value)
+
+
+def test_cross_field_error_fails_the_run_before_any_task(stack, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment("training/nightly", timeout=300, parameters={
+        "params": fast_parameters(model="keras_file"), "workspace": str(tmp_path)})
+    assert flow_run.state.is_failed()
+    assert "train.model_path is required" in flow_run.state.message
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    assert task_runs == []
+
+
+def test_unreachable_mlflow_retries_then_fails_with_the_error(stack, tmp_path):
+    code = ("from flows.training import training; from tests.conftest import fast_parameters; "
+            "from flows.parameters import TrainingParameters; "
+            f"training(params=TrainingParameters(**fast_parameters()), workspace={str(tmp_path)!r})")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "PYTHONPATH": str(REPO_ROOT),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                               timeout=300)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0
+    assert "MLflow tracking store http://127.0.0.1:9 is unreachable" in output
+    assert output.count("Retry") >= 3 or output.count("retry") >= 3, output[-3000:]
+    assert not (tmp_path / "models").exists()  # nothing was trained
+
+
+def _retrain_via_deployment(stack, workspace: Path):
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment("retrain/on-drift", timeout=0, parameters={
+        "params": fast_parameters(), "workspace": str(workspace), "approval_timeout_s": 900})
+    return wait_for(lambda: (run := read_run(flow_run.id)).state.is_paused() and run, 300, "the approval pause")
+
+
+def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_run, tmp_path):
+    from prefect import resume_flow_run
+
+    from tasks.promotion import ApprovalRecord, promote
+
+    if alias_version(stack, "champion") is None:  # make sure there is a champion to demote
+        promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
+    old_champion = alias_version(stack, "champion")
+    paused = _retrain_via_deployment(stack, tmp_path)
+    assert paused.state.name == "Suspended"  # a deployment run holds no worker process while it waits
+    new_version = alias_version(stack, "candidate")
+    assert new_version != old_champion
+    resume_flow_run(paused.id, run_input={"approve": True, "reviewer": "alice", "comment": "better on new data"})
+    final = wait_for(lambda: (run := read_run(paused.id)).state.is_final() and run, 300, "the promotion")
+    assert final.state.is_completed(), final.state.message
+    assert alias_version(stack, "champion") == new_version
+    assert alias_version(stack, "previous") == old_champion
+    tags = mlflow_client(stack).get_model_version(MODEL_NAME, new_version).tags
+    assert tags["approved_by"] == "alice" and tags["approval_comment"] == "better on new data"
+    assert tags["approved_at"].startswith(time.strftime("%Y"))
+
+
+def _local_retrain(tmp_path: Path, timeout_s: int) -> tuple[subprocess.Popen, str]:
+    """A local (non-deployment) retrain run in its own process; it pauses, keeping the process."""
+    tag = f"test-{uuid.uuid4().hex[:8]}"
+    code = ("import prefect; from flows.retrain import retrain; from flows.parameters import TrainingParameters; "
+            "from tests.conftest import fast_parameters\n"
+            f"with prefect.tags({tag!r}):\n"
+            f"    retrain(params=TrainingParameters(**fast_parameters()), workspace={str(tmp_path)!r}, "
+            f"approval_timeout_s={timeout_s}, return_state=True)")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return process, tag
+
+
+def _run_by_tag(tag: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+    return runs[0] if runs else None
+
+
+def test_rejection_keeps_the_champion(stack, nightly_run, tmp_path):
+    from prefect import resume_flow_run
+
+    champion = alias_version(stack, "champion")
+    process, tag = _local_retrain(tmp_path, timeout_s=600)
+    try:
+        paused = wait_for(lambda: (run := _run_by_tag(tag)) and run.state.is_paused() and run, 300, "the pause")
+        assert paused.state.name == "Paused"  # a local run pauses in its own process
+        resume_flow_run(paused.id, run_input={"approve": False, "reviewer": "bob", "comment": "worse on night shots"})
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    final = read_run(paused.id)
+    assert final.state.name == "Rejected"
+    assert "rejected by bob: worse on night shots" in final.state.message
+    assert alias_version(stack, "champion") == champion
+
+
+def test_no_decision_before_the_timeout_keeps_the_champion(stack, nightly_run, tmp_path):
+    champion = alias_version(stack, "champion")
+    process, tag = _local_retrain(tmp_path, timeout_s=3)
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    final = _run_by_tag(tag)
+    assert final.state.is_failed(), output[-2000:]
+    assert "no decision within 3 s" in final.state.message and "not promoted" in final.state.message
+    assert alias_version(stack, "champion") == champion
+
+
+def test_promotion_refuses_without_an_approving_record(stack, nightly_run):
+    from tasks.promotion import ApprovalRecord, PromotionRefused, promote
+
+    candidate = alias_version(stack, "candidate")
+    champion = alias_version(stack, "champion")
+    with pytest.raises(PromotionRefused, match="no approval record"):
+        promote(MODEL_NAME, candidate, None)
+    with pytest.raises(PromotionRefused, match="rejected by carol"):
+        promote(MODEL_NAME, candidate, ApprovalRecord.from_decision(False, "carol", "no"))
+    with pytest.raises(PromotionRefused, match="names no reviewer"):
+        promote(MODEL_NAME, candidate, ApprovalRecord.from_decision(True, "  ", ""))
+    assert alias_version(stack, "champion") == champion
+
+
+def test_drift_check_emits_the_event_that_starts_a_retrain_run(stack, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+    from flows.drift_check import drift_check
+
+    rng = np.random.default_rng(0)
+    collected = tmp_path / "collected"
+    collected.mkdir()
+    np.savez(collected / "device-7.npz", x=rng.random((80, 8, 8, 1), dtype=np.float32),
+             confidence=rng.uniform(0.3, 0.8, 80), latency_ms=rng.uniform(5, 20, 80))
+    summary = drift_check(collected_dir=str(collected))
+    assert summary["drift_detected"] and "mean confidence" in summary["reasons"][0]
+
+    def triggered_run():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-drift"])))
+        return next((r for r in runs if (r.parameters.get("drift_summary") or {}).get("collected_dir")
+                     == str(collected)), None)
+
+    flow_run = wait_for(triggered_run, 60, "the edgeloop.drift.detected trigger to create a retrain run")
+    assert flow_run.parameters["drift_summary"]["samples"] == 80
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:  # don't train a full model in the test
+        client.set_flow_run_state(flow_run.id, Cancelled(message="test: trigger verified"), force=True)
+
+
+def test_drift_check_without_enough_samples_emits_nothing(stack, tmp_path):
+    from flows.drift_check import drift_check
+
+    summary = drift_check(collected_dir=str(tmp_path / "empty"))
+    assert summary["samples"] == 0 and not summary["drift_detected"]
+    assert "no verdict" in summary["reasons"][0]
