@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 # dvc.yaml stages call `python -m tasks...`: they must find the venv's python first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint lock devices clean-outputs
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+.PHONY: demo down services repro test lint lock clean-outputs
 
 $(STAMP): requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +18,26 @@ $(STAMP): requirements.lock
 	$(BIN)/pip install --quiet -r requirements.lock
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/dvc repro
-	$(BIN)/python -m tasks.devices --out reports/devices.csv
+# Starts (or reuses) a Prefect server, an MLflow server and a worker, deploys prefect.yaml and runs
+# the training flow once through the worker. Leaves the servers running: `make down` stops them.
+demo: services
+	$(PREFECT_ENV) $(BIN)/prefect --no-prompt deploy --all > .run/deploy.log
+	$(PREFECT_ENV) $(BIN)/python -m scripts.run_deployment training/nightly
+	$(BIN)/python -m tasks.devices --out reports/devices.csv > /dev/null
 	@echo
+	@echo "Prefect UI:        http://127.0.0.1:$(PREFECT_PORT)"
+	@echo "MLflow UI:         http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "comparison report: $(CURDIR)/reports/comparison.md"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db  (then http://127.0.0.1:5000)"
+
+services: $(STAMP)
+	$(BIN)/python -m scripts.services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+down:
+	@test -x $(BIN)/python && $(BIN)/python -m scripts.services down || echo "nothing to stop"
+
+# The same stages without Prefect, straight from dvc.yaml (local SQLite MLflow store).
+repro: $(STAMP)
+	$(BIN)/dvc repro
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

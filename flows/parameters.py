@@ -63,6 +63,10 @@ def default_parameters() -> TrainingParameters:
         return TrainingParameters.from_params(Params())
 
 
+# The Run form's defaults: params.yaml as it is when the flow module is loaded (deploy time, worker).
+DEFAULT_PARAMETERS = default_parameters()
+
+
 def with_workspace(params: Params, workspace: str | None) -> Params:
     """Rebase every output path under ``workspace`` (one folder per run, for concurrent runs and tests)."""
     if not workspace:
@@ -70,7 +74,8 @@ def with_workspace(params: Params, workspace: str | None) -> Params:
     root = Path(workspace)
     raw = params.model_dump(mode="json")
     for section, key in (("data", "output_dir"), ("train", "output_dir"), ("train", "metrics_file"),
-                         ("convert", "output_dir"), ("evaluate", "output_dir"), ("mlflow", "registration_file")):
+                         ("convert", "output_dir"), ("evaluate", "output_dir"), ("mlflow", "registration_file"),
+                         ("mlflow", "artifact_root")):
         raw[section][key] = str(root / raw[section][key])
     return parse_params(raw, "flow parameters")
 

@@ -15,12 +15,11 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 
 from flows import steps
-from flows.parameters import TrainingParameters, default_parameters, resolve
+from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
 from flows.training import build_candidate
 from tasks.compare import comparison_markdown
 from tasks.promotion import ApprovalRecord
 from tasks.tracking import run_url
-
 
 TIMEOUT_REVIEWER = "edgeloop-timeout"
 PAUSE_BACKSTOP_S = 60
@@ -67,7 +66,7 @@ def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
 
 
 @flow(name="retrain", log_prints=True, persist_result=True)
-def retrain(params: TrainingParameters = default_parameters(), drift_summary: dict[str, Any] | None = None,
+def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict[str, Any] | None = None,
             approval_timeout_s: int | None = None, workspace: str | None = None) -> dict[str, Any] | State:
     """Retrain on the newest data and promote the challenger only with a human approval.
 

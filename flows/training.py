@@ -10,7 +10,7 @@ from prefect.context import FlowRunContext
 
 from flows import steps
 from flows.artifacts import publish_training
-from flows.parameters import TrainingParameters, default_parameters, overrides, resolve
+from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
 from tasks.config import Params
 from tasks.devices import load_devices
 from tasks.evaluate import recommend_per_device
@@ -40,7 +40,7 @@ def build_candidate(config: Params, parameters: TrainingParameters) -> tuple[dic
 
 
 @flow(name="training", log_prints=True, persist_result=True)
-def training(params: TrainingParameters = default_parameters(), workspace: str | None = None) -> dict[str, Any]:
+def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | None = None) -> dict[str, Any]:
     """Build, measure and register a candidate from params.yaml plus the given parameters.
 
     Args:

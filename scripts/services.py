@@ -162,8 +162,22 @@ def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = 
     return start("prefect-worker", command, run_dir, env, None, pool)
 
 
+def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL) -> None:
+    """Create the process work pool unless it exists (deployments must find it before a worker polls)."""
+    env = {**os.environ, **prefect_env(run_dir / "prefect", prefect_port)}
+    inspect = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", pool], env=env, capture_output=True,
+                             text=True, timeout=120)
+    if inspect.returncode == 0:
+        return
+    created = subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    if created.returncode != 0:
+        raise ServiceError(f"could not create work pool {pool}: {created.stdout[-500:]}{created.stderr[-500:]}")
+
+
 def up(run_dir: Path, prefect_port: int, mlflow_port: int) -> list[Service]:
     prefect = start_prefect(run_dir, prefect_port)
+    ensure_work_pool(run_dir, prefect_port)
     mlflow = start_mlflow(run_dir, mlflow_port)
     worker = start_worker(run_dir, prefect_port, mlflow.url)
     return [prefect, mlflow, worker]

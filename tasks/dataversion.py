@@ -33,7 +33,8 @@ def _run(args: list[str], repo: Path) -> str:
     except FileNotFoundError as error:
         raise StageError(f"{args[0]} is not installed ({error})") from error
     if completed.returncode != 0:
-        raise StageError(f"`{' '.join(args)}` failed in {repo}: {(completed.stderr or completed.stdout).strip()[-800:]}")
+        detail = (completed.stderr or completed.stdout).strip()[-800:]
+        raise StageError(f"`{' '.join(args)}` failed in {repo}: {detail}")
     return completed.stdout
 
 

@@ -146,7 +146,8 @@ def recommend_per_device(rows: list[dict[str, Any]], inventory: DeviceInventory,
     for device in inventory.devices:
         if device_names and device.name not in device_names:
             continue
-        fitting = [VariantRow(**row) for row in rows if row["gates_passed"] and row["devices"].get(device.name) == "fit"]
+        fitting = [VariantRow(**row) for row in rows
+                   if row["gates_passed"] and row["devices"].get(device.name) == "fit"]
         preferred = [row for row in fitting if row.runtime == device.preferred_runtime]
         best = recommend(preferred or fitting, recommend_by)
         picks[device.name] = best.variant if best else None

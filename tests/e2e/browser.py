@@ -84,10 +84,12 @@ def form_field(label_start: str, scope: str = "") -> str:
 # ---- waits ---------------------------------------------------------------------------------------------
 
 def wait(driver, timeout_s: float = WAIT_S):
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
+                                            StaleElementReferenceException)
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.2, ignored_exceptions=(
+        StaleElementReferenceException, ElementClickInterceptedException, ElementNotInteractableException))
 
 
 def clickable(driver, xpath: str, timeout_s: float = WAIT_S):
@@ -99,9 +101,18 @@ def clickable(driver, xpath: str, timeout_s: float = WAIT_S):
 
 
 def click(driver, xpath: str, timeout_s: float = WAIT_S) -> None:
-    element = clickable(driver, xpath, timeout_s)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-    clickable(driver, xpath, timeout_s).click()
+    """Click the first element at ``xpath`` once it is shown and enabled; retried while the page re-renders."""
+    from selenium.webdriver.common.by import By
+
+    def attempt(d) -> bool:
+        elements = d.find_elements(By.XPATH, xpath)
+        if not elements or not elements[0].is_displayed() or not elements[0].is_enabled():
+            return False
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", elements[0])
+        elements[0].click()
+        return True
+
+    wait(driver, timeout_s).until(attempt, f"nothing clickable at {xpath}")
 
 
 def visible(driver, xpath: str, timeout_s: float = WAIT_S):

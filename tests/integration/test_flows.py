@@ -224,7 +224,7 @@ def test_promotion_refuses_without_an_approving_record(stack, nightly_run):
 
 def test_drift_check_emits_the_event_that_starts_a_retrain_run(stack, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     from flows.drift_check import drift_check
 
@@ -238,7 +238,8 @@ def test_drift_check_emits_the_event_that_starts_a_retrain_run(stack, tmp_path):
 
     def triggered_run():
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-drift"])))
+            on_drift = DeploymentFilter(name=DeploymentFilterName(any_=["on-drift"]))
+            runs = client.read_flow_runs(deployment_filter=on_drift)
         return next((r for r in runs if (r.parameters.get("drift_summary") or {}).get("collected_dir")
                      == str(collected)), None)
 
