@@ -61,8 +61,10 @@ def check_data_version(data: DataParams, repo: Path = Path(".")) -> DataVersion:
     changed = _run(["git", "status", "--porcelain", "--", str(dvc_file), str(relative.parent / ".gitignore")], repo)
     if not changed.strip():
         return DataVersion(str(relative), md5, False, f"{relative} unchanged (version {md5})")
+    # push first: a version is committed only once its data is safe on the remote, and a failed push is
+    # retried by the next run (the .dvc file is still uncommitted then)
+    _run([_dvc(), "push", str(dvc_file)], repo)
     _run(["git", "add", str(dvc_file), str(relative.parent / ".gitignore")], repo)
     _run(["git", "commit", "-m", f"data: {relative} version {md5}", "--", str(dvc_file),
           str(relative.parent / ".gitignore")], repo)
-    _run([_dvc(), "push", str(dvc_file)], repo)
     return DataVersion(str(relative), md5, True, f"new data version {md5} of {relative}: committed and pushed")

@@ -84,8 +84,11 @@ def form_field(label_start: str, scope: str = "") -> str:
 # ---- waits ---------------------------------------------------------------------------------------------
 
 def wait(driver, timeout_s: float = WAIT_S):
-    from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
-                                            StaleElementReferenceException)
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout_s, poll_frequency=0.2, ignored_exceptions=(

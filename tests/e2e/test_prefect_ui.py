@@ -107,16 +107,19 @@ def mlflow_runs_of(stack, flow_run_id) -> list:
     return client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
 
 
-def header_state(driver, run_name: str) -> str:
-    """The state badge next to the run's name in the header of its page."""
-    badge = ui.visible(driver, f"//nav[@aria-label='breadcrumb'][.//*[normalize-space()={ui.text_literal(run_name)}]]"
-                               "/following-sibling::*[1]//*[@data-slot='badge']")
-    return badge.text.strip()
+def header_state(driver, run_name: str) -> str | None:
+    """The state badge next to the run's name in the header of its page (None until it is shown)."""
+    from selenium.webdriver.common.by import By
+
+    badges = driver.find_elements(By.XPATH, f"//nav[@aria-label='breadcrumb'][.//*[normalize-space()="
+                                            f"{ui.text_literal(run_name)}]]/following-sibling::*[1]"
+                                            "//*[@data-slot='badge']")
+    return badges[0].text.strip() if badges and badges[0].is_displayed() else None
 
 
 def wait_header_state(driver, run_name: str, expected: str) -> None:
     ui.wait(driver).until(lambda d: header_state(d, run_name) == expected,
-                          f"the run page does not show {expected!r} for {run_name}")
+                          f"the page of flow run {run_name} does not show {expected!r}")
 
 
 # ---- 1. custom run of training/nightly from the deployment page ----------------------------------------
