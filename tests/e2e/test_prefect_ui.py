@@ -29,26 +29,25 @@ RUN_TIMEOUT_S = 240.0
 
 # ---- fixtures ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def chromium_binaries() -> tuple[str, str]:
     """Checked before ``stack`` starts any service: no browser, no e2e (skip; fail on CI)."""
     return ui.require_browser()
 
 
 @pytest.fixture
-def driver(chromium_binaries, tmp_path, request):
-    driver_log = tmp_path / "chromedriver.log"
-    session = ui.start_chromium(tmp_path / "chromium-profile", driver_log)
-    session.driver_log = driver_log
+def driver(chromium_binaries, tmp_path):
+    """Headless Chromium with a fresh profile in tmp_path (chromedriver's log next to it)."""
+    session = ui.start_chromium(tmp_path / "chromium-profile", tmp_path / "chromedriver.log")
     yield session
     session.quit()
 
 
 @pytest.fixture
-def step(driver, request):
-    """``with step("name"):`` keeps the browser's evidence when the block fails."""
+def step(driver, tmp_path, request):
+    """``with step("name"):`` keeps the browser's evidence (test-artifacts/e2e/) when the block fails."""
     def _step(name: str):
-        return ui.evidence_on_failure(driver, f"{request.node.name}-{name}", driver.driver_log)
+        return ui.evidence_on_failure(driver, f"{request.node.name}-{name}", tmp_path / "chromedriver.log")
     return _step
 
 
