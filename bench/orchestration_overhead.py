@@ -64,7 +64,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgeloop-overhead-") as scratch:
         root = Path(scratch)
         port = free_port()
-        services.start_prefect(root / "services", port)
+        services.start_prefect(root / "services", port, schedules=False)
         try:
             env = {**os.environ, **services.prefect_env(root / "services" / "prefect", port),
                    "PYTHONPATH": str(REPO_ROOT)}

@@ -135,9 +135,14 @@ def prefect_env(home: Path, port: int) -> dict[str, str]:
             "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS": "2"}
 
 
-def start_prefect(run_dir: Path, port: int) -> Service:
-    """A Prefect server on loopback with a SQLite database in ``run_dir/prefect``, analytics off."""
+def start_prefect(run_dir: Path, port: int, schedules: bool = True) -> Service:
+    """A Prefect server on loopback with a SQLite database in ``run_dir/prefect``, analytics off.
+
+    ``schedules=False`` turns off the scheduler service, so only runs that are asked for happen (tests).
+    """
     env = prefect_env(run_dir / "prefect", port)
+    if not schedules:
+        env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return start("prefect-server", command, run_dir, env, f"http://127.0.0.1:{port}/api/health",
                  f"http://127.0.0.1:{port}")
@@ -175,8 +180,8 @@ def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL) ->
         raise ServiceError(f"could not create work pool {pool}: {created.stdout[-500:]}{created.stderr[-500:]}")
 
 
-def up(run_dir: Path, prefect_port: int, mlflow_port: int) -> list[Service]:
-    prefect = start_prefect(run_dir, prefect_port)
+def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:
+    prefect = start_prefect(run_dir, prefect_port, schedules)
     ensure_work_pool(run_dir, prefect_port)
     mlflow = start_mlflow(run_dir, mlflow_port)
     worker = start_worker(run_dir, prefect_port, mlflow.url)

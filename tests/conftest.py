@@ -115,7 +115,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        started = services.up(run_dir, prefect_port, mlflow_port)
+        started = services.up(run_dir, prefect_port, mlflow_port, schedules=False)  # only the runs tests ask for
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         deploy = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],

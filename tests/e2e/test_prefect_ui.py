@@ -205,8 +205,13 @@ def test_resume_form_approves_the_retrained_model_as_champion(stack, driver, ste
     base = f"{stack.prefect_url}/v2"
     flow_run = run_deployment(name="retrain/on-drift", timeout=0, parameters={
         "params": fast_parameters(), "workspace": str(tmp_path / "retrain"), "approval_timeout_s": 900})
-    paused = wait_for(lambda: (run := read_run(flow_run.id)).state.is_paused() and run, RUN_TIMEOUT_S,
-                      "the retrain run to wait for approval")
+
+    def suspended():
+        run = read_run(flow_run.id)
+        assert not run.state.is_final(), f"retrain ended before the approval: {run.state.name}: {run.state.message}"
+        return run if run.state.is_paused() else None
+
+    paused = wait_for(suspended, RUN_TIMEOUT_S, "the retrain run to wait for approval")
     assert paused.state.name == "Suspended"
     runs = mlflow_runs_of(stack, flow_run.id)
     assert len(runs) == 1, f"{len(runs)} MLflow runs tagged prefect.flow_run_id={flow_run.id}"
@@ -238,6 +243,7 @@ def test_resume_form_approves_the_retrained_model_as_champion(stack, driver, ste
         driver.refresh()
         wait_header_state(driver, paused.name, "Completed")
 
+    assert len(mlflow_runs_of(stack, flow_run.id)) == 1  # resuming re-ran the flow without a second candidate
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == version
     assert champion.tags["approved_by"] == "ui-reviewer"
