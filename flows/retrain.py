@@ -78,10 +78,10 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
     """
     logger = get_run_logger()
     config = resolve(params, workspace)
-    if drift_summary:
-        logger.info("triggered by drift: %s", drift_summary.get("reasons", drift_summary))
+    trigger = f"drift: {'; '.join(drift_summary.get('reasons', []))}" if drift_summary else "retrain (manual)"
+    logger.info("retrain started by %s", trigger)
     # ---- challenger: the same path as the nightly training ------------------------------
-    _, registration = build_candidate(config, params)
+    _, registration = build_candidate(config, params, trigger)
     # ---- challenger vs champion on the same evaluation sets -----------------------------
     with tempfile.TemporaryDirectory(prefix="edgeloop-compare-") as workdir:
         comparison = steps.compare_with_champion(config, registration, workdir)

@@ -16,14 +16,16 @@ from tasks.devices import load_devices
 from tasks.evaluate import recommend_per_device
 
 
-def run_tags(parameters: TrainingParameters) -> dict[str, str]:
-    """MLflow run tags tying the run to its Prefect flow run and recording the UI overrides."""
+def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
+    """MLflow run tags tying the run to its Prefect flow run, what started it and the UI overrides."""
     context = FlowRunContext.get()
     flow_run_id = str(context.flow_run.id) if context and context.flow_run else "local"
-    return {"prefect.flow_run_id": flow_run_id, "prefect.overrides": json.dumps(overrides(parameters))}
+    return {"prefect.flow_run_id": flow_run_id, "prefect.overrides": json.dumps(overrides(parameters)),
+            "edgeloop.trigger": trigger}
 
 
-def build_candidate(config: Params, parameters: TrainingParameters) -> tuple[dict[str, Any], dict[str, Any]]:
+def build_candidate(config: Params, parameters: TrainingParameters,
+                    trigger: str = "schedule or manual") -> tuple[dict[str, Any], dict[str, Any]]:
     """The shared path of the training and retrain flows; returns (evaluation, registration)."""
     # ---- services and data ----------------------------------------------------------
     steps.check_services(config)
@@ -35,7 +37,7 @@ def build_candidate(config: Params, parameters: TrainingParameters) -> tuple[dic
     evaluation = steps.evaluate_variants(config)
     # ---- [benchmark and package stages slot in here] -----------------------------------
     # ---- registry: last, so a failed run registers nothing -------------------------------
-    registration = steps.register_candidate(config, run_tags(parameters))
+    registration = steps.register_candidate(config, run_tags(parameters, trigger))
     return evaluation, registration
 
 

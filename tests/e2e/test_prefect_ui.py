@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
 from tests.conftest import fast_parameters
 from tests.e2e import browser as ui
+from tests.stack_helpers import mlflow_client, mlflow_runs_of, read_run, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "edgeloop-digits"
@@ -53,24 +53,6 @@ def step(driver, tmp_path, request):
 
 # ---- Prefect and MLflow helpers (API side) -------------------------------------------------------------
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def read_run(flow_run_id):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(flow_run_id)
-
-
 def read_deployment_id(name: str):
     from prefect.client.orchestration import get_client
 
@@ -92,18 +74,6 @@ def wait_final(flow_run_id, timeout_s: float = RUN_TIMEOUT_S):
         state = last.get("run") and last["run"].state
         raise AssertionError(f"{error}; last state: {state.name if state else None} "
                              f"({state.message if state else ''})") from None
-
-
-def mlflow_client(stack):
-    import mlflow
-
-    return mlflow.MlflowClient(stack.mlflow_url)
-
-
-def mlflow_runs_of(stack, flow_run_id) -> list:
-    client = mlflow_client(stack)
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-    return client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
 
 
 def header_state(driver, run_name: str) -> str | None:

@@ -14,32 +14,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, fast_parameters
+from tests.stack_helpers import mlflow_client, mlflow_runs_of, read_run, wait_for
 
 pytestmark = pytest.mark.integration
 MODEL_NAME = "edgeloop-digits"
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def read_run(flow_run_id):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(flow_run_id)
-
-
-def mlflow_client(stack):
-    import mlflow
-
-    return mlflow.MlflowClient(stack.mlflow_url)
 
 
 def alias_version(stack, alias: str) -> str | None:
@@ -78,12 +56,12 @@ def test_nightly_run_publishes_artifacts_and_records_overrides(stack, nightly_ru
     assert f"({stack.mlflow_url}/#/experiments/" in by_key["mlflow-run"].data
 
     client = mlflow_client(stack)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`prefect.flow_run_id` = '{nightly_run.id}'")
+    runs = mlflow_runs_of(stack, nightly_run.id)
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["train.epochs"] == "3"
     assert json.loads(run.data.tags["prefect.overrides"])["epochs"] == 3
+    assert run.data.tags["edgeloop.trigger"] == "schedule or manual"
     candidate = client.get_model_version_by_alias(MODEL_NAME, "candidate")
     assert candidate.run_id == run.info.run_id
 
