@@ -7,13 +7,17 @@ scripts/services.py. Target: ``prefect_overhead_ratio`` (flow wall time / direct
 
     .venv/bin/python bench/orchestration_overhead.py
 
-Last line: ``prefect_overhead_ratio=<x> flow_s=<s> direct_s=<s>``.
+A throwaway process imports TensorFlow, Prefect and MLflow first, so neither side pays for a cold disk
+cache; with ``--repeats N`` the two sides alternate (direct, flow, flow, direct, ...) and medians are
+compared. Last line: ``prefect_overhead_ratio=<x> flow_s=<s> direct_s=<s>``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +64,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+WARM_UP = "import tensorflow, tf_keras, tensorflow_model_optimization, prefect, mlflow, onnxruntime, tf2onnx"
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side (alternating order)")
+    args = parser.parse_args()
+    timings: dict[str, list[float]] = {"direct": [], "flow": []}
     with tempfile.TemporaryDirectory(prefix="edgeloop-overhead-") as scratch:
         root = Path(scratch)
         port = free_port()
@@ -68,14 +79,18 @@ def main() -> int:
         try:
             env = {**os.environ, **services.prefect_env(root / "services" / "prefect", port),
                    "PYTHONPATH": str(REPO_ROOT)}
-            direct_s = timed(DIRECT.format(workspace=str(root / "direct")),
-                             {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'direct.db'}"})
-            flow_s = timed(FLOW.format(workspace=str(root / "flow")),
-                           {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'flow.db'}"})
+            timed(WARM_UP, env)
+            for repeat in range(args.repeats):
+                order = ("direct", "flow") if repeat % 2 == 0 else ("flow", "direct")
+                for side in order:
+                    code = (DIRECT if side == "direct" else FLOW).format(workspace=str(root / f"{side}{repeat}"))
+                    store = f"sqlite:///{root / f'{side}{repeat}.db'}"
+                    timings[side].append(timed(code, {**env, "MLFLOW_TRACKING_URI": store}))
         finally:
             services.stop("prefect-server", root / "services")
-    print(f"direct task calls: {direct_s:.1f} s")
-    print(f"Prefect flow:      {flow_s:.1f} s")
+    direct_s, flow_s = statistics.median(timings["direct"]), statistics.median(timings["flow"])
+    print(f"direct task calls: {', '.join(f'{t:.1f}' for t in timings['direct'])} s (median {direct_s:.1f})")
+    print(f"Prefect flow:      {', '.join(f'{t:.1f}' for t in timings['flow'])} s (median {flow_s:.1f})")
     print(f"prefect_overhead_ratio={flow_s / direct_s:.3f} flow_s={flow_s:.1f} direct_s={direct_s:.1f}")
     return 0
 

@@ -83,17 +83,21 @@ def write_plot(rows: list[dict[str, Any]], recommended: str | None, path: Path) 
     import matplotlib.pyplot as plt
 
     measured = [row for row in rows if row["status"] == "ok"]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, key, label in ((axes[0], "size_bytes", "size on disk (KiB)"),
-                             (axes[1], "latency_p50_ms", "host latency p50 (ms)")):
+    panels = (("size_bytes", "size on disk (KiB)", 1024.0), ("gzip_bytes", "gzip size, OTA download (KiB)", 1024.0),
+              ("latency_p50_ms", "host latency p50 (ms)", 1.0))
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
+    label_offsets = ((4, 4), (4, -10), (-40, 8), (-40, -12))  # stagger labels of points that sit together
+    colours = {row["variant"]: plt.cm.tab10(index % 10) for index, row in enumerate(rows)}  # same in every panel
+    for axis, (key, label, scale) in zip(axes, panels):
         points = [(row["variant"], row[key], row["accuracy"]) for row in measured]
         front = pareto_front(points)
-        scale = 1024.0 if key == "size_bytes" else 1.0
-        for name, cost, accuracy in points:
+        for index, (name, cost, accuracy) in enumerate(sorted(points, key=lambda p: p[1])):
             on_front = name in front
-            axis.scatter(cost / scale, accuracy * 100, marker="*" if on_front else "o", s=140 if on_front else 50,
-                         edgecolors="red" if name == recommended else "none", linewidths=2)
-            axis.annotate(name, (cost / scale, accuracy * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            axis.scatter(cost / scale, accuracy * 100, marker="*" if on_front else "o", s=160 if on_front else 50,
+                         color=colours[name],
+                         edgecolors="red" if name == recommended else "none", linewidths=2, zorder=3)
+            axis.annotate(name, (cost / scale, accuracy * 100), fontsize=7,
+                          xytext=label_offsets[index % len(label_offsets)], textcoords="offset points")
         ordered = sorted((cost / scale, accuracy * 100) for name, cost, accuracy in points if name in front)
         if ordered:
             axis.plot(*zip(*ordered), "--", color="grey", linewidth=1, label="Pareto front")
