@@ -38,8 +38,8 @@ def _expire_pause(flow_run_id: UUID, timeout_s: int) -> None:
     try:
         resume_flow_run(flow_run_id, run_input={"approve": False, "reviewer": TIMEOUT_REVIEWER,
                                                 "comment": f"no decision within {timeout_s} s"})
-    except Exception:  # a human resumed it first: nothing to do
-        pass
+    except Exception as error:  # a human resumed it first: their decision stands
+        get_run_logger().info("approval timer found the run already resumed (%s)", error)
 
 
 def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:

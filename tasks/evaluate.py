@@ -173,8 +173,9 @@ def evaluate_variants(params: Params, conversions: list[ConversionResult], test:
             except Exception as error:  # a broken variant is a row with its error
                 row.status, row.error = "failed", f"evaluation: {type(error).__name__}: {error}"[:500]
         rows.append(row)
-    reference_size = next((r.size_bytes for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"),
-                          4 * read_summary(model_dir)["params_count"])
+    reference_size = next((r.size_bytes for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"), None)
+    if reference_size is None:  # no tflite_fp32 built: compare with the float32 weights' bytes
+        reference_size = 4 * read_summary(model_dir)["params_count"]
     for row in rows:
         if row.size_bytes:
             row.size_reduction = reference_size / row.size_bytes
