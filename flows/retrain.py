@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from typing import Any
@@ -21,6 +22,7 @@ from tasks.compare import comparison_markdown
 from tasks.promotion import ApprovalRecord
 from tasks.tracking import run_url
 
+log = logging.getLogger(__name__)
 TIMEOUT_REVIEWER = "edgeloop-timeout"
 PAUSE_BACKSTOP_S = 60
 
@@ -39,7 +41,7 @@ def _expire_pause(flow_run_id: UUID, timeout_s: int) -> None:
         resume_flow_run(flow_run_id, run_input={"approve": False, "reviewer": TIMEOUT_REVIEWER,
                                                 "comment": f"no decision within {timeout_s} s"})
     except Exception as error:  # a human resumed it first: their decision stands
-        get_run_logger().info("approval timer found the run already resumed (%s)", error)
+        log.info("approval timer found the run already resumed (%s)", error)  # timer thread: no run context
 
 
 def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
