@@ -7,7 +7,6 @@ footprint as JSON, so the figure is not polluted by whatever the caller had load
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -40,15 +39,25 @@ def measure_latency(model: EdgeModel, sample: np.ndarray, warmup_runs: int, runs
                         float(timings.mean()), runs)
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process image (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries that across fork/exec, so a child of a big parent would report the
+    parent's peak.
+    """
+    return _status_kib("VmHWM") * 1024
 
 
 def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
+    """Resident set size of this process now (VmRSS)."""
+    return _status_kib("VmRSS") * 1024
 
 
 def memory_footprint(path: Path) -> dict[str, int]:

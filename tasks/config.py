@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -28,6 +28,10 @@ VariantName = Literal[
     "onnx_int8",
 ]
 ZooModel = Literal["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "keras_file"]
+
+
+MODEL_SHAPING_SECTIONS = ("seed", "data", "train", "quantize", "prune", "convert")
+OUTPUT_PATH_KEYS = ("output_dir", "metrics_file")
 
 
 class ConfigError(ValueError):
@@ -105,6 +109,19 @@ class ConvertParams(_Section):
     onnx_opset: int = Field(17, ge=13, le=21)
     output_dir: Path = Path("models/variants")
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _unlisted_variants_stay_on(cls, value: Any) -> Any:
+        """A partial map switches off only what it names (``{onnx_int8: false}``), not everything else."""
+        return {**dict.fromkeys(VariantName.__args__, True), **value} if isinstance(value, dict) else value
+
+    @field_validator("variants")
+    @classmethod
+    def _at_least_one_variant(cls, value: dict[str, bool]) -> dict[str, bool]:
+        if not any(value.values()):
+            raise ValueError("every variant is switched off; enable at least one (tflite_fp32 is the reference)")
+        return value
+
     @property
     def enabled_variants(self) -> list[str]:
         """Variant names switched on, in the canonical table order."""
@@ -161,9 +178,17 @@ class Params(_Section):
     drift: DriftParams = DriftParams()
 
     def params_hash(self) -> str:
-        """A stable sha256 of the effective parameters, recorded with every model."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """sha256 of the parameters that shape a model file, recorded in every sidecar.
+
+        Covers seed, data, train, quantize, prune and convert (the convert stage's DVC params), leaving
+        out where outputs are written, so the same model built in another workspace has the same hash.
+        """
+        shaping = self.model_dump(mode="json", include=set(MODEL_SHAPING_SECTIONS))
+        for section in shaping.values():
+            if isinstance(section, dict):
+                for key in OUTPUT_PATH_KEYS:
+                    section.pop(key, None)
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
     def flat(self) -> dict[str, str]:
         """Parameters flattened to ``section.key`` strings, as logged to MLflow."""

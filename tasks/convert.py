@@ -118,6 +118,14 @@ def convert_variant(variant: Variant, source: SourceModel, params: Params, prepa
     return ConversionResult(variant.name, "ok", model_file.name, source.method, seconds=time.perf_counter() - started)
 
 
+def stage_outputs(out_dir: Path) -> list[Path]:
+    """Every file this stage may have written in ``out_dir`` (and nothing else there)."""
+    names = [RESULTS_FILE]
+    for variant in VARIANTS.values():
+        names += [variant.filename(), sidecar_path(Path(variant.filename())).name, f".{variant.filename()}.partial"]
+    return [out_dir / name for name in names]
+
+
 def lineage_record(params: Params, labels: list[str]) -> dict[str, Any]:
     return {"labels": labels, "data_version": directory_md5(Path(params.data.output_dir)),
             "git_commit": git_commit(), "params_hash": params.params_hash(), "created_at": utc_now(),
@@ -128,8 +136,8 @@ def convert_all(params: Params, prepared: PreparedData) -> list[ConversionResult
     """Build every enabled variant and write ``conversion.json``."""
     out_dir = Path(params.convert.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.iterdir():  # files of variants switched off since the last run
-        stale.unlink()
+    for stale in stage_outputs(out_dir):  # e.g. variants switched off since the last run
+        stale.unlink(missing_ok=True)
     model_dir = Path(params.train.output_dir)
     sources = resolve_sources(read_summary(model_dir), model_dir)
     lineage = lineage_record(params, prepared.train.labels)
@@ -165,4 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the importable module, not __main__, so the error classes raised are the ones tasks.cli catches
+    from tasks.convert import main as stage_main
+
+    raise SystemExit(stage_main())

@@ -67,7 +67,11 @@ def load_npz(path: Path) -> Dataset:
     missing = {"x", "y"} - set(archive.files)
     if missing:
         raise DataError(f"{path} lacks array(s) {sorted(missing)}; it has {sorted(archive.files)}")
-    x = archive["x"].astype(np.float32)
+    try:
+        x, y = archive["x"].astype(np.float32), archive["y"]
+        labels = [str(v) for v in archive["labels"]] if "labels" in archive.files else None
+    except (ValueError, TypeError) as error:  # object arrays (pickles) or non-numeric images
+        raise DataError(f"{path}: arrays must be plain numeric (no pickled objects): {error}") from error
     if x.ndim == 3:
         x = x[..., np.newaxis]
     if x.ndim != 4:
@@ -76,8 +80,6 @@ def load_npz(path: Path) -> Dataset:
     peak = float(finite.max()) if finite.size else 0.0
     if peak > 1.0:  # 8-bit images (0..255) or the digits' 0..16 scale
         x = x / 255.0 if peak > 16.0 else x / 16.0
-    y = archive["y"]
-    labels = [str(v) for v in archive["labels"]] if "labels" in archive.files else None
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y has dtype {y.dtype}; labels must be integers 0..K-1")
     num_classes = len(labels) if labels else int(y.max()) + 1 if y.size else 0
@@ -145,9 +147,15 @@ def split_dataset(dataset: Dataset, params: DataParams, seed: int) -> PreparedDa
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(dataset.y))
-    rest, test = train_test_split(indices, test_size=params.test_fraction, stratify=dataset.y, random_state=seed)
     val_share = params.val_fraction / (1.0 - params.test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=dataset.y[rest], random_state=seed)
+    try:
+        rest, test = train_test_split(indices, test_size=params.test_fraction, stratify=dataset.y,
+                                      random_state=seed)
+        train, val = train_test_split(rest, test_size=val_share, stratify=dataset.y[rest], random_state=seed)
+    except ValueError as error:  # too few examples for a stratified split at these fractions
+        raise DataError(f"cannot split {len(indices)} examples of {len(dataset.labels)} classes into "
+                        f"train/val/test ({error}); add data or change data.val_fraction / data.test_fraction"
+                        ) from error
     rng = np.random.default_rng(seed)
     representative = rng.choice(train, size=min(params.representative_samples, len(train)), replace=False)
     drift = rng.choice(train, size=min(params.drift_reference_samples, len(train)), replace=False)
@@ -217,4 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the importable module, not __main__, so the error classes raised are the ones tasks.cli catches
+    from tasks.data import main as stage_main
+
+    raise SystemExit(stage_main())

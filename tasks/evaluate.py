@@ -232,4 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the importable module, not __main__, so the error classes raised are the ones tasks.cli catches
+    from tasks.evaluate import main as stage_main
+
+    raise SystemExit(stage_main())

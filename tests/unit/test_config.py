@@ -35,6 +35,7 @@ def test_config_variant_names_are_the_variant_table():
         ({"convert": {"variants": {"tflite_int4": True}}}, "convert.variants.tflite_int4"),
         ({"evaluate": {"gates": {"max_host_latency_ms": -1}}}, "evaluate.gates.max_host_latency_ms: got -1"),
         ({"mlflow": {"registered_model": "has space"}}, "mlflow.registered_model: got 'has space'"),
+        ({"convert": {"variants": dict.fromkeys(VARIANTS, False)}}, "every variant is switched off"),
     ],
 )
 def test_bad_params_name_key_and_value(raw, expected):
@@ -60,6 +61,9 @@ def test_params_hash_is_stable_and_sensitive(tmp_path):
     assert first.params_hash() == second.params_hash()
     raw["seed"] = 7
     assert parse_params(raw).params_hash() != first.params_hash()
+    raw["seed"], raw["evaluate"]["gates"]["max_host_latency_ms"] = first.seed, 99.0
+    raw["convert"]["output_dir"] = str(tmp_path)
+    assert parse_params(raw).params_hash() == first.params_hash()  # gates and output folders shape no model
 
 
 def test_flat_params_use_dotted_keys():
@@ -67,3 +71,8 @@ def test_flat_params_use_dotted_keys():
     assert flat["train.epochs"] == "25"
     assert flat["evaluate.gates.max_accuracy_drop_pts"] == "1.0"
     assert flat["prune.target_sparsities"] == "[0.5, 0.7, 0.8, 0.9]"
+
+
+def test_a_partial_variant_map_switches_off_only_what_it_names():
+    params = parse_params({"convert": {"variants": {"onnx_int8": False}}})
+    assert params.convert.enabled_variants == [name for name in VARIANTS if name != "onnx_int8"]

@@ -140,3 +140,19 @@ def test_write_prepared_writes_every_split(tmp_path, digits):
     out = write_prepared(prepared, tmp_path, "sklearn_digits")
     assert sorted(p.name for p in out.iterdir()) == [
         "dataset.json", "drift_reference.npz", "representative.npz", "test.npz", "train.npz", "val.npz"]
+
+
+def test_prepare_cli_reports_bad_data_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    np.savez(tmp_path / "few.npz", x=np.random.rand(40, 8, 8), y=np.repeat(np.arange(10), 4))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: npz\n  path: {tmp_path / 'few.npz'}\n  output_dir: {tmp_path / 'out'}\n")
+    completed = subprocess.run([sys.executable, "-m", "tasks.data", "--params", str(params)], cwd=REPO_ROOT,
+                               capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert "cannot split 40 examples" in completed.stderr and "Traceback" not in completed.stderr
+    assert not (tmp_path / "out").exists()
