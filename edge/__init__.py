@@ -1,4 +1,4 @@
 """Device-side code: numpy plus LiteRT / ONNX Runtime, nothing heavier.
 
-Never import TensorFlow, Prefect or MLflow here; tests/unit/test_edge_imports.py proves it.
+Never import TensorFlow, Prefect or MLflow here; tests/unit/test_edge_runtime.py proves it.
 """

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from edge.sidecar import sidecar_path, verify_model_file
+
 RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx"}
 
 
@@ -118,8 +120,12 @@ class EdgeModel:
         self._backend = backend
 
     @classmethod
-    def load(cls, path: Path | str, num_threads: int | None = None) -> EdgeModel:
-        """Open ``path`` in the runtime its suffix names; raise :class:`ModelLoadError` when it can't."""
+    def load(cls, path: Path | str, num_threads: int | None = None, verify: bool = True) -> EdgeModel:
+        """Open ``path`` in the runtime its suffix names; raise :class:`ModelLoadError` when it can't.
+
+        With ``verify`` (the default) a file that has a sidecar must match its sha256, else
+        :class:`edge.sidecar.SidecarError`: a corrupt or swapped file is never run.
+        """
         path = Path(path)
         runtime = RUNTIME_BY_SUFFIX.get(path.suffix)
         if runtime is None:
@@ -127,6 +133,8 @@ class EdgeModel:
                 f"{path}: unknown model format {path.suffix!r}; expected one of {sorted(RUNTIME_BY_SUFFIX)}")
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found")
+        if verify and sidecar_path(path).is_file():
+            verify_model_file(path)
         backend_type = _LiteRTBackend if runtime == "tflite" else _OnnxBackend
         try:
             backend = backend_type(path, num_threads)

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge.measure import measure_latency
 from edge.runtime import EdgeModel
-from edge.sidecar import verify_model_file
+from edge.sidecar import read_sidecar
 from tasks.data import DataError, Dataset, load_npz, validate_dataset
 from tasks.devices import DeviceInventory, device_fit
 from tasks.evaluate import memory_footprint
@@ -48,8 +48,8 @@ def load_labelled(directory: Path, labels: list[str]) -> Dataset | None:
 
 def score_model(role: str, version: str, path: Path, datasets: dict[str, Dataset], inventory: DeviceInventory,
                 latency_runs: int = 100) -> ModelScore:
-    sidecar = verify_model_file(path)
-    model = EdgeModel.load(path)
+    model = EdgeModel.load(path)  # checks the file against its sidecar's sha256 first
+    sidecar = read_sidecar(path)
     first = next(iter(datasets.values()))
     latency = measure_latency(model, first.x[0], warmup_runs=10, runs=latency_runs)
     score = ModelScore(role, version, sidecar.get("variant", "?"), sidecar.get("data_version", "?"),

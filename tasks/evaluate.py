@@ -22,7 +22,7 @@ import numpy as np
 
 from edge.measure import measure_latency
 from edge.runtime import EdgeModel
-from edge.sidecar import verify_model_file
+from edge.sidecar import read_sidecar
 from tasks.cli import StageError
 from tasks.config import EvaluateParams, GateParams, Params
 from tasks.convert import ConversionResult, read_results
@@ -77,8 +77,8 @@ def memory_footprint(path: Path) -> dict[str, int]:
 def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_accuracy: float,
                     params: EvaluateParams) -> dict[str, Any]:
     """Accuracy, agreement and output difference vs float32, sizes, latency and memory of one model file."""
-    sidecar = verify_model_file(path)
-    model = EdgeModel.load(path)
+    model = EdgeModel.load(path)  # checks the file against its sidecar's sha256 first
+    sidecar = read_sidecar(path)
     outputs = model.predict(test.x)
     predictions = np.argmax(outputs, axis=1)
     accuracy = float(np.mean(predictions == test.y))

@@ -81,6 +81,8 @@ def test_sidecar_roundtrip_and_tamper_detection(tmp_path, tiny_model_files):
     model_file.write_bytes(bytes(data))
     with pytest.raises(SidecarError, match="does not match its sidecar"):
         verify_model_file(model_file)
+    with pytest.raises(SidecarError, match="does not match its sidecar"):  # the runtime refuses to run it
+        EdgeModel.load(model_file)
     (tmp_path / "m.tflite.json").write_text("{not json")
     with pytest.raises(SidecarError, match="not valid JSON"):
         read_sidecar(model_file)
