@@ -55,7 +55,9 @@ def resolve_sources(summary: dict[str, Any], model_dir: Path) -> dict[str, Sourc
     sources = {"baseline": SourceModel(model_dir / summary["baseline"]["file"], "post-training")}
     sources["qat"] = (SourceModel(model_dir / qat["file"], f"qat ({qat.get('mode', 'full')})") if qat.get("file")
                       else SourceModel(None, "", f"no QAT model: {qat.get('reason', 'not trained')}"))
-    if pruning:
+    if pruning and pruning.get("error"):
+        sources["pruned_int8"] = SourceModel(None, "", f"pruning failed: {pruning['error']}")
+    elif pruning:
         int8 = pruning["int8"]
         sources["pruned_int8"] = SourceModel(model_dir / int8["file"],
                                              f"{int8['method']} at {pruning['sparsity']:.0%} sparsity")

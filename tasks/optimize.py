@@ -83,14 +83,22 @@ def fit(model: Any, train: Dataset, val: Dataset, epochs: int, batch_size: int, 
               callbacks=callbacks or [], verbose=0, shuffle=True)
 
 
-def unsupported_layers(model: Any) -> list[str]:
-    """Names of layers tfmot's default 8-bit scheme cannot quantize."""
-    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
-        default_8bit_quantize_registry as registry,
-    )
+def unsupported_layers(model: Any, purpose: str = "quantize") -> list[str]:
+    """Names of layers tfmot cannot ``quantize`` (default 8-bit scheme) or ``prune``."""
+    import tf_keras as keras
 
-    supported = registry.Default8BitQuantizeRegistry()
-    return [layer.name for layer in model.layers[1:] if not supported.supports(layer)]
+    if purpose == "prune":
+        from tensorflow_model_optimization.python.core.sparsity.keras.prune_registry import PruneRegistry
+
+        supports = PruneRegistry.supports
+    else:
+        from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+            default_8bit_quantize_registry as registry,
+        )
+
+        supports = registry.Default8BitQuantizeRegistry().supports
+    return [layer.name for layer in model.layers
+            if not isinstance(layer, keras.layers.InputLayer) and not supports(layer)]
 
 
 def quantize_aware(model: Any) -> QatOutcome:

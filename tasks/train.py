@@ -62,27 +62,43 @@ def run_qat(model: Any, params: Params, prepared: PreparedData) -> optimize.QatO
     return outcome
 
 
+def pruned_int8_method(strategy: str) -> tuple[bool, str]:
+    """The pruned + int8 variant uses pruning-preserving QAT unless the strategy rules out training."""
+    if strategy == "ptq":
+        return False, "strategy ptq: post-training quantization of the pruned model"
+    return True, f"strategy {strategy}: pruning-preserving QAT (PQAT) keeps the zeros through quantization"
+
+
 def run_pruning(model: Any, baseline_val: float, params: Params, prepared: PreparedData,
                 out: Path) -> dict[str, Any]:
-    """Sparsity search, then PTQ or PQAT for the pruned + int8 variant; saves the models it keeps."""
-    pruned, trials, within_budget = optimize.search_sparsity(
-        model, baseline_val, params.prune, prepared.train, prepared.val, params.train.batch_size)
+    """Sparsity search, then PQAT (or PTQ) for the pruned + int8 variant; saves the models it keeps.
+
+    A model tfmot cannot prune is reported, not a crashed stage: the pruned variant is then skipped.
+    """
+    try:
+        pruned, trials, within_budget = optimize.search_sparsity(
+            model, baseline_val, params.prune, prepared.train, prepared.val, params.train.batch_size)
+    except Exception as error:  # tfmot raises ValueError/RuntimeError for layers it cannot prune
+        log.warning("pruning failed: %s", error)
+        return {"error": f"{type(error).__name__}: {error}"[:500], "unsupported_layers":
+                optimize.unsupported_layers(model, "prune")}
     pruned.save(out / "pruned.h5")
-    pruned_ptq_val = optimize.ptq_accuracy(pruned, prepared.representative, prepared.val)
-    pruned_ptq_drop = 100.0 * (baseline_val - pruned_ptq_val)
-    use_pqat, reason = needs_qat(params.quantize.strategy, pruned_ptq_drop, params.quantize.max_ptq_drop_pts)
-    source = "pruned.h5"
+    use_pqat, reason = pruned_int8_method(params.quantize.strategy)
+    source, method = "pruned.h5", "ptq"
     if use_pqat:
-        pqat = optimize.prune_preserving_qat(pruned, params.quantize, params.train, prepared.train, prepared.val)
-        pqat.save(out / "pruned_qat.h5")
-        source = "pruned_qat.h5"
+        try:
+            pqat = optimize.prune_preserving_qat(pruned, params.quantize, params.train, prepared.train, prepared.val)
+            pqat.save(out / "pruned_qat.h5")
+            source, method = "pruned_qat.h5", "pqat"
+        except Exception as error:  # layers PQAT cannot quantize: fall back to PTQ of the pruned model
+            log.warning("PQAT failed (%s); using post-training quantization of the pruned model", error)
+            reason = f"PQAT failed ({type(error).__name__}: {error}); post-training quantization instead"[:500]
     return {
         "trials": [trial.__dict__ for trial in trials],
         "within_budget": within_budget,
         "sparsity": optimize.kernel_sparsity(pruned),
         "file": "pruned.h5",
-        "int8": {"method": "pqat" if use_pqat else "ptq", "reason": reason, "file": source,
-                 "ptq_val_accuracy": pruned_ptq_val, "ptq_drop_pts": pruned_ptq_drop},
+        "int8": {"method": method, "reason": reason, "file": source},
     }
 
 
@@ -111,7 +127,7 @@ def train(params: Params, prepared: PreparedData) -> dict[str, Any]:
             qat_summary.update(trained=True, file="qat.h5",
                                val_accuracy=optimize.keras_accuracy(outcome.model, prepared.val))
     else:
-        qat_summary["unsupported_layers"] = optimize.unsupported_layers(model)
+        qat_summary["unsupported_layers"] = optimize.unsupported_layers(model, "quantize")
 
     summary = {
         "model": params.train.model,
@@ -130,7 +146,7 @@ def train(params: Params, prepared: PreparedData) -> dict[str, Any]:
 
 def write_train_metrics(summary: dict[str, Any], path: Path) -> None:
     """The headline numbers of the summary, flat, for ``dvc metrics``."""
-    pruning = summary["pruning"] or {}
+    pruning = summary["pruning"] or {}  # None when disabled; {"error": ...} when tfmot could not prune
     metrics = {"baseline_val_accuracy": summary["baseline"]["val_accuracy"],
                "baseline_test_accuracy": summary["baseline"]["test_accuracy"],
                "ptq_val_drop_pts": summary["ptq_check"]["drop_pts"],

@@ -96,3 +96,25 @@ def test_same_params_give_the_same_model(digits):
         set_seeds(params.seed)
         weights.append(train_baseline(params, prepared).get_weights())
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def test_unprunable_layer_is_reported_and_the_pruned_variant_skipped(digits, tmp_path):
+    from tasks.convert import resolve_sources
+    from tasks.data import PreparedData
+    from tasks.train import run_pruning
+
+    model = _model_with_custom_layer()
+    assert optimize.unsupported_layers(model, "prune") == ["custom_swish"]
+    small = Dataset(digits.x[:64], digits.y[:64], digits.labels)
+    params = Params.model_validate({"prune": {"epochs": 1, "target_sparsities": [0.5]}})
+    summary = run_pruning(model, 0.9, params, PreparedData(small, small, small, small.x[:8], small), tmp_path)
+    assert "error" in summary and summary["unsupported_layers"] == ["custom_swish"]
+    sources = resolve_sources({"baseline": {"file": "b.h5"}, "qat": {}, "pruning": summary}, tmp_path)
+    assert sources["pruned_int8"].path is None and "pruning failed" in sources["pruned_int8"].reason
+
+
+@pytest.mark.parametrize(("strategy", "pqat"), [("auto", True), ("qat", True), ("all", True), ("ptq", False)])
+def test_pruned_int8_uses_pqat_unless_ptq_only(strategy, pqat):
+    from tasks.train import pruned_int8_method
+
+    assert pruned_int8_method(strategy)[0] is pqat
