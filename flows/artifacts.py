@@ -16,13 +16,26 @@ def _rounded(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-def publish_training(evaluation: dict[str, Any], registration: dict[str, Any], per_device: dict[str, str | None],
-                     overrides: dict[str, Any]) -> None:
+def publish_table(evaluation: dict[str, Any]) -> None:
     create_table_artifact(
         key="variant-comparison",
         table=[{column: _rounded(row.get(column)) for column in TABLE_COLUMNS} for row in evaluation["rows"]],
         description="Every variant measured in its device runtime (host figures)",
     )
+
+
+def publish_gate_failure(evaluation: dict[str, Any]) -> None:
+    """What a data scientist needs when nothing passed: the table and every variant's failing gates."""
+    publish_table(evaluation)
+    lines = ["# Training run: no variant passed the quality gates", "", f"Gates: `{evaluation['gates']}`", ""]
+    lines += [f"- `{row['variant']}`: {'; '.join(row['gate_failures']) or 'passed'}" for row in evaluation["rows"]]
+    create_markdown_artifact(key="training-summary", markdown="\n".join(lines) + "\n",
+                             description="Nothing registered: every variant failed a gate")
+
+
+def publish_training(evaluation: dict[str, Any], registration: dict[str, Any], per_device: dict[str, str | None],
+                     overrides: dict[str, Any]) -> None:
+    publish_table(evaluation)
     url = run_url(registration["tracking_uri"], registration["experiment_id"], registration["run_id"])
     run_link = f"[{registration['run_id']}]({url})" if url else registration["run_id"]
     lines = [

@@ -8,14 +8,16 @@ on top of ``params.yaml`` and validated by the same config as the DVC stages.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import ConfigError, GateParams, Params, VariantName, ZooModel, load_params, parse_params
+from tasks.devices import load_devices
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"
+DEVICES_FILE = REPO_ROOT / "devices.yaml"
 
 
 class TrainingParameters(BaseModel):
@@ -29,7 +31,8 @@ class TrainingParameters(BaseModel):
     seed: int = Field(ge=0, le=2**31 - 1)
     strategy: Literal["auto", "ptq", "qat", "all"] = Field(description="quantization strategy")
     prune: bool = Field(description="run the pruning search")
-    target_sparsities: list[float] = Field(min_length=1, description="pruning sparsities to try, 0..1")
+    target_sparsities: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        min_length=1, description="pruning sparsities to try, each between 0 and 1")
     variants: list[VariantName] = Field(min_length=1, description="variants to build and compare")
     gates: GateParams
     recommend_by: Literal["size", "gzip_size", "latency", "accuracy"]
@@ -80,8 +83,18 @@ def with_workspace(params: Params, workspace: str | None) -> Params:
     return parse_params(raw, "flow parameters")
 
 
-def resolve(parameters: TrainingParameters, workspace: str | None = None, params_file: Path = PARAMS_FILE) -> Params:
-    """The effective config of a flow run: params.yaml + run parameters (+ workspace)."""
+def resolve(parameters: TrainingParameters, workspace: str | None = None, params_file: Path = PARAMS_FILE,
+            devices_file: Path = DEVICES_FILE) -> Params:
+    """The effective config of a flow run: params.yaml + run parameters (+ workspace).
+
+    Also checks what the schema cannot, before any work: device names exist, a model file exists.
+    """
+    known = [device.name for device in load_devices(devices_file).devices]
+    unknown = [name for name in parameters.devices if name not in known]
+    if unknown:
+        raise ConfigError(f"params.devices: unknown device(s) {unknown}; devices.yaml has {known}")
+    if parameters.model == "keras_file" and parameters.model_path and not Path(parameters.model_path).exists():
+        raise ConfigError(f"params.model_path: {parameters.model_path} does not exist")
     return with_workspace(parameters.apply(load_params(params_file)), workspace)
 
 

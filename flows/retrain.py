@@ -14,6 +14,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
+from pydantic import Field
 
 from flows import steps
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
@@ -31,7 +32,7 @@ class ApprovalDecision(RunInput):
     """The reviewer's decision; the Prefect UI renders it as the resume form."""
 
     approve: bool
-    reviewer: str
+    reviewer: str = Field(min_length=1, description="who decided (recorded on the model version)")
     comment: str = ""
 
 

@@ -14,11 +14,10 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
+from flows.parameters import DEVICES_FILE
 from tasks import compare, convert, data, dataversion, drift, evaluate, promotion, registry, tracking, train
 from tasks.config import DriftParams, Params
 from tasks.devices import load_devices
-
-DEVICES_FILE = Path(__file__).resolve().parents[1] / "devices.yaml"
 
 
 def per_run_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -97,7 +96,18 @@ def tracking_version(name: str, version: str | int) -> Any:
     return mlflow.MlflowClient().get_model_version(name, str(version))
 
 
-@task(name="promote", retries=2, retry_delay_seconds=exponential_backoff(5))
+def retry_unless_refused(task, task_run, state) -> bool:
+    """Retry promotion on transient errors (MLflow down), never on a refusal: retrying cannot approve it."""
+    try:
+        state.result()
+    except promotion.PromotionRefused:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="promote", retries=2, retry_delay_seconds=exponential_backoff(5), retry_condition_fn=retry_unless_refused)
 def promote(params: Params, version: str, approval: promotion.ApprovalRecord) -> dict[str, Any]:
     tracking.configure(params.mlflow)
     return promotion.promote(params.mlflow.registered_model, str(version), approval)

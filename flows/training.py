@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from flows import steps
-from flows.artifacts import publish_training
+from flows.artifacts import publish_gate_failure, publish_training
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
 from tasks.config import Params
 from tasks.devices import load_devices
-from tasks.evaluate import recommend_per_device
+from tasks.evaluate import GateFailure, read_evaluation, recommend_per_device
 
 
 def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
@@ -34,7 +35,11 @@ def build_candidate(config: Params, parameters: TrainingParameters,
     # ---- model: train, convert, evaluate ----------------------------------------------
     steps.train_models(config)
     steps.convert_variants(config)
-    evaluation = steps.evaluate_variants(config)
+    try:
+        evaluation = steps.evaluate_variants(config)
+    except GateFailure:  # the reports were written: show them in the UI, then fail the run
+        publish_gate_failure(read_evaluation(Path(config.evaluate.output_dir)))
+        raise
     # ---- [benchmark and package stages slot in here] -----------------------------------
     # ---- registry: last, so a failed run registers nothing -------------------------------
     registration = steps.register_candidate(config, run_tags(parameters, trigger))

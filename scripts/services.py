@@ -58,11 +58,19 @@ def _alive(pid: int) -> bool:
 
 
 def running_pid(run_dir: Path, name: str) -> int | None:
+    """The pid in ``name``'s pid file if that process still runs our command (pids get reused)."""
     path = _pid_file(run_dir, name)
     if not path.is_file():
         return None
-    pid = int(path.read_text().strip() or 0)
-    return pid if pid and _alive(pid) else None
+    recorded = path.read_text().split()
+    pid, marker = (int(recorded[0]), recorded[1]) if len(recorded) == 2 else (0, "")
+    if not pid or not _alive(pid):
+        return None
+    try:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    return pid if marker in command_line else None
 
 
 def healthy(url: str) -> bool:
@@ -99,7 +107,7 @@ def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], hea
     with open(log, "ab") as handle:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=handle,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    _pid_file(run_dir, name).write_text(str(process.pid))
+    _pid_file(run_dir, name).write_text(f"{process.pid} {Path(command[0]).name}\n")
     if health_url:
         try:
             wait_healthy(health_url, timeout_s, process.pid, log)

@@ -17,7 +17,7 @@ from edge.sidecar import atomic_write_text, read_sidecar
 from tasks.cli import StageError
 from tasks.config import Params
 from tasks.evaluate import read_evaluation
-from tasks.tracking import RunRecord, configure, log_pipeline_run
+from tasks.tracking import RunRecord, configure, pipeline_run
 from tasks.train import read_summary
 from tasks.variants import VARIANTS
 
@@ -69,8 +69,8 @@ def register(params: Params, extra_tags: dict[str, str] | None = None) -> dict[s
     model_file = Path(params.convert.output_dir) / VARIANTS[variant].filename()
     sidecar = read_sidecar(model_file)
     summary = read_summary(Path(params.train.output_dir))
-    run = log_pipeline_run(params, evaluation, summary, sidecar, extra_tags)
-    version = register_candidate(params, run, variant, version_tags(params, variant, sidecar, evaluation))
+    with pipeline_run(params, evaluation, summary, sidecar, extra_tags) as run:
+        version = register_candidate(params, run, variant, version_tags(params, variant, sidecar, evaluation))
     record = {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": run.tracking_uri,
               "registered_model": params.mlflow.registered_model, "version": version, "alias": CANDIDATE_ALIAS,
               "variant": variant, "data_version": sidecar["data_version"]}

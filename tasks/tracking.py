@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +70,14 @@ def variant_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
             for key in VARIANT_METRICS if row.get(key) is not None}
 
 
-def log_pipeline_run(params: Params, evaluation: dict[str, Any], train_summary: dict[str, Any],
-                     lineage: dict[str, Any], extra_tags: dict[str, str] | None = None) -> RunRecord:
-    """Log one run: flattened params, lineage tags, per-variant metrics, reports and model files."""
+@contextmanager
+def pipeline_run(params: Params, evaluation: dict[str, Any], train_summary: dict[str, Any],
+                 lineage: dict[str, Any], extra_tags: dict[str, str] | None = None) -> Iterator[RunRecord]:
+    """Log one run (flattened params, lineage tags, per-variant metrics, reports, model files) and stay in it.
+
+    Work done inside the ``with`` block (registration) belongs to the run: when it raises, the run
+    ends FAILED instead of looking like a finished run that registered nothing.
+    """
     import mlflow
 
     experiment_id = ensure_experiment(params.mlflow)
@@ -92,7 +99,7 @@ def log_pipeline_run(params: Params, evaluation: dict[str, Any], train_summary: 
             if model_file.suffix in (".tflite", ".onnx") or model_file.name.endswith((".tflite.json", ".onnx.json")):
                 variant = model_file.name.split(".")[0]
                 mlflow.log_artifact(str(model_file), f"models/{variant}")
-        return RunRecord(run.info.run_id, experiment_id, run.info.artifact_uri, mlflow.get_tracking_uri())
+        yield RunRecord(run.info.run_id, experiment_id, run.info.artifact_uri, mlflow.get_tracking_uri())
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:

@@ -235,3 +235,22 @@ def test_drift_check_without_enough_samples_emits_nothing(stack, tmp_path):
     summary = drift_check(collected_dir=str(tmp_path / "empty"))
     assert summary["samples"] == 0 and not summary["drift_detected"]
     assert "no verdict" in summary["reasons"][0]
+
+
+def test_gate_failure_fails_the_run_but_still_publishes_the_matrix(stack, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    candidate_before = alias_version(stack, "candidate")
+    impossible = {"max_accuracy_drop_pts": 5.0, "min_size_reduction": 1000.0, "max_host_latency_ms": 50.0}
+    flow_run = run_deployment("training/nightly", timeout=600, parameters={
+        "params": fast_parameters(gates=impossible), "workspace": str(tmp_path)})
+    assert flow_run.state.is_failed()
+    assert "no variant passed the quality gates" in flow_run.state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert "variant-comparison" in by_key
+    assert "short by" in by_key["training-summary"].data
+    assert alias_version(stack, "candidate") == candidate_before  # nothing registered

@@ -42,3 +42,19 @@ def test_workspace_rebases_every_output_path(tmp_path):
                  config.mlflow.artifact_root):
         assert str(path).startswith(str(tmp_path))
     assert with_workspace(Params(), None) == Params()
+
+
+def test_unknown_device_and_missing_model_file_fail_before_any_work(tmp_path):
+    base = default_parameters().model_dump()
+    with pytest.raises(ConfigError, match=r"params.devices: unknown device\(s\) \['rpi5'\]"):
+        resolve(TrainingParameters(**{**base, "devices": ["rpi5"]}), params_file=REPO_ROOT / "params.yaml")
+    missing = TrainingParameters(**{**base, "model": "keras_file", "model_path": str(tmp_path / "none.h5")})
+    with pytest.raises(ConfigError, match="params.model_path: .* does not exist"):
+        resolve(missing, params_file=REPO_ROOT / "params.yaml")
+
+
+def test_sparsities_out_of_range_are_rejected_by_the_schema():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="target_sparsities"):
+        TrainingParameters(**{**default_parameters().model_dump(), "target_sparsities": [1.5]})
