@@ -131,11 +131,10 @@ def test_custom_run_from_the_deployment_page_trains_and_logs_to_mlflow(stack, dr
         workspace_field = ui.form_field("workspace")
         ui.click(driver, f"{workspace_field}//button[@role='tab'][normalize-space()='str']")
         ui.clickable(driver, f"{workspace_field}//textarea").send_keys(str(workspace))
-        ui.click(driver, "//button[@type='submit'][normalize-space()='Submit']")
         # the confirmation toast links to the new flow run
         toast = ("//li[@data-sonner-toast][.//*[@data-title][starts-with(normalize-space(), "
                  f"{ui.text_literal(run_name + ' scheduled')})]]//a[contains(@href, '/runs/flow-run/')]")
-        href = ui.visible(driver, toast).get_attribute("href")
+        href = submit_until_scheduled(driver, toast)
         flow_run_id = href.rstrip("/").rsplit("/", 1)[-1]
 
     flow_run = read_run(flow_run_id)
@@ -154,6 +153,50 @@ def test_custom_run_from_the_deployment_page_trains_and_logs_to_mlflow(stack, dr
     assert runs[0].data.params["train.epochs"] == "3"
     assert json.loads(runs[0].data.tags["prefect.overrides"])["epochs"] == 3
     assert (workspace / "reports").is_dir()  # the outputs went to the workspace given in the form
+
+
+ERROR_TOAST = ("//li[@data-sonner-toast][@data-type='error' or "
+               "contains(translate(normalize-space(), 'ERROR', 'error'), 'error')]")
+
+
+def press_until_closed(driver, button_xpath: str, dialog_xpath: str, attempts: int = 3) -> None:
+    """Press a dialog's button until the dialog closes; retry (bounded) when the server asked to (503 toast)."""
+    for attempt in range(1, attempts + 1):
+        ui.click(driver, button_xpath)
+        ui.wait(driver).until(lambda d: not d.find_elements("xpath", dialog_xpath)
+                              or d.find_elements("xpath", ERROR_TOAST), "the dialog to close or an error toast")
+        if not driver.find_elements("xpath", dialog_xpath):
+            return
+        if attempt < attempts:
+            ui.gone(driver, ERROR_TOAST)
+    raise AssertionError(f"the dialog stayed open after {attempts} presses: "
+                         f"{driver.find_elements('xpath', ERROR_TOAST)[0].text}")
+
+
+def submit_until_scheduled(driver, toast_xpath: str, attempts: int = 3) -> str:
+    """Press Submit and return the new run's link from the toast.
+
+    The SQLite-backed test server answers 503 ("retry") while its database is briefly locked; Prefect's
+    Python client retries those by itself, the UI shows "Unknown error while creating flow run" and
+    leaves the form as it was, so a person presses Submit again. So does this, a bounded number of times.
+    """
+    from selenium.common.exceptions import TimeoutException
+
+    error_toast = ERROR_TOAST
+    for attempt in range(1, attempts + 1):
+        ui.click(driver, "//button[@type='submit'][normalize-space()='Submit']")
+        try:
+            outcome = ui.wait(driver).until(
+                lambda d: d.find_elements("xpath", toast_xpath) or d.find_elements("xpath", error_toast),
+                "a toast after Submit")
+        except TimeoutException:
+            raise AssertionError("no confirmation or error toast after Submit") from None
+        link = driver.find_elements("xpath", toast_xpath)
+        if link:
+            return link[0].get_attribute("href")
+        if attempt < attempts:
+            ui.gone(driver, error_toast)
+    raise AssertionError(f"the server refused to create the run {attempts} times: {outcome[0].text}")
 
 
 def editor_json(driver, editor_xpath: str):
@@ -203,8 +246,7 @@ def test_resume_form_approves_the_retrained_model_as_champion(stack, driver, ste
         ui.wait(driver).until(lambda _: switch.get_attribute("aria-checked") == "true", "approve switched on")
         ui.clickable(driver, f"{ui.form_field('Reviewer', dialog)}//textarea").send_keys("ui-reviewer")
         ui.clickable(driver, f"{ui.form_field('Comment', dialog)}//textarea").send_keys("approved in the UI")
-        ui.click(driver, f"{dialog}{ui.button('Resume')}")
-        ui.gone(driver, dialog)
+        press_until_closed(driver, f"{dialog}{ui.button('Resume')}", dialog)
 
     final = wait_final(flow_run.id)
     assert final.state.is_completed(), f"{final.state.name}: {final.state.message}"
