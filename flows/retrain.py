@@ -17,6 +17,7 @@ from prefect.states import Completed, Failed, State
 from pydantic import Field
 
 from flows import steps
+from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
 from flows.training import build_candidate
 from tasks.compare import comparison_markdown
@@ -83,11 +84,12 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
     config = resolve(params, workspace)
     trigger = f"drift: {'; '.join(drift_summary.get('reasons', []))}" if drift_summary else "retrain (manual)"
     logger.info("retrain started by %s", trigger)
-    # ---- challenger: the same path as the nightly training ------------------------------
-    _, registration = build_candidate(config, params, trigger)
-    # ---- challenger vs champion on the same evaluation sets -----------------------------
-    with tempfile.TemporaryDirectory(prefix="edgeloop-compare-") as workdir:
-        comparison = steps.compare_with_champion(config, registration, workdir)
+    with exclusive_outputs(config):
+        # ---- challenger: the same path as the nightly training --------------------------
+        _, registration = build_candidate(config, params, trigger)
+        # ---- challenger vs champion on the same evaluation sets -------------------------
+        with tempfile.TemporaryDirectory(prefix="edgeloop-compare-") as workdir:
+            comparison = steps.compare_with_champion(config, registration, workdir)
     url = run_url(registration["tracking_uri"], registration["experiment_id"], registration["run_id"])
     links = {"MLflow run": url} if url else {}
     create_markdown_artifact(key="challenger-vs-champion", markdown=comparison_markdown(comparison, links),

@@ -11,6 +11,7 @@ from prefect.context import FlowRunContext
 
 from flows import steps
 from flows.artifacts import publish_gate_failure, publish_training
+from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
 from tasks.config import Params
 from tasks.devices import load_devices
@@ -55,7 +56,8 @@ def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | N
         workspace: folder for this run's outputs (default: the repository paths in params.yaml).
     """
     config = resolve(params, workspace)
-    evaluation, registration = build_candidate(config, params)
+    with exclusive_outputs(config):
+        evaluation, registration = build_candidate(config, params)
     per_device = recommend_per_device(evaluation["rows"], load_devices(steps.DEVICES_FILE),
                                       evaluation["recommend_by"], params.devices)
     publish_training(evaluation, registration, per_device, overrides(params))
