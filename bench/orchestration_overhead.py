@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,12 +57,6 @@ def timed(code: str, env: dict[str, str]) -> float:
     return elapsed
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 WARM_UP = "import tensorflow, tf_keras, tensorflow_model_optimization, prefect, mlflow, onnxruntime, tf2onnx"
 
 
@@ -74,7 +67,7 @@ def main() -> int:
     timings: dict[str, list[float]] = {"direct": [], "flow": []}
     with tempfile.TemporaryDirectory(prefix="edgeloop-overhead-") as scratch:
         root = Path(scratch)
-        port = free_port()
+        port = services.free_port()
         services.start_prefect(root / "services", port, schedules=False)
         try:
             env = {**os.environ, **services.prefect_env(root / "services" / "prefect", port),

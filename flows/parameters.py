@@ -100,5 +100,5 @@ def resolve(parameters: TrainingParameters, workspace: str | None = None, params
 
 def overrides(parameters: TrainingParameters) -> dict[str, object]:
     """The run parameters that differ from params.yaml, as recorded in MLflow."""
-    defaults = default_parameters().model_dump(mode="json")
+    defaults = DEFAULT_PARAMETERS.model_dump(mode="json")
     return {k: v for k, v in parameters.model_dump(mode="json").items() if defaults.get(k) != v}

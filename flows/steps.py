@@ -63,8 +63,7 @@ def evaluate_variants(params: Params) -> dict[str, Any]:
 
 @task(name="register", retries=3, retry_delay_seconds=exponential_backoff(5), timeout_seconds=900, **PERSISTED)
 def register_candidate(params: Params, tags: dict[str, str]) -> dict[str, Any]:
-    tracking.configure(params.mlflow)
-    return registry.register(params, tags)
+    return registry.register(params, tags)  # configures MLflow itself
 
 
 @task(name="compare-with-champion", timeout_seconds=1800, **PERSISTED)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,13 @@ class Service:
     pid: int
     url: str
     log: Path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for scratch servers in tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _pid_file(run_dir: Path, name: str) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tasks.config import ConfigError, Params, load_params
 
@@ -27,6 +29,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     if "tasks.zoo" in sys.modules:
         errors.append(sys.modules["tasks.zoo"].ModelZooError)
     return tuple(errors)
+
+
+def read_stage_output(path: Path, stage: str) -> Any:
+    """The JSON a stage wrote at ``path``; a clear error naming the stage to run when it is missing."""
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the {stage} stage first (dvc repro {stage})")
+    return json.loads(path.read_text())
 
 
 def setup_logging() -> None:

@@ -152,12 +152,9 @@ def convert_all(params: Params, prepared: PreparedData) -> list[ConversionResult
 
 
 def read_results(out_dir: Path) -> list[ConversionResult]:
-    from tasks.cli import StageError
+    from tasks.cli import read_stage_output
 
-    path = out_dir / RESULTS_FILE
-    if not path.is_file():
-        raise StageError(f"{path} not found; run the convert stage first (dvc repro convert)")
-    return [ConversionResult(**row) for row in json.loads(path.read_text())]
+    return [ConversionResult(**row) for row in read_stage_output(out_dir / RESULTS_FILE, "convert")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 from edge.measure import measure_latency
 from edge.runtime import EdgeModel
 from edge.sidecar import read_sidecar
-from tasks.cli import StageError
+from tasks.cli import StageError, read_stage_output
 from tasks.config import EvaluateParams, GateParams, Params
 from tasks.convert import ConversionResult, read_results
 from tasks.data import Dataset, load_prepared
@@ -209,10 +209,7 @@ def evaluate(params: Params, devices_path: Path = Path("devices.yaml")) -> dict[
 
 
 def read_evaluation(report_dir: Path) -> dict[str, Any]:
-    path = report_dir / EVALUATION_FILE
-    if not path.is_file():
-        raise StageError(f"{path} not found; run the evaluate stage first (dvc repro evaluate)")
-    return json.loads(path.read_text())
+    return read_stage_output(report_dir / EVALUATION_FILE, "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:

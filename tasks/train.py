@@ -157,12 +157,9 @@ def write_train_metrics(summary: dict[str, Any], path: Path) -> None:
 
 
 def read_summary(model_dir: Path) -> dict[str, Any]:
-    from tasks.cli import StageError
+    from tasks.cli import read_stage_output
 
-    path = model_dir / SUMMARY_FILE
-    if not path.is_file():
-        raise StageError(f"{path} not found; run the train stage first (dvc repro train)")
-    return json.loads(path.read_text())
+    return read_stage_output(model_dir / SUMMARY_FILE, "train")
 
 
 def main(argv: list[str] | None = None) -> int:

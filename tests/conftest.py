@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -80,12 +79,6 @@ FAST_FLOW_PARAMETERS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Stack:
     prefect_url: str
@@ -108,7 +101,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     from scripts import services
 
     run_dir = tmp_path_factory.mktemp("services")
-    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_port, mlflow_port = services.free_port(), services.free_port()
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     env = {**services.prefect_env(run_dir / "prefect", prefect_port),
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
