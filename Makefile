@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# dvc.yaml stages call `python -m tasks...`: they must find the venv's python first.
+# dvc.yaml stages call `python -m tasks...`: they must find the venv's python (and `edgeloop`) first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PREFECT_PORT ?= 4200
@@ -12,10 +12,11 @@ PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERV
 
 .PHONY: demo down services repro test lint lock clean-outputs
 
-$(STAMP): requirements.lock
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==26.3
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Starts (or reuses) a Prefect server, an MLflow server and a worker, deploys prefect.yaml and runs
@@ -23,7 +24,7 @@ $(STAMP): requirements.lock
 demo: services
 	$(PREFECT_ENV) $(BIN)/prefect --no-prompt deploy --all > .run/deploy.log
 	$(PREFECT_ENV) $(BIN)/python -m scripts.run_deployment training/nightly
-	$(BIN)/python -m tasks.devices --out reports/devices.csv > /dev/null
+	$(BIN)/edgeloop devices --out reports/devices.csv > /dev/null
 	@echo
 	@echo "Prefect UI:        http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "MLflow UI:         http://127.0.0.1:$(MLFLOW_PORT)"

@@ -14,39 +14,26 @@ stricter than comparing with the raw float32 file. Last line: ``name=value ...``
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tasks.config import load_params
+from tasks.contracts import Evaluation, Workspace, read_evaluation, read_prepared, read_train_summary
+from tasks.data.prepare import prepare
+from tasks.devices import DEVICES_FILE
+from tasks.evaluation.evaluate import evaluate
+from tasks.model.convert import convert_all
+from tasks.model.train import train
+from tasks.variants import REFERENCE_VARIANT
 
-from tasks.config import load_params  # noqa: E402
-from tasks.variants import REFERENCE_VARIANT  # noqa: E402
 
-
-def run_pipeline(params_path: Path, workdir: Path) -> tuple[dict, int]:
-    """prepare -> train -> convert -> evaluate into ``workdir``; return the evaluation and param count."""
-    from tasks.convert import convert_all
-    from tasks.data import load_prepared, prepare
-    from tasks.evaluate import evaluate
-    from tasks.train import train
-
-    base = load_params(params_path)
-    overrides = {
-        "data": {"output_dir": str(workdir / "data")},
-        "train": {"output_dir": str(workdir / "keras"), "metrics_file": str(workdir / "train_metrics.json")},
-        "convert": {"output_dir": str(workdir / "variants")},
-        "evaluate": {"output_dir": str(workdir / "reports")},
-    }
-    raw = base.model_dump(mode="json")
-    for section, values in overrides.items():
-        raw[section].update(values)
-    params = type(base).model_validate(raw)
-    prepare(params.data, params.seed)
-    summary = train(params, load_prepared(Path(params.data.output_dir)))
-    convert_all(params, load_prepared(Path(params.data.output_dir)))
-    return evaluate(params, params_path.parent / "devices.yaml"), summary["params_count"]
+def run_pipeline(params_path: Path, workspace: Workspace) -> tuple[Evaluation, int]:
+    """prepare -> train -> convert -> evaluate into ``workspace``; return the evaluation and param count."""
+    params = load_params(params_path)
+    prepare(params.data, params.seed, workspace)
+    summary = train(params, read_prepared(workspace), workspace)
+    conversions = convert_all(params, read_prepared(workspace), summary, workspace)
+    return evaluate(params, workspace, conversions, params_path.parent / DEVICES_FILE), summary.params_count
 
 
 def main() -> int:
@@ -55,12 +42,11 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="read reports/evaluation.json instead of training")
     args = parser.parse_args()
     if args.reuse:
-        evaluation = json.loads(Path("reports/evaluation.json").read_text())
-        params_count = json.loads(Path("reports/train_metrics.json").read_text())["params_count"]
+        evaluation, params_count = read_evaluation(Workspace()), read_train_summary(Workspace()).params_count
     else:
         with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as workdir:
-            evaluation, params_count = run_pipeline(args.params.resolve(), Path(workdir))
-    rows = {row["variant"]: row for row in evaluation["rows"] if row["status"] == "ok"}
+            evaluation, params_count = run_pipeline(args.params.resolve(), Workspace(Path(workdir)))
+    rows = {row.variant: row.model_dump() for row in evaluation.rows if row.status == "ok"}
     reference = rows[REFERENCE_VARIANT]
     print(f"model parameters: {params_count}")
     print(f"{'variant':20s} {'size B':>9s} {'ratio':>6s} {'gzip B':>9s} {'gz ratio':>8s} {'acc':>7s} {'drop pts':>8s}")

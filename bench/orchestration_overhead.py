@@ -23,23 +23,25 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from scripts import services
 
-from scripts import services  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DIRECT = """
-from pathlib import Path
-from flows.parameters import DEFAULT_PARAMETERS, resolve
-from tasks import convert, data, evaluate, registry, tracking, train
-config = resolve(DEFAULT_PARAMETERS, {workspace!r})
-tracking.configure(config.mlflow)
-data.prepare(config.data, config.seed)
-prepared = data.load_prepared(Path(config.data.output_dir))
-train.train(config, prepared)
-convert.convert_all(config, prepared)
-evaluate.evaluate(config, Path("devices.yaml"))
-registry.register(config)
+from flows.parameters import DEFAULT_PARAMETERS, DEVICES_PATH, resolve
+from tasks.contracts import read_prepared
+from tasks.data.prepare import prepare
+from tasks.evaluation.evaluate import evaluate
+from tasks.model.convert import convert_all
+from tasks.model.train import train
+from tasks.release.register import register
+from tasks.release.tracking import configure
+config, workspace = resolve(DEFAULT_PARAMETERS, {workspace!r})
+configure(config.mlflow)
+prepare(config.data, config.seed, workspace)
+summary = train(config, read_prepared(workspace), workspace)
+conversions = convert_all(config, read_prepared(workspace), summary, workspace)
+register(config, workspace, evaluate(config, workspace, conversions, DEVICES_PATH), summary)
 """
 
 FLOW = """
@@ -70,8 +72,7 @@ def main() -> int:
         port = services.free_port()
         services.start_prefect(root / "services", port, schedules=False)
         try:
-            env = {**os.environ, **services.prefect_env(root / "services" / "prefect", port),
-                   "PYTHONPATH": str(REPO_ROOT)}
+            env = {**os.environ, **services.prefect_env(root / "services" / "prefect", port)}
             timed(WARM_UP, env)
             for repeat in range(args.repeats):
                 order = ("direct", "flow") if repeat % 2 == 0 else ("flow", "direct")

@@ -7,6 +7,7 @@ footprint as JSON, so the figure is not polluted by whatever the caller had load
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -74,6 +75,13 @@ def memory_footprint(path: Path) -> dict[str, int]:
     model.predict(np.zeros(shape, np.float32))
     after = current_rss_bytes()
     return {"model_rss_bytes": max(0, after - before), "peak_rss_bytes": max(peak_rss_bytes(), after)}
+
+
+def memory_footprint_in_fresh_process(path: Path, timeout_s: float = 120.0) -> dict[str, int]:
+    """:func:`memory_footprint` of ``path`` measured in a new Python process (``python -m edge.measure``)."""
+    completed = subprocess.run([sys.executable, "-m", "edge.measure", str(path)], capture_output=True, text=True,
+                               timeout=timeout_s, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

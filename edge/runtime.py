@@ -13,17 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
+from edge.errors import InferenceError, ModelLoadError
 from edge.sidecar import sidecar_path, verify_model_file
 
 RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx"}
-
-
-class ModelLoadError(RuntimeError):
-    """A model file that cannot be loaded: missing, corrupt, or of an unknown format."""
-
-
-class InferenceError(RuntimeError):
-    """An input the model cannot run on (wrong shape or dtype)."""
 
 
 @dataclass(frozen=True)

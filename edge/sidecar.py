@@ -13,9 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
-class SidecarError(RuntimeError):
-    """A sidecar that is missing, unreadable or does not match its model file."""
+from edge.errors import SidecarError
 
 
 def sidecar_path(model_path: Path) -> Path:

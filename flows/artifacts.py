@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from tasks.tracking import run_url
+from tasks.contracts import Evaluation, Registration
+from tasks.release.tracking import run_url
 
 TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "size_reduction",
                  "sparsity", "latency_p95_ms", "gates_passed")
@@ -16,39 +17,40 @@ def _rounded(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-def publish_table(evaluation: dict[str, Any]) -> None:
+def publish_table(evaluation: Evaluation) -> None:
     create_table_artifact(
         key="variant-comparison",
-        table=[{column: _rounded(row.get(column)) for column in TABLE_COLUMNS} for row in evaluation["rows"]],
+        table=[{column: _rounded(getattr(row, column)) for column in TABLE_COLUMNS} for row in evaluation.rows],
         description="Every variant measured in its device runtime (host figures)",
     )
 
 
-def publish_gate_failure(evaluation: dict[str, Any]) -> None:
+def publish_gate_failure(evaluation: Evaluation) -> None:
     """What a data scientist needs when nothing passed: the table and every variant's failing gates."""
     publish_table(evaluation)
-    lines = ["# Training run: no variant passed the quality gates", "", f"Gates: `{evaluation['gates']}`", ""]
-    lines += [f"- `{row['variant']}`: {'; '.join(row['gate_failures']) or 'passed'}" for row in evaluation["rows"]]
+    lines = ["# Training run: no variant passed the quality gates", "", f"Gates: `{evaluation.gates}`", ""]
+    lines += [f"- `{row.variant}`: {'; '.join(row.gate_failures) or 'passed'}" for row in evaluation.rows]
+    lines += ["", "The run is recorded in MLflow as FAILED (params, metrics, reports); nothing was registered."]
     create_markdown_artifact(key="training-summary", markdown="\n".join(lines) + "\n",
                              description="Nothing registered: every variant failed a gate")
 
 
-def publish_training(evaluation: dict[str, Any], registration: dict[str, Any], per_device: dict[str, str | None],
+def publish_training(evaluation: Evaluation, registration: Registration, per_device: dict[str, str | None],
                      overrides: dict[str, Any]) -> None:
     publish_table(evaluation)
-    url = run_url(registration["tracking_uri"], registration["experiment_id"], registration["run_id"])
-    run_link = f"[{registration['run_id']}]({url})" if url else registration["run_id"]
+    url = run_url(registration.tracking_uri, registration.experiment_id, registration.run_id)
+    run_link = f"[{registration.run_id}]({url})" if url else registration.run_id
     lines = [
         "# Training run", "",
-        f"Recommended variant (by {evaluation['recommend_by']}): **{evaluation['recommended']}**, registered as "
-        f"`{registration['registered_model']}` version {registration['version']} "
-        f"(alias `{registration['alias']}`).", "",
-        f"Data version: `{registration['data_version']}`", "",
+        f"Recommended variant (by {evaluation.recommend_by}): **{evaluation.recommended}**, registered as "
+        f"`{registration.registered_model}` version {registration.version} (alias `{registration.alias}`).", "",
+        f"Data version: `{registration.data_version}`", "",
         "| device | recommended variant |", "|---|---|",
         *[f"| {device} | {variant or 'none fits and passes the gates'} |" for device, variant in per_device.items()],
         "", f"Parameter overrides: `{overrides or 'none'}`", "",
-        f"MLflow run: {run_link} "
-        f"(tracking store `{registration['tracking_uri']}`)",
+        f"MLflow run: {run_link} (tracking store `{registration.tracking_uri}`)", "",
+        "Load it anywhere: `mlflow.pyfunc.load_model("
+        f"\"models:/{registration.registered_model}@{registration.alias}\")`",
     ]
     create_markdown_artifact(key="training-summary", markdown="\n".join(lines) + "\n",
                              description="Recommended variant per device")

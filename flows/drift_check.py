@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from flows import steps
-from flows.parameters import PARAMS_FILE
+from flows.parameters import PARAMS_PATH
 from tasks.config import load_params
 
 DRIFT_EVENT = "edgeloop.drift.detected"
@@ -22,7 +22,7 @@ def drift_check(collected_dir: str | None = None) -> dict[str, Any]:
     Args:
         collected_dir: where devices upload samples (default: drift.collected_dir in params.yaml).
     """
-    drift_params = load_params(PARAMS_FILE).drift
+    drift_params = load_params(PARAMS_PATH).drift
     if collected_dir:
         drift_params = drift_params.model_copy(update={"collected_dir": collected_dir})
     summary = steps.summarise_collected(drift_params)

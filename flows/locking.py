@@ -1,9 +1,9 @@
-"""One flow run at a time writes a given set of output folders.
+"""One flow run at a time writes a given workspace.
 
-Runs without their own ``workspace`` share the repository paths from params.yaml; a nightly run and a
-retrain run overlapping there would overwrite each other's data, models and reports. The lock is an
-``flock`` on a file beside the data folder, held by the flow process and released when it ends (also
-when a run suspends, since its process exits).
+Runs without their own ``workspace`` share the repository's; a nightly run and a retrain run
+overlapping there would overwrite each other's data, models and reports. The lock is an ``flock`` on
+the workspace's lock file, held by the flow process and released when it ends (also when a run
+suspends, since its process exits).
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.config import Params
-
-LOCK_FILE = ".edgeloop-outputs.lock"
-
-
-def lock_path(config: Params) -> Path:
-    return Path(config.data.output_dir).resolve().parent / LOCK_FILE
+from tasks.contracts import Workspace
 
 
 @contextmanager
-def exclusive_outputs(config: Params) -> Iterator[Path]:
-    """Block until no other run holds this config's output folders, then hold them."""
-    path = lock_path(config)
+def exclusive_outputs(workspace: Workspace) -> Iterator[Path]:
+    """Block until no other run holds this workspace's outputs, then hold them."""
+    path = workspace.lock_file
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

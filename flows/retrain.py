@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from typing import Any
 from uuid import UUID
@@ -11,7 +10,7 @@ from uuid import UUID
 from prefect import flow, get_run_logger, pause_flow_run, resume_flow_run, suspend_flow_run
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, NotPausedError
 from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 from pydantic import Field
@@ -20,9 +19,9 @@ from flows import steps
 from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
 from flows.training import build_candidate
-from tasks.compare import comparison_markdown
-from tasks.promotion import ApprovalRecord
-from tasks.tracking import run_url
+from tasks.evaluation.compare import comparison_markdown
+from tasks.release.promotion import ApprovalRecord
+from tasks.release.tracking import run_url
 
 log = logging.getLogger(__name__)
 TIMEOUT_REVIEWER = "edgeloop-timeout"
@@ -42,8 +41,11 @@ def _expire_pause(flow_run_id: UUID, timeout_s: int) -> None:
     try:
         resume_flow_run(flow_run_id, run_input={"approve": False, "reviewer": TIMEOUT_REVIEWER,
                                                 "comment": f"no decision within {timeout_s} s"})
-    except Exception as error:  # a human resumed it first: their decision stands
-        log.info("approval timer found the run already resumed (%s)", error)  # timer thread: no run context
+    except NotPausedError:  # a human resumed it first: their decision stands
+        log.info("approval timer found run %s already resumed", flow_run_id)  # timer thread: no run context
+    except Exception as error:  # the server is down or refused: say so, the Prefect pause timeout still ends it
+        log.warning("approval timer could not expire run %s (%s: %s); the pause backstop will end it",
+                    flow_run_id, type(error).__name__, error)
 
 
 def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
@@ -81,23 +83,22 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
         workspace: folder for this run's outputs.
     """
     logger = get_run_logger()
-    config = resolve(params, workspace)
+    config, run_workspace = resolve(params, workspace)
     trigger = f"drift: {'; '.join(drift_summary.get('reasons', []))}" if drift_summary else "retrain (manual)"
     logger.info("retrain started by %s", trigger)
-    with exclusive_outputs(config):
+    with exclusive_outputs(run_workspace):
         # ---- challenger: the same path as the nightly training --------------------------
-        _, registration = build_candidate(config, params, trigger)
+        _, registration = build_candidate(config, run_workspace, params, trigger)
         # ---- challenger vs champion on the same evaluation sets -------------------------
-        with tempfile.TemporaryDirectory(prefix="edgeloop-compare-") as workdir:
-            comparison = steps.compare_with_champion(config, registration, workdir)
-    url = run_url(registration["tracking_uri"], registration["experiment_id"], registration["run_id"])
+        comparison = steps.compare_with_champion(config, run_workspace, registration)
+    url = run_url(registration.tracking_uri, registration.experiment_id, registration.run_id)
     links = {"MLflow run": url} if url else {}
     create_markdown_artifact(key="challenger-vs-champion", markdown=comparison_markdown(comparison, links),
                              description="Decide by resuming this run")
     # ---- human approval gate ------------------------------------------------------------
     timeout_s = approval_timeout_s or config.retrain.approval_timeout_s
     decision = wait_for_decision(timeout_s)
-    version = str(registration["version"])
+    version = registration.version
     if decision is None:
         return Failed(message=f"no decision within {timeout_s} s: version {version} not promoted, champion unchanged")
     approval = ApprovalRecord.from_decision(decision.approve, decision.reviewer, decision.comment)

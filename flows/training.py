@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -12,10 +10,11 @@ from prefect.context import FlowRunContext
 from flows import steps
 from flows.artifacts import publish_gate_failure, publish_training
 from flows.locking import exclusive_outputs
-from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
+from flows.parameters import DEFAULT_PARAMETERS, DEVICES_PATH, TrainingParameters, overrides, resolve
 from tasks.config import Params
+from tasks.contracts import Evaluation, Registration, Workspace
 from tasks.devices import load_devices
-from tasks.evaluate import GateFailure, read_evaluation, recommend_per_device
+from tasks.evaluation.gates import recommend_per_device
 
 
 def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
@@ -26,41 +25,38 @@ def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
             "edgeloop.trigger": trigger}
 
 
-def build_candidate(config: Params, parameters: TrainingParameters,
-                    trigger: str = "schedule or manual") -> tuple[dict[str, Any], dict[str, Any]]:
+def build_candidate(config: Params, workspace: Workspace, parameters: TrainingParameters,
+                    trigger: str = "schedule or manual") -> tuple[Evaluation, Registration]:
     """The shared path of the training and retrain flows; returns (evaluation, registration)."""
-    # ---- services and data ----------------------------------------------------------
+    # ---- services and data ----------------------------------------------------------------------
     steps.check_services(config)
     steps.data_version(config)
-    steps.prepare(config)
-    # ---- model: train, convert, evaluate ----------------------------------------------
-    steps.train_models(config)
-    steps.convert_variants(config)
-    try:
-        evaluation = steps.evaluate_variants(config)
-    except GateFailure:  # the reports were written: show them in the UI, then fail the run
-        publish_gate_failure(read_evaluation(Path(config.evaluate.output_dir)))
-        raise
-    # ---- [benchmark and package stages slot in here] -----------------------------------
-    # ---- registry: last, so a failed run registers nothing -------------------------------
-    registration = steps.register_candidate(config, run_tags(parameters, trigger))
+    steps.prepare(config, workspace)
+    # ---- model: train, convert, evaluate ---------------------------------------------------------
+    summary = steps.train_models(config, workspace)
+    conversions = steps.convert_variants(config, workspace, summary)
+    evaluation = steps.evaluate_variants(config, workspace, conversions)
+    if evaluation.recommended is None:  # show why in the UI; register then records the FAILED run and fails
+        publish_gate_failure(evaluation)
+    # ---- registry: last, so a failed run registers nothing ----------------------------------------
+    registration = steps.register_candidate(config, workspace, evaluation, summary, run_tags(parameters, trigger))
     return evaluation, registration
 
 
 @flow(name="training", log_prints=True, persist_result=True)
-def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | None = None) -> dict[str, Any]:
+def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | None = None) -> Registration:
     """Build, measure and register a candidate from params.yaml plus the given parameters.
 
     Args:
         params: what to change for this run (defaults: params.yaml).
-        workspace: folder for this run's outputs (default: the repository paths in params.yaml).
+        workspace: folder for this run's outputs (default: the repository's data/, models/, reports/).
     """
-    config = resolve(params, workspace)
-    with exclusive_outputs(config):
-        evaluation, registration = build_candidate(config, params)
-    per_device = recommend_per_device(evaluation["rows"], load_devices(steps.DEVICES_FILE),
-                                      evaluation["recommend_by"], params.devices)
+    config, run_workspace = resolve(params, workspace)
+    with exclusive_outputs(run_workspace):
+        evaluation, registration = build_candidate(config, run_workspace, params)
+    per_device = recommend_per_device(evaluation.rows, load_devices(DEVICES_PATH), evaluation.recommend_by,
+                                      params.devices)
     publish_training(evaluation, registration, per_device, overrides(params))
-    get_run_logger().info("registered %s v%s (%s)", registration["registered_model"], registration["version"],
-                          registration["variant"])
+    get_run_logger().info("registered %s v%s (%s)", registration.registered_model, registration.version,
+                          registration.variant)
     return registration

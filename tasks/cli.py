@@ -1,54 +1,82 @@
-"""Shared entry-point plumbing for the stage CLIs: explicit setup, clear errors, exit codes."""
+"""``edgeloop``: the one command for what a person runs by hand.
+
+    edgeloop prepare|train|convert|evaluate|register [--params P] [--workspace W]   one pipeline stage
+    edgeloop devices [--devices devices.yaml] [--out reports/devices.csv]          the hardware inventory
+    edgeloop waiting                                                               retrain runs awaiting a decision
+    edgeloop approve RUN --reviewer NAME [--comment TEXT]                          promote the challenger
+    edgeloop reject RUN --reviewer NAME [--comment TEXT]                           keep the champion
+
+The stages are the same functions ``dvc repro`` and the Prefect flows call. ``approve`` and
+``reject`` do what the Resume form in the Prefect UI does (PREFECT_API_URL names the server).
+"""
 
 from __future__ import annotations
 
-import json
-import logging
+import argparse
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from importlib import import_module
 
-from tasks.config import ConfigError, Params, load_params
+from tasks.entrypoint import report_user_errors, setup_logging
 
-EXIT_USER_ERROR = 2
-
-
-class StageError(RuntimeError):
-    """A stage that cannot finish for a reason the user can act on (the message says how)."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user: printed plainly, no traceback."""
-    from edge.runtime import InferenceError, ModelLoadError
-    from edge.sidecar import SidecarError
-    from tasks.data import DataError
-
-    errors: list[type[BaseException]] = [ConfigError, StageError, DataError, ModelLoadError, InferenceError,
-                                         SidecarError]
-    if "tasks.zoo" in sys.modules:
-        errors.append(sys.modules["tasks.zoo"].ModelZooError)
-    return tuple(errors)
+STAGES = {
+    "prepare": ("tasks.data.prepare", "validate the data and write seeded stratified splits"),
+    "train": ("tasks.model.train", "train the float32 baseline, then PTQ check, QAT, pruning, PQAT"),
+    "convert": ("tasks.model.convert", "build every enabled TFLite / ONNX variant with its sidecar"),
+    "evaluate": ("tasks.evaluation.evaluate", "measure every variant in its device runtime, apply the gates"),
+    "register": ("tasks.release.register", "log the run to MLflow and register the recommended variant"),
+}
 
 
-def read_stage_output(path: Path, stage: str) -> Any:
-    """The JSON a stage wrote at ``path``; a clear error naming the stage to run when it is missing."""
-    if not path.is_file():
-        raise StageError(f"{path} not found; run the {stage} stage first (dvc repro {stage})")
-    return json.loads(path.read_text())
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeloop", description="edgeloop: data to edge devices and back.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run `edgeloop COMMAND --help` for a command's options.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in STAGES.items():
+        commands.add_parser(name, help=f"stage: {summary}", add_help=False)
+    commands.add_parser("devices", help="print the device inventory and write it as CSV", add_help=False)
+    commands.add_parser("waiting", help="list retrain runs waiting for an approval decision")
+    for verb, meaning in (("approve", "promote the run's challenger to champion"),
+                          ("reject", "keep the champion; the challenger stays a candidate")):
+        decision = commands.add_parser(verb, help=f"{meaning} (the Prefect UI's Resume form, from a terminal)")
+        decision.add_argument("run", help="flow run name (e.g. crimson-otter) or id; see `edgeloop waiting`")
+        decision.add_argument("--reviewer", required=True, help="who decides (recorded on the model version)")
+        decision.add_argument("--comment", default="", help="why (recorded with the decision)")
+    return parser
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _waiting() -> None:
+    from flows.approval import waiting_runs
+
+    runs = waiting_runs()
+    for run in runs:
+        print(f"{run.name:24s} {run.id}  {run.state.name if run.state else '?':10s} since {run.state.timestamp}")
+    if not runs:
+        print("no retrain run is waiting for a decision")
 
 
-def run_stage(params_path: str | Path, stage: Callable[[Params], None]) -> int:
-    """Load params, run ``stage``, and turn user-facing errors into a message and exit code 2."""
+def _decide(args: argparse.Namespace) -> None:
+    from flows.approval import decide
+
+    run = decide(args.run, args.command == "approve", args.reviewer, args.comment)
+    print(f"{args.command}d {run.name} ({run.id}) as {args.reviewer.strip()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command in STAGES:
+        module = import_module(STAGES[args.command][0])
+        return module.main(rest)
+    if args.command == "devices":
+        from tasks.devices import main as devices_main
+
+        return devices_main(rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging()
-    try:
-        params = load_params(params_path)
-        stage(params)
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    return report_user_errors(_waiting if args.command == "waiting" else lambda: _decide(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

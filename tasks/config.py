@@ -3,6 +3,10 @@
 Every stage receives only its own section. Validation happens at load: unknown keys, wrong
 types and out-of-range values raise :class:`ConfigError` naming the key, the value and what is
 allowed, so a typo never silently falls back to a default.
+
+Fields a person may change per run (the Prefect Run form) are declared once here as annotated types
+(bounds, choices, description) and reused by the form, so nothing is written twice. Where outputs
+go is not configuration: :mod:`tasks.contracts` owns every path under one workspace root.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_PARAMS_PATH = Path("params.yaml")
+from tasks.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
 
 VariantName = Literal[
     "tflite_fp32",
@@ -28,14 +34,23 @@ VariantName = Literal[
     "onnx_int8",
 ]
 ZooModel = Literal["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "keras_file"]
-
-
 MODEL_SHAPING_SECTIONS = ("seed", "data", "train", "quantize", "prune", "convert")
-OUTPUT_PATH_KEYS = ("output_dir", "metrics_file")
 
-
-class ConfigError(ValueError):
-    """A parameter file that cannot be used; the message names each bad key."""
+# ---- fields shared with the Run form (flows/parameters.py) ---------------------------------------
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="seed of splits, weight init and shuffling")]
+ModelChoice = Annotated[ZooModel, Field(description="model zoo entry, or keras_file to fine-tune model_path")]
+ModelPath = Annotated[Path | None, Field(description="keras_file only: a .keras, .h5 or SavedModel path")]
+Epochs = Annotated[int, Field(ge=1, le=1000, description="float32 baseline training epochs")]
+Strategy = Annotated[Literal["auto", "ptq", "qat"], Field(
+    description="auto: PTQ first, QAT only when its accuracy drop exceeds quantize.max_ptq_drop_pts; "
+                "ptq: never train for quantization; qat: always run QAT")]
+PruneEnabled = Annotated[bool, Field(description="run the pruning search (and build tflite_int8_pruned)")]
+Sparsity = Annotated[float, Field(gt=0.0, lt=1.0)]
+TargetSparsities = Annotated[list[Sparsity], Field(
+    min_length=1, description="pruning sparsities to try, in (0, 1); the highest within the drop budget is kept")]
+RecommendBy = Annotated[Literal["size", "gzip_size", "latency", "accuracy"], Field(
+    description="among variants passing every gate, the best by: size on disk, gzip size (what an "
+                "over-the-air update downloads), host p95 latency, or accuracy")]
 
 
 class _Section(BaseModel):
@@ -50,8 +65,6 @@ class DataParams(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     representative_samples: int = Field(200, ge=1, le=10_000)
-    drift_reference_samples: int = Field(300, ge=1)
-    output_dir: Path = Path("data/prepared")
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> DataParams:
@@ -63,13 +76,11 @@ class DataParams(_Section):
 
 
 class TrainParams(_Section):
-    model: ZooModel = "digits_cnn"
-    model_path: Path | None = None
-    epochs: int = Field(25, ge=1, le=1000)
+    model: ModelChoice = "digits_cnn"
+    model_path: ModelPath = None
+    epochs: Epochs = 25
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
-    output_dir: Path = Path("models/keras")
-    metrics_file: Path = Path("reports/train_metrics.json")
 
     @model_validator(mode="after")
     def _model_path_for_keras_file(self) -> TrainParams:
@@ -79,16 +90,16 @@ class TrainParams(_Section):
 
 
 class QuantizeParams(_Section):
-    strategy: Literal["auto", "ptq", "qat", "all"] = "auto"
+    strategy: Strategy = "auto"
     max_ptq_drop_pts: float = Field(2.0, ge=0.0, le=100.0)
     qat_epochs: int = Field(5, ge=1, le=1000)
     qat_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
 
 
 class PruneParams(_Section):
-    enabled: bool = True
+    enabled: PruneEnabled = True
     initial_sparsity: float = Field(0.1, ge=0.0, lt=1.0)
-    target_sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9], min_length=1)
+    target_sparsities: TargetSparsities = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
     max_accuracy_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
     epochs: int = Field(8, ge=1, le=1000)
     learning_rate: float = Field(5e-4, gt=0.0, le=1.0)
@@ -107,7 +118,6 @@ class PruneParams(_Section):
 class ConvertParams(_Section):
     variants: dict[VariantName, bool] = Field(default_factory=lambda: dict.fromkeys(VariantName.__args__, True))
     onnx_opset: int = Field(17, ge=13, le=21)
-    output_dir: Path = Path("models/variants")
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -137,18 +147,15 @@ class GateParams(_Section):
 class EvaluateParams(_Section):
     latency_warmup_runs: int = Field(20, ge=0)
     latency_runs: int = Field(200, ge=5)
-    output_dir: Path = Path("reports")
     gates: GateParams = GateParams()
-    recommend_by: Literal["size", "gzip_size", "latency", "accuracy"] = "gzip_size"
+    recommend_by: RecommendBy = "gzip_size"
 
 
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlruns.db"
-    artifact_root: Path = Path("mlartifacts")
     experiment: str = Field("edgeloop", min_length=1)
     registered_model: str = Field("edgeloop-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     hardware_targets: list[str] = Field(default_factory=list)
-    registration_file: Path = Path("reports/registration.json")
 
 
 class RetrainParams(_Section):
@@ -166,7 +173,7 @@ class DriftParams(_Section):
 class Params(_Section):
     """All pipeline parameters; see ``params.yaml`` for the documented defaults."""
 
-    seed: int = Field(42, ge=0, le=2**31 - 1)
+    seed: Seed = 42
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
     quantize: QuantizeParams = QuantizeParams()
@@ -180,14 +187,10 @@ class Params(_Section):
     def params_hash(self) -> str:
         """sha256 of the parameters that shape a model file, recorded in every sidecar.
 
-        Covers seed, data, train, quantize, prune and convert (the convert stage's DVC params), leaving
-        out where outputs are written, so the same model built in another workspace has the same hash.
+        Covers seed, data, train, quantize, prune and convert (the convert stage's DVC params). Output
+        paths are not parameters, so the same model built in another workspace has the same hash.
         """
         shaping = self.model_dump(mode="json", include=set(MODEL_SHAPING_SECTIONS))
-        for section in shaping.values():
-            if isinstance(section, dict):
-                for key in OUTPUT_PATH_KEYS:
-                    section.pop(key, None)
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
     def flat(self) -> dict[str, str]:
@@ -234,7 +237,7 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
         raise ConfigError(format_validation_error(error, source)) from None
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Load and validate ``params.yaml``."""
     path = Path(path)
     if not path.is_file():

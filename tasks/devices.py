@@ -2,7 +2,7 @@
 
 Validation follows :mod:`tasks.config`: unknown keys, wrong types and out-of-range values raise
 :class:`~tasks.config.ConfigError` naming the key, the value and what is allowed.
-CLI: ``python -m tasks.devices [--devices devices.yaml] [--out reports/devices.csv]``.
+CLI: ``edgeloop devices [--devices devices.yaml] [--out reports/devices.csv]``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.config import ConfigError, format_validation_error
+from tasks.config import format_validation_error
+from tasks.errors import ConfigError
 
-DEFAULT_DEVICES_PATH = Path("devices.yaml")
+DEVICES_FILE = Path("devices.yaml")
 DEFAULT_CSV_PATH = Path("reports/devices.csv")
 MB = 1024 * 1024
 # terminal table: column header -> DeviceSpec field (the runner column is added after these)
@@ -118,7 +119,7 @@ def _format_error(error: ValidationError, raw: dict[str, Any], source: str) -> s
     return "\n".join(out)
 
 
-def load_devices(path: Path | str = DEFAULT_DEVICES_PATH) -> DeviceInventory:
+def load_devices(path: Path | str = DEVICES_FILE) -> DeviceInventory:
     """Load and validate the device inventory, raising :class:`ConfigError` on any problem."""
     path = Path(path)
     if not path.is_file():
@@ -206,8 +207,8 @@ def device_fit(device: DeviceSpec, model_size_bytes: int, working_set_bytes: int
 
 def main(argv: list[str] | None = None) -> int:
     """Print the inventory table and write it as CSV; 2 on an invalid inventory."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.devices", description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_PATH, help="inventory YAML")
+    parser = argparse.ArgumentParser(prog="edgeloop devices", description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=Path, default=DEVICES_FILE, help="inventory YAML")
     parser.add_argument("--out", type=Path, default=DEFAULT_CSV_PATH, help="CSV to write")
     args = parser.parse_args(argv)
     try:
@@ -226,7 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run the importable module, not __main__, so the error classes raised are the ones tasks.cli catches
-    from tasks.devices import main as stage_main
-
-    raise SystemExit(stage_main())
+    raise SystemExit(main())

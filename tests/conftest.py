@@ -20,8 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def digits():
-    """The bundled digits data (real, tiny) as a tasks.data.Dataset."""
-    from tasks.data import load_sklearn_digits
+    """The bundled digits data (real, tiny) as a tasks.contracts.Dataset."""
+    from tasks.data.sources import load_sklearn_digits
 
     return load_sklearn_digits()
 
@@ -31,8 +31,8 @@ def tiny_model(digits):
     """A small float32 Keras model trained for two epochs on 600 digits (seeded)."""
     import tf_keras as keras
 
-    from tasks import optimize
-    from tasks.tfsetup import set_seeds
+    from tasks.model import optimize
+    from tasks.model.tfsetup import set_seeds
 
     set_seeds(0)
     inputs = keras.Input(digits.input_shape)
@@ -48,7 +48,7 @@ def tiny_model(digits):
 @pytest.fixture(scope="session")
 def tiny_model_files(tiny_model, digits, tmp_path_factory) -> dict[str, Path]:
     """The tiny model exported as tflite fp32/int8 and onnx fp32/int8 files."""
-    from tasks import exporters
+    from tasks.model import exporters
 
     out = tmp_path_factory.mktemp("tiny_models")
     representative = digits.x[:50]

@@ -114,7 +114,7 @@ def _retrain_via_deployment(stack, workspace: Path):
 def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_run, tmp_path):
     from prefect import resume_flow_run
 
-    from tasks.promotion import ApprovalRecord, promote
+    from tasks.release.promotion import ApprovalRecord, promote
 
     if alias_version(stack, "champion") is None:  # make sure there is a champion to demote
         promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
@@ -187,7 +187,7 @@ def test_no_decision_before_the_timeout_keeps_the_champion(stack, nightly_run, t
 
 
 def test_promotion_refuses_without_an_approving_record(stack, nightly_run):
-    from tasks.promotion import ApprovalRecord, PromotionRefused, promote
+    from tasks.release.promotion import ApprovalRecord, PromotionRefused, promote
 
     candidate = alias_version(stack, "candidate")
     champion = alias_version(stack, "champion")

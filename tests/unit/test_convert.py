@@ -3,36 +3,39 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import Params
-from tasks.convert import SourceModel, convert_variant, resolve_sources
-from tasks.data import Dataset, PreparedData
+from tasks.contracts import Dataset, PreparedData, TrainSummary, Workspace
+from tasks.model.convert import SourceModel, convert_variant, resolve_sources
 from tasks.variants import VARIANTS
 
 LINEAGE = {"labels": ["0"], "data_version": "x.dir", "git_commit": "c", "params_hash": "h", "created_at": "t",
            "zoo_model": "digits_cnn"}
 
 
-def _params(tmp_path: Path) -> Params:
-    return Params.model_validate({"convert": {"output_dir": str(tmp_path)}})
+def _workspace(tmp_path: Path) -> Workspace:
+    workspace = Workspace(tmp_path)
+    workspace.variants_dir.mkdir(parents=True)
+    return workspace
 
 
 def _prepared(digits) -> PreparedData:
     small = Dataset(digits.x[:20], digits.y[:20], digits.labels)
-    return PreparedData(small, small, small, small.x[:10], small)
+    return PreparedData(small, small, small, small.x[:10])
 
 
 def test_variant_that_fails_is_a_row_and_leaves_no_file(tmp_path, digits):
     corrupt = tmp_path / "baseline.h5"
     corrupt.write_bytes(b"not hdf5")
-    result = convert_variant(VARIANTS["tflite_fp32"], SourceModel(corrupt, "post-training"), _params(tmp_path),
-                             _prepared(digits), LINEAGE, {}, {})
+    workspace = _workspace(tmp_path)
+    result = convert_variant(VARIANTS["tflite_fp32"], SourceModel(corrupt, "post-training"), Params(),
+                             _prepared(digits), workspace, LINEAGE, {}, {})
     assert result.status == "failed" and result.error
-    assert not (tmp_path / "tflite_fp32.tflite").exists()
-    assert not list(tmp_path.glob(".*partial"))
+    assert not workspace.variant_file("tflite_fp32").exists()
+    assert not list(workspace.variants_dir.glob(".*partial"))
 
 
 def test_variant_without_source_is_skipped_with_reason(tmp_path, digits):
     result = convert_variant(VARIANTS["tflite_int8_qat"], SourceModel(None, "", "no QAT model: strategy ptq"),
-                             _params(tmp_path), _prepared(digits), LINEAGE, {}, {})
+                             Params(), _prepared(digits), _workspace(tmp_path), LINEAGE, {}, {})
     assert result.status == "skipped" and "strategy ptq" in result.error
 
 
@@ -40,10 +43,11 @@ def test_converted_variant_gets_a_complete_sidecar(tmp_path, digits, tiny_model)
     import json
 
     loaded = {tmp_path / "baseline.h5": tiny_model}
+    workspace = _workspace(tmp_path)
     result = convert_variant(VARIANTS["tflite_int8"], SourceModel(tmp_path / "baseline.h5", "post-training"),
-                             _params(tmp_path), _prepared(digits), LINEAGE, loaded, {})
+                             Params(), _prepared(digits), workspace, LINEAGE, loaded, {})
     assert result.status == "ok", result.error
-    sidecar = json.loads((tmp_path / "tflite_int8.tflite.json").read_text())
+    sidecar = json.loads((workspace.variants_dir / "tflite_int8.tflite.json").read_text())
     for key in ("variant", "input", "output", "labels", "data_version", "git_commit", "params_hash", "created_at",
                 "sha256", "sparsity", "size_bytes"):
         assert key in sidecar, key
@@ -51,12 +55,22 @@ def test_converted_variant_gets_a_complete_sidecar(tmp_path, digits, tiny_model)
     assert np.isclose(sidecar["sparsity"], 0.0, atol=0.01)
 
 
+def _summary(**changes) -> TrainSummary:
+    raw = {"model": "digits_cnn", "params_count": 10, "input_shape": [8, 8, 1], "labels": ["0", "1"],
+           "baseline": {"file": "baseline.h5", "val_accuracy": 0.9, "test_accuracy": 0.9},
+           "ptq_check": {"val_accuracy": 0.9, "drop_pts": 0.0}, "qat": {"reason": "strategy ptq"},
+           "pruning": {"sparsity": 0.8, "file": "pruned.h5",
+                       "int8": {"method": "pqat", "reason": "r", "file": "pruned_qat.h5"}}}
+    return TrainSummary.model_validate({**raw, **changes})
+
+
 def test_resolve_sources_follows_the_train_summary(tmp_path):
-    summary = {"baseline": {"file": "baseline.h5"}, "qat": {"file": None, "reason": "strategy ptq"},
-               "pruning": {"sparsity": 0.8, "int8": {"method": "pqat", "file": "pruned_qat.h5"}}}
-    sources = resolve_sources(summary, tmp_path)
-    assert sources["baseline"].path == tmp_path / "baseline.h5"
+    workspace = Workspace(tmp_path)
+    sources = resolve_sources(_summary(), workspace)
+    assert sources["baseline"].path == workspace.keras_dir / "baseline.h5"
     assert sources["qat"].path is None and "strategy ptq" in sources["qat"].reason
-    assert sources["pruned_int8"].path == tmp_path / "pruned_qat.h5" and "80%" in sources["pruned_int8"].method
-    summary["pruning"] = None
-    assert "pruning disabled" in resolve_sources(summary, tmp_path)["pruned_int8"].reason
+    assert sources["pruned_int8"].path == workspace.keras_dir / "pruned_qat.h5"
+    assert "80%" in sources["pruned_int8"].method
+    assert "pruning disabled" in resolve_sources(_summary(pruning=None), workspace)["pruned_int8"].reason
+    failed = _summary(pruning={"error": "ValueError: can only prune ..."})
+    assert "pruning failed: ValueError" in resolve_sources(failed, workspace)["pruned_int8"].reason

@@ -6,16 +6,10 @@ import pytest
 from PIL import Image
 
 from tasks.config import DataParams
-from tasks.data import (
-    DataError,
-    Dataset,
-    load_prepared,
-    load_source,
-    prepare,
-    split_dataset,
-    validate_dataset,
-    write_prepared,
-)
+from tasks.contracts import Dataset, Workspace, read_prepared, write_prepared
+from tasks.data.prepare import prepare, split_dataset
+from tasks.data.sources import load_source, validate_dataset
+from tasks.errors import DataError, StageError
 from tasks.lineage import directory_md5
 
 
@@ -43,21 +37,22 @@ def test_split_is_stratified_seeded_and_disjoint(digits):
 
 
 def test_prepare_roundtrip_and_version(tmp_path):
-    params = DataParams(output_dir=tmp_path / "prepared")
-    out, version = prepare(params, seed=1)
-    loaded = load_prepared(out)
+    workspace = Workspace(tmp_path)
+    _, version = prepare(DataParams(), 1, workspace)
+    loaded = read_prepared(workspace)
     assert loaded.test.x.shape[1:] == (8, 8, 1)
+    out = workspace.prepared_dir
     assert json.loads((out / "dataset.json").read_text())["num_classes"] == 10
     assert version.endswith(".dir") and version == directory_md5(out)
-    _, version_again = prepare(params, seed=1)
+    _, version_again = prepare(DataParams(), 1, workspace)
     assert version_again == version
-    _, other_version = prepare(params, seed=2)
+    _, other_version = prepare(DataParams(), 2, workspace)
     assert other_version != version
 
 
-def test_load_prepared_before_prepare_says_what_to_run(tmp_path):
-    with pytest.raises(DataError, match="run the prepare stage"):
-        load_prepared(tmp_path)
+def test_read_prepared_before_prepare_says_what_to_run(tmp_path):
+    with pytest.raises(StageError, match="run the prepare stage"):
+        read_prepared(Workspace(tmp_path))
 
 
 def _npz(tmp_path, **arrays):
@@ -137,9 +132,10 @@ def test_validate_rejects_empty():
 
 def test_write_prepared_writes_every_split(tmp_path, digits):
     prepared = split_dataset(digits, DataParams(), 0)
-    out = write_prepared(prepared, tmp_path, "sklearn_digits")
-    assert sorted(p.name for p in out.iterdir()) == [
-        "dataset.json", "drift_reference.npz", "representative.npz", "test.npz", "train.npz", "val.npz"]
+    info = write_prepared(Workspace(tmp_path), prepared, "sklearn_digits")
+    assert sorted(p.name for p in Workspace(tmp_path).prepared_dir.iterdir()) == [
+        "dataset.json", "representative.npz", "test.npz", "train.npz", "val.npz"]
+    assert info.counts == {"train": len(prepared.train.y), "val": len(prepared.val.y), "test": len(prepared.test.y)}
 
 
 def test_prepare_cli_reports_bad_data_without_traceback(tmp_path):
@@ -150,9 +146,9 @@ def test_prepare_cli_reports_bad_data_without_traceback(tmp_path):
 
     np.savez(tmp_path / "few.npz", x=np.random.rand(40, 8, 8), y=np.repeat(np.arange(10), 4))
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  source: npz\n  path: {tmp_path / 'few.npz'}\n  output_dir: {tmp_path / 'out'}\n")
-    completed = subprocess.run([sys.executable, "-m", "tasks.data", "--params", str(params)], cwd=REPO_ROOT,
-                               capture_output=True, text=True)
+    params.write_text(f"data:\n  source: npz\n  path: {tmp_path / 'few.npz'}\n")
+    completed = subprocess.run([sys.executable, "-m", "tasks.data.prepare", "--params", str(params),
+                                "--workspace", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 2
     assert "cannot split 40 examples" in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "out").exists()

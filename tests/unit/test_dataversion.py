@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.cli import StageError
 from tasks.config import DataParams
-from tasks.dataversion import check_data_version
+from tasks.data.versioning import check_data_version
+from tasks.errors import StageError
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@edgeloop.invalid", "GIT_COMMITTER_NAME": "t",

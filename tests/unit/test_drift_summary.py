@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from tasks.config import DriftParams
-from tasks.data import DataError
-from tasks.drift import summarise
+from tasks.errors import DataError
+from tasks.monitoring.drift import summarise
 
 
 def _upload(directory, name, **arrays):

@@ -3,14 +3,16 @@ import pytest
 
 from edge.sidecar import write_sidecar
 from tasks.config import EvaluateParams, GateParams
-from tasks.evaluate import VariantRow, apply_gates, gate_failure_message, measure_variant, recommend
-from tasks.report import comparison_markdown, pareto_front
+from tasks.contracts import Evaluation, VariantRow
+from tasks.evaluation.evaluate import measure_variant
+from tasks.evaluation.gates import apply_gates, gate_failure_message, recommend
+from tasks.evaluation.report import comparison_markdown, pareto_front
 
 GATES = GateParams(max_accuracy_drop_pts=1.0, min_size_reduction=3.0, max_host_latency_ms=10.0)
 
 
 def _row(name, drop=0.2, reduction=4.0, p95=1.0, size=100, gzip=90, accuracy=0.98, status="ok"):
-    return VariantRow(name, status, accuracy=accuracy, accuracy_drop_pts=drop, size_reduction=reduction,
+    return VariantRow(variant=name, status=status, accuracy=accuracy, accuracy_drop_pts=drop, size_reduction=reduction,
                       latency_p95_ms=p95, size_bytes=size, gzip_bytes=gzip)
 
 
@@ -62,7 +64,7 @@ def test_measure_variant_in_device_runtime(tiny_model, tiny_model_files, digits,
     model_file.write_bytes(tiny_model_files["tflite_int8"].read_bytes())
     write_sidecar(model_file, {"sparsity": 0.0})
     test_x, test_y = digits.x[1000:1200], digits.y[1000:1200]
-    from tasks.data import Dataset
+    from tasks.contracts import Dataset
 
     reference = tiny_model.predict(test_x, verbose=0)
     reference_accuracy = float(np.mean(reference.argmax(1) == test_y))
@@ -84,9 +86,7 @@ def test_measure_variant_in_device_runtime(tiny_model, tiny_model_files, digits,
 
 
 def test_markdown_lists_skipped_rows_with_reason():
-    row = VariantRow("tflite_int8_qat", "skipped", error="no QAT model: strategy ptq")
+    row = VariantRow(variant="tflite_int8_qat", status="skipped", error="no QAT model: strategy ptq")
     apply_gates(row, GATES)
-    from dataclasses import asdict
-
-    text = comparison_markdown({"rows": [asdict(row)], "recommended": None, "recommend_by": "size"})
+    text = comparison_markdown(Evaluation(rows=[row], recommended=None, recommend_by="size", gates={}))
     assert "`tflite_int8_qat`: skipped: no QAT model: strategy ptq" in text

@@ -1,8 +1,59 @@
-import pytest
+"""The Run form: one source for every parameter (tasks.config), defaults from params.yaml, early errors."""
 
-from flows.parameters import TrainingParameters, default_parameters, overrides, resolve, with_workspace
-from tasks.config import ConfigError, Params
-from tests.conftest import REPO_ROOT
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from flows.parameters import REPO_ROOT, TrainingParameters, default_parameters, overrides, resolve
+from tasks.config import Params
+from tasks.contracts import Workspace
+from tasks.devices import load_devices
+from tasks.errors import ConfigError
+
+# form field -> the config field it stands for (section, key); None: the top-level key
+SHARED_FIELDS = {"model": ("train", "model"), "model_path": ("train", "model_path"), "epochs": ("train", "epochs"),
+                 "seed": (None, "seed"), "strategy": ("quantize", "strategy"), "prune": ("prune", "enabled"),
+                 "target_sparsities": ("prune", "target_sparsities"), "gates": ("evaluate", "gates"),
+                 "recommend_by": ("evaluate", "recommend_by")}
+SCHEMA_NOISE = ("default", "title")
+
+
+def _resolved(schema: dict, field: dict) -> dict:
+    """A property schema with $refs inlined and without default/title (they legitimately differ)."""
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                definition = schema["$defs"][node["$ref"].split("/")[-1]]
+                node = {**definition, **{key: value for key, value in node.items() if key != "$ref"}}
+            return {key: inline(value) for key, value in node.items() if key not in SCHEMA_NOISE}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    return inline(field)
+
+
+def _config_field(section: str | None, key: str) -> dict:
+    schema = Params.model_json_schema()
+    if section is None:
+        return _resolved(schema, schema["properties"][key])
+    section_schema = schema["$defs"][schema["properties"][section]["$ref"].split("/")[-1]]
+    return _resolved(schema, section_schema["properties"][key])
+
+
+@pytest.mark.parametrize("field", list(SHARED_FIELDS))
+def test_form_fields_are_the_config_fields(field):
+    form = TrainingParameters.model_json_schema()
+    assert _resolved(form, form["properties"][field]) == _config_field(*SHARED_FIELDS[field])
+
+
+def test_form_offers_devices_yaml_names_as_choices():
+    form = TrainingParameters.model_json_schema()
+    choices = form["properties"]["devices"]["items"]["enum"]
+    assert choices == [device.name for device in load_devices(REPO_ROOT / "devices.yaml").devices]
+    with pytest.raises(ValidationError, match="devices"):
+        TrainingParameters(**{**default_parameters().model_dump(), "devices": ["rpi5"]})
 
 
 def test_defaults_come_from_params_yaml():
@@ -11,50 +62,53 @@ def test_defaults_come_from_params_yaml():
     assert len(defaults.variants) == 8
 
 
-def test_applied_parameters_override_params_yaml_and_are_validated():
+def test_applied_parameters_override_params_yaml_and_are_validated(tmp_path):
     changed = TrainingParameters(**{**default_parameters().model_dump(), "epochs": 3, "variants": ["tflite_int8"],
                                     "strategy": "qat"})
-    config = resolve(changed, params_file=REPO_ROOT / "params.yaml")
+    config, workspace = resolve(changed, str(tmp_path))
     assert config.train.epochs == 3 and config.quantize.strategy == "qat"
     assert config.convert.enabled_variants == ["tflite_int8"]
+    assert workspace == Workspace(tmp_path)
+    assert resolve(changed)[1] == Workspace(REPO_ROOT)
     assert overrides(changed) == {"epochs": 3, "variants": ["tflite_int8"], "strategy": "qat"}
 
 
 def test_schema_errors_name_the_field():
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError, match="epochs"):
         TrainingParameters(**{**default_parameters().model_dump(), "epochs": 0})
     with pytest.raises(ValidationError, match="variants"):
         TrainingParameters(**{**default_parameters().model_dump(), "variants": ["tflite_int3"]})
+    with pytest.raises(ValidationError, match="strategy"):
+        TrainingParameters(**{**default_parameters().model_dump(), "strategy": "all"})
 
 
 def test_cross_field_rules_fail_at_resolve_with_the_params_key():
     keras_file = TrainingParameters(**{**default_parameters().model_dump(), "model": "keras_file"})
     with pytest.raises(ConfigError, match="train.model_path is required"):
-        resolve(keras_file, params_file=REPO_ROOT / "params.yaml")
+        resolve(keras_file)
 
 
-def test_workspace_rebases_every_output_path(tmp_path):
-    config = with_workspace(Params(), str(tmp_path))
-    for path in (config.data.output_dir, config.train.output_dir, config.train.metrics_file,
-                 config.convert.output_dir, config.evaluate.output_dir, config.mlflow.registration_file,
-                 config.mlflow.artifact_root):
-        assert str(path).startswith(str(tmp_path))
-    assert with_workspace(Params(), None) == Params()
-
-
-def test_unknown_device_and_missing_model_file_fail_before_any_work(tmp_path):
+def test_missing_model_file_fails_before_any_work(tmp_path):
     base = default_parameters().model_dump()
-    with pytest.raises(ConfigError, match=r"params.devices: unknown device\(s\) \['rpi5'\]"):
-        resolve(TrainingParameters(**{**base, "devices": ["rpi5"]}), params_file=REPO_ROOT / "params.yaml")
     missing = TrainingParameters(**{**base, "model": "keras_file", "model_path": str(tmp_path / "none.h5")})
     with pytest.raises(ConfigError, match="params.model_path: .* does not exist"):
-        resolve(missing, params_file=REPO_ROOT / "params.yaml")
+        resolve(missing)
 
 
 def test_sparsities_out_of_range_are_rejected_by_the_schema():
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError, match="target_sparsities"):
         TrainingParameters(**{**default_parameters().model_dump(), "target_sparsities": [1.5]})
+
+
+def test_a_broken_params_yaml_fails_loading_the_flows_with_its_message(tmp_path):
+    """What `prefect deploy` does first: import the flow module. It must fail, naming the bad key."""
+    import shutil
+
+    for name in ("flows", "tasks", "edge"):
+        shutil.copytree(REPO_ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO_ROOT / "devices.yaml", tmp_path / "devices.yaml")
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 0\n")
+    completed = subprocess.run([sys.executable, "-c", "import flows.training"], cwd=tmp_path, capture_output=True,
+                               text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})
+    assert completed.returncode != 0
+    assert "train.epochs: got 0" in completed.stderr

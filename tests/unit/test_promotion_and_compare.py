@@ -3,10 +3,12 @@
 import pytest
 
 from edge.sidecar import write_sidecar
-from tasks.compare import compare, comparison_markdown, score_model
-from tasks.data import Dataset
+from tasks.config import EvaluateParams
+from tasks.contracts import Dataset
 from tasks.devices import load_devices
-from tasks.promotion import ApprovalRecord, PromotionRefused, promote, version_by_alias
+from tasks.errors import PromotionRefused
+from tasks.evaluation.compare import compare, comparison_markdown, score_model
+from tasks.release.promotion import ApprovalRecord, promote, version_by_alias
 from tests.conftest import REPO_ROOT
 
 NAME = "unit-model"
@@ -64,7 +66,8 @@ def test_challenger_and_champion_scored_on_the_same_sets(tmp_path, tiny_model_fi
         path = tmp_path / f"{variant}.tflite"
         path.write_bytes(tiny_model_files[variant].read_bytes())
         write_sidecar(path, {"variant": variant, "data_version": f"{role}.dir"})
-        scores.append(score_model(role, "1" if role == "champion" else "2", path, datasets, inventory, 10))
+        scores.append(score_model(role, "1" if role == "champion" else "2", path, datasets, inventory,
+                                  EvaluateParams(latency_warmup_runs=2, latency_runs=10)))
     comparison = compare(*scores)
     delta = comparison["accuracy_delta_pts"]["frozen test set"]
     expected = 100 * (scores[0].accuracy["frozen test set"] - scores[1].accuracy["frozen test set"])

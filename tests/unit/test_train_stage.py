@@ -3,14 +3,14 @@ import json
 import pytest
 
 from tasks.config import Params
-from tasks.data import Dataset, PreparedData
-from tasks.train import build_baseline, write_train_metrics
-from tasks.zoo import ModelZooError
+from tasks.contracts import Dataset, PreparedData, TrainSummary, Workspace, write_train_summary
+from tasks.errors import ModelZooError
+from tasks.model.train import build_baseline
 
 
 def _prepared(digits) -> PreparedData:
     small = Dataset(digits.x[:64], digits.y[:64], digits.labels)
-    return PreparedData(small, small, small, small.x[:8], small)
+    return PreparedData(small, small, small, small.x[:8])
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
@@ -32,8 +32,12 @@ def test_corrupt_own_model_is_a_clear_error(tmp_path, digits):
 
 
 def test_train_metrics_file_is_flat(tmp_path):
-    summary = {"baseline": {"val_accuracy": 0.9, "test_accuracy": 0.8}, "ptq_check": {"drop_pts": 0.5},
-               "qat": {"trained": False}, "pruning": None, "params_count": 10}
-    write_train_metrics(summary, tmp_path / "m.json")
-    metrics = json.loads((tmp_path / "m.json").read_text())
+    summary = TrainSummary.model_validate({
+        "model": "digits_cnn", "params_count": 10, "input_shape": [8, 8, 1], "labels": ["0", "1"],
+        "baseline": {"file": "baseline.h5", "val_accuracy": 0.9, "test_accuracy": 0.8},
+        "ptq_check": {"val_accuracy": 0.85, "drop_pts": 0.5}, "qat": {"reason": "strategy ptq"}, "pruning": None})
+    workspace = Workspace(tmp_path)
+    workspace.keras_dir.mkdir(parents=True)
+    write_train_summary(workspace, summary)
+    metrics = json.loads(workspace.train_metrics_file.read_text())
     assert metrics["baseline_test_accuracy"] == 0.8 and metrics["pruned_sparsity"] is None

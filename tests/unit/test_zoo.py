@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
-from tasks.zoo import (
+from tasks.model.zoo import (
     HEAD_LAYER_NAME,
     ZOO_MODELS,
     ModelZooError,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import DriftParams
-from tasks.data import DataError
+from tasks.errors import DataError
 
 
 @dataclass

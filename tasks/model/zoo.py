@@ -21,16 +21,14 @@ from typing import Any
 
 import tf_keras as keras
 
+from tasks.errors import ModelZooError
+
 ZOO_MODELS: tuple[str, ...] = ("digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025")
 KERAS_SUFFIXES: tuple[str, ...] = (".keras", ".h5", ".hdf5")
 HEAD_LAYER_NAME = "edgeloop_head"
 
 layers = keras.layers
 Tensor = Any  # a symbolic Keras tensor; tf_keras exports no public KerasTensor type
-
-
-class ModelZooError(ValueError):
-    """A model that cannot be built, loaded or adapted; the message says what to do instead."""
 
 
 def _strides(x: Tensor) -> tuple[int, int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,34 @@ import numpy as np
 
 from edge.runtime import EdgeModel
 from tasks.config import PruneParams, QuantizeParams, TrainParams
-from tasks.data import Dataset
-from tasks.exporters import tflite_bytes
-from tasks.tfsetup import tensorflow
+from tasks.contracts import Dataset, PruneTrial
+from tasks.model.exporters import tflite_bytes
+from tasks.model.tfsetup import tensorflow
 
 log = logging.getLogger(__name__)
+
+
+# What tfmot raises when it refuses a layer or a model (anything else is a bug and propagates):
+# RuntimeError "Layer x:<class> is not supported. You can quantize this layer by passing ...",
+# ValueError "`to_quantize` can only either be a keras Sequential or Functional model",
+# ValueError "`prune_low_magnitude` can only prune an object of the following types: ...",
+# ValueError "Please initialize `Prune` with a supported layer. ...".
+TFMOT_REFUSAL_MARKERS = ("is not supported", "can only", "supported layer")
+
+
+class TfmotRefused(Exception):
+    """tfmot declined a layer or model: the recipe falls back, naming what it could not handle."""
+
+
+@contextmanager
+def tfmot_refusals() -> Iterator[None]:
+    """Turn tfmot's refusals (and only those) into :class:`TfmotRefused`; other errors propagate."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as error:
+        if not any(marker in str(error) for marker in TFMOT_REFUSAL_MARKERS):
+            raise
+        raise TfmotRefused(f"{type(error).__name__}: {error}"[:500]) from error
 
 
 @dataclass
@@ -32,17 +57,6 @@ class QatOutcome:
     mode: str  # full | partial | fallback_ptq
     unsupported_layers: list[str] = field(default_factory=list)
     error: str = ""
-
-    def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "unsupported_layers": self.unsupported_layers, "error": self.error}
-
-
-@dataclass(frozen=True)
-class PruneTrial:
-    target_sparsity: float
-    measured_sparsity: float
-    val_accuracy: float
-    drop_pts: float
 
 
 def tfmot():
@@ -107,23 +121,27 @@ def quantize_aware(model: Any) -> QatOutcome:
 
     mot = tfmot()
     try:
-        return QatOutcome(mot.quantization.keras.quantize_model(model), "full")
-    except Exception as error:  # tfmot raises RuntimeError/ValueError for unsupported layers
+        with tfmot_refusals():
+            return QatOutcome(mot.quantization.keras.quantize_model(model), "full")
+    except TfmotRefused as error:
         unsupported = unsupported_layers(model)
         log.warning("QAT of the whole model failed (%s); unsupported layers: %s", error, unsupported)
     try:
         skip = set(unsupported)
-        annotated = keras.models.clone_model(
-            model,
-            clone_function=lambda layer: layer.__class__.from_config(layer.get_config())
-            if layer.name in skip else mot.quantization.keras.quantize_annotate_layer(
-                layer.__class__.from_config(layer.get_config())),
-        )
-        annotated.set_weights(model.get_weights())
-        return QatOutcome(mot.quantization.keras.quantize_apply(annotated), "partial", unsupported)
-    except Exception as error:
+        # tfmot rebuilds the model from its config: it must know the user's custom layer classes
+        custom_objects = {type(layer).__name__: type(layer) for layer in model.layers}
+        with tfmot_refusals(), mot.quantization.keras.quantize_scope(custom_objects):
+            annotated = keras.models.clone_model(
+                model,
+                clone_function=lambda layer: layer.__class__.from_config(layer.get_config())
+                if layer.name in skip else mot.quantization.keras.quantize_annotate_layer(
+                    layer.__class__.from_config(layer.get_config())),
+            )
+            annotated.set_weights(model.get_weights())
+            return QatOutcome(mot.quantization.keras.quantize_apply(annotated), "partial", unsupported)
+    except TfmotRefused as error:
         log.warning("partial QAT failed too (%s); falling back to post-training quantization", error)
-        return QatOutcome(None, "fallback_ptq", unsupported, f"{type(error).__name__}: {error}")
+        return QatOutcome(None, "fallback_ptq", unsupported, str(error))
 
 
 def copy_model(model: Any) -> Any:
@@ -142,7 +160,8 @@ def prune_to(model: Any, target: float, params: PruneParams, train: Dataset, val
     schedule = mot.sparsity.keras.PolynomialDecay(
         initial_sparsity=params.initial_sparsity, final_sparsity=target, begin_step=0,
         end_step=max(1, int(steps * 0.7)), frequency=max(1, steps // 50))
-    wrapped = mot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
+    with tfmot_refusals():
+        wrapped = mot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
     compile_model(wrapped, params.learning_rate)
     fit(wrapped, train, val, params.epochs, batch_size, [mot.sparsity.keras.UpdatePruningStep()])
     return mot.sparsity.keras.strip_pruning(wrapped)
@@ -162,7 +181,8 @@ def search_sparsity(model: Any, baseline_val: float, params: PruneParams, train:
     for target in sorted(params.target_sparsities):
         pruned = prune_to(model, target, params, train, val, batch_size)
         accuracy = keras_accuracy(pruned, val)
-        trial = PruneTrial(target, kernel_sparsity(pruned), accuracy, 100.0 * (baseline_val - accuracy))
+        trial = PruneTrial(target_sparsity=target, measured_sparsity=kernel_sparsity(pruned), val_accuracy=accuracy,
+                           drop_pts=100.0 * (baseline_val - accuracy))
         trials.append(trial)
         log.info("pruning to %.0f%%: val accuracy %.4f (drop %.2f pts)", 100 * target, accuracy, trial.drop_pts)
         if trial.drop_pts > params.max_accuracy_drop_pts:
@@ -177,9 +197,10 @@ def prune_preserving_qat(pruned: Any, params: QuantizeParams, train: TrainParams
                          val: Dataset) -> Any:
     """PQAT: QAT that keeps the pruned weights at zero."""
     mot = tfmot()
-    annotated = mot.quantization.keras.quantize_annotate_model(pruned)
-    scheme = mot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
-    model = mot.quantization.keras.quantize_apply(annotated, scheme)
+    with tfmot_refusals():
+        annotated = mot.quantization.keras.quantize_annotate_model(pruned)
+        scheme = mot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+        model = mot.quantization.keras.quantize_apply(annotated, scheme)
     compile_model(model, params.qat_learning_rate)
     fit(model, data_train, val, params.qat_epochs, train.batch_size)
     return model

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.sidecar import atomic_write_text
+from tasks.contracts import Evaluation, VariantRow, Workspace, write_evaluation
 
 COLUMNS = [
     ("variant", "variant"), ("status", "status"), ("runtime", "runtime"), ("method", "method"),
@@ -39,57 +40,57 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def comparison_markdown(evaluation: dict[str, Any]) -> str:
-    rows = evaluation["rows"]
+def comparison_markdown(evaluation: Evaluation) -> str:
+    rows = evaluation.rows
     lines = ["# Variant comparison", "",
              "Measured on this host in each variant's device runtime (LiteRT / ONNX Runtime); "
              "latency and RSS are host figures, not device timings.", "",
              "| " + " | ".join(title for _, title in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[key] if row["status"] == "ok" or key != "gates_passed" else None)
+    lines += ["| " + " | ".join(_cell(getattr(row, key) if row.status == "ok" or key != "gates_passed" else None)
                                 for key, _ in COLUMNS) + " |" for row in rows]
-    lines += ["", f"**Recommended** (by {evaluation['recommend_by']}): `{evaluation['recommended']}`", "",
+    lines += ["", f"**Recommended** (by {evaluation.recommend_by}): `{evaluation.recommended}`", "",
               "## Gate results"]
     for row in rows:
-        if row["status"] != "ok":
-            lines.append(f"- `{row['variant']}`: {row['status']}: {row['error']}")
+        if row.status != "ok":
+            lines.append(f"- `{row.variant}`: {row.status}: {row.error}")
             continue
-        verdict = "pass" if row["gates_passed"] else "fail: " + "; ".join(row["gate_failures"])
-        lines.append(f"- `{row['variant']}`: {verdict}")
+        verdict = "pass" if row.gates_passed else "fail: " + "; ".join(row.gate_failures)
+        lines.append(f"- `{row.variant}`: {verdict}")
     lines += ["", "## Device fit (storage and measured peak RSS)"]
     for row in rows:
-        lines.append(f"- `{row['variant']}`: " + ", ".join(f"{d}: {v}" for d, v in row["devices"].items()))
+        lines.append(f"- `{row.variant}`: " + ", ".join(f"{d}: {v}" for d, v in row.devices.items()))
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = [key for key, _ in COLUMNS] + ["gate_failures", "error"] + [f"device_{d}" for d in rows[0]["devices"]]
+def write_csv(rows: list[VariantRow], path: Path) -> None:
+    fields = [key for key, _ in COLUMNS] + ["gate_failures", "error"] + [f"device_{d}" for d in rows[0].devices]
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            flat = {key: row[key] for key, _ in COLUMNS}
-            flat.update(gate_failures="; ".join(row["gate_failures"]), error=row["error"])
-            flat.update({f"device_{d}": v for d, v in row["devices"].items()})
+            flat = {key: getattr(row, key) for key, _ in COLUMNS}
+            flat.update(gate_failures="; ".join(row.gate_failures), error=row.error)
+            flat.update({f"device_{d}": v for d, v in row.devices.items()})
             writer.writerow(flat)
     partial.replace(path)
 
 
-def write_plot(rows: list[dict[str, Any]], recommended: str | None, path: Path) -> None:
+def write_plot(rows: list[VariantRow], recommended: str | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [row for row in rows if row["status"] == "ok"]
+    measured = [row for row in rows if row.status == "ok"]
     panels = (("size_bytes", "size on disk (KiB)", 1024.0), ("gzip_bytes", "gzip size, OTA download (KiB)", 1024.0),
               ("latency_p50_ms", "host latency p50 (ms)", 1.0))
     figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
     label_offsets = ((4, 4), (4, -10), (-40, 8), (-40, -12))  # stagger labels of points that sit together
-    colours = {row["variant"]: plt.cm.tab10(index % 10) for index, row in enumerate(rows)}  # same in every panel
+    colours = {row.variant: plt.cm.tab10(index % 10) for index, row in enumerate(rows)}  # same in every panel
     for axis, (key, label, scale) in zip(axes, panels):
-        points = [(row["variant"], row[key], row["accuracy"]) for row in measured]
+        points = [(row.variant, getattr(row, key), row.accuracy) for row in measured]
         front = pareto_front(points)
         for index, (name, cost, accuracy) in enumerate(sorted(points, key=lambda p: p[1])):
             on_front = name in front
@@ -113,19 +114,22 @@ def write_plot(rows: list[dict[str, Any]], recommended: str | None, path: Path) 
     partial.replace(path)
 
 
-def metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
+def metrics(evaluation: Evaluation) -> dict[str, Any]:
     """Flat numbers for ``dvc metrics``: each measured variant plus the recommendation."""
     keys = ("accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "latency_p95_ms")
-    return {"recommended": evaluation["recommended"],
-            "variants": {row["variant"]: {k: row[k] for k in keys} for row in evaluation["rows"]
-                         if row["status"] == "ok"}}
+    recommended = evaluation.row(evaluation.recommended) if evaluation.recommended else None
+    return {"recommended": evaluation.recommended,
+            "recommended_accuracy": recommended.accuracy if recommended else None,
+            "recommended_gzip_bytes": recommended.gzip_bytes if recommended else None,
+            "variants": {row.variant: {k: getattr(row, k) for k in keys} for row in evaluation.rows
+                         if row.status == "ok"}}
 
 
-def write_reports(evaluation: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plain_rows = evaluation["rows"]
-    atomic_write_text(out_dir / "evaluation.json", json.dumps(evaluation, indent=2) + "\n")
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics(evaluation), indent=2) + "\n")
-    atomic_write_text(out_dir / "comparison.md", comparison_markdown(evaluation))
-    write_csv(plain_rows, out_dir / "comparison.csv")
-    write_plot(plain_rows, evaluation["recommended"], out_dir / "comparison.png")
+def write_reports(evaluation: Evaluation, workspace: Workspace) -> None:
+    """The evaluation record, its DVC metrics and the human-readable comparison (md, csv, png)."""
+    workspace.reports_dir.mkdir(parents=True, exist_ok=True)
+    write_evaluation(workspace, evaluation)
+    atomic_write_text(workspace.metrics_file, json.dumps(metrics(evaluation), indent=2) + "\n")
+    atomic_write_text(workspace.comparison_file("md"), comparison_markdown(evaluation))
+    write_csv(evaluation.rows, workspace.comparison_file("csv"))
+    write_plot(evaluation.rows, evaluation.recommended, workspace.comparison_file("png"))

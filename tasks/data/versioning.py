@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.cli import StageError
+from tasks.errors import StageError
 from tasks.config import DataParams
 
 

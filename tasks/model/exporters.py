@@ -1,6 +1,6 @@
 """One small exporter per target format: Keras model (or ONNX file) in, model bytes out.
 
-They know nothing about files, sidecars or timing; :mod:`tasks.convert` wraps them all alike.
+They know nothing about files, sidecars or timing; :mod:`tasks.model.convert` wraps them all alike.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.tfsetup import tensorflow
+from tasks.model.tfsetup import tensorflow
 
 ONNX_INPUT_NAME = "input"
 

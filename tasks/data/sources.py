@@ -1,4 +1,4 @@
-"""The ``prepare`` stage: load a dataset, validate it, write seeded stratified splits.
+"""Dataset sources: the bundled digits, an ``.npz`` or an image-folder tree, validated before use.
 
 Sources: the handwritten digits bundled with scikit-learn (real data, no download), an ``.npz``
 with ``x`` (N, H, W[, C]) and ``y`` (N,) (optional ``labels``), or an image-folder tree with one
@@ -7,46 +7,15 @@ folder per class. Everything is checked before training can start.
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tasks.config import DataParams
-from tasks.lineage import directory_md5
+from tasks.contracts import Dataset
+from tasks.errors import DataError
 
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm"}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on; the message says what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Images as float32 NHWC in [0, 1], integer labels and class names."""
-
-    x: np.ndarray
-    y: np.ndarray
-    labels: list[str]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.x.shape[1:])  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """The splits every later stage reads."""
-
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    representative: np.ndarray
-    drift_reference: Dataset
 
 
 def load_sklearn_digits() -> Dataset:
@@ -140,92 +109,3 @@ def validate_dataset(dataset: Dataset, min_per_class: int = 4, min_classes: int 
     if counts.min() < min_per_class:
         sparse = [dataset.labels[i] for i in np.flatnonzero(counts < min_per_class)]
         raise DataError(f"class(es) {sparse} have fewer than {min_per_class} examples; stratified splits need more")
-
-
-def split_dataset(dataset: Dataset, params: DataParams, seed: int) -> PreparedData:
-    """Stratified, seeded train/val/test splits plus calibration and drift-reference samples."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(dataset.y))
-    val_share = params.val_fraction / (1.0 - params.test_fraction)
-    try:
-        rest, test = train_test_split(indices, test_size=params.test_fraction, stratify=dataset.y,
-                                      random_state=seed)
-        train, val = train_test_split(rest, test_size=val_share, stratify=dataset.y[rest], random_state=seed)
-    except ValueError as error:  # too few examples for a stratified split at these fractions
-        raise DataError(f"cannot split {len(indices)} examples of {len(dataset.labels)} classes into "
-                        f"train/val/test ({error}); add data or change data.val_fraction / data.test_fraction"
-                        ) from error
-    rng = np.random.default_rng(seed)
-    representative = rng.choice(train, size=min(params.representative_samples, len(train)), replace=False)
-    drift = rng.choice(train, size=min(params.drift_reference_samples, len(train)), replace=False)
-
-    def subset(idx: np.ndarray) -> Dataset:
-        return Dataset(dataset.x[np.sort(idx)], dataset.y[np.sort(idx)], dataset.labels)
-
-    return PreparedData(subset(train), subset(val), subset(test), dataset.x[np.sort(representative)], subset(drift))
-
-
-def write_prepared(prepared: PreparedData, output_dir: Path, source: str) -> Path:
-    """Write the splits as .npz files plus ``dataset.json`` describing them."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
-        split: Dataset = getattr(prepared, name)
-        np.savez_compressed(output_dir / f"{name}.npz", x=split.x, y=split.y)
-    np.savez_compressed(output_dir / "representative.npz", x=prepared.representative)
-    np.savez_compressed(output_dir / "drift_reference.npz", x=prepared.drift_reference.x, y=prepared.drift_reference.y)
-    description = {
-        "source": source,
-        "labels": prepared.train.labels,
-        "input_shape": list(prepared.train.input_shape),
-        "num_classes": len(prepared.train.labels),
-        "counts": {name: int(len(getattr(prepared, name).y)) for name in SPLITS},
-        "representative": int(len(prepared.representative)),
-        "drift_reference": int(len(prepared.drift_reference.y)),
-    }
-    (output_dir / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
-    return output_dir
-
-
-def load_prepared(output_dir: Path) -> PreparedData:
-    """Read what :func:`write_prepared` wrote; a clear error when the prepare stage has not run."""
-    description_path = output_dir / "dataset.json"
-    if not description_path.is_file():
-        raise DataError(f"{output_dir} holds no prepared data; run the prepare stage first (dvc repro prepare)")
-    labels = json.loads(description_path.read_text())["labels"]
-
-    def read(name: str) -> Dataset:
-        archive = np.load(output_dir / f"{name}.npz")
-        return Dataset(archive["x"], archive["y"], labels)
-
-    representative = np.load(output_dir / "representative.npz")["x"]
-    return PreparedData(read("train"), read("val"), read("test"), representative, read("drift_reference"))
-
-
-def prepare(params: DataParams, seed: int) -> tuple[Path, str]:
-    """Run the whole stage; return the output folder and its data version (DVC-style md5)."""
-    dataset = load_source(params)
-    prepared = split_dataset(dataset, params, seed)
-    output_dir = write_prepared(prepared, Path(params.output_dir), params.source)
-    return output_dir, directory_md5(output_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tasks.cli import run_stage
-
-    parser = argparse.ArgumentParser(description="prepare stage: validate data and write splits")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-
-    def stage(params):
-        output_dir, version = prepare(params.data, params.seed)
-        print(f"prepared data in {output_dir} (data version {version})")
-
-    return run_stage(args.params, stage)
-
-
-if __name__ == "__main__":
-    # run the importable module, not __main__, so the error classes raised are the ones tasks.cli catches
-    from tasks.data import main as stage_main
-
-    raise SystemExit(stage_main())

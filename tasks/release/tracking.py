@@ -12,16 +12,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tasks.cli import StageError
+from edge.sidecar import sidecar_path
 from tasks.config import MlflowParams, Params
+from tasks.contracts import Evaluation, TrainSummary, Workspace
+from tasks.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 VARIANT_METRICS = ("accuracy", "accuracy_drop_pts", "agreement", "max_abs_diff", "size_bytes", "gzip_bytes",
                    "size_reduction", "sparsity", "latency_p50_ms", "latency_p95_ms", "model_rss_bytes",
                    "peak_rss_bytes")
+REPORT_SUFFIXES = ("csv", "md", "png")
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,13 @@ def configure(params: MlflowParams) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception as error:
-        raise StageError(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {error}); "
+    except Exception as error:  # requests, sqlalchemy and MLflow each raise their own types for "no answer"
+        raise ServiceUnavailable(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {error}); "
                          "start the server or set MLFLOW_TRACKING_URI to one that answers") from error
     return uri
 
 
-def ensure_experiment(params: MlflowParams) -> str:
+def ensure_experiment(params: MlflowParams, workspace: Workspace) -> str:
     """The experiment's id, creating it (with a local artifact root for local stores) when missing."""
     import mlflow
 
@@ -61,44 +63,45 @@ def ensure_experiment(params: MlflowParams) -> str:
     if experiment is not None:
         return experiment.experiment_id
     local_store = tracking_uri(params).startswith(("sqlite:", "file:", "/"))
-    location = Path(params.artifact_root).resolve().as_uri() if local_store else None
+    location = workspace.mlflow_artifacts.resolve().as_uri() if local_store else None
     return client.create_experiment(params.experiment, artifact_location=location)
 
 
-def variant_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {f"{row['variant']}.{key}": float(row[key]) for row in rows if row["status"] == "ok"
-            for key in VARIANT_METRICS if row.get(key) is not None}
+def variant_metrics(evaluation: Evaluation) -> dict[str, float]:
+    return {f"{row.variant}.{key}": float(getattr(row, key)) for row in evaluation.rows if row.status == "ok"
+            for key in VARIANT_METRICS if getattr(row, key) is not None}
 
 
 @contextmanager
-def pipeline_run(params: Params, evaluation: dict[str, Any], train_summary: dict[str, Any],
+def pipeline_run(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
                  lineage: dict[str, Any], extra_tags: dict[str, str] | None = None) -> Iterator[RunRecord]:
     """Log one run (flattened params, lineage tags, per-variant metrics, reports, model files) and stay in it.
 
-    Work done inside the ``with`` block (registration) belongs to the run: when it raises, the run
-    ends FAILED instead of looking like a finished run that registered nothing.
+    Work done inside the ``with`` block (registration) belongs to the run: when it raises (a failed
+    registration, or a candidate the gates rejected) the run ends FAILED, with everything a reviewer
+    needs to see why.
     """
     import mlflow
 
-    experiment_id = ensure_experiment(params.mlflow)
-    report_dir, variant_dir = Path(params.evaluate.output_dir), Path(params.convert.output_dir)
+    experiment_id = ensure_experiment(params.mlflow, workspace)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params(params.flat())
-        mlflow.set_tags({"data_version": lineage["data_version"], "git_commit": lineage["git_commit"],
-                         "params_hash": lineage["params_hash"], "zoo_model": params.train.model,
-                         "recommended_variant": str(evaluation["recommended"]),
+        mlflow.set_tags({"data_version": lineage.get("data_version", "unknown"),
+                         "git_commit": lineage.get("git_commit", "unknown"),
+                         "params_hash": lineage.get("params_hash", params.params_hash()),
+                         "zoo_model": params.train.model, "recommended_variant": str(evaluation.recommended),
                          "quantize.strategy": params.quantize.strategy, **(extra_tags or {})})
-        mlflow.log_metrics({"baseline.val_accuracy": train_summary["baseline"]["val_accuracy"],
-                            "baseline.test_accuracy": train_summary["baseline"]["test_accuracy"],
-                            "ptq_check.drop_pts": train_summary["ptq_check"]["drop_pts"],
-                            **variant_metrics(evaluation["rows"])})
-        for name in ("comparison.csv", "comparison.md", "comparison.png", "evaluation.json"):
-            mlflow.log_artifact(str(report_dir / name), "reports")
-        mlflow.log_dict(train_summary, "reports/train_summary.json")
-        for model_file in sorted(variant_dir.glob("*")):
-            if model_file.suffix in (".tflite", ".onnx") or model_file.name.endswith((".tflite.json", ".onnx.json")):
-                variant = model_file.name.split(".")[0]
-                mlflow.log_artifact(str(model_file), f"models/{variant}")
+        mlflow.log_metrics({"baseline.val_accuracy": summary.baseline.val_accuracy,
+                            "baseline.test_accuracy": summary.baseline.test_accuracy,
+                            "ptq_check.drop_pts": summary.ptq_check.drop_pts, **variant_metrics(evaluation)})
+        for path in [workspace.comparison_file(suffix) for suffix in REPORT_SUFFIXES] + [workspace.evaluation_file]:
+            mlflow.log_artifact(str(path), "reports")
+        mlflow.log_dict(summary.model_dump(mode="json"), "reports/train_summary.json")
+        for row in evaluation.rows:
+            model_file = workspace.variant_file(row.variant)
+            if row.status == "ok" and model_file.is_file():
+                mlflow.log_artifact(str(model_file), f"models/{row.variant}")
+                mlflow.log_artifact(str(sidecar_path(model_file)), f"models/{row.variant}")
         yield RunRecord(run.info.run_id, experiment_id, run.info.artifact_uri, mlflow.get_tracking_uri())
 
 

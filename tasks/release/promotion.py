@@ -12,16 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.cli import StageError
+from tasks.errors import PromotionRefused, StageError
 from tasks.lineage import utc_now
 
 log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 PREVIOUS_ALIAS = "previous"
-
-
-class PromotionRefused(StageError):
-    """A promotion attempted without an approving decision."""
+MODEL_SUFFIXES = (".tflite", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,16 @@ def version_by_alias(name: str, alias: str) -> Any | None:
 
 
 def download_version(version: Any, destination: Path) -> Path:
-    """Download a model version's files (model + sidecar) and return the model file's path."""
+    """Download a model version's files (model + sidecar) and return the model file's path.
+
+    Works for pyfunc model versions (the file sits under ``artifacts/``) and for older versions whose
+    source is a run's artifact folder holding just the file and its sidecar.
+    """
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination)))
-    model_files = [p for p in local.iterdir() if p.suffix in (".tflite", ".onnx")]
+    model_files = [path for path in local.rglob("*")
+                   if path.suffix in MODEL_SUFFIXES and "code" not in path.relative_to(local).parts]
     if len(model_files) != 1:
         raise StageError(f"model version {version.name}/{version.version} at {version.source} holds "
                          f"{len(model_files)} model files; expected exactly one")

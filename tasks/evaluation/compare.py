@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from edge.measure import measure_latency
+from edge.measure import measure_latency, memory_footprint_in_fresh_process
 from edge.runtime import EdgeModel
 from edge.sidecar import read_sidecar
-from tasks.data import DataError, Dataset, load_npz, validate_dataset
+from tasks.config import EvaluateParams
+from tasks.contracts import Dataset
 from tasks.devices import DeviceInventory, device_fit
-from tasks.evaluate import memory_footprint
 
 
 @dataclass
@@ -32,31 +32,18 @@ class ModelScore:
     devices: dict[str, str] = field(default_factory=dict)
 
 
-def load_labelled(directory: Path, labels: list[str]) -> Dataset | None:
-    """All ``.npz`` files (``x``, ``y``) in ``directory`` as one dataset; None when there are none."""
-    files = sorted(directory.glob("*.npz")) if directory.is_dir() else []
-    if not files:
-        return None
-    parts = [load_npz(path) for path in files]
-    shapes = {part.x.shape[1:] for part in parts}
-    if len(shapes) != 1:
-        raise DataError(f"labelled files in {directory} have different image shapes {sorted(shapes)}")
-    dataset = Dataset(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), labels)
-    validate_dataset(dataset, min_per_class=0, min_classes=1)
-    return dataset
-
-
 def score_model(role: str, version: str, path: Path, datasets: dict[str, Dataset], inventory: DeviceInventory,
-                latency_runs: int = 100) -> ModelScore:
+                measurement: EvaluateParams) -> ModelScore:
+    """Accuracy on each set, host p95 latency (the evaluate stage's settings) and device fit of one model file."""
     model = EdgeModel.load(path)  # checks the file against its sidecar's sha256 first
     sidecar = read_sidecar(path)
     first = next(iter(datasets.values()))
-    latency = measure_latency(model, first.x[0], warmup_runs=10, runs=latency_runs)
+    latency = measure_latency(model, first.x[0], measurement.latency_warmup_runs, measurement.latency_runs)
     score = ModelScore(role, version, sidecar.get("variant", "?"), sidecar.get("data_version", "?"),
                        path.stat().st_size, latency.p95_ms)
     for name, data in datasets.items():
         score.accuracy[name] = float(np.mean(np.argmax(model.predict(data.x), axis=1) == data.y))
-    peak_rss = memory_footprint(path)["peak_rss_bytes"]
+    peak_rss = memory_footprint_in_fresh_process(path)["peak_rss_bytes"]
     for device in inventory.devices:
         fits, reason = device_fit(device, score.size_bytes, peak_rss)
         score.devices[device.name] = "fit" if fits else f"unfit: {reason}"

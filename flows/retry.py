@@ -1,0 +1,30 @@
+"""Which failures a flow retries: only transient ones (no answer, timeouts, 5xx), never a bug or a refusal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.errors import ServiceUnavailable
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for a server that did not answer or answered 5xx; False for everything retrying cannot fix."""
+    if isinstance(error, ServiceUnavailable | ConnectionError | TimeoutError):
+        return True
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, requests.ConnectionError | requests.Timeout):
+        return True
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500
+    return False
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry the task only when it failed for a transient reason."""
+    try:
+        state.result()
+    except Exception as error:  # the task's own exception, whatever its type, is what we classify
+        return is_transient(error)
+    return False

@@ -1,0 +1,363 @@
+"""Stage contracts: every file a stage writes or reads, and the typed records passed between stages.
+
+One :class:`Workspace` root builds every path (DVC stages use the repository root; a flow run, a
+benchmark or a test can use a scratch folder). Stages never import each other: a stage writes its
+record here and the next stage (or flow) reads it back, typed. Each ``read_*`` names the stage to run
+when its file is missing, and each ``write_*`` is atomic, so a crash never leaves half a file.
+
+    prepare  -> PreparedData   (data/prepared/*.npz, dataset.json)
+    train    -> TrainSummary   (models/keras/*.h5, train_summary.json, reference_outputs.npz)
+    convert  -> ConversionResult rows (models/variants/<variant>.<suffix> + sidecars, conversion.json)
+    evaluate -> Evaluation     (reports/evaluation.json, metrics.json, comparison.*)
+    register -> Registration   (reports/registration.json)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.sidecar import atomic_write_text
+from tasks.errors import StageError
+from tasks.variants import VARIANTS
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where every stage output lives, under one root (the repository root for ``dvc repro``)."""
+
+    root: Path = Path(".")
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def keras_dir(self) -> Path:
+        return self.root / "models" / "keras"
+
+    @property
+    def variants_dir(self) -> Path:
+        return self.root / "models" / "variants"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """Artifact root of a local (SQLite/file) MLflow store; servers keep their own."""
+        return self.root / "mlartifacts"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held by a flow run while it writes this workspace's outputs."""
+        return self.root / ".edgeloop-outputs.lock"
+
+    # ---- files inside the folders -------------------------------------------------------------
+    def split_file(self, split: str) -> Path:
+        return self.prepared_dir / f"{split}.npz"
+
+    @property
+    def representative_file(self) -> Path:
+        return self.prepared_dir / "representative.npz"
+
+    @property
+    def dataset_file(self) -> Path:
+        return self.prepared_dir / "dataset.json"
+
+    def keras_model(self, file_name: str) -> Path:
+        return self.keras_dir / file_name
+
+    @property
+    def reference_outputs_file(self) -> Path:
+        return self.keras_dir / "reference_outputs.npz"
+
+    @property
+    def train_summary_file(self) -> Path:
+        return self.keras_dir / "train_summary.json"
+
+    @property
+    def train_metrics_file(self) -> Path:
+        return self.reports_dir / "train_metrics.json"
+
+    def variant_file(self, variant: str) -> Path:
+        return self.variants_dir / VARIANTS[variant].filename()
+
+    @property
+    def conversion_file(self) -> Path:
+        return self.variants_dir / "conversion.json"
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.reports_dir / "evaluation.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.reports_dir / "metrics.json"
+
+    def comparison_file(self, suffix: str) -> Path:
+        """``comparison.csv``, ``.md`` or ``.png``: the human-readable variant matrix."""
+        return self.reports_dir / f"comparison.{suffix}"
+
+    @property
+    def registration_file(self) -> Path:
+        return self.reports_dir / "registration.json"
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the {stage} stage first (dvc repro {stage}, or edgeloop {stage})")
+    return path
+
+
+class Record(BaseModel):
+    """A typed record one stage hands to the next (JSON on disk, the same object in a flow)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _write_record(path: Path, record: BaseModel) -> Path:
+    atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
+    return path
+
+
+# ---- prepare ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dataset:
+    """Images as float32 NHWC in [0, 1], integer labels and class names."""
+
+    x: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.x.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The splits every later stage reads, plus the calibration samples for int8 conversion."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    representative: np.ndarray
+
+
+class DatasetInfo(Record):
+    source: str
+    labels: list[str]
+    input_shape: list[int]
+    num_classes: int
+    counts: dict[str, int]
+    representative: int
+
+
+def write_prepared(workspace: Workspace, prepared: PreparedData, source: str) -> DatasetInfo:
+    """Write the splits as .npz files plus ``dataset.json`` describing them (written last)."""
+    workspace.prepared_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        split: Dataset = getattr(prepared, name)
+        np.savez_compressed(workspace.split_file(name), x=split.x, y=split.y)
+    np.savez_compressed(workspace.representative_file, x=prepared.representative)
+    info = DatasetInfo(source=source, labels=prepared.train.labels, input_shape=list(prepared.train.input_shape),
+                       num_classes=len(prepared.train.labels),
+                       counts={name: int(len(getattr(prepared, name).y)) for name in SPLITS},
+                       representative=int(len(prepared.representative)))
+    _write_record(workspace.dataset_file, info)
+    return info
+
+
+def read_prepared(workspace: Workspace) -> PreparedData:
+    """What :func:`write_prepared` wrote; a clear error when the prepare stage has not run."""
+    info = DatasetInfo.model_validate_json(_require(workspace.dataset_file, "prepare").read_text())
+
+    def read(name: str) -> Dataset:
+        with np.load(workspace.split_file(name)) as archive:
+            return Dataset(archive["x"], archive["y"], info.labels)
+
+    with np.load(workspace.representative_file) as archive:
+        representative = archive["x"]
+    return PreparedData(read("train"), read("val"), read("test"), representative)
+
+
+# ---- train --------------------------------------------------------------------------------------
+class BaselineSummary(Record):
+    file: str
+    val_accuracy: float
+    test_accuracy: float
+
+
+class PtqCheck(Record):
+    val_accuracy: float
+    drop_pts: float
+
+
+class QatSummary(Record):
+    trained: bool = False
+    reason: str
+    file: str | None = None
+    mode: str = ""  # full | partial | fallback_ptq
+    unsupported_layers: list[str] = Field(default_factory=list)
+    error: str = ""
+    val_accuracy: float | None = None
+
+
+class PruneTrial(Record):
+    target_sparsity: float
+    measured_sparsity: float
+    val_accuracy: float
+    drop_pts: float
+
+
+class PrunedInt8(Record):
+    method: str  # pqat | ptq
+    reason: str
+    file: str
+
+
+class PruningSummary(Record):
+    """The sparsity search; ``error`` (and no files) when tfmot could not prune the model."""
+
+    trials: list[PruneTrial] = Field(default_factory=list)
+    within_budget: bool = False
+    sparsity: float | None = None
+    file: str | None = None
+    int8: PrunedInt8 | None = None
+    error: str = ""
+    unsupported_layers: list[str] = Field(default_factory=list)
+
+
+class TrainSummary(Record):
+    model: str
+    params_count: int
+    input_shape: list[int]
+    labels: list[str]
+    baseline: BaselineSummary
+    ptq_check: PtqCheck
+    qat: QatSummary
+    pruning: PruningSummary | None = None  # None when pruning is disabled
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """The headline numbers, flat, for ``dvc metrics``."""
+        return {"baseline_val_accuracy": self.baseline.val_accuracy,
+                "baseline_test_accuracy": self.baseline.test_accuracy,
+                "ptq_val_drop_pts": self.ptq_check.drop_pts, "qat_val_accuracy": self.qat.val_accuracy,
+                "pruned_sparsity": self.pruning.sparsity if self.pruning else None,
+                "params_count": self.params_count}
+
+
+def write_train_summary(workspace: Workspace, summary: TrainSummary) -> None:
+    _write_record(workspace.train_summary_file, summary)
+    atomic_write_text(workspace.train_metrics_file, json.dumps(summary.metrics(), indent=2) + "\n")
+
+
+def read_train_summary(workspace: Workspace) -> TrainSummary:
+    return TrainSummary.model_validate_json(_require(workspace.train_summary_file, "train").read_text())
+
+
+def write_reference_outputs(workspace: Workspace, probabilities: np.ndarray, labels: np.ndarray) -> None:
+    """The float32 Keras model's test-set probabilities: the yardstick of every variant."""
+    np.savez_compressed(workspace.reference_outputs_file, probabilities=probabilities, labels=labels)
+
+
+def read_reference_outputs(workspace: Workspace) -> np.ndarray:
+    with np.load(_require(workspace.reference_outputs_file, "train")) as archive:
+        return archive["probabilities"]
+
+
+# ---- convert ------------------------------------------------------------------------------------
+class ConversionResult(Record):
+    variant: str
+    status: str  # ok | failed | skipped
+    file: str | None = None
+    method: str = ""
+    error: str = ""
+    seconds: float = 0.0
+
+
+class ConversionResults(Record):
+    results: list[ConversionResult]
+
+
+def write_conversion(workspace: Workspace, results: list[ConversionResult]) -> None:
+    _write_record(workspace.conversion_file, ConversionResults(results=results))
+
+
+def read_conversion(workspace: Workspace) -> list[ConversionResult]:
+    return ConversionResults.model_validate_json(_require(workspace.conversion_file, "convert").read_text()).results
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+class VariantRow(Record):
+    """One variant measured in its device runtime, gated and checked against every device."""
+
+    variant: str
+    status: str  # ok | failed | skipped (from conversion) or failed (evaluation error)
+    runtime: str = ""
+    method: str = ""
+    error: str = ""
+    accuracy: float | None = None
+    accuracy_drop_pts: float | None = None
+    agreement: float | None = None
+    max_abs_diff: float | None = None
+    size_bytes: int | None = None
+    gzip_bytes: int | None = None
+    size_reduction: float | None = None
+    sparsity: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    model_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    gates_passed: bool = False
+    gate_failures: list[str] = Field(default_factory=list)
+    devices: dict[str, str] = Field(default_factory=dict)
+
+
+class Evaluation(Record):
+    recommended: str | None
+    recommend_by: str
+    gates: dict[str, Any]
+    rows: list[VariantRow]
+    failure: str = ""  # why nothing passed (empty when a variant is recommended)
+
+    def row(self, variant: str) -> VariantRow:
+        return next(row for row in self.rows if row.variant == variant)
+
+
+def write_evaluation(workspace: Workspace, evaluation: Evaluation) -> None:
+    _write_record(workspace.evaluation_file, evaluation)
+
+
+def read_evaluation(workspace: Workspace) -> Evaluation:
+    return Evaluation.model_validate_json(_require(workspace.evaluation_file, "evaluate").read_text())
+
+
+# ---- register -----------------------------------------------------------------------------------
+class Registration(Record):
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    registered_model: str
+    version: str
+    alias: str
+    variant: str
+    data_version: str
+    model_uri: str  # the MLflow pyfunc model of the registered variant
+
+
+def write_registration(workspace: Workspace, registration: Registration) -> None:
+    _write_record(workspace.registration_file, registration)
+
+
+def read_registration(workspace: Workspace) -> Registration:
+    return Registration.model_validate_json(_require(workspace.registration_file, "register").read_text())

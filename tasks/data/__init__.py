@@ -1,0 +1,1 @@
+"""Data phase: sources, the prepare stage, data versioning, newly labelled samples."""

@@ -1,0 +1,1 @@
+"""Evaluation phase: the evaluate stage, gates, reports, challenger scoring (device benchmarks go here)."""

@@ -1,0 +1,125 @@
+"""The ``evaluate`` stage: measure every variant in its device runtime, apply the quality gates.
+
+Each variant runs through :mod:`edge.runtime` (LiteRT or ONNX Runtime, never TensorFlow) on the
+frozen test set and is compared with the float32 Keras model's outputs. The gates mark each row
+pass/fail with the reason; the recommended variant is the best passing one by
+``evaluate.recommend_by``. When nothing passes the record says why (``failure``): the register stage
+logs the rejected run to MLflow and fails, registering nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.measure import measure_latency, memory_footprint_in_fresh_process
+from edge.runtime import EdgeModel
+from edge.sidecar import read_sidecar
+from tasks.config import EvaluateParams, Params
+from tasks.contracts import (
+    ConversionResult,
+    Dataset,
+    Evaluation,
+    VariantRow,
+    Workspace,
+    read_conversion,
+    read_prepared,
+    read_reference_outputs,
+    read_train_summary,
+)
+from tasks.devices import DEVICES_FILE, DeviceInventory, load_devices
+from tasks.entrypoint import run_stage, stage_arguments
+from tasks.evaluation.gates import apply_gates, gate_failure_message, mark_devices, recommend
+from tasks.evaluation.report import write_reports
+from tasks.variants import REFERENCE_VARIANT, VARIANTS
+
+
+def gzip_size(path: Path) -> int:
+    return len(gzip.compress(path.read_bytes(), compresslevel=9))
+
+
+def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_accuracy: float,
+                    params: EvaluateParams) -> dict[str, Any]:
+    """Accuracy, agreement and output difference vs float32, sizes, latency and memory of one model file."""
+    model = EdgeModel.load(path)  # checks the file against its sidecar's sha256 first
+    sidecar = read_sidecar(path)
+    outputs = model.predict(test.x)
+    predictions = np.argmax(outputs, axis=1)
+    accuracy = float(np.mean(predictions == test.y))
+    latency = measure_latency(model, test.x[0], params.latency_warmup_runs, params.latency_runs)
+    return {
+        "accuracy": accuracy,
+        "accuracy_drop_pts": 100.0 * (reference_accuracy - accuracy),
+        "agreement": float(np.mean(predictions == np.argmax(reference, axis=1))),
+        "max_abs_diff": float(np.max(np.abs(outputs - reference))),
+        "size_bytes": path.stat().st_size,
+        "gzip_bytes": gzip_size(path),
+        "sparsity": sidecar.get("sparsity"),
+        "latency_p50_ms": latency.p50_ms,
+        "latency_p95_ms": latency.p95_ms,
+        **memory_footprint_in_fresh_process(path),
+    }
+
+
+def evaluate_variants(params: Params, workspace: Workspace, conversions: list[ConversionResult], test: Dataset,
+                      inventory: DeviceInventory) -> list[VariantRow]:
+    """One :class:`VariantRow` per conversion result, measured, gated and checked against each device."""
+    reference = read_reference_outputs(workspace)
+    reference_accuracy = float(np.mean(np.argmax(reference, axis=1) == test.y))
+    rows = []
+    for result in conversions:
+        row = VariantRow(variant=result.variant, status=result.status, runtime=VARIANTS[result.variant].runtime,
+                         method=result.method, error=result.error)
+        if result.status == "ok":
+            try:
+                measured = measure_variant(workspace.variant_file(result.variant), test, reference,
+                                           reference_accuracy, params.evaluate)
+                row = row.model_copy(update=measured)
+            except Exception as error:  # runtimes raise anything on a broken file: the row carries it
+                row.status, row.error = "failed", f"evaluation: {type(error).__name__}: {error}"[:500]
+        rows.append(row)
+    reference_size = next((r.size_bytes for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"), None)
+    if reference_size is None:  # no tflite_fp32 built: compare with the float32 weights' bytes
+        reference_size = 4 * read_train_summary(workspace).params_count
+    for row in rows:
+        if row.size_bytes:
+            row.size_reduction = reference_size / row.size_bytes
+        apply_gates(row, params.evaluate.gates)
+        mark_devices(row, inventory)
+    return rows
+
+
+def evaluate(params: Params, workspace: Workspace, conversions: list[ConversionResult],
+             devices_path: Path = DEVICES_FILE) -> Evaluation:
+    """Run the stage: rows, recommendation and reports (also when nothing passes: ``failure`` says why)."""
+    inventory = load_devices(devices_path)
+    prepared = read_prepared(workspace)
+    rows = evaluate_variants(params, workspace, conversions, prepared.test, inventory)
+    best = recommend(rows, params.evaluate.recommend_by)
+    evaluation = Evaluation(recommended=best.variant if best else None, recommend_by=params.evaluate.recommend_by,
+                            gates=params.evaluate.gates.model_dump(), rows=rows,
+                            failure="" if best else gate_failure_message(rows, params.evaluate.gates))
+    write_reports(evaluation, workspace)
+    return evaluation
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_arguments(argparse.ArgumentParser(
+        prog="edgeloop evaluate", description="evaluate stage: comparison matrix and quality gates"))
+    parser.add_argument("--devices", type=Path, default=DEVICES_FILE, help="device inventory (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    def stage(params: Params, workspace: Workspace) -> None:
+        evaluation = evaluate(params, workspace, read_conversion(workspace), args.devices)
+        print(workspace.comparison_file("md").read_text())
+        print(f"recommended variant: {evaluation.recommended}" if evaluation.recommended else evaluation.failure)
+
+    return run_stage(args, stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Quality gates, device fit and the recommendation over measured variant rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tasks.config import GateParams
+from tasks.contracts import VariantRow
+from tasks.devices import DeviceInventory, device_fit
+
+
+def apply_gates(row: VariantRow, gates: GateParams) -> None:
+    """Mark ``row`` pass/fail; each failure names the gate, the value and the margin."""
+    if row.status != "ok":
+        row.gate_failures = [f"not evaluated ({row.status})"]
+        return
+    checks = [
+        ("accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts", "max"),
+        ("size reduction", row.size_reduction, gates.min_size_reduction, "x", "min"),
+        ("host p95 latency", row.latency_p95_ms, gates.max_host_latency_ms, "ms", "max"),
+    ]
+    for name, value, limit, unit, kind in checks:
+        if value is None:
+            row.gate_failures.append(f"{name}: not measured")
+        elif kind == "max" and value > limit:
+            margin = f"over by {value - limit:.2f}{unit}"
+            row.gate_failures.append(f"{name} {value:.2f}{unit} > max {limit}{unit} ({margin})")
+        elif kind == "min" and value < limit:
+            margin = f"short by {limit - value:.2f}{unit}"
+            row.gate_failures.append(f"{name} {value:.2f}{unit} < min {limit}{unit} ({margin})")
+    row.gates_passed = not row.gate_failures
+
+
+def mark_devices(row: VariantRow, inventory: DeviceInventory) -> None:
+    """Fit or unfit (with the reason) per device, by storage and measured peak RSS."""
+    for device in inventory.devices:
+        if row.status != "ok":
+            row.devices[device.name] = "n/a"
+            continue
+        fits, reason = device_fit(device, row.size_bytes or 0, row.peak_rss_bytes or 0)
+        row.devices[device.name] = "fit" if fits else f"unfit: {reason}"
+
+
+RANKINGS: dict[str, Callable[[VariantRow], tuple[Any, ...]]] = {
+    "size": lambda r: (r.size_bytes, -r.accuracy, r.latency_p95_ms),
+    "gzip_size": lambda r: (r.gzip_bytes, -r.accuracy, r.latency_p95_ms),
+    "latency": lambda r: (r.latency_p95_ms, -r.accuracy, r.size_bytes),
+    "accuracy": lambda r: (-r.accuracy, r.size_bytes, r.latency_p95_ms),
+}
+
+
+def recommend(rows: list[VariantRow], recommend_by: str) -> VariantRow | None:
+    """The best row passing every gate by ``recommend_by``; None when nothing passes."""
+    passing = [row for row in rows if row.gates_passed]
+    return min(passing, key=RANKINGS[recommend_by]) if passing else None
+
+
+def recommend_per_device(rows: list[VariantRow], inventory: DeviceInventory, recommend_by: str,
+                         device_names: list[str] | None = None) -> dict[str, str | None]:
+    """For each device: the best variant that passes the gates and fits it, its preferred runtime first."""
+    picks: dict[str, str | None] = {}
+    for device in inventory.devices:
+        if device_names and device.name not in device_names:
+            continue
+        fitting = [row for row in rows if row.gates_passed and row.devices.get(device.name) == "fit"]
+        preferred = [row for row in fitting if row.runtime == device.preferred_runtime]
+        best = recommend(preferred or fitting, recommend_by)
+        picks[device.name] = best.variant if best else None
+    return picks
+
+
+def gate_failure_message(rows: list[VariantRow], gates: GateParams) -> str:
+    """Every variant's failing gates and margins, and what to change."""
+    lines = [f"no variant passed the quality gates (max accuracy drop {gates.max_accuracy_drop_pts} pts, "
+             f"min size reduction {gates.min_size_reduction}x, max host p95 latency {gates.max_host_latency_ms} ms):"]
+    lines += [f"  - {row.variant}: {'; '.join(row.gate_failures)}" for row in rows]
+    lines.append("relax evaluate.gates in params.yaml or improve the model (more epochs, QAT, lower sparsity)")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Model phase: the zoo, the optimisation recipe, the train and convert stages, exporters."""

@@ -1,0 +1,160 @@
+"""The ``convert`` stage: build every enabled variant from the trained Keras models.
+
+Each exporter is wrapped alike: timed, written atomically, reloaded in its device runtime to read
+its tensor details, and given a metadata sidecar. A variant that fails is a row with its error,
+never a crashed stage or a half-written file. The rows are the stage's :class:`ConversionResult` record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.runtime import EdgeModel
+from edge.sidecar import sidecar_path, write_sidecar
+from tasks.config import Params
+from tasks.contracts import (
+    ConversionResult,
+    PreparedData,
+    TrainSummary,
+    Workspace,
+    read_prepared,
+    read_train_summary,
+    write_conversion,
+)
+from tasks.entrypoint import run_stage, stage_arguments
+from tasks.lineage import directory_md5, git_commit, utc_now
+from tasks.model import exporters
+from tasks.model.optimize import kernel_sparsity, load_trained
+from tasks.variants import VARIANTS, Variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A trained Keras model file a variant is built from, or why there is none."""
+
+    path: Path | None
+    method: str
+    reason: str = ""
+
+
+def resolve_sources(summary: TrainSummary, workspace: Workspace) -> dict[str, SourceModel]:
+    """Map each variant ``source`` to the model file the train stage produced for it."""
+    qat, pruning = summary.qat, summary.pruning
+    sources = {"baseline": SourceModel(workspace.keras_model(summary.baseline.file), "post-training")}
+    sources["qat"] = (SourceModel(workspace.keras_model(qat.file), f"qat ({qat.mode or 'full'})") if qat.file
+                      else SourceModel(None, "", f"no QAT model: {qat.reason or 'not trained'}"))
+    if pruning is None:
+        sources["pruned_int8"] = SourceModel(None, "", "pruning disabled (prune.enabled: false)")
+    elif pruning.int8 is None:
+        sources["pruned_int8"] = SourceModel(None, "", f"pruning failed: {pruning.error}")
+    else:
+        sources["pruned_int8"] = SourceModel(workspace.keras_model(pruning.int8.file),
+                                             f"{pruning.int8.method} at {pruning.sparsity:.0%} sparsity")
+    return sources
+
+
+def export_bytes(variant: Variant, model: Any, params: Params, prepared: PreparedData,
+                 onnx_cache: dict[str, bytes]) -> bytes:
+    if variant.runtime == "tflite":
+        return exporters.tflite_bytes(model, variant.precision, prepared.representative)
+    if "fp32" not in onnx_cache:
+        onnx_cache["fp32"] = exporters.onnx_bytes(model, params.convert.onnx_opset)
+    if variant.precision == "fp32":
+        return onnx_cache["fp32"]
+    return exporters.onnx_int8_bytes(onnx_cache["fp32"], prepared.representative)
+
+
+def write_model_file(path: Path, content: bytes) -> None:
+    """Atomic write: a crash leaves the old file or none, never a truncated model."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(content)
+    os.replace(partial, path)
+
+
+def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, lineage: dict[str, Any],
+                     sparsity: float) -> dict[str, Any]:
+    loaded = EdgeModel.load(model_file)  # proves the file loads in its device runtime
+    return {
+        "variant": variant.name, "runtime": variant.runtime, "precision": variant.precision,
+        "method": source.method, "source_model": source.path.name if source.path else None,
+        "input": asdict(loaded.input), "output": asdict(loaded.output), "sparsity": sparsity, **lineage,
+    }
+
+
+def convert_variant(variant: Variant, source: SourceModel, params: Params, prepared: PreparedData,
+                    workspace: Workspace, lineage: dict[str, Any], loaded: dict[Path, Any],
+                    onnx_cache: dict[str, bytes]) -> ConversionResult:
+    """Build one variant; any failure becomes the row's error and leaves no file behind."""
+    if source.path is None:
+        return ConversionResult(variant=variant.name, status="skipped", error=source.reason)
+    model_file = workspace.variant_file(variant.name)
+    started = time.perf_counter()
+    try:
+        if source.path not in loaded:
+            loaded[source.path] = load_trained(source.path)
+        model = loaded[source.path]
+        write_model_file(model_file, export_bytes(variant, model, params, prepared, onnx_cache))
+        write_sidecar(model_file, sidecar_metadata(variant, model_file, source, lineage, kernel_sparsity(model)))
+    except Exception as error:  # converters raise anything; a failed variant is a row, not a crashed pipeline
+        log.exception("variant %s failed", variant.name)
+        model_file.unlink(missing_ok=True)
+        sidecar_path(model_file).unlink(missing_ok=True)
+        return ConversionResult(variant=variant.name, status="failed", method=source.method,
+                                error=f"{type(error).__name__}: {error}"[:500], seconds=time.perf_counter() - started)
+    return ConversionResult(variant=variant.name, status="ok", file=model_file.name, method=source.method,
+                            seconds=time.perf_counter() - started)
+
+
+def stage_outputs(workspace: Workspace) -> list[Path]:
+    """Every file this stage may have written (and nothing else in the variants folder)."""
+    paths = [workspace.conversion_file]
+    for name in VARIANTS:
+        model_file = workspace.variant_file(name)
+        paths += [model_file, sidecar_path(model_file), model_file.with_name(f".{model_file.name}.partial")]
+    return paths
+
+
+def lineage_record(params: Params, workspace: Workspace, labels: list[str]) -> dict[str, Any]:
+    return {"labels": labels, "data_version": directory_md5(workspace.prepared_dir),
+            "git_commit": git_commit(), "params_hash": params.params_hash(), "created_at": utc_now(),
+            "zoo_model": params.train.model}
+
+
+def convert_all(params: Params, prepared: PreparedData, summary: TrainSummary,
+                workspace: Workspace) -> list[ConversionResult]:
+    """Build every enabled variant and write the conversion record."""
+    workspace.variants_dir.mkdir(parents=True, exist_ok=True)
+    for stale in stage_outputs(workspace):  # e.g. variants switched off since the last run
+        stale.unlink(missing_ok=True)
+    sources = resolve_sources(summary, workspace)
+    lineage = lineage_record(params, workspace, prepared.train.labels)
+    loaded: dict[Path, Any] = {}
+    onnx_cache: dict[str, bytes] = {}
+    results = [convert_variant(VARIANTS[name], sources[VARIANTS[name].source], params, prepared, workspace, lineage,
+                               loaded, onnx_cache) for name in params.convert.enabled_variants]
+    write_conversion(workspace, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_arguments(argparse.ArgumentParser(
+        prog="edgeloop convert", description="convert stage: build the variant matrix"))
+    args = parser.parse_args(argv)
+
+    def stage(params: Params, workspace: Workspace) -> None:
+        for result in convert_all(params, read_prepared(workspace), read_train_summary(workspace), workspace):
+            print(f"{result.variant:20s} {result.status:8s} {result.file or result.error}")
+
+    return run_stage(args, stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

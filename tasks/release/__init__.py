@@ -1,0 +1,1 @@
+"""Release phase: MLflow tracking, the register stage, promotion (packaging and rollout go here)."""

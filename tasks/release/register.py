@@ -1,0 +1,147 @@
+"""The ``register`` stage: record the run in MLflow, then register the recommended variant.
+
+Every candidate is recorded: a run whose variants all failed the gates is logged as a FAILED run
+with its params, metrics and reports (and never registered), so a reviewer can see why. A passing run
+logs the recommended variant as an MLflow pyfunc model (``tasks/release/edge_pyfunc.py``: the edge
+runtime, no TensorFlow) and registers it with the alias ``candidate``. Registration is all-or-nothing:
+a model version whose tags or alias cannot be set is deleted again. Aliases only, never stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edge.sidecar import read_sidecar, sidecar_path
+from tasks.config import Params
+from tasks.contracts import (
+    Evaluation,
+    Registration,
+    TrainSummary,
+    Workspace,
+    read_evaluation,
+    read_train_summary,
+    write_registration,
+)
+from tasks.entrypoint import run_stage, stage_arguments
+from tasks.errors import GateFailure
+from tasks.release.tracking import RunRecord, configure, pipeline_run
+from tasks.variants import VARIANTS
+
+log = logging.getLogger(__name__)
+CANDIDATE_ALIAS = "candidate"
+PYFUNC_FILE = Path(__file__).with_name("edge_pyfunc.py")
+EDGE_PACKAGE = Path(__file__).resolve().parents[2] / "edge"
+RUNTIME_DISTRIBUTIONS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
+
+
+def version_tags(params: Params, row_variant: str, sidecar: dict[str, Any], evaluation: Evaluation) -> dict[str, str]:
+    row = evaluation.row(row_variant)
+    variant = VARIANTS[row_variant]
+    return {
+        "variant": variant.name, "runtime": variant.runtime, "precision": variant.precision,
+        "method": sidecar.get("method", ""), "data_version": sidecar["data_version"],
+        "git_commit": sidecar["git_commit"], "params_hash": sidecar["params_hash"], "sha256": sidecar["sha256"],
+        "quantize.strategy": params.quantize.strategy, "sparsity": f"{sidecar.get('sparsity', 0.0):.3f}",
+        "hardware_targets": ",".join(params.mlflow.hardware_targets),
+        "test_accuracy": f"{row.accuracy:.4f}", "accuracy_drop_pts": f"{row.accuracy_drop_pts:.3f}",
+        "size_bytes": str(row.size_bytes), "zoo_model": params.train.model,
+    }
+
+
+def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary) -> str:
+    """Log ``variant`` (file + sidecar + the edge package) as a pyfunc model; return its model URI."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    model_file = workspace.variant_file(variant)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *summary.input_shape), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(summary.labels)), "probabilities")]))
+    requirements = [f"{name}=={metadata.version(name)}"
+                    for name in ("numpy", RUNTIME_DISTRIBUTIONS[VARIANTS[variant].runtime])]
+    with tempfile.TemporaryDirectory(prefix="edgeloop-pyfunc-") as scratch:
+        folder = Path(scratch) / variant
+        folder.mkdir()
+        for path in (model_file, sidecar_path(model_file)):
+            shutil.copy2(path, folder / path.name)
+        info = mlflow.pyfunc.log_model(name=variant, python_model=str(PYFUNC_FILE), artifacts={"variant": str(folder)},
+                                       code_paths=[str(EDGE_PACKAGE)], signature=signature,
+                                       pip_requirements=requirements)
+    return info.model_uri
+
+
+def register_candidate(params: Params, run: RunRecord, model_uri: str, variant: str, tags: dict[str, str]) -> str:
+    """Create a model version from ``model_uri`` and point ``candidate`` at it (or leave no version)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = params.mlflow.registered_model
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="edgeloop edge model; aliases: candidate, champion")
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    try:
+        client.update_model_version(name, version.version, description=f"{variant} from run {run.run_id}")
+        client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
+    except Exception:  # whatever failed, a version without its alias must not stay behind
+        client.delete_model_version(name, version.version)
+        raise
+    return str(version.version)
+
+
+def run_lineage(workspace: Workspace, evaluation: Evaluation) -> dict[str, Any]:
+    """The lineage in the sidecars (shared by every variant of a run); empty when no variant was built."""
+    built = [row.variant for row in evaluation.rows if row.status == "ok"]
+    preferred = evaluation.recommended or (built[0] if built else None)
+    return read_sidecar(workspace.variant_file(preferred)) if preferred else {}
+
+
+def register(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
+             extra_tags: dict[str, str] | None = None) -> Registration:
+    """Record the run; register its recommended variant, or end the run FAILED when the gates rejected all.
+
+    ``extra_tags`` go on the MLflow run (the Prefect flow run id, the trigger and the parameter overrides).
+    """
+    configure(params.mlflow)
+    workspace.registration_file.unlink(missing_ok=True)  # a stale record must never describe this run
+    lineage = run_lineage(workspace, evaluation)
+    with pipeline_run(params, workspace, evaluation, summary, lineage, extra_tags) as run:
+        if evaluation.recommended is None:
+            import mlflow
+
+            mlflow.set_tag("edgeloop.outcome", "rejected by the quality gates")
+            raise GateFailure(evaluation.failure)  # ends the MLflow run FAILED: lineage without registration
+        variant = evaluation.recommended
+        model_uri = log_variant_model(workspace, variant, summary)
+        version = register_candidate(params, run, model_uri, variant,
+                                     version_tags(params, variant, lineage, evaluation))
+    registration = Registration(run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=run.tracking_uri,
+                                registered_model=params.mlflow.registered_model, version=version,
+                                alias=CANDIDATE_ALIAS, variant=variant, data_version=lineage["data_version"],
+                                model_uri=model_uri)
+    write_registration(workspace, registration)
+    log.info("registered %s version %s (%s) as %r", registration.registered_model, version, variant, CANDIDATE_ALIAS)
+    return registration
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_arguments(argparse.ArgumentParser(
+        prog="edgeloop register", description="register stage: MLflow run + candidate model version"))
+    args = parser.parse_args(argv)
+
+    def stage(params: Params, workspace: Workspace) -> None:
+        registration = register(params, workspace, read_evaluation(workspace), read_train_summary(workspace))
+        print(registration.model_dump_json(indent=2))
+
+    return run_stage(args, stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

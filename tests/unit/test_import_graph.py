@@ -1,0 +1,137 @@
+"""The layout stays honest: no import cycles, no stage importing a stage, dvc.yaml deps = import closures."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.contracts import Workspace
+from tests.conftest import REPO_ROOT
+
+PACKAGES = ("tasks", "edge", "flows", "scripts")
+STAGE_MODULES = {"prepare": "tasks/data/prepare.py", "train": "tasks/model/train.py",
+                 "convert": "tasks/model/convert.py", "evaluate": "tasks/evaluation/evaluate.py",
+                 "register": "tasks/release/register.py"}
+# in a stage's command path or packaged by it, though the stage module does not import them
+EXTRA_DEPS = {stage: {"tasks/cli.py"} for stage in STAGE_MODULES}
+EXTRA_DEPS["register"] |= {"tasks/release/edge_pyfunc.py", "edge/runtime.py"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Project modules ``path`` imports anywhere in its body (function-level imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            candidate = Path(*name.split(".")).with_suffix(".py")
+            if name.split(".")[0] in PACKAGES and (REPO_ROOT / candidate).is_file():
+                found.add(candidate.as_posix())
+    return found
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += project_imports(REPO_ROOT / current)
+    return seen
+
+
+def project_modules() -> list[str]:
+    return sorted(path.relative_to(REPO_ROOT).as_posix() for package in PACKAGES
+                  for path in (REPO_ROOT / package).rglob("*.py"))
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {module: project_imports(REPO_ROOT / module) - {module} for module in project_modules()}
+    visiting, done, cycles = set(), set(), []
+
+    def visit(module: str, trail: list[str]) -> None:
+        if module in done:
+            return
+        if module in visiting:
+            cycles.append(trail[trail.index(module):] + [module])
+            return
+        visiting.add(module)
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, [*trail, module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MODULES))
+def test_no_stage_imports_another_stage(stage):
+    others = set(STAGE_MODULES.values()) - {STAGE_MODULES[stage]}
+    assert not closure(STAGE_MODULES[stage]) & others
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MODULES))
+def test_stage_deps_are_exactly_its_import_closure(stage):
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    declared = {dep for dep in stages[stage]["deps"] if dep.endswith(".py")}
+    expected = closure(STAGE_MODULES[stage]) | EXTRA_DEPS[stage]
+    assert declared == expected, (f"dvc.yaml stage {stage}: missing {sorted(expected - declared)}, "
+                                  f"not imported {sorted(declared - expected)}")
+
+
+def test_register_depends_on_registry_code_contracts_config_and_errors_only():
+    allowed_prefixes = ("tasks/release/", "edge/sidecar.py", "edge/errors.py", "edge/runtime.py")
+    allowed = {"tasks/contracts.py", "tasks/config.py", "tasks/errors.py", "tasks/variants.py", "tasks/entrypoint.py",
+               "tasks/cli.py"}
+    deps = {dep for dep in yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["register"]["deps"]
+            if dep.endswith(".py")}
+    assert {dep for dep in deps if dep not in allowed and not dep.startswith(allowed_prefixes)} == set()
+
+
+def test_stage_outputs_in_dvc_yaml_are_the_contract_paths():
+    workspace = Workspace(Path("."))
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+    def declared(stage: str, kind: str) -> set[str]:
+        return {next(iter(entry)) if isinstance(entry, dict) else entry for entry in stages[stage].get(kind, [])}
+
+    assert declared("prepare", "outs") == {workspace.prepared_dir.as_posix()}
+    assert declared("train", "outs") == {workspace.keras_dir.as_posix()}
+    assert declared("train", "metrics") == {workspace.train_metrics_file.as_posix()}
+    assert declared("convert", "outs") == {workspace.variants_dir.as_posix()}
+    assert declared("evaluate", "outs") == {workspace.evaluation_file.as_posix(),
+                                            workspace.comparison_file("csv").as_posix(),
+                                            workspace.comparison_file("md").as_posix()}
+    assert declared("evaluate", "metrics") == {workspace.metrics_file.as_posix()}
+    assert declared("evaluate", "plots") == {workspace.comparison_file("png").as_posix()}
+    assert declared("register", "outs") == {workspace.registration_file.as_posix()}
+
+
+@pytest.mark.parametrize("module", ["tasks/errors.py", "edge/errors.py"])
+def test_error_modules_import_nothing(module):
+    tree = ast.parse((REPO_ROOT / module).read_text())
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)]
+
+
+def test_no_sys_path_edits_or_sys_modules_lookups():
+    offenders = []
+    bench = [path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "bench").glob("*.py")]
+    for path in [*project_modules(), *bench]:
+        text = (REPO_ROOT / path).read_text()
+        if "sys.path.insert" in text or "sys.path.append" in text or "sys.modules[" in text:
+            offenders.append(path)
+    assert not offenders
+
+
+def test_edge_never_imports_tasks():
+    for module in project_modules():
+        if module.startswith("edge/"):
+            assert not {dep for dep in project_imports(REPO_ROOT / module) if not dep.startswith("edge/")}, module
