@@ -83,7 +83,8 @@ def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, li
                      sparsity: float) -> dict[str, Any]:
     loaded = EdgeModel.load(model_file)  # proves the file loads in its device runtime
     return {
-        "variant": variant.name, "runtime": variant.runtime, "precision": variant.precision,
+        "variant": variant.name, "description": variant.description, "runtime": variant.runtime,
+        "precision": variant.precision,
         "method": source.method, "source_model": source.path.name if source.path else None,
         "input": asdict(loaded.input), "output": asdict(loaded.output), "sparsity": sparsity, **lineage,
     }

@@ -29,7 +29,7 @@ from tasks.contracts import (
     write_train_summary,
 )
 from tasks.entrypoint import run_stage, stage_arguments
-from tasks.model import optimize, zoo
+from tasks.model import optimize
 from tasks.model.tfsetup import set_seeds
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 def build_baseline(params: Params, prepared: PreparedData) -> Any:
     """The untrained (or pretrained, for ``keras_file``) float32 model for this data."""
+    from tasks.model import zoo  # imports TensorFlow: only when a model is built (keeps --help instant)
+
     input_shape, num_classes = prepared.train.input_shape, len(prepared.train.labels)
     if params.train.model == "keras_file":
         loaded = zoo.load_keras_model(Path(params.train.model_path))

@@ -10,18 +10,16 @@ The models are Keras 2 (``tf_keras``) models because tensorflow-model-optimizati
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 from collections.abc import Callable
 from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-import tf_keras as keras
-
 from tasks.errors import ModelZooError
+from tasks.model.tfsetup import tensorflow
+
+tensorflow()  # Keras 2 (tf_keras) for tfmot, set before TensorFlow is first imported; quiet logs
+import tf_keras as keras  # noqa: E402
 
 ZOO_MODELS: tuple[str, ...] = ("digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025")
 KERAS_SUFFIXES: tuple[str, ...] = (".keras", ".h5", ".hdf5")

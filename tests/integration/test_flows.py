@@ -254,3 +254,93 @@ def test_gate_failure_fails_the_run_but_still_publishes_the_matrix(stack, tmp_pa
     assert "variant-comparison" in by_key
     assert "short by" in by_key["training-summary"].data
     assert alias_version(stack, "candidate") == candidate_before  # nothing registered
+    runs = mlflow_runs_of(stack, flow_run.id)  # ... but the rejected candidate has its lineage in MLflow
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    rejected = runs[0]
+    assert rejected.data.tags["edgeloop.outcome"] == "rejected by the quality gates"
+    assert rejected.data.params["train.epochs"] == "2" and "tflite_int8.accuracy" in rejected.data.metrics
+    reports = {artifact.path for artifact in mlflow_client(stack).list_artifacts(rejected.info.run_id, "reports")}
+    assert {"reports/comparison.md", "reports/evaluation.json"} <= reports
+    name = rejected.data.params["mlflow.registered_model"]
+    assert not mlflow_client(stack).search_model_versions(f"name = '{name}' and run_id = '{rejected.info.run_id}'")
+
+
+def test_the_registered_candidate_loads_as_an_mlflow_pyfunc_and_predicts_like_the_device(stack, nightly_run):
+    import mlflow
+
+    from edge.runtime import EdgeModel
+    from tasks.contracts import Workspace, read_prepared, read_registration
+
+    workspace = Workspace(Path(nightly_run.parameters["workspace"]))
+    registration = read_registration(workspace)
+    if alias_version(stack, "candidate") != registration.version:
+        pytest.skip("a later run moved the candidate alias")  # the nightly run's version is what we compare
+    test = read_prepared(workspace).test
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
+    probabilities = np.asarray(loaded.predict(test.x.astype(np.float32)))
+    device = EdgeModel.load(workspace.variant_file(registration.variant)).predict(test.x)
+    assert probabilities.shape == device.shape == (len(test.y), len(test.labels))
+    assert np.array_equal(probabilities.argmax(axis=1), device.argmax(axis=1))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.02)
+    no_tensorflow = ("import sys, mlflow, numpy as np\n"
+                     f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@candidate')\n"
+                     "print(model.predict(np.zeros((2, 8, 8, 1), np.float32)).shape)\n"
+                     "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'")
+    completed = subprocess.run([sys.executable, "-c", no_tensorflow], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}, cwd="/")
+    assert completed.returncode == 0 and "(2, 10)" in completed.stdout, completed.stderr[-3000:]
+
+
+def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
+    import urllib.request
+
+    from scripts.services import free_port
+    from tasks.contracts import Workspace, read_prepared
+    from tasks.release.promotion import ApprovalRecord, promote
+
+    if alias_version(stack, "champion") is None:
+        promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
+    batch = read_prepared(Workspace(Path(nightly_run.parameters["workspace"]))).test.x[:16]
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def answers():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                assert server.poll() is None, server.stdout.read()[-3000:]
+                return False
+
+        wait_for(answers, 120, "mlflow models serve to answer /ping")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = np.asarray(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert predictions.shape == (16, 10)
+    assert np.allclose(predictions.sum(axis=1), 1.0, atol=0.02)
+
+
+def test_a_broken_params_yaml_fails_prefect_deploy_with_the_config_message(stack, tmp_path):
+    import shutil
+
+    for name in ("flows", "tasks", "edge", "scripts"):
+        shutil.copytree(REPO_ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("prefect.yaml", "devices.yaml"):
+        shutil.copy2(REPO_ROOT / name, tmp_path / name)
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 0\n")
+    completed = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PYTHONPATH": str(tmp_path), "PWD": str(tmp_path)})
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0, output[-3000:]
+    assert "train.epochs: got 0" in output, output[-3000:]

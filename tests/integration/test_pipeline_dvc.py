@@ -16,10 +16,10 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
-PROJECT_FILES = ("tasks", "edge", "dvc.yaml", "params.yaml", "devices.yaml", ".dvc/config", ".gitignore")
+PROJECT_FILES = ("tasks", "edge", "flows", "dvc.yaml", "params.yaml", "devices.yaml", ".dvc/config", ".gitignore")
 FAST_PARAMS = {
     "train": {"epochs": 4},
-    "quantize": {"strategy": "all", "qat_epochs": 1},
+    "quantize": {"strategy": "qat", "qat_epochs": 1},
     "prune": {"epochs": 2, "target_sparsities": [0.5, 0.8], "max_accuracy_drop_pts": 3.0},
     "evaluate": {"latency_warmup_runs": 5, "latency_runs": 30, "gates": {"max_accuracy_drop_pts": 5.0}},
 }
@@ -123,14 +123,40 @@ def test_mlflow_run_and_candidate_version(project):
     assert version.tags["variant"] == registration["variant"]
 
 
+def test_dvc_experiments_compare_the_recommended_variant(project):
+    """`dvc exp show` and `dvc metrics diff` read the metrics of two experiments (they live in git)."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "pipeline run"], project)
+    for recommend_by in ("size", "accuracy"):
+        _run([dvc, "exp", "run", "-n", f"by-{recommend_by}", "-S", f"evaluate.recommend_by={recommend_by}"], project)
+    shown = _run([dvc, "exp", "show", "--no-pager", "--md"], project).stdout
+    header = next(line for line in shown.splitlines() if line.startswith("| Experiment"))
+    columns = [cell.strip() for cell in header.split("|")]
+    for name in ("by-size", "by-accuracy"):
+        line = next((line for line in shown.splitlines() if f"[{name}]" in line), None)
+        assert line, f"experiment {name} missing from:\n{shown}"
+        cells = dict(zip(columns, (cell.strip() for cell in line.split("|"))))
+        assert cells["recommended"] not in ("", "!", "-"), shown  # the metrics live in the experiment
+        assert 0.5 < float(cells["recommended_accuracy"]) <= 1.0, shown
+    diff = json.loads(_run([dvc, "metrics", "diff", "by-size", "by-accuracy", "--all", "--json"], project).stdout)
+    metrics = diff["reports/metrics.json"]
+    assert metrics["recommended"]["old"] and metrics["recommended"]["new"], diff
+    assert 0.5 < metrics["recommended_accuracy"]["new"] <= 1.0
+
+
 def test_no_variant_passing_fails_with_margins_and_registers_nothing(project):
     client = _mlflow_client(project)
     name = json.loads((project / "reports/registration.json").read_text())["registered_model"]
     versions_before = len(client.search_model_versions(f"name = '{name}'"))
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["evaluate"]["gates"]["min_size_reduction"] = 1000.0
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    completed = _run([str(Path(sys.executable).parent / "dvc"), "repro"], project, check=False)
+    try:
+        completed = _run([str(Path(sys.executable).parent / "dvc"), "repro"], project, check=False)
+    finally:
+        (project / "params.yaml").write_text(original)
     assert completed.returncode != 0
     output = completed.stdout + completed.stderr
     assert "no variant passed the quality gates" in output
@@ -138,11 +164,16 @@ def test_no_variant_passing_fails_with_margins_and_registers_nothing(project):
     assert "Traceback" not in output
     assert len(client.search_model_versions(f"name = '{name}'")) == versions_before
     assert (project / "reports/comparison.md").is_file()  # the report is still there to read
+    experiment = client.get_experiment_by_name("edgeloop")
+    rejected = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert rejected and rejected[0].data.tags["edgeloop.outcome"] == "rejected by the quality gates"
+    assert rejected[0].data.params["evaluate.gates.min_size_reduction"] == "1000.0"
 
 
 def test_bad_params_fail_before_any_work(project, tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("train:\n  epochz: 3\n")
-    completed = _run([sys.executable, "-m", "tasks.train", "--params", str(bad)], project, check=False)
+    completed = _run([str(Path(sys.executable).parent / "edgeloop"), "train", "--params", str(bad)], project,
+                     check=False)
     assert completed.returncode == 2
     assert "train.epochz: unknown key" in completed.stderr and "Traceback" not in completed.stderr
