@@ -9,7 +9,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from tasks.contracts import Evaluation, Registration
 from tasks.release.tracking import run_url
 
-TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "size_reduction",
+TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "weight_reduction",
                  "sparsity", "latency_p95_ms", "gates_passed")
 
 

@@ -81,6 +81,11 @@ class TrainParams(_Section):
     epochs: Epochs = 25
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    # the float32 baseline must cover this share of the way from the majority-class rate to 100% on the
+    # validation set, or the stage stops before QAT and pruning (a model that did not learn)
+    min_gain_over_chance: float = Field(0.2, ge=0.0, lt=1.0)
+    # re-estimate BatchNorm statistics when inference-mode accuracy lags training mode by more than this
+    batchnorm_max_gap_pts: float = Field(5.0, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _model_path_for_keras_file(self) -> TrainParams:
@@ -139,9 +144,13 @@ class ConvertParams(_Section):
 
 
 class GateParams(_Section):
-    max_accuracy_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
-    min_size_reduction: float = Field(3.0, ge=0.0)
-    max_host_latency_ms: float = Field(20.0, gt=0.0)
+    min_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="absolute test accuracy every variant must reach")
+    max_accuracy_drop_pts: float = Field(1.0, ge=0.0, le=100.0, description="max drop from the float32 model")
+    min_weight_reduction: float | None = Field(3.0, ge=0.0, description=(
+        "x fewer weight bytes than tflite_fp32 (constant tensors, so a small model's file overhead does "
+        "not hide an honest int8 model); null: off"))
+    min_size_reduction: float | None = Field(None, ge=0.0, description="x smaller file than tflite_fp32; null: off")
+    max_host_latency_ms: float = Field(20.0, gt=0.0, description="host p95 latency, single stream")
 
 
 class EvaluateParams(_Section):

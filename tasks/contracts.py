@@ -202,6 +202,17 @@ class PtqCheck(Record):
     drop_pts: float
 
 
+class BatchNormCheck(Record):
+    """Inference vs training mode after one fine-tuning step, and whether the statistics were re-estimated."""
+
+    step: str  # baseline | qat | pruning | pqat
+    layers: int  # BatchNorm layers in the model (0: nothing to check)
+    inference_accuracy: float | None
+    training_mode_accuracy: float | None
+    reestimated: bool = False
+    inference_accuracy_after: float | None = None
+
+
 class QatSummary(Record):
     trained: bool = False
     reason: str
@@ -237,11 +248,22 @@ class PruningSummary(Record):
     unsupported_layers: list[str] = Field(default_factory=list)
 
 
+class QualityFloor(Record):
+    """The float32 baseline against the chance floor, on the validation set."""
+
+    val_accuracy: float
+    majority_rate: float  # accuracy of always answering the most frequent class
+    floor: float  # majority_rate + train.min_gain_over_chance * (1 - majority_rate)
+
+
 class TrainSummary(Record):
     model: str
     params_count: int
     input_shape: list[int]
     labels: list[str]
+    output: str = "probabilities"  # what the trained head emits: probabilities | logits (softmax added on export)
+    quality: QualityFloor
+    batchnorm: list[BatchNormCheck] = Field(default_factory=list)
     baseline: BaselineSummary
     ptq_check: PtqCheck
     qat: QatSummary
@@ -312,7 +334,9 @@ class VariantRow(Record):
     max_abs_diff: float | None = None
     size_bytes: int | None = None
     gzip_bytes: int | None = None
-    size_reduction: float | None = None
+    weight_bytes: int | None = None  # constant tensors only (no container overhead)
+    size_reduction: float | None = None  # tflite_fp32 file size / this file's size
+    weight_reduction: float | None = None  # tflite_fp32 weight bytes / this variant's weight bytes
     sparsity: float | None = None
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None

@@ -26,6 +26,10 @@ class StageError(EdgeloopError):
     """A stage that cannot finish (missing input of an earlier stage, a refused step, ...)."""
 
 
+class QualityFloorError(StageError):
+    """The float32 baseline did not beat chance by the required margin: the model did not learn."""
+
+
 class GateFailure(StageError):
     """No variant passed every quality gate; nothing is registered."""
 

@@ -35,6 +35,7 @@ from tasks.devices import DEVICES_FILE, DeviceInventory, load_devices
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.evaluation.gates import apply_gates, gate_failure_message, mark_devices, recommend
 from tasks.evaluation.report import write_reports
+from tasks.evaluation.weights import weight_bytes
 from tasks.variants import REFERENCE_VARIANT, VARIANTS
 
 
@@ -58,6 +59,7 @@ def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_
         "max_abs_diff": float(np.max(np.abs(outputs - reference))),
         "size_bytes": path.stat().st_size,
         "gzip_bytes": gzip_size(path),
+        "weight_bytes": weight_bytes(path),
         "sparsity": sidecar.get("sparsity"),
         "latency_p50_ms": latency.p50_ms,
         "latency_p95_ms": latency.p95_ms,
@@ -82,12 +84,15 @@ def evaluate_variants(params: Params, workspace: Workspace, conversions: list[Co
             except Exception as error:  # runtimes raise anything on a broken file: the row carries it
                 row.status, row.error = "failed", f"evaluation: {type(error).__name__}: {error}"[:500]
         rows.append(row)
-    reference_size = next((r.size_bytes for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"), None)
-    if reference_size is None:  # no tflite_fp32 built: compare with the float32 weights' bytes
-        reference_size = 4 * read_train_summary(workspace).params_count
+    reference = next((r for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"), None)
+    float_weights = 4 * read_train_summary(workspace).params_count  # when no tflite_fp32 was built
+    reference_size = reference.size_bytes if reference else float_weights
+    reference_weights = reference.weight_bytes if reference else float_weights
     for row in rows:
         if row.size_bytes:
             row.size_reduction = reference_size / row.size_bytes
+        if row.weight_bytes:
+            row.weight_reduction = reference_weights / row.weight_bytes
         apply_gates(row, params.evaluate.gates)
         mark_devices(row, inventory)
     return rows

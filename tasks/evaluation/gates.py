@@ -16,11 +16,15 @@ def apply_gates(row: VariantRow, gates: GateParams) -> None:
         row.gate_failures = [f"not evaluated ({row.status})"]
         return
     checks = [
+        ("accuracy", row.accuracy, gates.min_accuracy, "", "min"),
         ("accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts", "max"),
+        ("weight reduction", row.weight_reduction, gates.min_weight_reduction, "x", "min"),
         ("size reduction", row.size_reduction, gates.min_size_reduction, "x", "min"),
         ("host p95 latency", row.latency_p95_ms, gates.max_host_latency_ms, "ms", "max"),
     ]
     for name, value, limit, unit, kind in checks:
+        if limit is None:  # an optional gate that is switched off
+            continue
         if value is None:
             row.gate_failures.append(f"{name}: not measured")
         elif kind == "max" and value > limit:
@@ -72,8 +76,12 @@ def recommend_per_device(rows: list[VariantRow], inventory: DeviceInventory, rec
 
 def gate_failure_message(rows: list[VariantRow], gates: GateParams) -> str:
     """Every variant's failing gates and margins, and what to change."""
-    lines = [f"no variant passed the quality gates (max accuracy drop {gates.max_accuracy_drop_pts} pts, "
-             f"min size reduction {gates.min_size_reduction}x, max host p95 latency {gates.max_host_latency_ms} ms):"]
+    active = {"min accuracy": gates.min_accuracy, "max accuracy drop (pts)": gates.max_accuracy_drop_pts,
+              "min weight reduction (x)": gates.min_weight_reduction,
+              "min size reduction (x)": gates.min_size_reduction,
+              "max host p95 latency (ms)": gates.max_host_latency_ms}
+    shown = ", ".join(f"{name} {limit}" for name, limit in active.items() if limit is not None)
+    lines = [f"no variant passed the quality gates ({shown}):"]
     lines += [f"  - {row.variant}: {'; '.join(row.gate_failures)}" for row in rows]
     lines.append("relax evaluate.gates in params.yaml or improve the model (more epochs, QAT, lower sparsity)")
     return "\n".join(lines)

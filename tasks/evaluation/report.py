@@ -14,8 +14,10 @@ COLUMNS = [
     ("variant", "variant"), ("status", "status"), ("runtime", "runtime"), ("method", "method"),
     ("accuracy", "test acc"), ("accuracy_drop_pts", "drop (pts)"), ("agreement", "agree fp32"),
     ("max_abs_diff", "max |diff|"), ("size_bytes", "size (B)"), ("gzip_bytes", "gzip (B)"),
-    ("size_reduction", "x smaller"), ("sparsity", "sparsity"), ("latency_p50_ms", "p50 ms"),
-    ("latency_p95_ms", "p95 ms"), ("model_rss_bytes", "model RSS (B)"),
+    ("weight_bytes", "weights (B)"), ("size_reduction", "x smaller"),
+    ("weight_reduction", "x fewer weight B"),
+    ("sparsity", "sparsity"), ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
+    ("model_rss_bytes", "model RSS (B)"),
     ("peak_rss_bytes", "peak RSS (B)"), ("gates_passed", "gates"),
 ]
 

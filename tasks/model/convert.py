@@ -29,7 +29,7 @@ from tasks.contracts import (
 )
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.lineage import directory_md5, git_commit, utc_now
-from tasks.model import exporters
+from tasks.model import exporters, heads
 from tasks.model.optimize import kernel_sparsity, load_trained
 from tasks.variants import VARIANTS, Variant
 
@@ -80,19 +80,23 @@ def write_model_file(path: Path, content: bytes) -> None:
 
 
 def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, lineage: dict[str, Any],
-                     sparsity: float) -> dict[str, Any]:
+                     sparsity: float, trained_head: str) -> dict[str, Any]:
     loaded = EdgeModel.load(model_file)  # proves the file loads in its device runtime
     return {
         "variant": variant.name, "description": variant.description, "runtime": variant.runtime,
         "precision": variant.precision,
         "method": source.method, "source_model": source.path.name if source.path else None,
-        "input": asdict(loaded.input), "output": asdict(loaded.output), "sparsity": sparsity, **lineage,
+        "input": asdict(loaded.input), "output": asdict(loaded.output), "sparsity": sparsity,
+        # what the model file emits (always class probabilities) and what the trained head emitted
+        "outputs": "probabilities",
+        "trained_head": "logits, softmax appended for export" if trained_head == "logits" else "softmax",
+        **lineage,
     }
 
 
 def convert_variant(variant: Variant, source: SourceModel, params: Params, prepared: PreparedData,
                     workspace: Workspace, lineage: dict[str, Any], loaded: dict[Path, Any],
-                    onnx_cache: dict[str, bytes]) -> ConversionResult:
+                    onnx_cache: dict[str, bytes], trained_head: heads.OutputKind = "probabilities") -> ConversionResult:
     """Build one variant; any failure becomes the row's error and leaves no file behind."""
     if source.path is None:
         return ConversionResult(variant=variant.name, status="skipped", error=source.reason)
@@ -102,8 +106,10 @@ def convert_variant(variant: Variant, source: SourceModel, params: Params, prepa
         if source.path not in loaded:
             loaded[source.path] = load_trained(source.path)
         model = loaded[source.path]
-        write_model_file(model_file, export_bytes(variant, model, params, prepared, onnx_cache))
-        write_sidecar(model_file, sidecar_metadata(variant, model_file, source, lineage, kernel_sparsity(model)))
+        exported = heads.with_probabilities(model, trained_head)  # every variant emits probabilities
+        write_model_file(model_file, export_bytes(variant, exported, params, prepared, onnx_cache))
+        write_sidecar(model_file, sidecar_metadata(variant, model_file, source, lineage, kernel_sparsity(model),
+                                                   trained_head))
     except Exception as error:  # converters raise anything; a failed variant is a row, not a crashed pipeline
         log.exception("variant %s failed", variant.name)
         model_file.unlink(missing_ok=True)
@@ -140,7 +146,7 @@ def convert_all(params: Params, prepared: PreparedData, summary: TrainSummary,
     loaded: dict[Path, Any] = {}
     onnx_cache: dict[str, bytes] = {}
     results = [convert_variant(VARIANTS[name], sources[VARIANTS[name].source], params, prepared, workspace, lineage,
-                               loaded, onnx_cache) for name in params.convert.enabled_variants]
+                               loaded, onnx_cache, summary.output) for name in params.convert.enabled_variants]
     write_conversion(workspace, results)
     return results
 

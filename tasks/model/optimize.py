@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from edge.runtime import EdgeModel
-from tasks.config import PruneParams, QuantizeParams, TrainParams
-from tasks.contracts import Dataset, PruneTrial
+from tasks.config import PruneParams, QuantizeParams
+from tasks.contracts import BatchNormCheck, Dataset, PruneTrial
+from tasks.model import batchnorm, heads
 from tasks.model.exporters import tflite_bytes
 from tasks.model.tfsetup import tensorflow
 
@@ -49,6 +50,36 @@ def tfmot_refusals() -> Iterator[None]:
         if not any(marker in str(error) for marker in TFMOT_REFUSAL_MARKERS):
             raise
         raise TfmotRefused(f"{type(error).__name__}: {error}"[:500]) from error
+
+
+@dataclass
+class FineTuning:
+    """What every training step shares: the data, the loss that matches the head, the BatchNorm check after it."""
+
+    train: Dataset
+    val: Dataset
+    batch_size: int
+    output: heads.OutputKind = "probabilities"
+    bn_max_gap_pts: float = 5.0
+    batchnorm_checks: list[BatchNormCheck] = field(default_factory=list)
+
+    def fit(self, model: Any, learning_rate: float, epochs: int, step: str, callbacks: list | None = None,
+            settle: bool = True) -> None:
+        """Train ``model`` with the head's loss; then (``settle``) check its BatchNorm statistics."""
+        import tf_keras as keras
+
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=heads.loss(self.output),
+                      metrics=["accuracy"])
+        model.fit(self.train.x, self.train.y, validation_data=(self.val.x, self.val.y), epochs=epochs,
+                  batch_size=self.batch_size, callbacks=callbacks or [], verbose=0, shuffle=True)
+        if settle:
+            self.settle(model, step)
+
+    def settle(self, model: Any, step: str) -> None:
+        """Re-estimate BatchNorm statistics when inference mode lags training mode (recorded either way)."""
+        check = batchnorm.check_and_fix(model, step, self.train, self.val, self.bn_max_gap_pts)
+        if check.layers:
+            self.batchnorm_checks.append(check)
 
 
 @dataclass
@@ -80,21 +111,9 @@ def runtime_accuracy(model_bytes: bytes, data: Dataset) -> float:
     return float(np.mean(np.argmax(outputs, axis=1) == data.y))
 
 
-def ptq_accuracy(model: Any, representative: np.ndarray, data: Dataset) -> float:
-    """Accuracy of full-integer PTQ of ``model``, in LiteRT."""
-    return runtime_accuracy(tflite_bytes(model, "int8", representative), data)
-
-
-def compile_model(model: Any, learning_rate: float) -> None:
-    import tf_keras as keras
-
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-
-
-def fit(model: Any, train: Dataset, val: Dataset, epochs: int, batch_size: int, callbacks=None) -> None:
-    model.fit(train.x, train.y, validation_data=(val.x, val.y), epochs=epochs, batch_size=batch_size,
-              callbacks=callbacks or [], verbose=0, shuffle=True)
+def ptq_accuracy(model: Any, output: heads.OutputKind, representative: np.ndarray, data: Dataset) -> float:
+    """Accuracy of full-integer PTQ of ``model`` as it will be exported (probabilities out), in LiteRT."""
+    return runtime_accuracy(tflite_bytes(heads.with_probabilities(model, output), "int8", representative), data)
 
 
 def unsupported_layers(model: Any, purpose: str = "quantize") -> list[str]:
@@ -152,19 +171,20 @@ def copy_model(model: Any) -> Any:
     return clone
 
 
-def prune_to(model: Any, target: float, params: PruneParams, train: Dataset, val: Dataset,
-             batch_size: int) -> Any:
-    """Fine-tune a copy of ``model`` with a polynomial sparsity schedule; return it stripped."""
+def prune_to(model: Any, target: float, params: PruneParams, tuning: FineTuning) -> Any:
+    """Fine-tune a copy of ``model`` with a polynomial sparsity schedule; return it stripped and settled."""
     mot = tfmot()
-    steps = int(np.ceil(len(train.y) / batch_size)) * params.epochs
+    steps = int(np.ceil(len(tuning.train.y) / tuning.batch_size)) * params.epochs
     schedule = mot.sparsity.keras.PolynomialDecay(
         initial_sparsity=params.initial_sparsity, final_sparsity=target, begin_step=0,
         end_step=max(1, int(steps * 0.7)), frequency=max(1, steps // 50))
     with tfmot_refusals():
         wrapped = mot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
-    compile_model(wrapped, params.learning_rate)
-    fit(wrapped, train, val, params.epochs, batch_size, [mot.sparsity.keras.UpdatePruningStep()])
-    return mot.sparsity.keras.strip_pruning(wrapped)
+    tuning.fit(wrapped, params.learning_rate, params.epochs, f"pruning {target:.0%}",
+               [mot.sparsity.keras.UpdatePruningStep()], settle=False)
+    stripped = mot.sparsity.keras.strip_pruning(wrapped)
+    tuning.settle(stripped, f"pruning {target:.0%}")
+    return stripped
 
 
 def kernel_sparsity(model: Any) -> float:
@@ -174,13 +194,13 @@ def kernel_sparsity(model: Any) -> float:
     return float(sum(np.count_nonzero(w == 0) for w in kernels) / total) if total else 0.0
 
 
-def search_sparsity(model: Any, baseline_val: float, params: PruneParams, train: Dataset, val: Dataset,
-                    batch_size: int) -> tuple[Any, list[PruneTrial], bool]:
+def search_sparsity(model: Any, baseline_val: float, params: PruneParams,
+                    tuning: FineTuning) -> tuple[Any, list[PruneTrial], bool]:
     """Step sparsity up; keep the highest whose val drop is within budget (else the lowest tried)."""
     kept, trials = None, []
     for target in sorted(params.target_sparsities):
-        pruned = prune_to(model, target, params, train, val, batch_size)
-        accuracy = keras_accuracy(pruned, val)
+        pruned = prune_to(model, target, params, tuning)
+        accuracy = keras_accuracy(pruned, tuning.val)
         trial = PruneTrial(target_sparsity=target, measured_sparsity=kernel_sparsity(pruned), val_accuracy=accuracy,
                            drop_pts=100.0 * (baseline_val - accuracy))
         trials.append(trial)
@@ -190,19 +210,17 @@ def search_sparsity(model: Any, baseline_val: float, params: PruneParams, train:
         kept = pruned
     if kept is not None:
         return kept, trials, True
-    return prune_to(model, min(params.target_sparsities), params, train, val, batch_size), trials, False
+    return prune_to(model, min(params.target_sparsities), params, tuning), trials, False
 
 
-def prune_preserving_qat(pruned: Any, params: QuantizeParams, train: TrainParams, data_train: Dataset,
-                         val: Dataset) -> Any:
+def prune_preserving_qat(pruned: Any, params: QuantizeParams, tuning: FineTuning) -> Any:
     """PQAT: QAT that keeps the pruned weights at zero."""
     mot = tfmot()
     with tfmot_refusals():
         annotated = mot.quantization.keras.quantize_annotate_model(pruned)
         scheme = mot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
         model = mot.quantization.keras.quantize_apply(annotated, scheme)
-    compile_model(model, params.qat_learning_rate)
-    fit(model, data_train, val, params.qat_epochs, train.batch_size)
+    tuning.fit(model, params.qat_learning_rate, params.qat_epochs, "pqat")
     return model
 
 

@@ -22,6 +22,7 @@ from tasks.contracts import (
     PruningSummary,
     PtqCheck,
     QatSummary,
+    QualityFloor,
     TrainSummary,
     Workspace,
     read_prepared,
@@ -29,7 +30,8 @@ from tasks.contracts import (
     write_train_summary,
 )
 from tasks.entrypoint import run_stage, stage_arguments
-from tasks.model import optimize
+from tasks.errors import QualityFloorError
+from tasks.model import heads, optimize
 from tasks.model.tfsetup import set_seeds
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,49 @@ def build_baseline(params: Params, prepared: PreparedData) -> Any:
     return zoo.build_model(params.train.model, input_shape, num_classes)
 
 
-def train_baseline(params: Params, prepared: PreparedData) -> Any:
+def fine_tuning(params: Params, prepared: PreparedData, output: heads.OutputKind) -> optimize.FineTuning:
+    return optimize.FineTuning(prepared.train, prepared.val, params.train.batch_size, output,
+                               params.train.batchnorm_max_gap_pts)
+
+
+def train_baseline(params: Params, prepared: PreparedData) -> tuple[Any, optimize.FineTuning]:
+    """Build the model, read what its head emits, train it with the matching loss and settle its BatchNorm."""
     model = build_baseline(params, prepared)
-    optimize.compile_model(model, params.train.learning_rate)
-    optimize.fit(model, prepared.train, prepared.val, params.train.epochs, params.train.batch_size)
-    return model
+    tuning = fine_tuning(params, prepared, heads.output_kind(model))
+    tuning.fit(model, params.train.learning_rate, params.train.epochs, "baseline")
+    return model, tuning
+
+
+def quality_floor(params: Params, val_accuracy: float, labels: np.ndarray, num_classes: int) -> QualityFloor:
+    majority_rate = float(np.bincount(labels, minlength=num_classes).max() / len(labels))
+    floor = majority_rate + params.train.min_gain_over_chance * (1.0 - majority_rate)
+    return QualityFloor(val_accuracy=val_accuracy, majority_rate=majority_rate, floor=floor)
+
+
+def check_learned(params: Params, quality: QualityFloor, model: Any, tuning: optimize.FineTuning) -> None:
+    """Stop the stage (before QAT and pruning spend time) when the baseline did not beat chance by the margin."""
+    if quality.val_accuracy >= quality.floor:
+        return
+    train_accuracy = optimize.keras_accuracy(model, tuning.train)
+    batchnorm = tuning.batchnorm_checks[0] if tuning.batchnorm_checks else None
+    bn_text = ("no BatchNorm layers" if batchnorm is None else
+               f"inference mode {batchnorm.inference_accuracy:.3f} vs training mode "
+               f"{batchnorm.training_mode_accuracy:.3f}"
+               + (f", statistics re-estimated: {batchnorm.inference_accuracy_after:.3f}" if batchnorm.reestimated
+                  else ", no re-estimation needed"))
+    fit_text = ("it fits the training set but not validation: are the labels or splits right?"
+                if train_accuracy > quality.floor else "it does not fit even the training set")
+    raise QualityFloorError(
+        f"the float32 baseline did not learn: validation accuracy {quality.val_accuracy:.3f} is below the floor "
+        f"{quality.floor:.3f} (majority-class rate {quality.majority_rate:.3f} + train.min_gain_over_chance "
+        f"{params.train.min_gain_over_chance} of the rest); nothing is optimised or registered. Checked:\n"
+        f"  - output activation: the head emits {tuning.output}, trained with "
+        f"{'from_logits=True' if tuning.output == 'logits' else 'cross-entropy on probabilities'}\n"
+        f"  - BatchNorm statistics: {bn_text}\n"
+        f"  - training accuracy {train_accuracy:.3f}: {fit_text}\n"
+        f"  - train.learning_rate {params.train.learning_rate}, train.epochs {params.train.epochs}: try more "
+        "epochs or a learning rate 10x smaller or larger\n"
+        "  - the labels: are y and the images paired correctly (data.path)?")
 
 
 def needs_qat(strategy: str, ptq_drop_pts: float, max_drop_pts: float) -> tuple[bool, str]:
@@ -64,11 +104,10 @@ def needs_qat(strategy: str, ptq_drop_pts: float, max_drop_pts: float) -> tuple[
     return False, f"PTQ drop {ptq_drop_pts:.2f} pts <= {max_drop_pts} pts; QAT not needed"
 
 
-def run_qat(model: Any, params: Params, prepared: PreparedData) -> optimize.QatOutcome:
+def run_qat(model: Any, params: Params, tuning: optimize.FineTuning) -> optimize.QatOutcome:
     outcome = optimize.quantize_aware(optimize.copy_model(model))
     if outcome.model is not None:
-        optimize.compile_model(outcome.model, params.quantize.qat_learning_rate)
-        optimize.fit(outcome.model, prepared.train, prepared.val, params.quantize.qat_epochs, params.train.batch_size)
+        tuning.fit(outcome.model, params.quantize.qat_learning_rate, params.quantize.qat_epochs, "qat")
     return outcome
 
 
@@ -79,15 +118,14 @@ def pruned_int8_method(strategy: str) -> tuple[bool, str]:
     return True, f"strategy {strategy}: pruning-preserving QAT (PQAT) keeps the zeros through quantization"
 
 
-def run_pruning(model: Any, baseline_val: float, params: Params, prepared: PreparedData,
+def run_pruning(model: Any, baseline_val: float, params: Params, tuning: optimize.FineTuning,
                 workspace: Workspace) -> PruningSummary:
     """Sparsity search, then PQAT (or PTQ) for the pruned + int8 variant; saves the models it keeps.
 
     A model tfmot cannot prune is reported, not a crashed stage: the pruned variant is then skipped.
     """
     try:
-        pruned, trials, within_budget = optimize.search_sparsity(
-            model, baseline_val, params.prune, prepared.train, prepared.val, params.train.batch_size)
+        pruned, trials, within_budget = optimize.search_sparsity(model, baseline_val, params.prune, tuning)
     except optimize.TfmotRefused as error:
         log.warning("pruning failed: %s", error)
         return PruningSummary(error=str(error), unsupported_layers=optimize.unsupported_layers(model, "prune"))
@@ -96,7 +134,7 @@ def run_pruning(model: Any, baseline_val: float, params: Params, prepared: Prepa
     source, method = "pruned.h5", "ptq"
     if use_pqat:
         try:
-            pqat = optimize.prune_preserving_qat(pruned, params.quantize, params.train, prepared.train, prepared.val)
+            pqat = optimize.prune_preserving_qat(pruned, params.quantize, tuning)
             pqat.save(workspace.keras_model("pruned_qat.h5"))
             source, method = "pruned_qat.h5", "pqat"
         except optimize.TfmotRefused as error:  # layers PQAT cannot quantize: PTQ of the pruned model instead
@@ -106,15 +144,15 @@ def run_pruning(model: Any, baseline_val: float, params: Params, prepared: Prepa
                           file="pruned.h5", int8=PrunedInt8(method=method, reason=reason, file=source))
 
 
-def check_qat(model: Any, baseline_val: float, params: Params, prepared: PreparedData,
+def check_qat(model: Any, baseline_val: float, params: Params, prepared: PreparedData, tuning: optimize.FineTuning,
               workspace: Workspace) -> tuple[PtqCheck, QatSummary]:
     """Measure full-integer PTQ in LiteRT; train QAT when the strategy (or the drop) asks for it."""
-    ptq_val = optimize.ptq_accuracy(model, prepared.representative, prepared.val)
+    ptq_val = optimize.ptq_accuracy(model, tuning.output, prepared.representative, prepared.val)
     ptq = PtqCheck(val_accuracy=ptq_val, drop_pts=100.0 * (baseline_val - ptq_val))
     want_qat, reason = needs_qat(params.quantize.strategy, ptq.drop_pts, params.quantize.max_ptq_drop_pts)
     if not want_qat:
         return ptq, QatSummary(reason=reason, unsupported_layers=optimize.unsupported_layers(model, "quantize"))
-    outcome = run_qat(model, params, prepared)
+    outcome = run_qat(model, params, tuning)
     qat = QatSummary(reason=reason, mode=outcome.mode, unsupported_layers=outcome.unsupported_layers,
                      error=outcome.error)
     if outcome.model is not None:
@@ -125,23 +163,28 @@ def check_qat(model: Any, baseline_val: float, params: Params, prepared: Prepare
 
 
 def train(params: Params, prepared: PreparedData, workspace: Workspace) -> TrainSummary:
-    """Run the whole stage and return the summary it writes."""
+    """Run the whole stage and return the summary it writes (or stop when the baseline did not learn)."""
     set_seeds(params.seed)
     workspace.keras_dir.mkdir(parents=True, exist_ok=True)
-    model = train_baseline(params, prepared)
-    model.save(workspace.keras_model("baseline.h5"))
+    model, tuning = train_baseline(params, prepared)
     baseline_val = optimize.keras_accuracy(model, prepared.val)
-    test_probabilities = model.predict(prepared.test.x, batch_size=256, verbose=0)
+    quality = quality_floor(params, baseline_val, prepared.val.y, len(prepared.val.labels))
+    check_learned(params, quality, model, tuning)
+    model.save(workspace.keras_model("baseline.h5"))
+    test_probabilities = heads.with_probabilities(model, tuning.output).predict(prepared.test.x, batch_size=256,
+                                                                                 verbose=0)
     test_accuracy = float(np.mean(np.argmax(test_probabilities, axis=1) == prepared.test.y))
     write_reference_outputs(workspace, test_probabilities, prepared.test.y)
-    log.info("baseline %s: val %.4f, test %.4f", params.train.model, baseline_val, test_accuracy)
-    ptq, qat = check_qat(model, baseline_val, params, prepared, workspace)
+    log.info("baseline %s (%s head): val %.4f, test %.4f", params.train.model, tuning.output, baseline_val,
+             test_accuracy)
+    ptq, qat = check_qat(model, baseline_val, params, prepared, tuning, workspace)
+    pruning = run_pruning(model, baseline_val, params, tuning, workspace) if params.prune.enabled else None
     summary = TrainSummary(
         model=params.train.model, params_count=int(model.count_params()),
-        input_shape=list(prepared.train.input_shape), labels=prepared.train.labels,
+        input_shape=list(prepared.train.input_shape), labels=prepared.train.labels, output=tuning.output,
+        quality=quality, batchnorm=tuning.batchnorm_checks,
         baseline=BaselineSummary(file="baseline.h5", val_accuracy=baseline_val, test_accuracy=test_accuracy),
-        ptq_check=ptq, qat=qat,
-        pruning=run_pruning(model, baseline_val, params, prepared, workspace) if params.prune.enabled else None,
+        ptq_check=ptq, qat=qat, pruning=pruning,
     )
     write_train_summary(workspace, summary)
     return summary
@@ -154,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def stage(params: Params, workspace: Workspace) -> None:
         summary = train(params, read_prepared(workspace), workspace)
-        print(summary.model_dump_json(include={"model", "params_count", "baseline", "ptq_check"}, indent=2))
+        print(summary.model_dump_json(include={"model", "params_count", "output", "quality", "baseline", "ptq_check"},
+                                      indent=2))
 
     return run_stage(args, stage)
 

@@ -21,8 +21,8 @@ from tasks.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 VARIANT_METRICS = ("accuracy", "accuracy_drop_pts", "agreement", "max_abs_diff", "size_bytes", "gzip_bytes",
-                   "size_reduction", "sparsity", "latency_p50_ms", "latency_p95_ms", "model_rss_bytes",
-                   "peak_rss_bytes")
+                   "weight_bytes", "size_reduction", "weight_reduction", "sparsity", "latency_p50_ms",
+                   "latency_p95_ms", "model_rss_bytes", "peak_rss_bytes")
 REPORT_SUFFIXES = ("csv", "md", "png")
 
 

@@ -306,7 +306,9 @@ def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}, stdout=subprocess.PIPE,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url,  # uvicorn from the venv
+                                   "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         def answers():
@@ -324,7 +326,8 @@ def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
         with urllib.request.urlopen(request, timeout=30) as response:
             predictions = np.asarray(json.loads(response.read())["predictions"])
     finally:
-        os.killpg(server.pid, 15)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
         server.wait(timeout=30)
     assert predictions.shape == (16, 10)
     assert np.allclose(predictions.sum(axis=1), 1.0, atol=0.02)

@@ -57,6 +57,7 @@ def test_converted_variant_gets_a_complete_sidecar(tmp_path, digits, tiny_model)
 
 def _summary(**changes) -> TrainSummary:
     raw = {"model": "digits_cnn", "params_count": 10, "input_shape": [8, 8, 1], "labels": ["0", "1"],
+           "quality": {"val_accuracy": 0.9, "majority_rate": 0.5, "floor": 0.6},
            "baseline": {"file": "baseline.h5", "val_accuracy": 0.9, "test_accuracy": 0.9},
            "ptq_check": {"val_accuracy": 0.9, "drop_pts": 0.0}, "qat": {"reason": "strategy ptq"},
            "pruning": {"sparsity": 0.8, "file": "pruned.h5",

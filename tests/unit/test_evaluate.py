@@ -8,12 +8,13 @@ from tasks.evaluation.evaluate import measure_variant
 from tasks.evaluation.gates import apply_gates, gate_failure_message, recommend
 from tasks.evaluation.report import comparison_markdown, pareto_front
 
-GATES = GateParams(max_accuracy_drop_pts=1.0, min_size_reduction=3.0, max_host_latency_ms=10.0)
+GATES = GateParams(min_accuracy=0.9, max_accuracy_drop_pts=1.0, min_weight_reduction=3.0, max_host_latency_ms=10.0)
 
 
-def _row(name, drop=0.2, reduction=4.0, p95=1.0, size=100, gzip=90, accuracy=0.98, status="ok"):
-    return VariantRow(variant=name, status=status, accuracy=accuracy, accuracy_drop_pts=drop, size_reduction=reduction,
-                      latency_p95_ms=p95, size_bytes=size, gzip_bytes=gzip)
+def _row(name, drop=0.2, reduction=4.0, p95=1.0, size=100, gzip=90, accuracy=0.98, status="ok", file_reduction=2.0):
+    return VariantRow(variant=name, status=status, accuracy=accuracy, accuracy_drop_pts=drop,
+                      weight_reduction=reduction, size_reduction=file_reduction, latency_p95_ms=p95, size_bytes=size,
+                      gzip_bytes=gzip)
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,8 @@ def _row(name, drop=0.2, reduction=4.0, p95=1.0, size=100, gzip=90, accuracy=0.9
     [
         (_row("a"), True, None),
         (_row("a", drop=1.5), False, "accuracy drop 1.50pts > max 1.0pts (over by 0.50pts)"),
-        (_row("a", reduction=2.0), False, "size reduction 2.00x < min 3.0x (short by 1.00x)"),
+        (_row("a", reduction=2.0), False, "weight reduction 2.00x < min 3.0x (short by 1.00x)"),
+        (_row("a", accuracy=0.62, drop=0.0), False, "accuracy 0.62 < min 0.9 (short by 0.28)"),
         (_row("a", p95=12.0), False, "host p95 latency 12.00ms > max 10.0ms (over by 2.00ms)"),
         (_row("a", status="failed"), False, "not evaluated (failed)"),
     ],
@@ -51,7 +53,17 @@ def test_no_passing_variant_message_names_every_gate_and_margin():
         apply_gates(row, GATES)
     message = gate_failure_message(rows, GATES)
     assert "a: accuracy drop 3.00pts > max 1.0pts (over by 2.00pts)" in message
-    assert "b: size reduction 1.00x < min 3.0x (short by 2.00x)" in message
+    assert "b: weight reduction 1.00x < min 3.0x (short by 2.00x)" in message
+    assert "min accuracy 0.9" in message and "size reduction (x)" not in message  # the file-size gate is off
+
+
+def test_the_file_size_gate_is_optional_and_judged_when_set():
+    row = _row("small-model-int8", reduction=3.9, file_reduction=2.09)  # ds_cnn: honest int8, 2.09x smaller file
+    apply_gates(row, GATES)
+    assert row.gates_passed
+    strict = _row("small-model-int8", reduction=3.9, file_reduction=2.09)
+    apply_gates(strict, GATES.model_copy(update={"min_size_reduction": 3.0}))
+    assert "size reduction 2.09x < min 3.0x (short by 0.91x)" in strict.gate_failures
 
 
 def test_pareto_front():

@@ -58,7 +58,7 @@ def test_pruning_reaches_the_target_sparsity(tiny_model, digits):
     train = Dataset(digits.x[:300], digits.y[:300], digits.labels)
     val = Dataset(digits.x[300:400], digits.y[300:400], digits.labels)
     params = PruneParams(target_sparsities=[0.6], epochs=2)
-    pruned = optimize.prune_to(tiny_model, 0.6, params, train, val, batch_size=32)
+    pruned = optimize.prune_to(tiny_model, 0.6, params, optimize.FineTuning(train, val, 32))
     assert abs(optimize.kernel_sparsity(pruned) - 0.6) < 0.02
     assert optimize.kernel_sparsity(tiny_model) < 0.01
     assert not any("prune" in layer.name for layer in pruned.layers)  # wrappers stripped
@@ -71,7 +71,7 @@ def test_sparsity_search_keeps_highest_within_budget(tiny_model, digits, budget,
     val = Dataset(digits.x[300:500], digits.y[300:500], digits.labels)
     baseline = optimize.keras_accuracy(tiny_model, val)
     params = PruneParams(target_sparsities=targets, epochs=1, max_accuracy_drop_pts=budget)
-    kept, trials, within = optimize.search_sparsity(tiny_model, baseline, params, train, val, 32)
+    kept, trials, within = optimize.search_sparsity(tiny_model, baseline, params, optimize.FineTuning(train, val, 32))
     assert trials[0].target_sparsity == 0.3
     if expect_highest:
         assert within and len(trials) == 2
@@ -93,19 +93,20 @@ def test_same_params_give_the_same_model(digits):
     weights = []
     for _ in range(2):
         set_seeds(params.seed)
-        weights.append(train_baseline(params, prepared).get_weights())
+        weights.append(train_baseline(params, prepared)[0].get_weights())
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
 
 
 def test_unprunable_layer_is_reported_and_the_pruned_variant_skipped(digits, tmp_path):
-    from tasks.contracts import PreparedData, Workspace
+    from tasks.contracts import Workspace
     from tasks.model.train import run_pruning
 
     model = _model_with_custom_layer()
     assert optimize.unsupported_layers(model, "prune") == ["custom_swish"]
     small = Dataset(digits.x[:64], digits.y[:64], digits.labels)
     params = Params.model_validate({"prune": {"epochs": 1, "target_sparsities": [0.5]}})
-    summary = run_pruning(model, 0.9, params, PreparedData(small, small, small, small.x[:8]), Workspace(tmp_path))
+    tuning = optimize.FineTuning(small, small, 32)
+    summary = run_pruning(model, 0.9, params, tuning, Workspace(tmp_path))
     assert "supported layer" in summary.error and summary.unsupported_layers == ["custom_swish"]
     assert summary.int8 is None and summary.file is None
 

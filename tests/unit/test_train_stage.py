@@ -34,6 +34,7 @@ def test_corrupt_own_model_is_a_clear_error(tmp_path, digits):
 def test_train_metrics_file_is_flat(tmp_path):
     summary = TrainSummary.model_validate({
         "model": "digits_cnn", "params_count": 10, "input_shape": [8, 8, 1], "labels": ["0", "1"],
+        "quality": {"val_accuracy": 0.9, "majority_rate": 0.5, "floor": 0.6},
         "baseline": {"file": "baseline.h5", "val_accuracy": 0.9, "test_accuracy": 0.8},
         "ptq_check": {"val_accuracy": 0.85, "drop_pts": 0.5}, "qat": {"reason": "strategy ptq"}, "pruning": None})
     workspace = Workspace(tmp_path)

@@ -72,7 +72,15 @@ def test_bigger_images_are_downsampled() -> None:
     model = build_model("mobilenet_v1_025", (64, 64, 3), 2)
     assert model.get_layer(index=-2).output_shape == (None, 256)
     conv_shapes = [layer.output_shape for layer in model.layers if isinstance(layer, keras.layers.ReLU)]
-    assert conv_shapes[-1][1:3] == (2, 2)
+    assert conv_shapes[-1][1:3] == (8, 8)  # 64 -> 32 -> 16 -> 8, then no further
+
+
+@pytest.mark.parametrize("name", ["resnet8", "ds_cnn", "mobilenet_v1_025"])
+def test_small_images_are_not_collapsed(name) -> None:
+    """An 8x8 digit keeps its 8x8 feature map (the reference strides would end at 1x1)."""
+    model = build_model(name, (8, 8, 1), 10)
+    conv_shapes = [layer.output_shape for layer in model.layers if isinstance(layer, keras.layers.ReLU)]
+    assert conv_shapes[-1][1:3] == (8, 8)
 
 
 def test_unknown_model_name_lists_allowed_names() -> None:

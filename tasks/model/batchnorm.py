@@ -1,0 +1,93 @@
+"""BatchNorm statistics that match the weights.
+
+With Keras' default momentum (0.99) and a small dataset (tens of steps an epoch) a model can score
+99% in training mode (batch statistics) and chance in inference mode (moving statistics that have
+not caught up). After each fine-tuning step the recipe compares the two modes on the validation set;
+when inference mode lags, the moving mean and variance are re-estimated from the training set: each
+BatchNorm layer, in graph order, gets the exact mean and variance of its inputs with every earlier
+layer in inference mode (no weight updates, no dropout), a standard step in quantization toolkits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from tasks.contracts import BatchNormCheck, Dataset
+
+log = logging.getLogger(__name__)
+
+
+def batchnorm_layers(model: Any) -> list[Any]:
+    """The model's layers that hold BatchNorm statistics (plain, or inside a tfmot QAT/pruning wrapper)."""
+    import tf_keras as keras
+
+    return [layer for layer in model.layers
+            if isinstance(getattr(layer, "layer", layer), keras.layers.BatchNormalization)]
+
+
+def mode_accuracies(model: Any, data: Dataset, batch_size: int = 256) -> tuple[float, float]:
+    """(inference-mode accuracy, training-mode accuracy) on ``data``, batch by batch; no weights change.
+
+    A training-mode call moves the moving statistics in Keras, so they are put back afterwards.
+    """
+    norms = [getattr(layer, "layer", layer) for layer in batchnorm_layers(model)]
+    saved = [(norm.moving_mean.numpy(), norm.moving_variance.numpy()) for norm in norms]
+    inference, training = [], []
+    try:
+        for start in range(0, len(data.y), batch_size):
+            batch, labels = data.x[start:start + batch_size], data.y[start:start + batch_size]
+            inference.append(np.argmax(model(batch, training=False).numpy(), axis=1) == labels)
+            training.append(np.argmax(model(batch, training=True).numpy(), axis=1) == labels)
+    finally:
+        for norm, (mean, variance) in zip(norms, saved, strict=True):
+            norm.moving_mean.assign(mean)
+            norm.moving_variance.assign(variance)
+    return float(np.mean(np.concatenate(inference))), float(np.mean(np.concatenate(training)))
+
+
+def reestimate(model: Any, samples: np.ndarray, batch_size: int = 256) -> int:
+    """Set every BatchNorm layer's moving statistics to those of its inputs on ``samples``; return how many."""
+    import tf_keras as keras
+
+    updated = 0
+    for layer in batchnorm_layers(model):
+        norm = getattr(layer, "layer", layer)
+        probe = keras.Model(model.inputs, layer.input)  # earlier BatchNorms are already re-estimated
+        axes = tuple(axis for axis in range(len(layer.input.shape)) if axis not in _feature_axes(norm, layer))
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, len(samples), batch_size):
+            inputs = probe(samples[start:start + batch_size], training=False).numpy().astype(np.float64)
+            total = total + inputs.sum(axis=axes)
+            total_sq = total_sq + np.square(inputs).sum(axis=axes)
+            count += int(np.prod([inputs.shape[axis] for axis in axes]))
+        mean = total / count
+        variance = np.maximum(total_sq / count - np.square(mean), 0.0)
+        norm.moving_mean.assign(mean.astype(np.float32))
+        norm.moving_variance.assign(variance.astype(np.float32))
+        updated += 1
+    return updated
+
+
+def _feature_axes(norm: Any, layer: Any) -> tuple[int, ...]:
+    rank = len(layer.input.shape)
+    axes = norm.axis if isinstance(norm.axis, list | tuple) else [norm.axis]
+    return tuple(axis % rank for axis in axes)
+
+
+def check_and_fix(model: Any, step: str, train: Dataset, val: Dataset, max_gap_pts: float) -> BatchNormCheck:
+    """Compare inference and training mode on ``val``; re-estimate the statistics when inference lags."""
+    if not batchnorm_layers(model):
+        return BatchNormCheck(step=step, layers=0, inference_accuracy=None, training_mode_accuracy=None)
+    inference, training = mode_accuracies(model, val)
+    check = BatchNormCheck(step=step, layers=len(batchnorm_layers(model)), inference_accuracy=inference,
+                           training_mode_accuracy=training)
+    if 100.0 * (training - inference) <= max_gap_pts:
+        return check
+    reestimate(model, train.x)
+    after, _ = mode_accuracies(model, val)
+    log.warning("%s: inference-mode accuracy %.3f lagged training mode %.3f; BatchNorm statistics re-estimated "
+                "on %d training samples: %.3f", step, inference, training, len(train.y), after)
+    return check.model_copy(update={"reestimated": True, "inference_accuracy_after": after})

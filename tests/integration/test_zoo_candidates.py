@@ -1,0 +1,61 @@
+"""Every zoo model learns the bundled digits and is registered as a candidate with default gates.
+
+The same task functions ``dvc repro`` runs (prepare -> train -> convert -> evaluate -> register, into a
+scratch workspace and a scratch SQLite MLflow store), with ``train.model`` set to each zoo entry and the
+default gates (min accuracy 0.9, drop <= 1 pt, >= 3x fewer weight bytes, host p95 <= 20 ms). To keep the
+suite short: fewer epochs than params.yaml (the figures below are honest at these epochs), no QAT or
+pruning (covered elsewhere), and two variants. ``digits_cnn`` goes through real ``dvc repro`` in
+test_pipeline_dvc.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import Params
+from tasks.contracts import Workspace, read_prepared
+
+pytestmark = pytest.mark.integration
+EPOCHS = {"resnet8": 10, "ds_cnn": 10, "mobilenet_v1_025": 15}
+MIN_TEST_ACCURACY = 0.9
+
+
+@pytest.fixture(scope="module")
+def prepared_workspace(tmp_path_factory) -> Workspace:
+    from tasks.data.prepare import prepare
+
+    workspace = Workspace(tmp_path_factory.mktemp("zoo"))
+    prepare(Params().data, Params().seed, workspace)
+    return workspace
+
+
+@pytest.mark.parametrize("model", list(EPOCHS))
+def test_zoo_model_learns_and_is_registered(model, prepared_workspace, tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.evaluation.evaluate import evaluate
+    from tasks.model.convert import convert_all
+    from tasks.model.train import train
+    from tasks.release.register import register
+
+    workspace = Workspace(tmp_path)
+    (tmp_path / "data").symlink_to(prepared_workspace.root / "data", target_is_directory=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = Params.model_validate({
+        "train": {"model": model, "epochs": EPOCHS[model]}, "quantize": {"strategy": "ptq"},
+        "prune": {"enabled": False}, "convert": {"variants": {name: name in ("tflite_fp32", "tflite_int8")
+                                                             for name in ("tflite_fp32", "tflite_fp16",
+                                                                          "tflite_dynamic", "tflite_int8",
+                                                                          "tflite_int8_qat", "tflite_int8_pruned",
+                                                                          "onnx_fp32", "onnx_int8")}}})
+    prepared = read_prepared(workspace)
+    summary = train(params, prepared, workspace)
+    assert summary.baseline.test_accuracy >= MIN_TEST_ACCURACY, summary.baseline
+    evaluation = evaluate(params, workspace, convert_all(params, prepared, summary, workspace))
+    assert evaluation.recommended == "tflite_int8", evaluation.failure or evaluation.row("tflite_int8")
+    registration = register(params, workspace, evaluation, summary)
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(params.mlflow.registered_model, "candidate")
+        assert version.version == registration.version and version.tags["zoo_model"] == model
+    finally:
+        mlflow.set_tracking_uri(None)
