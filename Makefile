@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# dvc.yaml stages call `python -m tasks...`: they must find the venv's python (and `edgeloop`) first.
+# dvc.yaml stages call `edgeloop <stage>`: they must find the venv's `edgeloop` (and python) first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PREFECT_PORT ?= 4200

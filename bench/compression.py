@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tasks.config import load_params
+from tasks.config import PARAMS_FILE, load_params
 from tasks.contracts import Evaluation, Workspace, read_evaluation, read_prepared, read_train_summary
 from tasks.data.prepare import prepare
 from tasks.devices import DEVICES_FILE
@@ -38,7 +38,7 @@ def run_pipeline(params_path: Path, workspace: Workspace) -> tuple[Evaluation, i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--reuse", action="store_true", help="read reports/evaluation.json instead of training")
     args = parser.parse_args()
     if args.reuse:

@@ -30,19 +30,28 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so readers see the old content or the new one, never half of it."""
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    """Write a file so readers see the old content or the new one, never half of it.
+
+    A temp file in the same folder, flushed to disk, then renamed over the target (atomic on POSIX);
+    a crash leaves at most a hidden ``.<name>.*.tmp`` behind, never a truncated file under the real name.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_sidecar(model_path: Path, metadata: dict[str, Any]) -> Path:

@@ -35,6 +35,13 @@ def publish_gate_failure(evaluation: Evaluation) -> None:
                              description="Nothing registered: every variant failed a gate")
 
 
+def publish_drift_summary(summary: dict[str, Any]) -> None:
+    create_markdown_artifact(key="drift-summary", markdown=(
+        f"# Drift check\n\n{summary['samples']} samples in {summary['files']} files from `{summary['collected_dir']}`"
+        f"\n\nmean confidence: {summary['mean_confidence']}, latency p95: {summary['latency_p95_ms']} ms\n\n"
+        f"drift detected: **{summary['drift_detected']}** ({'; '.join(summary['reasons']) or 'no rule fired'})\n"))
+
+
 def publish_training(evaluation: Evaluation, registration: Registration, per_device: dict[str, str | None],
                      overrides: dict[str, Any]) -> None:
     publish_table(evaluation)

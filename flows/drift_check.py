@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from flows import steps
+from flows.artifacts import publish_drift_summary
 from flows.parameters import PARAMS_PATH
 from tasks.config import load_params
 
@@ -26,10 +26,7 @@ def drift_check(collected_dir: str | None = None) -> dict[str, Any]:
     if collected_dir:
         drift_params = drift_params.model_copy(update={"collected_dir": collected_dir})
     summary = steps.summarise_collected(drift_params)
-    create_markdown_artifact(key="drift-summary", markdown=(
-        f"# Drift check\n\n{summary['samples']} samples in {summary['files']} files from `{summary['collected_dir']}`"
-        f"\n\nmean confidence: {summary['mean_confidence']}, latency p95: {summary['latency_p95_ms']} ms\n\n"
-        f"drift detected: **{summary['drift_detected']}** ({'; '.join(summary['reasons']) or 'no rule fired'})\n"))
+    publish_drift_summary(summary)
     if summary["drift_detected"]:
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": "edgeloop.collected-data"}, payload=summary)
         get_run_logger().info("emitted %s: %s", DRIFT_EVENT, summary["reasons"])

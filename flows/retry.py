@@ -4,21 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import ServiceUnavailable
+from tasks.errors import EdgeloopError, ServiceUnavailable
+from tasks.release.tracking import no_answer
 
 
 def is_transient(error: BaseException) -> bool:
     """True for a server that did not answer or answered 5xx; False for everything retrying cannot fix."""
-    if isinstance(error, ServiceUnavailable | ConnectionError | TimeoutError):
+    if isinstance(error, ServiceUnavailable):
         return True
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(error, requests.ConnectionError | requests.Timeout):
-        return True
-    if isinstance(error, MlflowException):
-        return error.get_http_status_code() >= 500
-    return False
+    if isinstance(error, EdgeloopError):  # bad input, a refused step, a gate: the same again next time
+        return False
+    return no_answer(error)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -20,7 +20,9 @@ from tasks.config import DriftParams, Params
 from tasks.contracts import ConversionResult, Evaluation, Registration, TrainSummary, Workspace, read_prepared
 from tasks.data import prepare as prepare_stage
 from tasks.data import versioning
+from tasks.devices import load_devices
 from tasks.evaluation import evaluate as evaluate_stage
+from tasks.evaluation import gates
 from tasks.model import convert as convert_stage
 from tasks.model import train as train_stage
 from tasks.monitoring import drift
@@ -67,6 +69,12 @@ def convert_variants(params: Params, workspace: Workspace, summary: TrainSummary
 @task(name="evaluate", timeout_seconds=3600, **PERSISTED)
 def evaluate_variants(params: Params, workspace: Workspace, conversions: list[ConversionResult]) -> Evaluation:
     return evaluate_stage.evaluate(params, workspace, conversions, DEVICES_PATH)
+
+
+@task(name="recommend-per-device", **PERSISTED)
+def recommend_per_device(evaluation: Evaluation, device_names: list[str]) -> dict[str, str | None]:
+    return gates.recommend_per_device(evaluation.rows, load_devices(DEVICES_PATH), evaluation.recommend_by,
+                                      device_names)
 
 
 @task(name="register", timeout_seconds=900, **TRANSIENT_RETRIES, **PERSISTED)

@@ -10,11 +10,9 @@ from prefect.context import FlowRunContext
 from flows import steps
 from flows.artifacts import publish_gate_failure, publish_training
 from flows.locking import exclusive_outputs
-from flows.parameters import DEFAULT_PARAMETERS, DEVICES_PATH, TrainingParameters, overrides, resolve
+from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
 from tasks.config import Params
 from tasks.contracts import Evaluation, Registration, Workspace
-from tasks.devices import load_devices
-from tasks.evaluation.gates import recommend_per_device
 
 
 def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
@@ -54,8 +52,7 @@ def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | N
     config, run_workspace = resolve(params, workspace)
     with exclusive_outputs(run_workspace):
         evaluation, registration = build_candidate(config, run_workspace, params)
-    per_device = recommend_per_device(evaluation.rows, load_devices(DEVICES_PATH), evaluation.recommend_by,
-                                      params.devices)
+    per_device = steps.recommend_per_device(evaluation, params.devices)
     publish_training(evaluation, registration, per_device, overrides(params))
     get_run_logger().info("registered %s v%s (%s)", registration.registered_model, registration.version,
                           registration.variant)

@@ -59,7 +59,8 @@ def _decide(args: argparse.Namespace) -> None:
     from flows.approval import decide
 
     run = decide(args.run, args.command == "approve", args.reviewer, args.comment)
-    print(f"{args.command}d {run.name} ({run.id}) as {args.reviewer.strip()}")
+    verdict = "approved" if args.command == "approve" else "rejected"
+    print(f"{verdict} {run.name} ({run.id}) as {args.reviewer.strip()}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Stage contracts: every file a stage writes or reads, and the typed records passed between stages.
 
-One :class:`Workspace` root builds every path (DVC stages use the repository root; a flow run, a
+One :class:`~tasks.workspace.Workspace` root builds every path (DVC stages use the repository root; a flow run, a
 benchmark or a test can use a scratch folder). Stages never import each other: a stage writes its
 record here and the next stage (or flow) reads it back, typed. Each ``read_*`` names the stage to run
 when its file is missing, and each ``write_*`` is atomic, so a crash never leaves half a file.
@@ -17,105 +17,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.sidecar import atomic_write_text
 from tasks.errors import StageError
-from tasks.variants import VARIANTS
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """Where every stage output lives, under one root (the repository root for ``dvc repro``)."""
-
-    root: Path = Path(".")
-
-    @property
-    def prepared_dir(self) -> Path:
-        return self.root / "data" / "prepared"
-
-    @property
-    def keras_dir(self) -> Path:
-        return self.root / "models" / "keras"
-
-    @property
-    def variants_dir(self) -> Path:
-        return self.root / "models" / "variants"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def mlflow_artifacts(self) -> Path:
-        """Artifact root of a local (SQLite/file) MLflow store; servers keep their own."""
-        return self.root / "mlartifacts"
-
-    @property
-    def lock_file(self) -> Path:
-        """Held by a flow run while it writes this workspace's outputs."""
-        return self.root / ".edgeloop-outputs.lock"
-
-    # ---- files inside the folders -------------------------------------------------------------
-    def split_file(self, split: str) -> Path:
-        return self.prepared_dir / f"{split}.npz"
-
-    @property
-    def representative_file(self) -> Path:
-        return self.prepared_dir / "representative.npz"
-
-    @property
-    def dataset_file(self) -> Path:
-        return self.prepared_dir / "dataset.json"
-
-    def keras_model(self, file_name: str) -> Path:
-        return self.keras_dir / file_name
-
-    @property
-    def reference_outputs_file(self) -> Path:
-        return self.keras_dir / "reference_outputs.npz"
-
-    @property
-    def train_summary_file(self) -> Path:
-        return self.keras_dir / "train_summary.json"
-
-    @property
-    def train_metrics_file(self) -> Path:
-        return self.reports_dir / "train_metrics.json"
-
-    def variant_file(self, variant: str) -> Path:
-        return self.variants_dir / VARIANTS[variant].filename()
-
-    @property
-    def conversion_file(self) -> Path:
-        return self.variants_dir / "conversion.json"
-
-    @property
-    def evaluation_file(self) -> Path:
-        return self.reports_dir / "evaluation.json"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.reports_dir / "metrics.json"
-
-    def comparison_file(self, suffix: str) -> Path:
-        """``comparison.csv``, ``.md`` or ``.png``: the human-readable variant matrix."""
-        return self.reports_dir / f"comparison.{suffix}"
-
-    @property
-    def registration_file(self) -> Path:
-        return self.reports_dir / "registration.json"
-
-
-def _require(path: Path, stage: str) -> Path:
-    if not path.is_file():
-        raise StageError(f"{path} not found; run the {stage} stage first (dvc repro {stage}, or edgeloop {stage})")
-    return path
+from tasks.workspace import SPLITS, Workspace, clear_stage_outputs, load_arrays, require, save_arrays
 
 
 class Record(BaseModel):
@@ -127,6 +36,18 @@ class Record(BaseModel):
 def _write_record(path: Path, record: BaseModel) -> Path:
     atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
     return path
+
+
+RecordType = TypeVar("RecordType", bound=BaseModel)
+
+
+def _read_record(path: Path, record_type: type[RecordType], stage: str) -> RecordType:
+    """A record a stage wrote; a clear error when it is missing, unreadable or from another version."""
+    try:
+        return record_type.model_validate_json(require(path, stage).read_text())
+    except (OSError, ValidationError) as error:
+        raise StageError(f"{path} cannot be read as the {stage} stage's record ({str(error).splitlines()[0]}); "
+                         f"re-run the {stage} stage (it may come from another edgeloop version)") from error
 
 
 # ---- prepare ------------------------------------------------------------------------------------
@@ -164,11 +85,11 @@ class DatasetInfo(Record):
 
 def write_prepared(workspace: Workspace, prepared: PreparedData, source: str) -> DatasetInfo:
     """Write the splits as .npz files plus ``dataset.json`` describing them (written last)."""
-    workspace.prepared_dir.mkdir(parents=True, exist_ok=True)
+    clear_stage_outputs(workspace, "prepare")  # dataset.json, written last, marks a complete set
     for name in SPLITS:
         split: Dataset = getattr(prepared, name)
-        np.savez_compressed(workspace.split_file(name), x=split.x, y=split.y)
-    np.savez_compressed(workspace.representative_file, x=prepared.representative)
+        save_arrays(workspace.split_file(name), x=split.x, y=split.y)
+    save_arrays(workspace.representative_file, x=prepared.representative)
     info = DatasetInfo(source=source, labels=prepared.train.labels, input_shape=list(prepared.train.input_shape),
                        num_classes=len(prepared.train.labels),
                        counts={name: int(len(getattr(prepared, name).y)) for name in SPLITS},
@@ -179,14 +100,13 @@ def write_prepared(workspace: Workspace, prepared: PreparedData, source: str) ->
 
 def read_prepared(workspace: Workspace) -> PreparedData:
     """What :func:`write_prepared` wrote; a clear error when the prepare stage has not run."""
-    info = DatasetInfo.model_validate_json(_require(workspace.dataset_file, "prepare").read_text())
+    info = _read_record(workspace.dataset_file, DatasetInfo, "prepare")
 
     def read(name: str) -> Dataset:
-        with np.load(workspace.split_file(name)) as archive:
-            return Dataset(archive["x"], archive["y"], info.labels)
+        arrays = load_arrays(workspace.split_file(name), "prepare")
+        return Dataset(arrays["x"], arrays["y"], info.labels)
 
-    with np.load(workspace.representative_file) as archive:
-        representative = archive["x"]
+    representative = load_arrays(workspace.representative_file, "prepare")["x"]
     return PreparedData(read("train"), read("val"), read("test"), representative)
 
 
@@ -261,7 +181,8 @@ class TrainSummary(Record):
     params_count: int
     input_shape: list[int]
     labels: list[str]
-    output: str = "probabilities"  # what the trained head emits: probabilities | logits (softmax added on export)
+    output: Literal["probabilities", "logits"] = "probabilities"  # what the trained head emits (logits: softmax
+    # appended on export, so every variant emits probabilities)
     quality: QualityFloor
     batchnorm: list[BatchNormCheck] = Field(default_factory=list)
     baseline: BaselineSummary
@@ -284,17 +205,16 @@ def write_train_summary(workspace: Workspace, summary: TrainSummary) -> None:
 
 
 def read_train_summary(workspace: Workspace) -> TrainSummary:
-    return TrainSummary.model_validate_json(_require(workspace.train_summary_file, "train").read_text())
+    return _read_record(workspace.train_summary_file, TrainSummary, "train")
 
 
 def write_reference_outputs(workspace: Workspace, probabilities: np.ndarray, labels: np.ndarray) -> None:
     """The float32 Keras model's test-set probabilities: the yardstick of every variant."""
-    np.savez_compressed(workspace.reference_outputs_file, probabilities=probabilities, labels=labels)
+    save_arrays(workspace.reference_outputs_file, probabilities=probabilities, labels=labels)
 
 
 def read_reference_outputs(workspace: Workspace) -> np.ndarray:
-    with np.load(_require(workspace.reference_outputs_file, "train")) as archive:
-        return archive["probabilities"]
+    return load_arrays(workspace.reference_outputs_file, "train")["probabilities"]
 
 
 # ---- convert ------------------------------------------------------------------------------------
@@ -316,7 +236,7 @@ def write_conversion(workspace: Workspace, results: list[ConversionResult]) -> N
 
 
 def read_conversion(workspace: Workspace) -> list[ConversionResult]:
-    return ConversionResults.model_validate_json(_require(workspace.conversion_file, "convert").read_text()).results
+    return _read_record(workspace.conversion_file, ConversionResults, "convert").results
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
@@ -363,7 +283,7 @@ def write_evaluation(workspace: Workspace, evaluation: Evaluation) -> None:
 
 
 def read_evaluation(workspace: Workspace) -> Evaluation:
-    return Evaluation.model_validate_json(_require(workspace.evaluation_file, "evaluate").read_text())
+    return _read_record(workspace.evaluation_file, Evaluation, "evaluate")
 
 
 # ---- register -----------------------------------------------------------------------------------
@@ -384,4 +304,4 @@ def write_registration(workspace: Workspace, registration: Registration) -> None
 
 
 def read_registration(workspace: Workspace) -> Registration:
-    return Registration.model_validate_json(_require(workspace.registration_file, "register").read_text())
+    return _read_record(workspace.registration_file, Registration, "register")

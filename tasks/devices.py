@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,6 @@ from tasks.config import format_validation_error
 from tasks.errors import ConfigError
 
 DEVICES_FILE = Path("devices.yaml")
-DEFAULT_CSV_PATH = Path("reports/devices.csv")
 MB = 1024 * 1024
 # terminal table: column header -> DeviceSpec field (the runner column is added after these)
 TABLE_COLUMNS = {"name": "name", "arch": "cpu_arch", "cores": "cores", "ram_mb": "ram_mb", "storage_mb": "storage_mb"}
@@ -206,24 +204,26 @@ def device_fit(device: DeviceSpec, model_size_bytes: int, working_set_bytes: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the inventory table and write it as CSV; 2 on an invalid inventory."""
-    parser = argparse.ArgumentParser(prog="edgeloop devices", description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=Path, default=DEVICES_FILE, help="inventory YAML")
-    parser.add_argument("--out", type=Path, default=DEFAULT_CSV_PATH, help="CSV to write")
+    """Print the inventory table and write it as CSV; 2 on an invalid inventory or an unwritable CSV."""
+    from tasks.entrypoint import report_user_errors
+    from tasks.workspace import Workspace
+
+    parser = argparse.ArgumentParser(prog="edgeloop devices", description="Print the hardware inventory "
+                                     "(devices.yaml) as a table and write it as CSV.")
+    parser.add_argument("--devices", type=Path, default=DEVICES_FILE, help="inventory YAML (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Workspace().devices_csv, help="CSV to write (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
+
+    def show() -> None:
         inventory = load_devices(args.devices)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_table(inventory))
-    try:
-        written = write_devices_csv(inventory, args.out)
-    except OSError as error:
-        print(f"error: cannot write {args.out}: {error}", file=sys.stderr)
-        return 1
-    print(f"\nwrote {len(inventory.devices)} devices to {written}")
-    return 0
+        print(format_table(inventory))
+        try:
+            written = write_devices_csv(inventory, args.out)
+        except OSError as error:
+            raise ConfigError(f"cannot write {args.out} ({error}); pass --out with a writable path") from error
+        print(f"\nwrote {len(inventory.devices)} devices to {written}")
+
+    return report_user_errors(show)
 
 
 if __name__ == "__main__":

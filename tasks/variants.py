@@ -1,6 +1,6 @@
 """The variant table: every export target as data (name, file suffix, runtime, source model, precision).
 
-Adding a variant is a row here plus, if it needs a new format, an exporter in :mod:`tasks.exporters`.
+Adding a variant is a row here plus, if it needs a new format, an exporter in :mod:`tasks.model.exporters`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from tasks.contracts import (
     Evaluation,
     VariantRow,
     Workspace,
+    clear_stage_outputs,
     read_conversion,
     read_prepared,
     read_reference_outputs,
@@ -102,6 +103,7 @@ def evaluate(params: Params, workspace: Workspace, conversions: list[ConversionR
              devices_path: Path = DEVICES_FILE) -> Evaluation:
     """Run the stage: rows, recommendation and reports (also when nothing passes: ``failure`` says why)."""
     inventory = load_devices(devices_path)
+    clear_stage_outputs(workspace, "evaluate")
     prepared = read_prepared(workspace)
     rows = evaluate_variants(params, workspace, conversions, prepared.test, inventory)
     best = recommend(rows, params.evaluate.recommend_by)

@@ -62,7 +62,8 @@ def recommend(rows: list[VariantRow], recommend_by: str) -> VariantRow | None:
 
 def recommend_per_device(rows: list[VariantRow], inventory: DeviceInventory, recommend_by: str,
                          device_names: list[str] | None = None) -> dict[str, str | None]:
-    """For each device: the best variant that passes the gates and fits it, its preferred runtime first."""
+    """For each device (or those named): the best variant that passes the gates and fits it, its preferred
+    runtime first; None where nothing fits and passes."""
     picks: dict[str, str | None] = {}
     for device in inventory.devices:
         if device_names and device.name not in device_names:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from edge.sidecar import atomic_write_text
+from edge.sidecar import atomic_write_bytes, atomic_write_text
 from tasks.contracts import Evaluation, VariantRow, Workspace, write_evaluation
 
 COLUMNS = [
@@ -67,16 +68,15 @@ def comparison_markdown(evaluation: Evaluation) -> str:
 
 def write_csv(rows: list[VariantRow], path: Path) -> None:
     fields = [key for key, _ in COLUMNS] + ["gate_failures", "error"] + [f"device_{d}" for d in rows[0].devices]
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            flat = {key: getattr(row, key) for key, _ in COLUMNS}
-            flat.update(gate_failures="; ".join(row.gate_failures), error=row.error)
-            flat.update({f"device_{d}": v for d, v in row.devices.items()})
-            writer.writerow(flat)
-    partial.replace(path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        flat = {key: getattr(row, key) for key, _ in COLUMNS}
+        flat.update(gate_failures="; ".join(row.gate_failures), error=row.error)
+        flat.update({f"device_{d}": v for d, v in row.devices.items()})
+        writer.writerow(flat)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_plot(rows: list[VariantRow], recommended: str | None, path: Path) -> None:
@@ -110,10 +110,10 @@ def write_plot(rows: list[VariantRow], recommended: str | None, path: Path) -> N
         axis.grid(alpha=0.3)
     figure.suptitle(f"Variant matrix (stars: Pareto front, red edge: recommended {recommended})")
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
-    partial.replace(path)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def metrics(evaluation: Evaluation) -> dict[str, Any]:

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from edge.runtime import EdgeModel
-from edge.sidecar import sidecar_path, write_sidecar
+from edge.sidecar import atomic_write_bytes, sidecar_path, write_sidecar
 from tasks.config import Params
 from tasks.contracts import (
     ConversionResult,
     PreparedData,
     TrainSummary,
     Workspace,
+    clear_stage_outputs,
     read_prepared,
     read_train_summary,
     write_conversion,
@@ -30,7 +30,7 @@ from tasks.contracts import (
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.lineage import directory_md5, git_commit, utc_now
 from tasks.model import exporters, heads
-from tasks.model.optimize import kernel_sparsity, load_trained
+from tasks.model.keras_io import kernel_sparsity, load_trained
 from tasks.variants import VARIANTS, Variant
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,15 @@ class SourceModel:
 def resolve_sources(summary: TrainSummary, workspace: Workspace) -> dict[str, SourceModel]:
     """Map each variant ``source`` to the model file the train stage produced for it."""
     qat, pruning = summary.qat, summary.pruning
-    sources = {"baseline": SourceModel(workspace.keras_model(summary.baseline.file), "post-training")}
-    sources["qat"] = (SourceModel(workspace.keras_model(qat.file), f"qat ({qat.mode or 'full'})") if qat.file
+    sources = {"baseline": SourceModel(workspace.keras_dir / summary.baseline.file, "post-training")}
+    sources["qat"] = (SourceModel(workspace.keras_dir / qat.file, f"qat ({qat.mode or 'full'})") if qat.file
                       else SourceModel(None, "", f"no QAT model: {qat.reason or 'not trained'}"))
     if pruning is None:
         sources["pruned_int8"] = SourceModel(None, "", "pruning disabled (prune.enabled: false)")
     elif pruning.int8 is None:
         sources["pruned_int8"] = SourceModel(None, "", f"pruning failed: {pruning.error}")
     else:
-        sources["pruned_int8"] = SourceModel(workspace.keras_model(pruning.int8.file),
+        sources["pruned_int8"] = SourceModel(workspace.keras_dir / pruning.int8.file,
                                              f"{pruning.int8.method} at {pruning.sparsity:.0%} sparsity")
     return sources
 
@@ -70,13 +70,6 @@ def export_bytes(variant: Variant, model: Any, params: Params, prepared: Prepare
     if variant.precision == "fp32":
         return onnx_cache["fp32"]
     return exporters.onnx_int8_bytes(onnx_cache["fp32"], prepared.representative)
-
-
-def write_model_file(path: Path, content: bytes) -> None:
-    """Atomic write: a crash leaves the old file or none, never a truncated model."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(content)
-    os.replace(partial, path)
 
 
 def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, lineage: dict[str, Any],
@@ -107,7 +100,7 @@ def convert_variant(variant: Variant, source: SourceModel, params: Params, prepa
             loaded[source.path] = load_trained(source.path)
         model = loaded[source.path]
         exported = heads.with_probabilities(model, trained_head)  # every variant emits probabilities
-        write_model_file(model_file, export_bytes(variant, exported, params, prepared, onnx_cache))
+        atomic_write_bytes(model_file, export_bytes(variant, exported, params, prepared, onnx_cache))
         write_sidecar(model_file, sidecar_metadata(variant, model_file, source, lineage, kernel_sparsity(model),
                                                    trained_head))
     except Exception as error:  # converters raise anything; a failed variant is a row, not a crashed pipeline
@@ -120,15 +113,6 @@ def convert_variant(variant: Variant, source: SourceModel, params: Params, prepa
                             seconds=time.perf_counter() - started)
 
 
-def stage_outputs(workspace: Workspace) -> list[Path]:
-    """Every file this stage may have written (and nothing else in the variants folder)."""
-    paths = [workspace.conversion_file]
-    for name in VARIANTS:
-        model_file = workspace.variant_file(name)
-        paths += [model_file, sidecar_path(model_file), model_file.with_name(f".{model_file.name}.partial")]
-    return paths
-
-
 def lineage_record(params: Params, workspace: Workspace, labels: list[str]) -> dict[str, Any]:
     return {"labels": labels, "data_version": directory_md5(workspace.prepared_dir),
             "git_commit": git_commit(), "params_hash": params.params_hash(), "created_at": utc_now(),
@@ -138,9 +122,8 @@ def lineage_record(params: Params, workspace: Workspace, labels: list[str]) -> d
 def convert_all(params: Params, prepared: PreparedData, summary: TrainSummary,
                 workspace: Workspace) -> list[ConversionResult]:
     """Build every enabled variant and write the conversion record."""
+    clear_stage_outputs(workspace, "convert")  # e.g. variants switched off since the last run
     workspace.variants_dir.mkdir(parents=True, exist_ok=True)
-    for stale in stage_outputs(workspace):  # e.g. variants switched off since the last run
-        stale.unlink(missing_ok=True)
     sources = resolve_sources(summary, workspace)
     lineage = lineage_record(params, workspace, prepared.train.labels)
     loaded: dict[Path, Any] = {}

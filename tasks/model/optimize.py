@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,17 +23,20 @@ from tasks.config import PruneParams, QuantizeParams
 from tasks.contracts import BatchNormCheck, Dataset, PruneTrial
 from tasks.model import batchnorm, heads
 from tasks.model.exporters import tflite_bytes
-from tasks.model.tfsetup import tensorflow
+from tasks.model.keras_io import kernel_sparsity, tfmot
 
 log = logging.getLogger(__name__)
 
 
-# What tfmot raises when it refuses a layer or a model (anything else is a bug and propagates):
-# RuntimeError "Layer x:<class> is not supported. You can quantize this layer by passing ...",
-# ValueError "`to_quantize` can only either be a keras Sequential or Functional model",
-# ValueError "`prune_low_magnitude` can only prune an object of the following types: ...",
-# ValueError "Please initialize `Prune` with a supported layer. ...".
-TFMOT_REFUSAL_MARKERS = ("is not supported", "can only", "supported layer")
+# What tfmot (and Keras, rebuilding a model for it) raises when it refuses a layer or a model; any other
+# error is a bug and propagates.
+TFMOT_REFUSAL_MARKERS = (
+    "is not supported. You can quantize this layer",  # RuntimeError: a layer without a QuantizeConfig
+    "`to_quantize` can only", "`to_annotate` can only",  # ValueError: subclassed (non-functional) models
+    "`prune_low_magnitude` can only prune",  # ValueError: subclassed models
+    "Please initialize `Prune` with a supported layer",  # ValueError: a layer without prunable weights
+    "Unable to clone model",  # ValueError: custom layers Keras cannot rebuild for tfmot
+)
 
 
 class TfmotRefused(Exception):
@@ -88,13 +90,6 @@ class QatOutcome:
     mode: str  # full | partial | fallback_ptq
     unsupported_layers: list[str] = field(default_factory=list)
     error: str = ""
-
-
-def tfmot():
-    tensorflow()
-    import tensorflow_model_optimization
-
-    return tensorflow_model_optimization
 
 
 def keras_accuracy(model: Any, data: Dataset) -> float:
@@ -187,13 +182,6 @@ def prune_to(model: Any, target: float, params: PruneParams, tuning: FineTuning)
     return stripped
 
 
-def kernel_sparsity(model: Any) -> float:
-    """Fraction of exact zeros among the kernel weights (tensors of rank >= 2)."""
-    kernels = [w for w in model.get_weights() if w.ndim >= 2]
-    total = sum(w.size for w in kernels)
-    return float(sum(np.count_nonzero(w == 0) for w in kernels) / total) if total else 0.0
-
-
 def search_sparsity(model: Any, baseline_val: float, params: PruneParams,
                     tuning: FineTuning) -> tuple[Any, list[PruneTrial], bool]:
     """Step sparsity up; keep the highest whose val drop is within budget (else the lowest tried)."""
@@ -222,11 +210,3 @@ def prune_preserving_qat(pruned: Any, params: QuantizeParams, tuning: FineTuning
         model = mot.quantization.keras.quantize_apply(annotated, scheme)
     tuning.fit(model, params.qat_learning_rate, params.qat_epochs, "pqat")
     return model
-
-
-def load_trained(path: Path) -> Any:
-    """Load a model this stage saved (QAT and PQAT models need tfmot's quantize scope)."""
-    import tf_keras as keras
-
-    with tfmot().quantization.keras.quantize_scope():
-        return keras.models.load_model(path, compile=False)

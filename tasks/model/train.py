@@ -25,6 +25,7 @@ from tasks.contracts import (
     QualityFloor,
     TrainSummary,
     Workspace,
+    clear_stage_outputs,
     read_prepared,
     write_reference_outputs,
     write_train_summary,
@@ -32,6 +33,7 @@ from tasks.contracts import (
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.errors import QualityFloorError
 from tasks.model import heads, optimize
+from tasks.model.keras_io import kernel_sparsity
 from tasks.model.tfsetup import set_seeds
 
 log = logging.getLogger(__name__)
@@ -129,19 +131,20 @@ def run_pruning(model: Any, baseline_val: float, params: Params, tuning: optimiz
     except optimize.TfmotRefused as error:
         log.warning("pruning failed: %s", error)
         return PruningSummary(error=str(error), unsupported_layers=optimize.unsupported_layers(model, "prune"))
-    pruned.save(workspace.keras_model("pruned.h5"))
+    pruned.save(workspace.keras_model("pruned"))
     use_pqat, reason = pruned_int8_method(params.quantize.strategy)
-    source, method = "pruned.h5", "ptq"
+    source, method = workspace.keras_model("pruned").name, "ptq"
     if use_pqat:
         try:
             pqat = optimize.prune_preserving_qat(pruned, params.quantize, tuning)
-            pqat.save(workspace.keras_model("pruned_qat.h5"))
-            source, method = "pruned_qat.h5", "pqat"
+            pqat.save(workspace.keras_model("pruned_qat"))
+            source, method = workspace.keras_model("pruned_qat").name, "pqat"
         except optimize.TfmotRefused as error:  # layers PQAT cannot quantize: PTQ of the pruned model instead
             log.warning("PQAT failed (%s); using post-training quantization of the pruned model", error)
             reason = f"PQAT failed ({error}); post-training quantization instead"[:500]
-    return PruningSummary(trials=trials, within_budget=within_budget, sparsity=optimize.kernel_sparsity(pruned),
-                          file="pruned.h5", int8=PrunedInt8(method=method, reason=reason, file=source))
+    return PruningSummary(trials=trials, within_budget=within_budget, sparsity=kernel_sparsity(pruned),
+                          file=workspace.keras_model("pruned").name,
+                          int8=PrunedInt8(method=method, reason=reason, file=source))
 
 
 def check_qat(model: Any, baseline_val: float, params: Params, prepared: PreparedData, tuning: optimize.FineTuning,
@@ -156,8 +159,8 @@ def check_qat(model: Any, baseline_val: float, params: Params, prepared: Prepare
     qat = QatSummary(reason=reason, mode=outcome.mode, unsupported_layers=outcome.unsupported_layers,
                      error=outcome.error)
     if outcome.model is not None:
-        outcome.model.save(workspace.keras_model("qat.h5"))
-        qat = qat.model_copy(update={"trained": True, "file": "qat.h5",
+        outcome.model.save(workspace.keras_model("qat"))
+        qat = qat.model_copy(update={"trained": True, "file": workspace.keras_model("qat").name,
                                      "val_accuracy": optimize.keras_accuracy(outcome.model, prepared.val)})
     return ptq, qat
 
@@ -165,12 +168,13 @@ def check_qat(model: Any, baseline_val: float, params: Params, prepared: Prepare
 def train(params: Params, prepared: PreparedData, workspace: Workspace) -> TrainSummary:
     """Run the whole stage and return the summary it writes (or stop when the baseline did not learn)."""
     set_seeds(params.seed)
+    clear_stage_outputs(workspace, "train")  # a run that stops (the chance floor) leaves nothing stale
     workspace.keras_dir.mkdir(parents=True, exist_ok=True)
     model, tuning = train_baseline(params, prepared)
     baseline_val = optimize.keras_accuracy(model, prepared.val)
     quality = quality_floor(params, baseline_val, prepared.val.y, len(prepared.val.labels))
     check_learned(params, quality, model, tuning)
-    model.save(workspace.keras_model("baseline.h5"))
+    model.save(workspace.keras_model("baseline"))
     test_probabilities = heads.with_probabilities(model, tuning.output).predict(prepared.test.x, batch_size=256,
                                                                                  verbose=0)
     test_accuracy = float(np.mean(np.argmax(test_probabilities, axis=1) == prepared.test.y))
@@ -183,7 +187,8 @@ def train(params: Params, prepared: PreparedData, workspace: Workspace) -> Train
         model=params.train.model, params_count=int(model.count_params()),
         input_shape=list(prepared.train.input_shape), labels=prepared.train.labels, output=tuning.output,
         quality=quality, batchnorm=tuning.batchnorm_checks,
-        baseline=BaselineSummary(file="baseline.h5", val_accuracy=baseline_val, test_accuracy=test_accuracy),
+        baseline=BaselineSummary(file=workspace.keras_model("baseline").name, val_accuracy=baseline_val,
+                                 test_accuracy=test_accuracy),
         ptq_check=ptq, qat=qat, pruning=pruning,
     )
     write_train_summary(workspace, summary)

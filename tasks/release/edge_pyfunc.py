@@ -14,22 +14,22 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-MODEL_SUFFIXES = (".tflite", ".onnx")
-
 
 class EdgeVariantModel(mlflow.pyfunc.PythonModel):
     """Float batch (N, H, W, C) in, class probabilities (N, classes) out, through ``edge.runtime``."""
 
     def load_context(self, context) -> None:
-        from edge.runtime import EdgeModel
+        from edge.runtime import RUNTIME_BY_SUFFIX, EdgeModel
 
         folder = Path(context.artifacts["variant"])
-        model_files = [path for path in folder.iterdir() if path.suffix in MODEL_SUFFIXES]
+        model_files = [path for path in folder.iterdir() if path.suffix in RUNTIME_BY_SUFFIX]
         if len(model_files) != 1:
             raise RuntimeError(f"{folder} holds {len(model_files)} model files; expected exactly one")
         self.model = EdgeModel.load(model_files[0], num_threads=1)  # verifies the sidecar's sha256
 
     def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict) and len(model_input) == 1:  # {"images": batch}
+            model_input = next(iter(model_input.values()))
         batch = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
         return self.model.predict(batch.astype(np.float32, copy=False))
 

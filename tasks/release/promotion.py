@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.runtime import RUNTIME_BY_SUFFIX
 from tasks.errors import PromotionRefused, StageError
 from tasks.lineage import utc_now
 
 log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 PREVIOUS_ALIAS = "previous"
-MODEL_SUFFIXES = (".tflite", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def download_version(version: Any, destination: Path) -> Path:
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination)))
     model_files = [path for path in local.rglob("*")
-                   if path.suffix in MODEL_SUFFIXES and "code" not in path.relative_to(local).parts]
+                   if path.suffix in RUNTIME_BY_SUFFIX and "code" not in path.relative_to(local).parts]
     if len(model_files) != 1:
         raise StageError(f"model version {version.name}/{version.version} at {version.source} holds "
                          f"{len(model_files)} model files; expected exactly one")

@@ -24,6 +24,7 @@ from tasks.contracts import (
     Registration,
     TrainSummary,
     Workspace,
+    clear_stage_outputs,
     read_evaluation,
     read_train_summary,
     write_registration,
@@ -63,8 +64,8 @@ def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary)
 
     model_file = workspace.variant_file(variant)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *summary.input_shape), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(summary.labels)), "probabilities")]))
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *summary.input_shape))]),  # unnamed: a JSON list is
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(summary.labels)))]))  # cast to float32 when served
     requirements = [f"{name}=={metadata.version(name)}"
                     for name in ("numpy", RUNTIME_DISTRIBUTIONS[VARIANTS[variant].runtime])]
     with tempfile.TemporaryDirectory(prefix="edgeloop-pyfunc-") as scratch:
@@ -110,7 +111,7 @@ def register(params: Params, workspace: Workspace, evaluation: Evaluation, summa
     ``extra_tags`` go on the MLflow run (the Prefect flow run id, the trigger and the parameter overrides).
     """
     configure(params.mlflow)
-    workspace.registration_file.unlink(missing_ok=True)  # a stale record must never describe this run
+    clear_stage_outputs(workspace, "register")  # a stale record must never describe this run
     lineage = run_lineage(workspace, evaluation)
     with pipeline_run(params, workspace, evaluation, summary, lineage, extra_tags) as run:
         if evaluation.recommended is None:

@@ -12,12 +12,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge.sidecar import sidecar_path
 from tasks.config import MlflowParams, Params
 from tasks.contracts import Evaluation, TrainSummary, Workspace
-from tasks.errors import ServiceUnavailable
+from tasks.errors import ServiceUnavailable, StageError
 
 log = logging.getLogger(__name__)
 VARIANT_METRICS = ("accuracy", "accuracy_drop_pts", "agreement", "max_abs_diff", "size_bytes", "gzip_bytes",
@@ -38,8 +39,29 @@ def tracking_uri(params: MlflowParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
 
 
+def no_answer(error: BaseException) -> bool:
+    """True when ``error`` (or what caused it) means the server did not answer or answered 5xx."""
+    import requests
+    from mlflow.exceptions import RestException
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionError | TimeoutError | requests.ConnectionError | requests.Timeout):
+            return True
+        if isinstance(seen, RestException) and seen.get_http_status_code() >= 500:
+            return True
+        if "API request to" in str(seen) and "failed with exception" in str(seen):  # MLflow's retries gave up
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def configure(params: MlflowParams) -> str:
-    """Point MLflow at the configured store; fail fast with a clear message when it is unreachable."""
+    """Point MLflow at the configured store; fail fast with a clear message when it cannot be used.
+
+    A server that does not answer is :class:`ServiceUnavailable` (flows retry it); a store that answers
+    with an error (a wrong URI scheme, an unreadable SQLite file) is a :class:`StageError` (no retry).
+    """
     import mlflow
 
     uri = tracking_uri(params)
@@ -48,13 +70,28 @@ def configure(params: MlflowParams) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception as error:  # requests, sqlalchemy and MLflow each raise their own types for "no answer"
-        raise ServiceUnavailable(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {error}); "
-                         "start the server or set MLFLOW_TRACKING_URI to one that answers") from error
+    except Exception as error:  # requests, sqlalchemy and MLflow each raise their own types
+        if no_answer(error):
+            raise ServiceUnavailable(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: "
+                                     f"{error}); start the server or set MLFLOW_TRACKING_URI to one that answers"
+                                     ) from error
+        raise StageError(f"MLflow tracking store {uri} cannot be used ({type(error).__name__}: {error}); check "
+                         "MLFLOW_TRACKING_URI or mlflow.tracking_uri in params.yaml") from error
     return uri
 
 
-def ensure_experiment(params: MlflowParams, workspace: Workspace) -> str:
+def local_artifact_root(uri: str) -> Path | None:
+    """Where a local store keeps artifacts: ``mlartifacts/`` beside its SQLite file; None for servers.
+
+    Tied to the store, not to a run's workspace: the experiment is shared by every run, so its artifact
+    root must outlive any one (scratch) workspace.
+    """
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+    return None
+
+
+def ensure_experiment(params: MlflowParams) -> str:
     """The experiment's id, creating it (with a local artifact root for local stores) when missing."""
     import mlflow
 
@@ -62,8 +99,8 @@ def ensure_experiment(params: MlflowParams, workspace: Workspace) -> str:
     experiment = client.get_experiment_by_name(params.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    local_store = tracking_uri(params).startswith(("sqlite:", "file:", "/"))
-    location = workspace.mlflow_artifacts.resolve().as_uri() if local_store else None
+    root = local_artifact_root(tracking_uri(params))
+    location = root.as_uri() if root else None
     return client.create_experiment(params.experiment, artifact_location=location)
 
 
@@ -83,7 +120,7 @@ def pipeline_run(params: Params, workspace: Workspace, evaluation: Evaluation, s
     """
     import mlflow
 
-    experiment_id = ensure_experiment(params.mlflow, workspace)
+    experiment_id = ensure_experiment(params.mlflow)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params(params.flat())
         mlflow.set_tags({"data_version": lineage.get("data_version", "unknown"),

@@ -66,6 +66,73 @@ def test_nightly_run_publishes_artifacts_and_records_overrides(stack, nightly_ru
     assert candidate.run_id == run.info.run_id
 
 
+def test_the_registered_candidate_loads_as_an_mlflow_pyfunc_and_predicts_like_the_device(stack, nightly_run):
+    import mlflow
+
+    from edge.runtime import EdgeModel
+    from tasks.contracts import Workspace, read_prepared, read_registration
+
+    workspace = Workspace(Path(nightly_run.parameters["workspace"]))
+    registration = read_registration(workspace)
+    assert alias_version(stack, "candidate") == registration.version  # runs before any later registration
+    test = read_prepared(workspace).test
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
+    probabilities = np.asarray(loaded.predict(test.x.astype(np.float32)))
+    device = EdgeModel.load(workspace.variant_file(registration.variant)).predict(test.x)
+    assert probabilities.shape == device.shape == (len(test.y), len(test.labels))
+    assert np.array_equal(probabilities.argmax(axis=1), device.argmax(axis=1))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.02)
+    no_tensorflow = ("import sys, mlflow, numpy as np\n"
+                     f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@candidate')\n"
+                     "print(model.predict(np.zeros((2, 8, 8, 1), np.float32)).shape)\n"
+                     "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'")
+    completed = subprocess.run([sys.executable, "-c", no_tensorflow], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}, cwd="/")
+    assert completed.returncode == 0 and "(2, 10)" in completed.stdout, completed.stderr[-3000:]
+
+
+def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
+    import urllib.request
+
+    from scripts.services import free_port
+    from tasks.contracts import Workspace, read_prepared
+    from tasks.release.promotion import ApprovalRecord, promote
+
+    if alias_version(stack, "champion") is None:
+        promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
+    batch = read_prepared(Workspace(Path(nightly_run.parameters["workspace"]))).test.x[:16]
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url,  # uvicorn from the venv
+                                   "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def answers():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                assert server.poll() is None, server.stdout.read()[-3000:]
+                return False
+
+        wait_for(answers, 120, "mlflow models serve to answer /ping")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = np.asarray(json.loads(response.read())["predictions"])
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert predictions.shape == (16, 10)
+    assert np.allclose(predictions.sum(axis=1), 1.0, atol=0.02)
+
+
 def test_invalid_parameters_are_rejected_before_any_work(stack):
     from prefect.deployments import run_deployment
 
@@ -155,15 +222,20 @@ def _run_by_tag(tag: str):
     return runs[0] if runs else None
 
 
-def test_rejection_keeps_the_champion(stack, nightly_run, tmp_path):
-    from prefect import resume_flow_run
-
+def test_rejection_from_the_terminal_keeps_the_champion(stack, nightly_run, tmp_path):
+    """`edgeloop waiting` lists the paused retrain by name; `edgeloop reject NAME` decides it."""
+    edgeloop = str(Path(sys.executable).parent / "edgeloop")
     champion = alias_version(stack, "champion")
     process, tag = _local_retrain(tmp_path, timeout_s=600)
     try:
         paused = wait_for(lambda: (run := _run_by_tag(tag)) and run.state.is_paused() and run, 300, "the pause")
         assert paused.state.name == "Paused"  # a local run pauses in its own process
-        resume_flow_run(paused.id, run_input={"approve": False, "reviewer": "bob", "comment": "worse on night shots"})
+        waiting = subprocess.run([edgeloop, "waiting"], capture_output=True, text=True, timeout=120)
+        assert waiting.returncode == 0 and paused.name in waiting.stdout and str(paused.id) in waiting.stdout
+        rejected = subprocess.run([edgeloop, "reject", paused.name, "--reviewer", "bob", "--comment",
+                                   "worse on night shots"], capture_output=True, text=True, timeout=120)
+        assert rejected.returncode == 0, rejected.stderr
+        assert f"rejected {paused.name}" in rejected.stdout
         process.wait(timeout=120)
     finally:
         process.kill()
@@ -171,6 +243,9 @@ def test_rejection_keeps_the_champion(stack, nightly_run, tmp_path):
     assert final.state.name == "Rejected"
     assert "rejected by bob: worse on night shots" in final.state.message
     assert alias_version(stack, "champion") == champion
+    again = subprocess.run([edgeloop, "approve", paused.name, "--reviewer", "eve"], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "not waiting for a decision" in again.stderr  # a decided run stays decided
 
 
 def test_no_decision_before_the_timeout_keeps_the_champion(stack, nightly_run, tmp_path):
@@ -263,74 +338,6 @@ def test_gate_failure_fails_the_run_but_still_publishes_the_matrix(stack, tmp_pa
     assert {"reports/comparison.md", "reports/evaluation.json"} <= reports
     name = rejected.data.params["mlflow.registered_model"]
     assert not mlflow_client(stack).search_model_versions(f"name = '{name}' and run_id = '{rejected.info.run_id}'")
-
-
-def test_the_registered_candidate_loads_as_an_mlflow_pyfunc_and_predicts_like_the_device(stack, nightly_run):
-    import mlflow
-
-    from edge.runtime import EdgeModel
-    from tasks.contracts import Workspace, read_prepared, read_registration
-
-    workspace = Workspace(Path(nightly_run.parameters["workspace"]))
-    registration = read_registration(workspace)
-    if alias_version(stack, "candidate") != registration.version:
-        pytest.skip("a later run moved the candidate alias")  # the nightly run's version is what we compare
-    test = read_prepared(workspace).test
-    mlflow.set_tracking_uri(stack.mlflow_url)
-    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate")
-    probabilities = np.asarray(loaded.predict(test.x.astype(np.float32)))
-    device = EdgeModel.load(workspace.variant_file(registration.variant)).predict(test.x)
-    assert probabilities.shape == device.shape == (len(test.y), len(test.labels))
-    assert np.array_equal(probabilities.argmax(axis=1), device.argmax(axis=1))
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.02)
-    no_tensorflow = ("import sys, mlflow, numpy as np\n"
-                     f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@candidate')\n"
-                     "print(model.predict(np.zeros((2, 8, 8, 1), np.float32)).shape)\n"
-                     "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'")
-    completed = subprocess.run([sys.executable, "-c", no_tensorflow], capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}, cwd="/")
-    assert completed.returncode == 0 and "(2, 10)" in completed.stdout, completed.stderr[-3000:]
-
-
-def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
-    import urllib.request
-
-    from scripts.services import free_port
-    from tasks.contracts import Workspace, read_prepared
-    from tasks.release.promotion import ApprovalRecord, promote
-
-    if alias_version(stack, "champion") is None:
-        promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
-    batch = read_prepared(Workspace(Path(nightly_run.parameters["workspace"]))).test.x[:16]
-    port = free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url,  # uvicorn from the venv
-                                   "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-                              stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        def answers():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                assert server.poll() is None, server.stdout.read()[-3000:]
-                return False
-
-        wait_for(answers, 120, "mlflow models serve to answer /ping")
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": batch.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            predictions = np.asarray(json.loads(response.read())["predictions"])
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-    assert predictions.shape == (16, 10)
-    assert np.allclose(predictions.sum(axis=1), 1.0, atol=0.02)
 
 
 def test_a_broken_params_yaml_fails_prefect_deploy_with_the_config_message(stack, tmp_path):

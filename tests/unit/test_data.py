@@ -152,3 +152,17 @@ def test_prepare_cli_reports_bad_data_without_traceback(tmp_path):
     assert completed.returncode == 2
     assert "cannot split 40 examples" in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_or_foreign_stage_record_is_a_clear_error(tmp_path):
+    from tasks.contracts import read_train_summary
+
+    workspace = Workspace(tmp_path)
+    workspace.keras_dir.mkdir(parents=True)
+    workspace.train_summary_file.write_text('{"model": "digits_cnn", "written_by": "an older edgeloop"}')
+    with pytest.raises(StageError, match="re-run the train stage"):
+        read_train_summary(workspace)
+    _, _ = prepare(DataParams(), 1, workspace)
+    workspace.split_file("val").write_bytes(b"truncated")
+    with pytest.raises(StageError, match="val.npz is unreadable"):
+        read_prepared(workspace)

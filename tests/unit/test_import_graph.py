@@ -89,7 +89,8 @@ def test_stage_deps_are_exactly_its_import_closure(stage):
 
 def test_register_depends_on_registry_code_contracts_config_and_errors_only():
     allowed_prefixes = ("tasks/release/", "edge/sidecar.py", "edge/errors.py", "edge/runtime.py")
-    allowed = {"tasks/contracts.py", "tasks/config.py", "tasks/errors.py", "tasks/variants.py", "tasks/entrypoint.py",
+    allowed = {"tasks/contracts.py", "tasks/workspace.py", "tasks/config.py", "tasks/errors.py", "tasks/variants.py",
+               "tasks/entrypoint.py",
                "tasks/cli.py"}
     deps = {dep for dep in yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["register"]["deps"]
             if dep.endswith(".py")}
@@ -135,3 +136,10 @@ def test_edge_never_imports_tasks():
     for module in project_modules():
         if module.startswith("edge/"):
             assert not {dep for dep in project_imports(REPO_ROOT / module) if not dep.startswith("edge/")}, module
+
+
+def test_conversion_does_not_depend_on_the_training_recipe():
+    """Editing the recipe (QAT, pruning, BatchNorm) must not re-run convert: it loads models, it does not train."""
+    convert = closure(STAGE_MODULES["convert"])
+    assert not convert & {"tasks/model/optimize.py", "tasks/model/batchnorm.py", "tasks/model/train.py",
+                          "tasks/model/zoo.py"}

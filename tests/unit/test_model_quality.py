@@ -75,6 +75,9 @@ def test_a_model_that_cannot_learn_stops_train_before_anything_is_written(tmp_pa
     params = Params.model_validate({"train": {"epochs": 3}, "prune": {"enabled": False},
                                     "quantize": {"strategy": "ptq"}})
     workspace = Workspace(tmp_path)
+    workspace.keras_dir.mkdir(parents=True)
+    for stale in (workspace.train_summary_file, workspace.keras_model("qat")):  # an earlier run's outputs
+        stale.write_text("stale")
     with pytest.raises(QualityFloorError) as caught:
         train(params, shuffled, workspace)
     message = str(caught.value)
@@ -82,7 +85,7 @@ def test_a_model_that_cannot_learn_stops_train_before_anything_is_written(tmp_pa
     for checked in ("output activation: the head emits probabilities", "BatchNorm statistics", "train.learning_rate",
                     "train.epochs"):
         assert checked in message
-    assert not workspace.train_summary_file.exists() and not workspace.keras_model("baseline.h5").exists()
+    assert not [path for path in workspace.stage_outputs("train") if path.exists()]  # nothing stale, nothing new
 
 
 def test_batchnorm_reestimation_restores_inference_mode_accuracy(prepared):
@@ -129,14 +132,23 @@ def test_exported_variants_of_a_logits_model_emit_probabilities(tmp_path, prepar
     workspace.variants_dir.mkdir(parents=True)
     lineage = {"labels": prepared.train.labels, "data_version": "x.dir", "git_commit": "c", "params_hash": "h",
                "created_at": "t", "zoo_model": "keras_file"}
-    source = SourceModel(tmp_path / "baseline.h5", "post-training")
-    for name in ("tflite_fp32", "tflite_int8", "onnx_fp32", "onnx_int8"):
+    from tasks.model.optimize import quantize_aware
+
+    qat = quantize_aware(model)  # a QAT graph of the logits model: the softmax goes after its fake-quant ops
+    assert qat.mode == "full"
+    qat.model.compile(keras.optimizers.Adam(1e-4), loss=heads.loss("logits"))
+    qat.model.fit(prepared.train.x, prepared.train.y, epochs=1, verbose=0)
+    baseline, qat_source = SourceModel(tmp_path / "baseline.h5", "post-training"), SourceModel(tmp_path / "q.h5", "qat")
+    sources = {name: baseline for name in ("tflite_fp32", "tflite_int8", "onnx_fp32", "onnx_int8")}
+    sources["tflite_int8_qat"] = qat_source
+    for name, source in sources.items():
         result = convert_variant(VARIANTS[name], source, Params(), prepared, workspace, lineage,
-                                 {source.path: model}, {}, trained_head="logits")
+                                 {baseline.path: model, qat_source.path: qat.model}, {}, trained_head="logits")
         assert result.status == "ok", result.error
         probabilities = EdgeModel.load(workspace.variant_file(name)).predict(prepared.test.x)
         assert (probabilities >= 0).all()
-        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.02 if name.endswith("int8") else 1e-4), name
+        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.02 if "int8" in name else 1e-4), name
+        assert np.mean(probabilities.argmax(axis=1) == prepared.test.y) > 0.8, name
         sidecar = json.loads(workspace.variant_file(name).with_suffix(workspace.variant_file(name).suffix + ".json")
                              .read_text())
         assert sidecar["outputs"] == "probabilities" and sidecar["trained_head"].startswith("logits")
