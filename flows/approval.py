@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.exceptions import NotPausedError
+from prefect.exceptions import FlowPauseTimeout, NotPausedError
 
 from tasks.errors import ServiceUnavailable, StageError
 
@@ -74,4 +74,6 @@ def decide(reference: str, approve: bool, reviewer: str, comment: str = "") -> F
         resume_flow_run(run.id, run_input={"approve": approve, "reviewer": reviewer.strip(), "comment": comment})
     except NotPausedError as error:
         raise StageError(f"flow run {run.name} was resumed by someone else meanwhile ({error})") from error
+    except (FlowPauseTimeout, RuntimeError) as error:  # Prefect: "can no longer be resumed", or the server's reason
+        raise StageError(f"flow run {run.name} cannot be resumed: {error}") from error
     return run

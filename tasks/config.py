@@ -6,7 +6,7 @@ allowed, so a typo never silently falls back to a default.
 
 Fields a person may change per run (the Prefect Run form) are declared once here as annotated types
 (bounds, choices, description) and reused by the form, so nothing is written twice. Where outputs
-go is not configuration: :mod:`tasks.contracts` owns every path under one workspace root.
+go is not configuration: :mod:`tasks.workspace` owns every path under one workspace root.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_no_variant_passing_fails_with_margins_and_registers_nothing(project):
     assert "Traceback" not in output
     assert len(client.search_model_versions(f"name = '{name}'")) == versions_before
     assert (project / "reports/comparison.md").is_file()  # the report is still there to read
-    experiment = client.get_experiment_by_name("edgeloop")
+    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
     rejected = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FAILED'")
     assert rejected and rejected[0].data.tags["edgeloop.outcome"] == "rejected by the quality gates"
     assert rejected[0].data.params["evaluate.gates.min_size_reduction"] == "1000.0"
