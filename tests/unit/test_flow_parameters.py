@@ -1,7 +1,5 @@
 """The Run form: one source for every parameter (tasks.config), defaults from params.yaml, early errors."""
 
-import subprocess
-import sys
 
 import pytest
 from pydantic import ValidationError
