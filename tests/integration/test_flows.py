@@ -261,6 +261,19 @@ def test_no_decision_before_the_timeout_keeps_the_champion(stack, nightly_run, t
     assert alias_version(stack, "champion") == champion
 
 
+def test_the_approval_timer_only_notes_a_run_someone_already_decided(stack, nightly_run, caplog):
+    """The real NotPausedError of a real server (the nightly run is long finished) is logged at info."""
+    import logging
+
+    from flows import retrain
+
+    with caplog.at_level(logging.INFO, logger=retrain.log.name):
+        retrain._expire_pause(nightly_run.id, 60)
+    timer_records = [record for record in caplog.records if record.name == retrain.log.name]
+    assert [record.levelno for record in timer_records] == [logging.INFO]
+    assert "already resumed" in timer_records[0].getMessage()
+
+
 def test_promotion_refuses_without_an_approving_record(stack, nightly_run):
     from tasks.release.promotion import ApprovalRecord, PromotionRefused, promote
 
