@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+import httpx
 from prefect import resume_flow_run
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -31,7 +32,7 @@ def _read(flow_run_filter: FlowRunFilter, flow_filter: FlowFilter | None = None)
     try:
         with get_client(sync_client=True) as client:
             return client.read_flow_runs(flow_run_filter=flow_run_filter, flow_filter=flow_filter)
-    except Exception as error:  # httpx raises its own types for a server that does not answer
+    except (httpx.HTTPError, OSError) as error:  # no answer, or an error status from the Prefect API
         from prefect.settings import PREFECT_API_URL
 
         raise ServiceUnavailable(f"Prefect API {PREFECT_API_URL.value() or '(PREFECT_API_URL unset)'} did not "

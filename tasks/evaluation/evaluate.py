@@ -85,10 +85,11 @@ def evaluate_variants(params: Params, workspace: Workspace, conversions: list[Co
             except Exception as error:  # runtimes raise anything on a broken file: the row carries it
                 row.status, row.error = "failed", f"evaluation: {type(error).__name__}: {error}"[:500]
         rows.append(row)
-    reference = next((r for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"), None)
-    float_weights = 4 * read_train_summary(workspace).params_count  # when no tflite_fp32 was built
-    reference_size = reference.size_bytes if reference else float_weights
-    reference_weights = reference.weight_bytes if reference else float_weights
+    reference_row = next((r for r in rows if r.variant == REFERENCE_VARIANT and r.status == "ok"), None)
+    if reference_row is not None:
+        reference_size, reference_weights = reference_row.size_bytes, reference_row.weight_bytes
+    else:  # no tflite_fp32 built: compare with the float32 weights' bytes
+        reference_size = reference_weights = 4 * read_train_summary(workspace).params_count
     for row in rows:
         if row.size_bytes:
             row.size_reduction = reference_size / row.size_bytes

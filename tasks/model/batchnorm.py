@@ -55,6 +55,13 @@ def mode_accuracies(model: Any, data: Dataset, batch_size: int = 256) -> tuple[f
     return float(np.mean(np.concatenate(inference))), float(np.mean(np.concatenate(training)))
 
 
+def inference_accuracy(model: Any, data: Dataset, batch_size: int = 256) -> float:
+    """Accuracy on ``data`` in inference mode (moving statistics)."""
+    predictions = [np.argmax(model(data.x[start:start + batch_size], training=False).numpy(), axis=1)
+                   for start in range(0, len(data.y), batch_size)]
+    return float(np.mean(np.concatenate(predictions) == data.y))
+
+
 def reestimate(model: Any, samples: np.ndarray, batch_size: int = 256) -> int:
     """Set every BatchNorm layer's moving statistics to those of its inputs on ``samples``; return how many."""
     import tf_keras as keras
@@ -86,14 +93,15 @@ def _feature_axes(norm: Any, layer: Any) -> tuple[int, ...]:
 
 def check_and_fix(model: Any, step: str, train: Dataset, val: Dataset, max_gap_pts: float) -> BatchNormCheck:
     """Compare inference and training mode on ``val``; re-estimate the statistics when inference lags."""
-    layers = len(batchnorm_layers(model)) + nested_batchnorm(model)
+    nested = nested_batchnorm(model)
+    layers = len(batchnorm_layers(model)) + nested
     if not layers:
         return BatchNormCheck(step=step, layers=0, inference_accuracy=None, training_mode_accuracy=None)
     inference, training = mode_accuracies(model, val)
     check = BatchNormCheck(step=step, layers=layers, inference_accuracy=inference, training_mode_accuracy=training)
     if 100.0 * (training - inference) <= max_gap_pts:
         return check
-    if nested_batchnorm(model):
+    if nested:
         log.warning("%s: inference mode lags training mode (%.3f vs %.3f) but the BatchNorm layers sit in a "
                     "nested sub-model edgeloop cannot probe; flatten the model to have them re-estimated",
                     step, inference, training)
@@ -103,7 +111,7 @@ def check_and_fix(model: Any, step: str, train: Dataset, val: Dataset, max_gap_p
     except (AttributeError, ValueError) as error:  # shared layers: a BatchNorm input with several sources
         log.warning("%s: BatchNorm statistics could not be re-estimated (%s)", step, error)
         return check
-    after, _ = mode_accuracies(model, val)
+    after = inference_accuracy(model, val)
     log.warning("%s: inference-mode accuracy %.3f lagged training mode %.3f; BatchNorm statistics re-estimated "
                 "on %d training samples: %.3f", step, inference, training, len(train.y), after)
     return check.model_copy(update={"reestimated": True, "inference_accuracy_after": after})
