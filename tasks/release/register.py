@@ -25,6 +25,7 @@ from tasks.contracts import (
     TrainSummary,
     Workspace,
     clear_stage_outputs,
+    load_arrays,
     read_evaluation,
     read_train_summary,
     write_registration,
@@ -55,8 +56,15 @@ def version_tags(params: Params, row_variant: str, sidecar: dict[str, Any], eval
     }
 
 
+INPUT_EXAMPLE_ROWS = 8
+
+
 def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary) -> str:
-    """Log ``variant`` (file + sidecar + the edge package) as a pyfunc model; return its model URI."""
+    """Log ``variant`` (file + sidecar + the edge package) as a pyfunc model; return its model URI.
+
+    The first test rows go with it as the input example: bundles for devices carry them as the
+    health-check sample (``tasks/release/bundle.py``).
+    """
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -66,6 +74,7 @@ def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *summary.input_shape))]),  # unnamed: a JSON list is
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(summary.labels)))]))  # cast to float32 when served
+    input_example = load_arrays(workspace.split_file("test"), "prepare")["x"][:INPUT_EXAMPLE_ROWS]
     requirements = [f"{name}=={metadata.version(name)}"
                     for name in ("numpy", RUNTIME_DISTRIBUTIONS[VARIANTS[variant].runtime])]
     with tempfile.TemporaryDirectory(prefix="edgeloop-pyfunc-") as scratch:
@@ -75,6 +84,7 @@ def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary)
             shutil.copy2(path, folder / path.name)
         info = mlflow.pyfunc.log_model(name=variant, python_model=str(PYFUNC_FILE), artifacts={"variant": str(folder)},
                                        code_paths=[str(EDGE_PACKAGE)], signature=signature,
+                                       input_example=input_example.astype(np.float32),
                                        pip_requirements=requirements)
     return info.model_uri
 

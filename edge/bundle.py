@@ -1,0 +1,98 @@
+"""Unpack and verify a model bundle on the device, refusing anything not exactly as signed.
+
+A bundle arrives as a tar archive (optionally gzip-compressed) or a folder. Only plain files with
+plain names are accepted (no paths, links or devices), within a size limit. Verification checks the
+Ed25519 signature over ``manifest.json`` first, then that the payload is exactly the manifest's list:
+a missing or short file is ``truncated``, a changed one ``tampered``, an extra one ``unexpected_file``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.errors import BundleRefused
+from edge.manifest import MANIFEST_FILE, SAFE_NAME, SIGNATURE_FILE, Manifest, parse_manifest
+from edge.sidecar import sha256_file
+from edge.signing import verify_manifest
+
+MAX_MEMBERS = 64
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(SAFE_NAME, name):
+        raise BundleRefused("malformed", f"bundle member {name!r} is not a plain file name (no folders or links)")
+
+
+def _unpack_tar(bundle: Path, destination: Path, max_bytes: int) -> None:
+    total = 0
+    try:
+        with tarfile.open(bundle, mode="r:*") as archive:
+            for count, member in enumerate(archive, start=1):
+                if count > MAX_MEMBERS:
+                    raise BundleRefused("malformed", f"bundle has more than {MAX_MEMBERS} members")
+                _check_name(member.name)
+                if not member.isfile():
+                    raise BundleRefused("malformed", f"bundle member {member.name!r} is not a regular file")
+                total += member.size
+                if total > max_bytes:
+                    raise BundleRefused("too_large", f"bundle unpacks to more than {max_bytes} bytes "
+                                                     "(the store's max_bundle_bytes)")
+                source = archive.extractfile(member)
+                assert source is not None  # regular files always have content
+                with source, open(destination / member.name, "xb") as target:
+                    shutil.copyfileobj(source, target)
+    except (tarfile.TarError, EOFError, OSError, UnicodeError) as error:
+        if isinstance(error, FileExistsError):
+            raise BundleRefused("malformed", f"bundle holds {Path(error.filename).name!r} twice") from error
+        raise BundleRefused("truncated", f"{bundle.name} is not a complete tar archive ({error}); "
+                                         "download it again") from error
+
+
+def _copy_folder(bundle: Path, destination: Path, max_bytes: int) -> None:
+    total = 0
+    for path in sorted(bundle.iterdir()):
+        _check_name(path.name)
+        if path.is_symlink() or not path.is_file():
+            raise BundleRefused("malformed", f"bundle entry {path.name!r} is not a regular file")
+        total += path.stat().st_size
+        if total > max_bytes:
+            raise BundleRefused("too_large", f"bundle holds more than {max_bytes} bytes")
+        shutil.copyfile(path, destination / path.name)
+
+
+def unpack(bundle: Path, destination: Path, max_bytes: int) -> None:
+    """Copy the files of ``bundle`` (tar archive or folder) into the empty folder ``destination``."""
+    if bundle.is_dir():
+        _copy_folder(bundle, destination, max_bytes)
+    elif bundle.is_file():
+        _unpack_tar(bundle, destination, max_bytes)
+    else:
+        raise BundleRefused("malformed", f"bundle {bundle} does not exist")
+
+
+def verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
+    """Check the signature and every payload file of an unpacked bundle; return its manifest."""
+    manifest_path, signature_path = folder / MANIFEST_FILE, folder / SIGNATURE_FILE
+    if not manifest_path.is_file():
+        raise BundleRefused("malformed", f"the bundle has no {MANIFEST_FILE}")
+    manifest_bytes = manifest_path.read_bytes()
+    verify_manifest(manifest_bytes, signature_path.read_bytes() if signature_path.is_file() else None, keys)
+    manifest = parse_manifest(manifest_bytes)
+    listed = {entry.name: entry for entry in manifest.files}
+    present = {path.name for path in folder.iterdir()} - {MANIFEST_FILE, SIGNATURE_FILE}
+    if missing := sorted(set(listed) - present):
+        raise BundleRefused("truncated", f"files listed in the manifest are missing: {', '.join(missing)}")
+    if extra := sorted(present - set(listed)):
+        raise BundleRefused("unexpected_file", f"files not in the signed manifest: {', '.join(extra)}")
+    for name, entry in listed.items():
+        size = (folder / name).stat().st_size
+        if size < entry.size_bytes:
+            raise BundleRefused("truncated", f"{name} has {size} of its {entry.size_bytes} bytes")
+        if size != entry.size_bytes or sha256_file(folder / name) != entry.sha256:
+            raise BundleRefused("tampered", f"{name} does not match its sha256 in the signed manifest")
+    return manifest

@@ -1,0 +1,114 @@
+"""The edge service's settings: one typed model; every field is a flag and an environment variable.
+
+``--sample-rate 0.05`` or ``EDGELOOP_SAMPLE_RATE=0.05``; a flag wins over the environment, which
+wins over the default. List settings (``public_keys``) take several flag values, or one variable
+with paths separated by ``:``. Secrets (``admin_token``, ``upload_token``) are best given as
+``*_file`` paths or environment variables so they stay out of ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge.errors import ConfigError
+from edge.thermal import DEFAULT_SENSOR
+
+ENV_PREFIX = "EDGELOOP_"
+DATA_ROOT = Path("/var/lib/edgeloop")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    store: Path = Field(DATA_ROOT / "models", description="model store folder (signed versions, state.json)")
+    public_keys: list[Path] = Field(default_factory=list, min_length=1,
+                                    description="trusted Ed25519 public key files or folders")
+    keep_versions: int = Field(3, ge=2, le=20, description="model versions kept in the store")
+    admin_token: str | None = Field(None, description="bearer token for /v1/model/{reload,rollback,install}")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token")
+    device_id: str = Field(os.uname().nodename, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                           description="this device's id (sample files and uploads carry it)")
+    num_threads: int | None = Field(None, ge=1, le=64, description="inference threads (default: the runtime's)")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body")
+    max_batch: int = Field(256, ge=1, description="most samples in one request")
+    cascade_threshold: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "confidence under which the version's large model answers (needs one in the bundle); unset: off"))
+    shadow_version: str | None = Field(None, description="installed version to run in the shadow of the active one")
+    shadow_fraction: float = Field(0.1, ge=0.0, le=1.0, description="share of requests mirrored to the shadow")
+    samples_dir: Path = Field(DATA_ROOT / "samples", description="sample store folder")
+    sample_rate: float = Field(0.02, ge=0.0, le=1.0, description="share of predictions kept for drift analysis")
+    confidence_floor: float = Field(0.85, ge=0.0, le=1.0, description="predictions under this are always kept")
+    sample_budget_mb: float = Field(50.0, gt=0.0, description="disk budget of the sample store")
+    store_raw: bool = Field(False, description="keep raw inputs too (off: derived features only)")
+    upload_to: str = Field(str(DATA_ROOT / "outbox"), description="folder or http(s) ingest URL for samples")
+    upload_token: str | None = Field(None, description="this device's ingest token (HTTP uploads)")
+    upload_token_file: Path | None = Field(None, description="file holding the ingest token")
+    thermal_sensor: Path = Field(DEFAULT_SENSOR, description="sysfs temperature file (millidegrees C)")
+    thermal_limit_c: float = Field(85.0, ge=40.0, le=125.0, description="the device's throttle temperature")
+    thermal_soft_margin_c: float = Field(10.0, ge=0.0, description="soft limit = limit - this")
+    thermal_hard_margin_c: float = Field(2.0, ge=0.0, description="hard limit = limit - this")
+    watch_interval_s: float = Field(2.0, gt=0.0, description="how often state.json is checked for a new version")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.thermal_hard_margin_c > self.thermal_soft_margin_c:
+            raise ValueError("thermal_hard_margin_c must not exceed thermal_soft_margin_c (hard is hotter)")
+        return self
+
+    def secret(self, name: str) -> str | None:
+        """``admin_token`` / ``upload_token``, from the value or its ``*_file``."""
+        value, path = getattr(self, name), getattr(self, f"{name}_file")
+        if value is None and path is not None:
+            try:
+                value = path.read_text().strip()
+            except OSError as error:
+                raise ConfigError(f"{name}_file {path}: {error}") from error
+        return value or None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "edge.serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="edgeloop edge inference service", epilog=(
+        f"Every option can also be set as an environment variable: {ENV_PREFIX}<OPTION> (e.g. "
+        f"{ENV_PREFIX}PUBLIC_KEYS=/etc/edgeloop/keys)."))
+    for name, info in ServeConfig.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{info.description} [{ENV_PREFIX}{name.upper()}]"}
+        if info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif name == "public_keys":
+            kwargs["nargs"] = "+"
+        parser.add_argument(_flag(name), **kwargs)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
+    """Settings from flags, then ``EDGELOOP_*`` variables, then defaults; a bad value names its setting."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for name in ServeConfig.model_fields:
+        value = args[name]
+        if value is None and f"{ENV_PREFIX}{name.upper()}" in environ:
+            value = environ[f"{ENV_PREFIX}{name.upper()}"]
+            if name == "public_keys":
+                value = [part for part in value.split(":") if part]
+        if value is not None:
+            values[name] = value
+    try:
+        return ServeConfig(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"{_flag(str(item['loc'][0])) if item['loc'] else 'settings'} "
+                             f"({ENV_PREFIX}{str(item['loc'][0]).upper() if item['loc'] else ''}): {item['msg']}"
+                             for item in error.errors())
+        raise ConfigError(f"bad edge service settings: {problems}") from error

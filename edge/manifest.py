@@ -1,0 +1,107 @@
+"""The manifest of a model bundle: what a device installs, described and signed by the control plane.
+
+A bundle is ``manifest.json`` + ``manifest.sig`` (a detached Ed25519 signature over the manifest's
+exact bytes, see :mod:`edge.signing`) + the payload files the manifest lists with their sha256 and
+size: the model file(s), their sidecars and a sample input for the health check. Nothing outside the
+list may be in a bundle, and nothing on the list may be missing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge.errors import BundleRefused
+
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+MANIFEST_SCHEMA = "edgeloop.manifest/1"
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain file or version name: no paths, no dot-files
+ModelRole = Literal["primary", "large"]  # large: the cascade's second stage
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PayloadFile(_Record):
+    name: str = Field(pattern=SAFE_NAME)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+
+
+class ModelEntry(_Record):
+    file: str = Field(pattern=SAFE_NAME)
+    role: ModelRole
+    runtime: Literal["tflite", "onnx"]
+    sidecar: dict[str, Any]  # the model file's sidecar as written by the convert stage
+
+
+class SampleCheck(_Record):
+    """A real input batch (``.npy``) and what the primary model must make of it on any device."""
+
+    file: str = Field(pattern=SAFE_NAME)
+    output_shape: list[int]
+    output_dtype: str = "float32"
+    expected_labels: list[int]
+    min_label_agreement: float = Field(0.9, ge=0.0, le=1.0)  # int8 numerics differ a little between CPUs
+
+
+class Manifest(_Record):
+    schema_id: Literal["edgeloop.manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model_name: str
+    mlflow_version: str
+    alias: str | None = None
+    variant: str
+    created_at: str
+    labels: list[str]
+    input_shape: list[int]
+    data_version: str
+    git_commit: str
+    params_hash: str
+    models: list[ModelEntry] = Field(min_length=1, max_length=2)
+    sample: SampleCheck
+    files: list[PayloadFile] = Field(min_length=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        names = [entry.name for entry in self.files]
+        if len(set(names)) != len(names):
+            raise ValueError("files lists a name twice")
+        if names.count(MANIFEST_FILE) or names.count(SIGNATURE_FILE):
+            raise ValueError(f"files may not list {MANIFEST_FILE} or {SIGNATURE_FILE}")
+        for needed in [model.file for model in self.models] + [self.sample.file]:
+            if needed not in names:
+                raise ValueError(f"{needed} is used but not listed in files")
+        roles = [model.role for model in self.models]
+        if roles.count("primary") != 1 or len(set(roles)) != len(roles):
+            raise ValueError(f"models need exactly one primary and at most one large model, got {roles}")
+        return self
+
+    def model(self, role: ModelRole) -> ModelEntry | None:
+        return next((entry for entry in self.models if entry.role == role), None)
+
+    @property
+    def primary(self) -> ModelEntry:
+        primary = self.model("primary")
+        assert primary is not None  # enforced by the validator
+        return primary
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes that are signed and shipped (sorted keys, so rebuilding gives the same bytes)."""
+        return (json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_manifest(content: bytes) -> Manifest:
+    """Parse manifest bytes; anything but a valid edgeloop manifest is a ``malformed`` refusal."""
+    try:
+        return Manifest.model_validate_json(content)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in item['loc']) or 'manifest'}: {item['msg']}"
+                             for item in error.errors()[:5])
+        raise BundleRefused("malformed", f"{MANIFEST_FILE} is not a valid edgeloop manifest ({problems})") from error

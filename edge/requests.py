@@ -1,0 +1,80 @@
+"""Turn a prediction request body into a validated float32 batch, or say exactly what is wrong.
+
+Accepted: ``application/json`` ``{"inputs": [...]}`` (one sample or a batch, nested lists of
+numbers) and ``application/x-npy`` (a ``.npy`` array, no pickles). Every problem is a
+:class:`BadRequest` with an HTTP status and a short reason code for the metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+
+from edge.errors import EdgeError
+
+JSON_TYPE = "application/json"
+NPY_TYPE = "application/x-npy"
+
+
+class BadRequest(EdgeError):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+def _from_json(body: bytes) -> np.ndarray:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadRequest(400, "malformed_json", f"the body is not valid JSON ({error})") from error
+    if not isinstance(document, dict) or "inputs" not in document:
+        raise BadRequest(422, "no_inputs", 'the body must be a JSON object {"inputs": [...]}')
+    try:
+        inputs = np.asarray(document["inputs"])
+    except ValueError as error:  # ragged nesting
+        raise BadRequest(422, "ragged", f"inputs is not a rectangular array of numbers ({error})") from error
+    if inputs.dtype == object or not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == bool):
+        raise BadRequest(422, "not_numeric", "inputs must be nested lists of numbers")
+    if inputs.dtype == bool:
+        raise BadRequest(422, "not_numeric", "inputs must be numbers, not booleans")
+    return inputs
+
+
+def _from_npy(body: bytes) -> np.ndarray:
+    try:
+        inputs = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise BadRequest(400, "malformed_npy", f"the body is not a .npy array without pickles ({error})") from error
+    if not isinstance(inputs, np.ndarray) or not (np.issubdtype(inputs.dtype, np.integer)
+                                                  or np.issubdtype(inputs.dtype, np.floating)):
+        raise BadRequest(422, "not_numeric", f"the array's dtype {getattr(inputs, 'dtype', '?')} is not int or float")
+    return inputs
+
+
+def parse_batch(body: bytes, content_type: str, input_shape: list[int], max_batch: int) -> np.ndarray:
+    """A float32 batch (N, *input_shape) from the body; one sample becomes a batch of one."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == JSON_TYPE:
+        inputs = _from_json(body)
+    elif media_type == NPY_TYPE:
+        inputs = _from_npy(body)
+    else:
+        raise BadRequest(415, "media_type", f"content type {media_type or 'missing'!r} is not accepted: "
+                                            f"send {JSON_TYPE} or {NPY_TYPE}")
+    shape = tuple(input_shape)
+    if inputs.shape == shape:
+        inputs = inputs[np.newaxis]
+    if inputs.ndim != len(shape) + 1 or inputs.shape[1:] != shape:
+        raise BadRequest(422, "shape", f"inputs have shape {list(inputs.shape)}; the model takes {list(shape)} "
+                                       f"(one sample) or [N, {', '.join(map(str, shape))}] (a batch)")
+    if len(inputs) == 0:
+        raise BadRequest(422, "empty", "the batch is empty")
+    if len(inputs) > max_batch:
+        raise BadRequest(413, "batch_too_large", f"the batch has {len(inputs)} samples; at most {max_batch}")
+    with np.errstate(over="ignore"):
+        batch = inputs.astype(np.float32)
+    if not np.all(np.isfinite(batch)):
+        raise BadRequest(422, "not_finite", "inputs hold NaN or Inf (or values too large for float32)")
+    return batch
