@@ -46,6 +46,8 @@ class ServeConfig(BaseModel):
     sample_rate: float = Field(0.02, ge=0.0, le=1.0, description="share of predictions kept for drift analysis")
     confidence_floor: float = Field(0.85, ge=0.0, le=1.0, description="predictions under this are always kept")
     sample_budget_mb: float = Field(50.0, gt=0.0, description="disk budget of the sample store")
+    sample_file_records: int = Field(256, ge=1, description="records per sample file before it is closed")
+    sample_file_age_s: float = Field(300.0, gt=0.0, description="seconds before an open sample file is closed")
     store_raw: bool = Field(False, description="keep raw inputs too (off: derived features only)")
     upload_to: str = Field(str(DATA_ROOT / "outbox"), description="folder or http(s) ingest URL for samples")
     upload_token: str | None = Field(None, description="this device's ingest token (HTTP uploads)")

@@ -16,12 +16,12 @@ EXIT_USER_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    from edge.service import create_app
-
     try:
-        config = load_config(argv)
+        config = load_config(argv)  # before the web stack loads: --help and bad flags answer at once
+        import uvicorn
+
+        from edge.service import create_app
+
         logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(config)
     except EdgeError as error:

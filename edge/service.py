@@ -80,7 +80,8 @@ class Services:
                                 MAX_BUNDLE_BYTES, on_event=self.metrics.store_event)
         self.engine = InferenceEngine(self.store, self.metrics, self.thermal, config.num_threads,
                                       config.cascade_threshold, config.shadow_version, config.shadow_fraction)
-        self.samples = SampleStore(config.samples_dir, int(config.sample_budget_mb * 2**20), store_raw=config.store_raw)
+        self.samples = SampleStore(config.samples_dir, int(config.sample_budget_mb * 2**20), config.sample_file_records,
+                                   config.sample_file_age_s, config.store_raw)
         self.sampler = Sampler(self.samples, config.device_id, config.sample_rate, config.confidence_floor)
         self.uploader = Uploader(self.samples, self._upload_target(), paused=lambda: not self.thermal.allows_uploads)
         self._export_gauges()

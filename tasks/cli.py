@@ -5,6 +5,11 @@
     edgeloop waiting                                                               retrain runs awaiting a decision
     edgeloop approve RUN --reviewer NAME [--comment TEXT]                          promote the challenger
     edgeloop reject RUN --reviewer NAME [--comment TEXT]                           keep the champion
+    edgeloop keys generate --name NAME                                             a bundle signing key pair
+    edgeloop bundle export --alias champion --key KEY                              a signed bundle for devices
+    edgeloop serve [--store S --public-keys K ...]                                 the edge inference service
+    edgeloop store install|rollback|status                                         a device's model store
+    edgeloop ingest serve|add-device                                               the sample ingest endpoint
 
 The stages are the same functions ``dvc repro`` and the Prefect flows call. ``approve`` and
 ``reject`` do what the Resume form in the Prefect UI does (PREFECT_API_URL names the server).
@@ -27,6 +32,16 @@ STAGES = {
 }
 
 
+# commands that own their options: (module, what it does)
+PASSTHROUGH = {
+    "keys": ("tasks.release.bundle", "generate an Ed25519 key pair for signing bundles"),
+    "bundle": ("tasks.release.bundle", "export a registered model version as a signed bundle"),
+    "serve": ("edge.serve", "run the edge inference service (python -m edge.serve)"),
+    "store": ("edge.storectl", "install, roll back or inspect a device's model store"),
+    "ingest": ("tasks.monitoring.ingest", "run the control plane's sample ingest endpoint"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop", description="edgeloop: data to edge devices and back.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, summary) in STAGES.items():
         commands.add_parser(name, help=f"stage: {summary}", add_help=False)
     commands.add_parser("devices", help="print the device inventory and write it as CSV", add_help=False)
+    for name, (_, summary) in PASSTHROUGH.items():
+        commands.add_parser(name, help=summary, add_help=False)
     commands.add_parser("waiting", help="list retrain runs waiting for an approval decision")
     for verb, meaning in (("approve", "promote the run's challenger to champion"),
                           ("reject", "keep the champion; the challenger stays a candidate")):
@@ -69,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in STAGES:
         module = import_module(STAGES[args.command][0])
         return module.main(rest)
+    if args.command in PASSTHROUGH:
+        module = import_module(PASSTHROUGH[args.command][0])
+        return module.main([args.command, *rest] if args.command in ("keys", "bundle") else rest)
     if args.command == "devices":
         from tasks.devices import main as devices_main
 

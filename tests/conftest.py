@@ -124,3 +124,58 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# ---- signed model bundles (edge service, model store) ---------------------------------------------
+
+@dataclass(frozen=True)
+class BundleKit:
+    """Signing keys and model files with sidecars, to build signed bundles in tests."""
+
+    root: Path
+    private_key: object
+    public_dir: Path
+    model_files: dict[str, Path]
+    sample: np.ndarray
+
+    def bundle(self, version: str, primary: str = "tflite_int8", large: str | None = None,
+               name: str | None = None) -> Path:
+        from tasks.release.bundle import bundle_from_files
+
+        files = {"primary": self.model_files[primary]}
+        if large is not None:
+            files["large"] = self.model_files[large]
+        return bundle_from_files(self.root / "bundles" / (name or f"{version}.tar.gz"), version, "edgeloop-digits",
+                                 version.lstrip("v"), None, files, self.sample, self.private_key)
+
+    def trusted_keys(self) -> dict:
+        from edge.signing import load_public_keys
+
+        return load_public_keys([self.public_dir])
+
+
+@pytest.fixture(scope="session")
+def bundle_kit(tiny_model_files, digits, tmp_path_factory) -> BundleKit:
+    """Keys plus the tiny models with convert-stage-like sidecars; bundles are built on demand."""
+    import shutil
+
+    from edge.runtime import EdgeModel
+    from edge.sidecar import write_sidecar
+    from tasks.release.bundle import generate_keypair, load_private_key
+
+    root = tmp_path_factory.mktemp("bundle_kit")
+    private_path, _ = generate_keypair(root / "keys" / "private", "test-signer")
+    public_dir = root / "keys" / "public"
+    public_dir.mkdir()
+    shutil.copy(private_path.with_suffix(".pub"), public_dir / "test-signer.pub")
+    models = {}
+    for variant, source in tiny_model_files.items():
+        target = root / "models" / source.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(source, target)
+        loaded = EdgeModel.load(target)
+        write_sidecar(target, {"variant": variant, "runtime": loaded.runtime, "labels": [str(i) for i in range(10)],
+                               "input": {"shape": list(loaded.input.shape)}, "data_version": "test-data",
+                               "git_commit": "test-commit", "params_hash": "test-params"})
+        models[variant] = target
+    return BundleKit(root, load_private_key(private_path), public_dir, models, digits.x[700:716])
