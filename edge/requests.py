@@ -63,14 +63,14 @@ def parse_batch(body: bytes, content_type: str, input_shape: list[int], max_batc
     else:
         raise BadRequest(415, "media_type", f"content type {media_type or 'missing'!r} is not accepted: "
                                             f"send {JSON_TYPE} or {NPY_TYPE}")
+    if inputs.size == 0:
+        raise BadRequest(422, "empty", "the batch is empty")
     shape = tuple(input_shape)
     if inputs.shape == shape:
         inputs = inputs[np.newaxis]
     if inputs.ndim != len(shape) + 1 or inputs.shape[1:] != shape:
         raise BadRequest(422, "shape", f"inputs have shape {list(inputs.shape)}; the model takes {list(shape)} "
                                        f"(one sample) or [N, {', '.join(map(str, shape))}] (a batch)")
-    if len(inputs) == 0:
-        raise BadRequest(422, "empty", "the batch is empty")
     if len(inputs) > max_batch:
         raise BadRequest(413, "batch_too_large", f"the batch has {len(inputs)} samples; at most {max_batch}")
     with np.errstate(over="ignore"):

@@ -30,9 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge.storectl", description="manage the device's model store")
     parser.add_argument("--store", type=Path, default=Path(os.environ.get(f"{ENV_PREFIX}STORE", DATA_ROOT / "models")),
                         help="store folder (default: %(default)s) [EDGELOOP_STORE]")
-    keys = [Path(p) for p in os.environ.get(f"{ENV_PREFIX}PUBLIC_KEYS", "").split(":") if p]
-    parser.add_argument("--public-keys", type=Path, nargs="+", default=keys,
-                        help="trusted public key files or folders [EDGELOOP_PUBLIC_KEYS]")
+    parser.add_argument("--public-key", dest="public_keys", type=Path, action="append",
+                        help="a trusted public key file or folder; repeat for several [EDGELOOP_PUBLIC_KEYS]")
     parser.add_argument("--keep", type=int, default=3, help="versions kept (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser("install", help="install and activate a signed bundle")
@@ -46,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.public_keys = args.public_keys or [Path(p) for p in os.environ.get(f"{ENV_PREFIX}PUBLIC_KEYS", "").split(":") if p]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         store = ModelStore(args.store, load_public_keys(args.public_keys), args.keep)

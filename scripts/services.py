@@ -196,6 +196,14 @@ def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL) ->
         raise ServiceError(f"could not create work pool {pool}: {created.stdout[-500:]}{created.stderr[-500:]}")
 
 
+def start_edge_server(run_dir: Path, port: int, settings: dict[str, str], name: str = "edge-serve") -> Service:
+    """The edge inference service (``python -m edge.serve``) with ``EDGELOOP_*`` settings, on loopback."""
+    env = {f"EDGELOOP_{key.upper()}": str(value) for key, value in settings.items()}
+    command = [sys.executable, "-m", "edge.serve", "--host", "127.0.0.1", "--port", str(port)]
+    return start(name, command, run_dir, env, f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{port}",
+                 timeout_s=60.0)
+
+
 def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:
     prefect = start_prefect(run_dir, prefect_port, schedules)
     ensure_work_pool(run_dir, prefect_port)

@@ -1,0 +1,171 @@
+"""Serving benchmark: what the edge service adds over the bare runtime, against ``mlflow models serve``.
+
+For the default int8 model (``digits_cnn``, 8x8x1) and a ``resnet8``-sized int8 model (32x32x3):
+- ``EdgeModel.predict`` in-process, one sample, p50 (the floor);
+- ``edge.serve`` over loopback HTTP with ``wrk`` (Debian ``wrk``; a JSON POST of one sample) at
+  concurrency 1 and 8: p50 and requests/s;
+- the same model as the MLflow pyfunc (``tasks/release/edge_pyfunc.py``) served by
+  ``mlflow models serve --env-manager local`` under the same load;
+- the server's RSS with the int8 model loaded, after the load.
+Models are built from the zoo with random weights and converted to full int8 (serving cost does not
+depend on what the weights learned). Runs on this host: host figures, not device figures.
+
+    .venv/bin/python bench/serve.py [--seconds 5]
+
+Last line: ``serve_added_p50_ms=<x> serve_rps_c8=<y> mlflow_p50_ratio=<edgeloop p50 / mlflow p50>
+serve_rss_mb=<z>`` (for the default int8 model). Targets: added p50 <= 1 ms at concurrency 1, p50 at
+most half of MLflow's, RSS <= 128 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from edge.measure import measure_latency  # noqa: E402
+from edge.runtime import EdgeModel  # noqa: E402
+from edge.signing import load_public_keys  # noqa: E402
+from edge.store import ModelStore  # noqa: E402
+from scripts import services  # noqa: E402
+
+MODELS = {"digits_cnn": (8, 8, 1), "resnet8": (32, 32, 3)}
+
+
+def build_int8_model(name: str, shape: tuple[int, int, int], folder: Path) -> Path:
+    """A zoo model with random weights as a full-int8 .tflite file with a sidecar."""
+    from edge.sidecar import write_sidecar
+    from tasks.model import exporters
+    from tasks.model.zoo import build_model
+
+    model = build_model(name, shape, 10)
+    representative = np.random.default_rng(0).random((64, *shape), dtype=np.float32)
+    path = folder / f"{name}_int8.tflite"
+    path.write_bytes(exporters.tflite_bytes(model, "int8", representative))
+    write_sidecar(path, {"variant": "tflite_int8", "runtime": "tflite", "labels": [str(i) for i in range(10)],
+                         "input": {"shape": [-1, *shape]}, "data_version": "bench", "git_commit": "bench",
+                         "params_hash": "bench"})
+    return path
+
+
+def wrk(url: str, body: str, connections: int, seconds: float, scratch: Path) -> dict[str, float]:
+    """p50 latency (ms) and requests/s of ``wrk`` POSTing ``body`` (JSON) at ``connections`` concurrency."""
+    script = scratch / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = {json.dumps(body)}\n")
+    completed = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s",
+                                "--latency", "-s", str(script), url], capture_output=True, text=True, check=True)
+    text = completed.stdout
+    if re.search(r"Non-2xx or 3xx responses: (\d+)", text):
+        raise RuntimeError(f"wrk saw error responses from {url}:\n{text}")
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p50.group(2)]
+    return {"p50_ms": float(p50.group(1)) * scale, "rps": float(rps.group(1))}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def serve_edgeloop(model_file: Path, sample: np.ndarray, scratch: Path) -> services.Service:
+    from tasks.release.bundle import bundle_from_files, generate_keypair, load_private_key
+
+    private_path, public_path = generate_keypair(scratch / "keys", "bench")
+    bundle = bundle_from_files(scratch / "bundle.tar.gz", "v1", "bench", "1", None, {"primary": model_file},
+                               sample, load_private_key(private_path))
+    ModelStore(scratch / "store", load_public_keys([public_path])).install(bundle)
+    settings = {"store": scratch / "store", "public_keys": public_path, "samples_dir": scratch / "samples",
+                "upload_to": scratch / "outbox", "num_threads": 1, "log_level": "WARNING"}
+    return services.start_edge_server(scratch / "run", services.free_port(), {k: str(v) for k, v in settings.items()})
+
+
+def serve_mlflow(model_file: Path, scratch: Path) -> services.Service:
+    import mlflow
+
+    from edge.sidecar import sidecar_path
+    from tasks.release.register import EDGE_PACKAGE, PYFUNC_FILE
+
+    variant = scratch / "variant"
+    variant.mkdir()
+    for path in (model_file, sidecar_path(model_file)):
+        shutil.copy(path, variant / path.name)
+    model_dir = scratch / "pyfunc"
+    mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_FILE), artifacts={"variant": str(variant)},
+                             code_paths=[str(EDGE_PACKAGE)])
+    port = services.free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", str(port),
+               "-h", "127.0.0.1", "--env-manager", "local"]
+    return services.start("mlflow-serve", command, scratch / "run-mlflow", {}, f"http://127.0.0.1:{port}/ping",
+                          f"http://127.0.0.1:{port}", timeout_s=120)
+
+
+def bench_model(name: str, shape: tuple[int, int, int], seconds: float, root: Path) -> dict[str, float]:
+    scratch = root / name
+    scratch.mkdir()
+    model_file = build_int8_model(name, shape, scratch)
+    sample = np.random.default_rng(1).random((4, *shape), dtype=np.float32)
+    raw = measure_latency(EdgeModel.load(model_file, num_threads=1), sample[0], warmup_runs=200, runs=3000)
+    body = json.dumps({"inputs": sample[:1].tolist()})
+    result = {"raw_p50_ms": raw.p50_ms}
+    edge = serve_edgeloop(model_file, sample, scratch)
+    try:
+        wrk(f"{edge.url}/v1/predict", body, 1, 1, scratch)  # warm-up
+        for connections in (1, 8):
+            figures = wrk(f"{edge.url}/v1/predict", body, connections, seconds, scratch)
+            result[f"serve_p50_ms_c{connections}"], result[f"serve_rps_c{connections}"] = figures["p50_ms"], figures["rps"]
+        result["serve_rss_mb"] = rss_mb(edge.pid)
+    finally:
+        services.stop("edge-serve", scratch / "run")
+    mlflow_server = serve_mlflow(model_file, scratch)
+    try:
+        wrk(f"{mlflow_server.url}/invocations", body, 1, 1, scratch)
+        for connections in (1, 8):
+            figures = wrk(f"{mlflow_server.url}/invocations", body, connections, seconds, scratch)
+            result[f"mlflow_p50_ms_c{connections}"] = figures["p50_ms"]
+            result[f"mlflow_rps_c{connections}"] = figures["rps"]
+    finally:
+        services.stop("mlflow-serve", scratch / "run-mlflow")
+    result["serve_added_p50_ms"] = result["serve_p50_ms_c1"] - raw.p50_ms
+    result["mlflow_p50_ratio"] = result["serve_p50_ms_c1"] / result["mlflow_p50_ms_c1"]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per measurement")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-serve-") as scratch:
+        for name in args.models:
+            started = time.perf_counter()
+            results[name] = bench_model(name, MODELS[name], args.seconds, Path(scratch))
+            figures = " ".join(f"{key}={value:.3f}" for key, value in results[name].items())
+            print(f"{name}: {figures} ({time.perf_counter() - started:.0f} s)", flush=True)
+    default = results[args.models[0]]
+    print(f"serve_added_p50_ms={default['serve_added_p50_ms']:.3f} serve_rps_c8={default['serve_rps_c8']:.0f} "
+          f"mlflow_p50_ratio={default['mlflow_p50_ratio']:.3f} serve_rss_mb={default['serve_rss_mb']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
