@@ -65,7 +65,7 @@ def wrk(url: str, body: str, connections: int, seconds: float, scratch: Path) ->
     script = scratch / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(body)}\n")
-    completed = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s",
+    completed = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
                                 "--latency", "-s", str(script), url], capture_output=True, text=True, check=True)
     text = completed.stdout
     if re.search(r"Non-2xx or 3xx responses: (\d+)", text):
@@ -111,7 +111,8 @@ def serve_mlflow(model_file: Path, scratch: Path) -> services.Service:
     port = services.free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", str(port),
                "-h", "127.0.0.1", "--env-manager", "local"]
-    return services.start("mlflow-serve", command, scratch / "run-mlflow", {}, f"http://127.0.0.1:{port}/ping",
+    venv_first = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its uvicorn
+    return services.start("mlflow-serve", command, scratch / "run-mlflow", venv_first, f"http://127.0.0.1:{port}/ping",
                           f"http://127.0.0.1:{port}", timeout_s=120)
 
 
@@ -148,7 +149,7 @@ def bench_model(name: str, shape: tuple[int, int, int], seconds: float, root: Pa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per measurement")
+    parser.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = parser.parse_args()
     if shutil.which("wrk") is None:

@@ -9,6 +9,7 @@ MLflow when a model is loaded; nothing in the pipeline imports it.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import mlflow
@@ -26,12 +27,14 @@ class EdgeVariantModel(mlflow.pyfunc.PythonModel):
         if len(model_files) != 1:
             raise RuntimeError(f"{folder} holds {len(model_files)} model files; expected exactly one")
         self.model = EdgeModel.load(model_files[0], num_threads=1)  # verifies the sidecar's sha256
+        self.lock = threading.Lock()  # one interpreter; `mlflow models serve` calls predict from many threads
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict) and len(model_input) == 1:  # {"images": batch}
             model_input = next(iter(model_input.values()))
         batch = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
-        return self.model.predict(batch.astype(np.float32, copy=False))
+        with self.lock:
+            return self.model.predict(batch.astype(np.float32, copy=False))
 
 
 mlflow.models.set_model(EdgeVariantModel())

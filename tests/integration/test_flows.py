@@ -92,6 +92,43 @@ def test_the_registered_candidate_loads_as_an_mlflow_pyfunc_and_predicts_like_th
     assert completed.returncode == 0 and "(2, 10)" in completed.stdout, completed.stderr[-3000:]
 
 
+def test_the_candidate_exports_as_a_signed_bundle_that_a_device_installs(stack, nightly_run, tmp_path):
+    from edge.runtime import EdgeModel
+    from edge.signing import load_public_keys
+    from edge.store import ModelStore
+    from tasks.contracts import Workspace, read_prepared, read_registration
+
+    workspace = Workspace(Path(nightly_run.parameters["workspace"]))
+    registration = read_registration(workspace)
+    edgeloop = str(Path(sys.executable).parent / "edgeloop")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}
+
+    def run(*args):
+        return subprocess.run([edgeloop, *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+
+    assert run("keys", "generate", "--dir", str(tmp_path / "keys"), "--name", "cp").returncode == 0
+    assert oct((tmp_path / "keys" / "cp.key").stat().st_mode & 0o777) == "0o600"
+    exported = run("bundle", "export", "--alias", "candidate", "--key", str(tmp_path / "keys" / "cp.key"),
+                   "--out", str(tmp_path / "bundles"), "--large-variant", "tflite_fp32")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    bundle = Path(exported.stdout.strip().splitlines()[-1])
+    store = ModelStore(tmp_path / "store", load_public_keys([tmp_path / "keys" / "cp.pub"]))
+    manifest = store.install(bundle)
+    assert (manifest.version, manifest.mlflow_version) == (f"v{registration.version}", registration.version)
+    assert manifest.variant == registration.variant and manifest.data_version == registration.data_version
+    assert manifest.model("large").sidecar["variant"] == "tflite_fp32" and manifest.alias == "candidate"
+    test = read_prepared(workspace).test
+    loaded = store.load(manifest.version)
+    device = EdgeModel.load(workspace.variant_file(registration.variant)).predict(test.x)
+    assert np.array_equal(loaded.primary.predict(test.x), device)
+    sample = np.load(store.version_dir(manifest.version) / manifest.sample.file)
+    assert np.array_equal(sample, test.x[:8].astype(np.float32))  # the registered input example
+    missing = run("bundle", "export", "--alias", "no-such-alias", "--key", str(tmp_path / "keys" / "cp.key"),
+                  "--out", str(tmp_path / "bundles"))
+    assert missing.returncode == 2 and "has no alias 'no-such-alias'" in missing.stderr
+    assert "Traceback" not in missing.stderr and sorted(p.name for p in (tmp_path / "bundles").iterdir()) == [bundle.name]
+
+
 def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
     import urllib.request
 
