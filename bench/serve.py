@@ -65,7 +65,8 @@ def wrk(url: str, body: str, connections: int, seconds: float, scratch: Path) ->
     script = scratch / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(body)}\n")
-    completed = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+    duration = f"{max(1, round(seconds))}s"
+    completed = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", duration,
                                 "--latency", "-s", str(script), url], capture_output=True, text=True, check=True)
     text = completed.stdout
     if re.search(r"Non-2xx or 3xx responses: (\d+)", text):
@@ -129,7 +130,8 @@ def bench_model(name: str, shape: tuple[int, int, int], seconds: float, root: Pa
         wrk(f"{edge.url}/v1/predict", body, 1, 1, scratch)  # warm-up
         for connections in (1, 8):
             figures = wrk(f"{edge.url}/v1/predict", body, connections, seconds, scratch)
-            result[f"serve_p50_ms_c{connections}"], result[f"serve_rps_c{connections}"] = figures["p50_ms"], figures["rps"]
+            result[f"serve_p50_ms_c{connections}"] = figures["p50_ms"]
+            result[f"serve_rps_c{connections}"] = figures["rps"]
         result["serve_rss_mb"] = rss_mb(edge.pid)
     finally:
         services.stop("edge-serve", scratch / "run")

@@ -85,7 +85,8 @@ def build_parser(prog: str = "edge.serve") -> argparse.ArgumentParser:
         f"Every option can also be set as an environment variable: {ENV_PREFIX}<OPTION> (e.g. "
         f"{ENV_PREFIX}PUBLIC_KEYS=/etc/edgeloop/keys)."))
     for name, info in ServeConfig.model_fields.items():
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{info.description} [{ENV_PREFIX}{name.upper()}]"}
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{info.description} [{ENV_PREFIX}{name.upper()}]"}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name == "public_keys":

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from edge.config import ServeConfig
-from edge.engine import InferenceEngine, ModelUnavailable
+from edge.engine import InferenceEngine, ModelUnavailable, Prediction
 from edge.errors import BundleRefused, ConfigError, EdgeError, StoreError
 from edge.requests import JSON_TYPE, NPY_TYPE, BadRequest, parse_batch
 from edge.samples import Sampler, SampleStore
@@ -147,6 +147,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _prediction_body(prediction: Prediction) -> dict[str, Any]:
+    """The ``PredictResponse`` document of a prediction."""
+    manifest = prediction.version.manifest
+    labels = manifest.labels
+    rows = [{"label": labels[index] if index < len(labels) else str(index), "class_index": int(index),
+             "confidence": float(confidence), "scores": scores.tolist(), "stage": stage}
+            for index, confidence, scores, stage in zip(prediction.class_indices, prediction.confidences,
+                                                         prediction.scores, prediction.stages)]
+    return {"version": manifest.version, "model_name": manifest.model_name, "variant": manifest.variant,
+            "fallback": prediction.fallback, "latency_ms": prediction.latency_s * 1000.0, "predictions": rows}
+
+
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
     JSON_TYPE: {"schema": {"type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
         "inputs": {"type": "array", "description": "one sample (the model's input shape) or a batch of them, "
@@ -240,13 +252,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             services.sampler.offer(batch, prediction.scores, prediction.latency_s * 1000.0, manifest.version)
         except (EdgeError, OSError) as error:  # sampling must never cost a prediction
             log.warning("sampling failed: %s", error)
-        labels = manifest.labels
-        return JSONResponse({"version": manifest.version, "model_name": manifest.model_name, "variant": manifest.variant,
-                "fallback": prediction.fallback, "latency_ms": prediction.latency_s * 1000.0,
-                "predictions": [{"label": labels[i] if i < len(labels) else str(i), "class_index": int(i),
-                                 "confidence": float(c), "scores": s.tolist(), "stage": stage}
-                                for i, c, s, stage in zip(prediction.class_indices, prediction.confidences,
-                                                          prediction.scores, prediction.stages)]})
+        return JSONResponse(_prediction_body(prediction))
 
     @app.get("/v1/model", response_model=ModelStatus)
     async def model() -> Any:

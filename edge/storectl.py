@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.public_keys = args.public_keys or [Path(p) for p in os.environ.get(f"{ENV_PREFIX}PUBLIC_KEYS", "").split(":") if p]
+    from_env = os.environ.get(f"{ENV_PREFIX}PUBLIC_KEYS", "")
+    args.public_keys = args.public_keys or [Path(part) for part in from_env.split(":") if part]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         store = ModelStore(args.store, load_public_keys(args.public_keys), args.keep)

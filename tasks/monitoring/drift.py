@@ -1,7 +1,9 @@
 """Summaries of the data devices sample and upload, and the retraining trigger rule.
 
 Devices upload ``.npz`` files to ``drift.collected_dir`` with ``x`` (inputs) and, when they have
-them, ``confidence`` (top-class probability per sample) and ``latency_ms``. The guide's rule queues
+them, ``confidence`` (top-class probability per sample) and ``latency_ms``. Sample files from
+``edge.samples`` (sent through ``edgeloop ingest``) carry derived ``features`` and no ``x`` unless the
+device stores raw inputs; they count by their rows all the same. The guide's rule queues
 retraining when mean confidence falls below 85% or latency p95 exceeds 200 ms (both in params).
 Distribution-drift statistics (Evidently) extend this summary in the drift stage.
 """
@@ -32,26 +34,30 @@ class DriftSummary:
         return asdict(self)
 
 
-def load_collected(directory: Path) -> tuple[int, dict[str, np.ndarray]]:
-    """Concatenate every upload's arrays; a corrupt upload is named, not skipped silently."""
+SAMPLE_COUNT_KEYS = ("x", "features", "confidence")  # a file's sample count: the first of these it has
+
+
+def load_collected(directory: Path) -> tuple[int, int, dict[str, np.ndarray]]:
+    """Files, samples, and every upload's arrays concatenated; a corrupt upload is named, not skipped."""
     files = sorted(directory.glob("*.npz")) if directory.is_dir() else []
     arrays: dict[str, list[np.ndarray]] = {"x": [], "confidence": [], "latency_ms": []}
+    samples = 0
     for path in files:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 for key in arrays:
                     if key in archive.files:
                         arrays[key].append(np.asarray(archive[key]))
+                samples += next((len(archive[key]) for key in SAMPLE_COUNT_KEYS if key in archive.files), 0)
         except (OSError, ValueError) as error:
             raise DataError(f"collected file {path} is unreadable ({error}); move it aside and re-run") from error
-    return len(files), {k: np.concatenate(v) for k, v in arrays.items() if v}
+    return len(files), samples, {k: np.concatenate(v) for k, v in arrays.items() if v}
 
 
 def summarise(params: DriftParams) -> DriftSummary:
     """Load what devices collected and apply the retraining rule."""
     directory = Path(params.collected_dir)
-    files, arrays = load_collected(directory)
-    samples = len(arrays.get("x", arrays.get("confidence", [])))
+    files, samples, arrays = load_collected(directory)
     summary = DriftSummary(str(directory), files, samples)
     if "confidence" in arrays:
         summary.mean_confidence = float(np.mean(arrays["confidence"]))

@@ -16,7 +16,7 @@ import logging
 import os
 import tarfile
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,7 @@ def build_manifest(version: str, model_name: str, mlflow_version: str, alias: st
     check = SampleCheck(file=sample_path.name, output_shape=list(outputs.shape), output_dtype=outputs.dtype.name,
                         expected_labels=[int(label) for label in outputs.argmax(axis=1)])
     return Manifest(version=version, model_name=model_name, mlflow_version=mlflow_version, alias=alias,
-                    variant=primary["variant"], created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    variant=primary["variant"], created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                     labels=[str(label) for label in primary["labels"]],
                     input_shape=[int(d) for d in primary["input"]["shape"][1:]],
                     data_version=primary["data_version"], git_commit=primary["git_commit"],

@@ -32,7 +32,7 @@ def test_killing_the_installer_at_every_step(tmp_path, bundle_kit, digits):
                  str(bundle_kit.public_dir), "install", str(bundle_kit.bundle(version))],
                 cwd=REPO_ROOT, env={**os.environ, PAUSE_ENV: step}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:
-                wait_for(lambda: stopped(installer.pid) or installer.poll() is not None, 60,
+                wait_for(lambda process=installer: stopped(process.pid) or process.poll() is not None, 60,
                          f"the installer to stop after {step}", interval_s=0.05)
                 assert installer.poll() is None, f"the installer exited instead of pausing at {step}: " + \
                     installer.stdout.read().decode()
@@ -48,6 +48,6 @@ def test_killing_the_installer_at_every_step(tmp_path, bundle_kit, digits):
             assert reopened.problems() == [], step
             assert reopened.state().active == expected, step
             assert list(reopened.staging_dir.iterdir()) == [], step
-            wait_for(lambda: server.predict(sample).json()["version"] == expected, 20,
+            wait_for(lambda wanted=expected: server.predict(sample).json()["version"] == wanted, 20,
                      f"the server to answer with {expected} after a kill at {step}", interval_s=0.1)
         assert len(ModelStore(server.store, keys).state().installed) <= 3 + 1  # pruned at the last install

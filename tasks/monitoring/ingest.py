@@ -1,0 +1,223 @@
+"""``edgeloop ingest``: the control-plane endpoint devices upload their closed sample files to.
+
+    edgeloop ingest add-device DEVICE --tokens FILE     issue a device token (printed once; only its hash is kept)
+    edgeloop ingest serve --tokens FILE [--collected-dir DIR] [--host H] [--port P] [--max-upload-mb MB]
+
+``POST /v1/ingest`` takes one ``.npz`` as the body (``edge.upload.HttpTarget`` sends it), authenticated
+per device (``Authorization: Bearer <token>`` and ``X-Edgeloop-Device``), checks it is a well-formed
+sample file of that device (:mod:`tasks.monitoring.sample_files`) and stores it atomically as
+``<collected_dir>/<device>--<file name>``, the flat folder :mod:`tasks.monitoring.drift` reads.
+Re-sending a stored file is answered 200 again, so a device whose confirmation got lost can retry
+safely. The tokens file maps device ids to the sha256 of their tokens (JSON or YAML), re-read when it
+changes: ``add-device`` needs no restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import threading
+from pathlib import Path
+
+import yaml
+from fastapi import FastAPI, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+
+from edge.segments import DEVICE_ID
+from edge.sidecar import atomic_write_bytes, atomic_write_text, sha256_file
+from tasks.config import PARAMS_FILE, load_params
+from tasks.entrypoint import report_user_errors, setup_logging
+from tasks.errors import ConfigError, DataError
+from tasks.monitoring.sample_files import validate_sample_file
+
+LOGGER = logging.getLogger(__name__)
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.npz")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_token(token: str) -> str:
+    """What the tokens file keeps instead of the token: its sha256 hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """Device id -> sha256 hex of its token, validated; :class:`ConfigError` names each problem."""
+    if not path.is_file():
+        raise ConfigError(f"tokens file {path} not found; create it with `edgeloop ingest add-device DEVICE "
+                          f"--tokens {path}`")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"tokens file {path} is not readable JSON/YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"tokens file {path} must map device ids to token sha256 hashes")
+    for device, digest in raw.items():
+        if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
+            raise ConfigError(f"tokens file {path}: device id {device!r} must be 1-64 letters, digits, '.', '_', '-'")
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+            raise ConfigError(f"tokens file {path}: device {device!r} needs a sha256 hex hash, not a token; "
+                              "re-issue it with `edgeloop ingest add-device --replace`")
+    return raw
+
+
+class TokenRegistry:
+    """The tokens file, re-read when its mtime or size changes; a broken edit keeps the previous tokens."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._file_stamp()
+        self._hashes = load_tokens(path)  # a broken file fails at start, not at the first upload
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _current(self) -> dict[str, str]:
+        stamp = self._file_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._hashes = load_tokens(self.path)
+                except ConfigError as error:
+                    LOGGER.error("keeping the previous device tokens: %s", error)
+            return self._hashes
+
+    def device_for(self, token: str) -> str | None:
+        """The device whose token this is, compared in constant time; None when no device has it."""
+        presented = hash_token(token)
+        owners = [device for device, digest in self._current().items() if hmac.compare_digest(digest, presented)]
+        return owners[0] if token and owners else None
+
+
+def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) -> FastAPI:
+    """The ingest service: ``POST /v1/ingest`` (see the module docstring) and ``GET /healthz``."""
+    collected_dir = Path(collected_dir)
+    tokens = TokenRegistry(Path(tokens_file))
+    app = FastAPI(title="edgeloop ingest", version="1")
+
+    def authenticate(request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        owner = tokens.device_for(token.strip()) if scheme.lower() == "bearer" else None
+        if owner is None:
+            raise HTTPException(401, detail="missing or unknown device token; issue one with "
+                                "`edgeloop ingest add-device`", headers={"WWW-Authenticate": "Bearer"})
+        claimed = request.headers.get("x-edgeloop-device", "")
+        if claimed != owner:
+            raise HTTPException(403, detail=f"X-Edgeloop-Device {claimed!r} does not match the token's device")
+        return owner
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        too_large = HTTPException(413, detail=f"upload larger than the {max_upload_bytes} byte limit")
+        if declared.isdigit() and int(declared) > max_upload_bytes:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_upload_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def save(content: bytes, device: str, file_name: str, claimed_digest: str) -> dict[str, object]:
+        digest = hashlib.sha256(content).hexdigest()
+        if claimed_digest and claimed_digest.lower() != digest:
+            raise HTTPException(400, detail=f"body sha256 {digest} differs from X-Content-SHA256: damaged in "
+                                "transit, send it again")
+        try:
+            rows = validate_sample_file(content, device)
+        except DataError as error:
+            raise HTTPException(422, detail=str(error)) from None
+        target = collected_dir / f"{device}--{file_name}"
+        if not target.is_file():
+            atomic_write_bytes(target, content)
+            LOGGER.info("stored %s (%d samples)", target.name, rows)
+        elif sha256_file(target) != digest:  # same bytes again is a retry whose answer got lost: fine
+            raise HTTPException(409, detail=f"a different file is already stored as {target.name}")
+        return {"sha256": digest, "stored": target.name, "samples": rows}
+
+    @app.post("/v1/ingest")
+    async def ingest(request: Request) -> dict[str, object]:
+        device = authenticate(request)
+        file_name = request.headers.get("x-edgeloop-filename", "")
+        if not FILE_NAME.fullmatch(file_name):
+            raise HTTPException(422, detail=f"X-Edgeloop-Filename {file_name!r} must be a plain name ending in .npz")
+        content = await read_body(request)
+        claimed_digest = request.headers.get("x-content-sha256", "")
+        return await run_in_threadpool(save, content, device, file_name, claimed_digest)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def add_device(tokens_file: Path, device: str, replace: bool = False) -> str:
+    """Issue a token for ``device`` and store only its hash (file mode 0600); returns the token."""
+    if not DEVICE_ID.fullmatch(device):
+        raise ConfigError(f"device id {device!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    hashes = load_tokens(tokens_file) if tokens_file.is_file() else {}
+    if device in hashes and not replace:
+        raise ConfigError(f"device {device!r} already has a token in {tokens_file}; pass --replace to issue a "
+                          "new one (the old one stops working)")
+    token = secrets.token_urlsafe(32)
+    hashes[device] = hash_token(token)
+    # atomic_write_* create the file through mkstemp: mode 0600 from the first byte, kept by the rename
+    atomic_write_text(tokens_file, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+    return token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeloop ingest", description="receive sample files from devices")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve = actions.add_parser("serve", help="run the ingest endpoint (uvicorn)")
+    serve.add_argument("--tokens", type=Path, required=True, help="device token hashes (from add-device)")
+    serve.add_argument("--collected-dir", type=Path, help="where files go (default: drift.collected_dir)")
+    serve.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8100, help="port (default: %(default)s)")
+    serve.add_argument("--max-upload-mb", type=float, default=16.0, help="largest file accepted (default: 16)")
+    add = actions.add_parser("add-device", help="issue a token for a device; prints it once")
+    add.add_argument("device", help="device id (letters, digits, '.', '_', '-')")
+    add.add_argument("--tokens", type=Path, required=True, help="token hashes file (created if missing)")
+    add.add_argument("--replace", action="store_true", help="issue a new token for a known device")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    collected_dir = args.collected_dir or load_params(args.params).drift.collected_dir
+    collected_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(collected_dir, args.tokens, int(args.max_upload_mb * 2**20))
+    LOGGER.info("ingest: storing uploads in %s", collected_dir)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _add_device(args: argparse.Namespace) -> None:
+    token = add_device(args.tokens, args.device, args.replace)
+    print(token)
+    LOGGER.info("device %s: token printed above, shown only once; %s keeps its sha256", args.device, args.tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    return report_user_errors(lambda: _serve(args) if args.action == "serve" else _add_device(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
