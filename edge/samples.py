@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,17 @@ from edge.segments import DEVICE_ID, SampleRows
 
 __all__ = ["SampleStore", "Sampler"]
 LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Rows of one served batch that the sampling rule picked (``keep``), with what :meth:`Sampler.keep` needs."""
+
+    inputs: np.ndarray
+    top: np.ndarray
+    probabilities: np.ndarray
+    keep: np.ndarray
+    low_confidence: np.ndarray
 
 
 class Sampler:
@@ -64,6 +76,11 @@ class Sampler:
 
     def offer(self, inputs: np.ndarray, probabilities: np.ndarray, latency_ms: float, model_version: str) -> int:
         """Keep the rows of one served batch that the sampling rule selects; returns how many were kept."""
+        selection = self.select(inputs, probabilities)
+        return 0 if selection is None else self.keep(selection, latency_ms, model_version)
+
+    def select(self, inputs: np.ndarray, probabilities: np.ndarray) -> Selection | None:
+        """The cheap half of :meth:`offer` (a few µs): which rows to keep, or None for none of them."""
         probabilities = np.asarray(probabilities)
         rows = len(probabilities)
         if probabilities.ndim != 2 or rows != len(inputs):
@@ -74,11 +91,16 @@ class Sampler:
             self.offered_rows += rows
             picked_by_rate = self._rate_picks(rows)
         if not picked_by_rate and not np.minimum.reduce(top) < self.confidence_floor:
-            return 0
+            return None
         low_confidence = top < self.confidence_floor
         keep = low_confidence.copy()
         keep[picked_by_rate] = True
-        return self._keep(np.asarray(inputs), top, probabilities, keep, low_confidence, latency_ms, model_version)
+        return Selection(np.asarray(inputs), top, probabilities, keep, low_confidence)
+
+    def keep(self, selection: Selection, latency_ms: float, model_version: str) -> int:
+        """The costly half of :meth:`offer`: features of the selected rows, appended to the store."""
+        return self._keep(selection.inputs, selection.top, selection.probabilities, selection.keep,
+                          selection.low_confidence, latency_ms, model_version)
 
     def _rate_picks(self, rows: int) -> list[int]:
         """Positions among the next ``rows`` rows that the rate keeps.

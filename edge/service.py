@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,6 +28,7 @@ from edge.engine import InferenceEngine, ModelUnavailable, Prediction
 from edge.errors import BundleRefused, ConfigError, EdgeError, StoreError
 from edge.requests import JSON_TYPE, NPY_TYPE, BadRequest, parse_batch
 from edge.samples import Sampler, SampleStore
+from edge.sampling_worker import SamplingWorker
 from edge.signing import load_public_keys
 from edge.store import ModelStore
 from edge.telemetry import Metrics
@@ -83,6 +85,7 @@ class Services:
         self.samples = SampleStore(config.samples_dir, int(config.sample_budget_mb * 2**20), config.sample_file_records,
                                    config.sample_file_age_s, config.store_raw)
         self.sampler = Sampler(self.samples, config.device_id, config.sample_rate, config.confidence_floor)
+        self.sampling = SamplingWorker(self.sampler)
         self.uploader = Uploader(self.samples, self._upload_target(), paused=lambda: not self.thermal.allows_uploads)
         self._export_gauges()
 
@@ -106,6 +109,8 @@ class Services:
         gauge("edgeloop_samples_kept_by_rate", "predictions sampled at random", lambda: self.sampler.kept_by_rate)
         gauge("edgeloop_samples_kept_low_confidence", "predictions kept for low confidence",
               lambda: self.sampler.kept_low_confidence)
+        gauge("edgeloop_samples_dropped_busy", "selected predictions not kept: the sampling worker was behind",
+              lambda: self.sampling.dropped)
         gauge("edgeloop_upload_backlog_files", "closed sample files waiting for upload", lambda: uploader.backlog_files)
         gauge("edgeloop_upload_backlog_bytes", "bytes waiting for upload", lambda: uploader.backlog_bytes)
         gauge("edgeloop_uploaded_files", "sample files uploaded and confirmed", lambda: uploader.uploaded_files)
@@ -174,11 +179,13 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(services.engine.reload)
         services.uploader.start()
+        services.sampling.start()
         watcher = asyncio.create_task(services.watch())
         try:
             yield
         finally:
             watcher.cancel()
+            services.sampling.stop(timeout=5.0)
             services.uploader.stop(timeout=5.0)
             services.samples.close_segment()
             services.engine.close()
@@ -249,10 +256,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             return _error(503, "model_unavailable", str(error))
         manifest = prediction.version.manifest
         try:
-            services.sampler.offer(batch, prediction.scores, prediction.latency_s * 1000.0, manifest.version)
+            services.sampling.offer(batch, prediction.scores, prediction.latency_s * 1000.0, manifest.version)
         except (EdgeError, OSError) as error:  # sampling must never cost a prediction
             log.warning("sampling failed: %s", error)
-        return JSONResponse(_prediction_body(prediction))
+        return Response(orjson.dumps(_prediction_body(prediction)), media_type=JSON_TYPE)
 
     @app.get("/v1/model", response_model=ModelStatus)
     async def model() -> Any:

@@ -65,7 +65,7 @@ def _json(document) -> tuple[bytes, str]:
     (*_json({"inputs": np.zeros((2, 8, 8, 3)).tolist()}), 422, "shape"),
     (*_json({"inputs": []}), 422, "empty"),
     (*_json({"inputs": np.zeros((65, 8, 8, 1)).tolist()}), 413, "batch_too_large"),
-    (b'{"inputs": [[[NaN]]]}', "application/json", 422, "shape"),
+    (b'{"inputs": [[[NaN]]]}', "application/json", 400, "malformed_json"),  # NaN is not JSON
     (json.dumps({"inputs": np.full((8, 8, 1), 1e39).tolist()}).encode(), "application/json", 422, "not_finite"),
     (b"\x93NUMPY garbage", "application/x-npy", 400, "malformed_npy"),
     (b"x" * 70_000, "application/json", 413, "too_large"),
