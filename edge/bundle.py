@@ -8,10 +8,14 @@ a missing or short file is ``truncated``, a changed one ``tampered``, an extra o
 
 from __future__ import annotations
 
+import gzip
+import io
 import re
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -21,6 +25,8 @@ from edge.sidecar import sha256_file
 from edge.signing import verify_manifest
 
 MAX_MEMBERS = 64
+GZIP_MAGIC = b"\x1f\x8b"
+HEADER_ALLOWANCE = MAX_MEMBERS * 4096 + 2**20  # tar headers and padding on top of the files' bytes
 
 
 def _check_name(name: str) -> None:
@@ -28,10 +34,45 @@ def _check_name(name: str) -> None:
         raise BundleRefused("malformed", f"bundle member {name!r} is not a plain file name (no folders or links)")
 
 
+class _LimitedReader(io.RawIOBase):
+    """A read-only stream that refuses to yield more than ``limit`` bytes: decompression and tar
+    headers (pax records are read whole into memory) stay bounded before any signature is checked."""
+
+    def __init__(self, stream: BinaryIO, limit: int, closes: tuple[BinaryIO, ...] = ()) -> None:
+        self._stream, self._left, self._closes = stream, limit, (stream, *closes)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        for stream in self._closes:
+            stream.close()
+        super().close()
+
+    def readinto(self, buffer) -> int:
+        count = self._stream.readinto(buffer) if hasattr(self._stream, "readinto") else 0
+        self._left -= count
+        if self._left < 0:
+            raise BundleRefused("too_large", "the bundle unpacks to more than the store's max_bundle_bytes")
+        return count
+
+
+def _open_stream(bundle: Path, limit: int) -> BinaryIO:
+    raw = open(bundle, "rb")
+    if raw.read(2) == GZIP_MAGIC:
+        raw.seek(0)
+        return io.BufferedReader(_LimitedReader(gzip.GzipFile(fileobj=raw), limit, closes=(raw,)))
+    raw.seek(0)
+    return io.BufferedReader(_LimitedReader(raw, limit))
+
+
 def _unpack_tar(bundle: Path, destination: Path, max_bytes: int) -> None:
+    if bundle.stat().st_size > max_bytes:
+        raise BundleRefused("too_large", f"{bundle.name} is larger than the store's max_bundle_bytes ({max_bytes})")
     total = 0
     try:
-        with tarfile.open(bundle, mode="r:*") as archive:
+        with _open_stream(bundle, max_bytes + HEADER_ALLOWANCE) as stream, \
+                tarfile.open(fileobj=stream, mode="r|") as archive:  # a stream: members read once, in order
             for count, member in enumerate(archive, start=1):
                 if count > MAX_MEMBERS:
                     raise BundleRefused("malformed", f"bundle has more than {MAX_MEMBERS} members")
@@ -46,7 +87,9 @@ def _unpack_tar(bundle: Path, destination: Path, max_bytes: int) -> None:
                 assert source is not None  # regular files always have content
                 with source, open(destination / member.name, "xb") as target:
                     shutil.copyfileobj(source, target)
-    except (tarfile.TarError, EOFError, OSError, UnicodeError) as error:
+    except RecursionError as error:  # chained long-name headers
+        raise BundleRefused("malformed", f"{bundle.name} has nested tar headers") from error
+    except (tarfile.TarError, EOFError, OSError, UnicodeError, zlib.error) as error:
         if isinstance(error, FileExistsError):
             raise BundleRefused("malformed", f"bundle holds {Path(error.filename).name!r} twice") from error
         raise BundleRefused("truncated", f"{bundle.name} is not a complete tar archive ({error}); "
@@ -77,6 +120,13 @@ def unpack(bundle: Path, destination: Path, max_bytes: int) -> None:
 
 def verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
     """Check the signature and every payload file of an unpacked bundle; return its manifest."""
+    try:
+        return _verify_folder(folder, keys)
+    except OSError as error:  # a file vanished or became unreadable while we read it
+        raise BundleRefused("truncated", f"{folder.name}: a file could not be read ({error})") from error
+
+
+def _verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
     manifest_path, signature_path = folder / MANIFEST_FILE, folder / SIGNATURE_FILE
     if not manifest_path.is_file():
         raise BundleRefused("malformed", f"the bundle has no {MANIFEST_FILE}")

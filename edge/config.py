@@ -38,6 +38,7 @@ class ServeConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1, le=64, description="inference threads (default: the runtime's)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body")
     max_batch: int = Field(256, ge=1, description="most samples in one request")
+    max_bundle_mb: float = Field(256.0, gt=0.0, description="largest bundle an install accepts (unpacked)")
     cascade_threshold: float | None = Field(None, gt=0.0, le=1.0, description=(
         "confidence under which the version's large model answers (needs one in the bundle); unset: off"))
     shadow_version: str | None = Field(None, description="installed version to run in the shadow of the active one")
@@ -49,7 +50,10 @@ class ServeConfig(BaseModel):
     sample_file_records: int = Field(256, ge=1, description="records per sample file before it is closed")
     sample_file_age_s: float = Field(300.0, gt=0.0, description="seconds before an open sample file is closed")
     store_raw: bool = Field(False, description="keep raw inputs too (off: derived features only)")
-    upload_to: str = Field(str(DATA_ROOT / "outbox"), description="folder or http(s) ingest URL for samples")
+    upload_to: str | None = Field(None, description=(
+        "where closed sample files go: a folder (a mount or a sync agent's inbox: outside the sample budget, "
+        "whatever collects them must remove them) or the http(s) ingest URL; unset: they stay in the sample "
+        "store, within its budget, for a collector to fetch"))
     upload_token: str | None = Field(None, description="this device's ingest token (HTTP uploads)")
     upload_token_file: Path | None = Field(None, description="file holding the ingest token")
     thermal_sensor: Path = Field(DEFAULT_SENSOR, description="sysfs temperature file (millidegrees C)")

@@ -76,7 +76,7 @@ class InferenceEngine:
             while state.active is not None and (self.active is None or self.active.version != state.active):
                 try:
                     loaded = self.store.load(state.active, self.num_threads)
-                except EdgeError as error:
+                except (EdgeError, OSError) as error:
                     reason = f"load failed: {error}"
                     log.error("active version %s %s", state.active, reason)
                     self.metrics.fallbacks.labels("load_failed").inc()
@@ -85,11 +85,23 @@ class InferenceEngine:
                     self.store.rollback(reason)
                     state = self.store.state()
                     continue
-                self._previous, self.active = self.active, loaded
+                self.active = loaded
                 self._publish_info(loaded)
                 log.info("serving %s %s (%s)", loaded.manifest.model_name, loaded.version, loaded.manifest.variant)
+            self._load_fallback(state.previous)
             self._load_shadow()
             return self.active.version if self.active else None
+
+    def _load_fallback(self, previous: str | None) -> None:
+        """Keep the store's previous version loaded (here, not on a failing request) to answer for the active."""
+        if self._previous is not None and self._previous.version == previous:
+            return
+        self._previous = None
+        if previous is not None and self.active is not None and previous != self.active.version:
+            try:
+                self._previous = self.store.load(previous, self.num_threads)
+            except Exception as error:  # no fallback is worse than a fallback, not fatal
+                log.error("fallback version %s unavailable: %s", previous, error)
 
     def _publish_info(self, loaded: LoadedVersion) -> None:
         manifest = loaded.manifest
@@ -103,19 +115,12 @@ class InferenceEngine:
             return
         try:
             self._shadow = self.store.load(wanted, self.num_threads)
-        except EdgeError as error:
+        except Exception as error:  # a shadow that cannot load costs nothing but its comparisons
             log.error("shadow version %s unavailable: %s", wanted, error)
             self._shadow = None
 
     def previous(self) -> LoadedVersion | None:
-        """The version to fall back on: the last one served here, else the store's previous (loaded lazily)."""
-        if self._previous is None:
-            previous = self.store.state().previous
-            if previous is not None and (self.active is None or previous != self.active.version):
-                try:
-                    self._previous = self.store.load(previous, self.num_threads)
-                except EdgeError as error:
-                    log.error("fallback version %s unavailable: %s", previous, error)
+        """The version to fall back on: the store's previous one, loaded by :meth:`reload`."""
         return self._previous
 
     # ---- predicting --------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 """
 
 
+EXIT_USER_ERROR = 2  # what every entry point exits with after printing a user-facing error
+
+
 class EdgeError(Exception):
     """A device-side problem the user can act on; the message says what to do."""
 

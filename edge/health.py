@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import BundleRefused, EdgeError
+from edge.errors import BundleRefused
 from edge.manifest import Manifest
 from edge.runtime import EdgeModel
 
@@ -59,7 +59,8 @@ def load_and_check(folder: Path, manifest: Manifest, num_threads: int | None = N
         outputs = models["primary"].predict(read_sample(folder, manifest))
     except BundleRefused:
         raise
-    except EdgeError as error:
-        raise BundleRefused("health_check", f"version {manifest.version} does not run: {error}") from error
+    except Exception as error:  # EdgeError, or whatever a runtime raises when invoking a model that loaded
+        raise BundleRefused("health_check", f"version {manifest.version} does not run: "
+                                            f"{type(error).__name__}: {error}") from error
     check_outputs(outputs, manifest)
     return LoadedVersion(manifest.version, manifest, folder, models["primary"], models.get("large"))

@@ -48,6 +48,13 @@ class SampleCheck(_Record):
     expected_labels: list[int]
     min_label_agreement: float = Field(0.9, ge=0.0, le=1.0)  # int8 numerics differ a little between CPUs
 
+    @model_validator(mode="after")
+    def _one_label_per_row(self) -> SampleCheck:
+        if len(self.output_shape) != 2 or len(self.expected_labels) != self.output_shape[0]:
+            raise ValueError(f"expected_labels has {len(self.expected_labels)} entries for an output of shape "
+                             f"{self.output_shape} (one per sample row)")
+        return self
+
 
 class Manifest(_Record):
     schema_id: Literal["edgeloop.manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")

@@ -42,10 +42,25 @@ def _from_json(body: bytes) -> np.ndarray:
     return inputs
 
 
+def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header, before anything is allocated for the data."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    return shape, dtype
+
+
 def _from_npy(body: bytes) -> np.ndarray:
+    stream = io.BytesIO(body)
     try:
-        inputs = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        shape, dtype = _npy_header(stream)
+        declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if declared > len(body):  # np.load would allocate the declared size first: a 100-byte body can ask for TBs
+            raise BadRequest(400, "malformed_npy", f"the .npy header declares {list(shape)} {dtype} "
+                                                   f"({declared} bytes) but the body has {len(body)} bytes")
+        stream.seek(0)
+        inputs = np.load(stream, allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as error:
         raise BadRequest(400, "malformed_npy", f"the body is not a .npy array without pickles ({error})") from error
     if not isinstance(inputs, np.ndarray) or not (np.issubdtype(inputs.dtype, np.integer)
                                                   or np.issubdtype(inputs.dtype, np.floating)):

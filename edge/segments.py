@@ -18,6 +18,7 @@ import re
 import struct
 import time
 import uuid
+import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -80,7 +81,7 @@ def npz_record_count(path: Path) -> int:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return len(archive["confidence"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return 0
 
 
@@ -218,6 +219,7 @@ class Segment:
                 raise OSError(f"short write to {self.path} ({written} of {len(frame)} bytes): disk full?")
         except OSError:
             os.ftruncate(self._handle.fileno(), self.size)  # records appended later must follow a whole frame
+            self._handle.seek(self.size)  # ... at the cut, not after a hole where the partial frame was
             raise
         self.size += len(frame)
         self.records += record

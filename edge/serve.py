@@ -10,9 +10,7 @@ import logging
 import sys
 
 from edge.config import load_config
-from edge.errors import EdgeError
-
-EXIT_USER_ERROR = 2
+from edge.errors import EXIT_USER_ERROR, EdgeError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,21 +22,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from edge.config import ServeConfig
-from edge.engine import InferenceEngine, ModelUnavailable, Prediction
-from edge.errors import BundleRefused, ConfigError, EdgeError, StoreError
+from edge.engine import ModelUnavailable, Prediction
+from edge.errors import BundleRefused, EdgeError, StoreError
 from edge.requests import JSON_TYPE, NPY_TYPE, BadRequest, parse_batch
-from edge.samples import Sampler, SampleStore
-from edge.sampling_worker import SamplingWorker
-from edge.signing import load_public_keys
-from edge.store import ModelStore
-from edge.telemetry import Metrics
-from edge.thermal import STATES, ThermalMonitor
-from edge.upload import FolderTarget, HttpTarget, Uploader
+from edge.services import Services
 
 log = logging.getLogger(__name__)
-MAX_BUNDLE_BYTES = 512 * 2**20
 
 
 class ErrorBody(BaseModel):
@@ -70,86 +64,28 @@ class ModelStatus(BaseModel):
     manifest: dict[str, Any] | None
 
 
-class Services:
-    """Everything one server instance owns; built from the config, started and stopped by the app."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        self.config, self.metrics = config, Metrics()
-        self.admin_token = config.secret("admin_token")
-        self.thermal = ThermalMonitor(config.thermal_sensor, config.thermal_limit_c, config.thermal_soft_margin_c,
-                                      config.thermal_hard_margin_c)
-        self.store = ModelStore(config.store, load_public_keys(config.public_keys), config.keep_versions,
-                                MAX_BUNDLE_BYTES, on_event=self.metrics.store_event)
-        self.engine = InferenceEngine(self.store, self.metrics, self.thermal, config.num_threads,
-                                      config.cascade_threshold, config.shadow_version, config.shadow_fraction)
-        self.samples = SampleStore(config.samples_dir, int(config.sample_budget_mb * 2**20), config.sample_file_records,
-                                   config.sample_file_age_s, config.store_raw)
-        self.sampler = Sampler(self.samples, config.device_id, config.sample_rate, config.confidence_floor)
-        self.sampling = SamplingWorker(self.sampler)
-        self.uploader = Uploader(self.samples, self._upload_target(), paused=lambda: not self.thermal.allows_uploads)
-        self._export_gauges()
-
-    def _upload_target(self) -> FolderTarget | HttpTarget:
-        target = self.config.upload_to
-        if target.startswith(("http://", "https://")):
-            token = self.config.secret("upload_token")
-            if token is None:
-                raise ConfigError("upload_to is an HTTP URL but no upload_token (or upload_token_file) is set")
-            return HttpTarget(target, self.config.device_id, token)
-        return FolderTarget(Path(target))
-
-    def _export_gauges(self) -> None:
-        gauge, samples, uploader, thermal = self.metrics.gauge, self.samples, self.uploader, self.thermal
-        gauge("edgeloop_ready", "1 when a verified model is loaded", lambda: self.engine.active is not None)
-        gauge("edgeloop_sample_store_bytes", "bytes the sample store holds on disk", lambda: samples.bytes_used)
-        gauge("edgeloop_sample_store_dropped_files", "sample files deleted to stay in budget",
-              lambda: samples.dropped_files)
-        gauge("edgeloop_sample_store_dropped_records", "sampled records deleted to stay in budget",
-              lambda: samples.dropped_records)
-        gauge("edgeloop_samples_kept_by_rate", "predictions sampled at random", lambda: self.sampler.kept_by_rate)
-        gauge("edgeloop_samples_kept_low_confidence", "predictions kept for low confidence",
-              lambda: self.sampler.kept_low_confidence)
-        gauge("edgeloop_samples_dropped_busy", "selected predictions not kept: the sampling worker was behind",
-              lambda: self.sampling.dropped)
-        gauge("edgeloop_upload_backlog_files", "closed sample files waiting for upload", lambda: uploader.backlog_files)
-        gauge("edgeloop_upload_backlog_bytes", "bytes waiting for upload", lambda: uploader.backlog_bytes)
-        gauge("edgeloop_uploaded_files", "sample files uploaded and confirmed", lambda: uploader.uploaded_files)
-        gauge("edgeloop_upload_failures", "failed upload attempts", lambda: uploader.failed_attempts)
-        gauge("edgeloop_temperature_celsius", "SoC temperature (NaN: no sensor)", lambda: thermal.temperature_c)
-        gauge("edgeloop_thermal_state", "0 normal, 1 soft limit, 2 hard limit", lambda: STATES.index(thermal.state))
-
-    async def watch(self) -> None:
-        """Reload when ``state.json`` changes (an installer or updater switched versions); rotate samples."""
-        seen = None
-        while True:
-            try:
-                stat = self.store.state_file.stat()
-                signature = (stat.st_mtime_ns, stat.st_ino)
-            except FileNotFoundError:
-                signature = None
-            if signature != seen:
-                seen = signature
-                await asyncio.to_thread(self.engine.reload)
-            self.thermal.refresh()
-            await asyncio.to_thread(self.samples.maybe_rotate)
-            await asyncio.sleep(self.config.watch_interval_s)
-
-
 def _error(status: int, reason: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body in chunks, refused with a 413 as soon as it is known to exceed ``limit``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, "too_large", f"the body has {declared} bytes; at most {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, "too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, "too_large", f"the body exceeds {limit} bytes")
+            yield chunk
+    except ClientDisconnect as error:  # nobody is left to answer; say so in the log, not as a 500
+        raise BadRequest(400, "client_disconnected", "the client went away before sending the whole body") from error
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
 
 
 def _prediction_body(prediction: Prediction) -> dict[str, Any]:
@@ -177,18 +113,13 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(services.engine.reload)
-        services.uploader.start()
-        services.sampling.start()
+        await asyncio.to_thread(services.start)
         watcher = asyncio.create_task(services.watch())
         try:
             yield
         finally:
             watcher.cancel()
-            services.sampling.stop(timeout=5.0)
-            services.uploader.stop(timeout=5.0)
-            services.samples.close_segment()
-            services.engine.close()
+            await asyncio.to_thread(services.stop)
 
     app = FastAPI(title="edgeloop edge inference service", version="1", lifespan=lifespan,
                   description="Local-first predictions from the device's signed model store.")
@@ -198,6 +129,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
         services.metrics.rejected.labels(error.reason).inc()
         return _error(error.status, error.reason, str(error))
+
+    @app.exception_handler(StoreError)
+    async def store_problem(request: Request, error: StoreError) -> JSONResponse:
+        return _error(503, "store_error", str(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -288,9 +223,10 @@ def create_app(config: ServeConfig) -> FastAPI:
                   "schema": {"type": "string", "format": "binary", "description": "a signed bundle (.tar.gz)"}}}}})
     async def install(request: Request) -> Any:
         """Install a signed bundle (verified, health-checked) and serve it."""
-        body = await _read_body(request, MAX_BUNDLE_BYTES)
-        with tempfile.NamedTemporaryFile(suffix=".tar.gz") as handle:
-            handle.write(body)
+        # streamed to the store's own filesystem (not /tmp, often RAM): bundles can be large
+        with tempfile.NamedTemporaryFile(dir=services.store.root, prefix=".upload-", suffix=".tar.gz") as handle:
+            async for chunk in _body_chunks(request, services.max_bundle_bytes):
+                handle.write(chunk)
             handle.flush()
             try:
                 manifest = await asyncio.to_thread(services.store.install, Path(handle.name))

@@ -52,6 +52,7 @@ class StoreState:
     history: list[str] = field(default_factory=list)  # activation order, most recent last
     installed: list[str] = field(default_factory=list)  # install order, oldest first
     rolled_back: dict[str, str] = field(default_factory=dict)  # version -> why
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> bundles refused, by any process
 
     @property
     def previous(self) -> str | None:
@@ -97,11 +98,15 @@ class ModelStore:
             raise StoreError(f"keep={keep}: a store keeps at least 2 versions (the active one and the previous)")
         self.root, self.keys, self.keep, self.max_bundle_bytes = Path(root), public_keys, keep, max_bundle_bytes
         self._on_event = on_event
-        for folder in (self.versions_dir, self.staging_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        with self._locked(blocking=False) as locked:
-            if locked:
-                self._recover()
+        try:
+            for folder in (self.versions_dir, self.staging_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            with self._locked(blocking=False) as locked:
+                if locked:
+                    self._recover()
+        except OSError as error:
+            raise StoreError(f"model store {self.root} is not usable ({error}); point --store "
+                             "(EDGELOOP_STORE) at a writable folder") from error
 
     # ---- layout and state ------------------------------------------------------------------------
 
@@ -162,6 +167,8 @@ class ModelStore:
                     self._event("discarded", folder.name, error.reason)
                     _remove_tree(folder)
         state.installed = [v for v in state.installed if self.version_dir(v).is_dir()]
+        state.history = [v for v in state.history if v in state.installed]  # a prune killed before its record
+        state.active = state.history[-1] if state.history else None
         if state != self.state():
             self._write_state(state)
 
@@ -210,6 +217,9 @@ class ModelStore:
             _fsync_dir(self.versions_dir)
             _pause_at("placed")
         except BundleRefused as error:
+            state = self.state()
+            state.refused[error.reason] = state.refused.get(error.reason, 0) + 1
+            self._write_state(state)
             self._event("refused", bundle.name, f"{error.reason}: {error}")
             raise
         finally:
@@ -271,6 +281,8 @@ class ModelStore:
             self.version_dir(version).rename(trash / version)  # atomic: gone from versions/ at once
         state.installed = [v for v in state.installed if v not in doomed]
         state.history = [v for v in state.history if v not in doomed or v in protected]
+        for version in doomed:
+            state.rolled_back.pop(version, None)
         self._write_state(state)
         for version in doomed:
             self._event("pruned", version)
@@ -284,6 +296,8 @@ class ModelStore:
         on_disk = sorted(p.name for p in self.versions_dir.iterdir())
         if sorted(state.installed) != on_disk:
             found.append(f"installed {sorted(state.installed)} but on disk {on_disk}")
+        if missing := [v for v in state.history if v not in state.installed]:
+            found.append(f"history names versions that are not installed: {missing}")
         if state.active is not None:
             if state.active not in state.installed:
                 found.append(f"active {state.active} is not installed")

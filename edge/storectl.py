@@ -4,8 +4,9 @@
     storectl rollback           make the previous version active again
     storectl status             the store's state and any inconsistency (exit 1 when inconsistent)
 
-``--store`` and ``--public-keys`` default to ``EDGELOOP_STORE`` / ``EDGELOOP_PUBLIC_KEYS`` like the
-server's. A running server notices the switch within its watch interval (or ``POST /v1/model/reload``).
+``--store``, ``--public-keys`` and ``--keep-versions`` default to ``EDGELOOP_STORE``,
+``EDGELOOP_PUBLIC_KEYS`` and ``EDGELOOP_KEEP_VERSIONS``, like the server's. A running server
+notices the switch within its watch interval (or ``POST /v1/model/reload``).
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edge.config import DATA_ROOT, ENV_PREFIX
-from edge.errors import EdgeError
+from edge.errors import EXIT_USER_ERROR, EdgeError
 from edge.signing import load_public_keys
 from edge.store import ModelStore
-
-EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge.storectl", description="manage the device's model store")
     parser.add_argument("--store", type=Path, default=Path(os.environ.get(f"{ENV_PREFIX}STORE", DATA_ROOT / "models")),
                         help="store folder (default: %(default)s) [EDGELOOP_STORE]")
-    parser.add_argument("--public-key", dest="public_keys", type=Path, action="append",
-                        help="a trusted public key file or folder; repeat for several [EDGELOOP_PUBLIC_KEYS]")
-    parser.add_argument("--keep", type=int, default=3, help="versions kept (default: %(default)s)")
+    parser.add_argument("--public-keys", type=Path, action="append",
+                        help="a trusted public key file or folder; repeat the option for several "
+                             "[EDGELOOP_PUBLIC_KEYS, ':'-separated]")
+    parser.add_argument("--keep-versions", type=int, default=int(os.environ.get(f"{ENV_PREFIX}KEEP_VERSIONS", 3)),
+                        help="versions kept, as the server's --keep-versions (default: %(default)s) "
+                             "[EDGELOOP_KEEP_VERSIONS]")
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser("install", help="install and activate a signed bundle")
     install.add_argument("bundle", type=Path)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args.public_keys = args.public_keys or [Path(part) for part in from_env.split(":") if part]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        store = ModelStore(args.store, load_public_keys(args.public_keys), args.keep)
+        store = ModelStore(args.store, load_public_keys(args.public_keys), args.keep_versions)
         if args.command == "install":
             manifest = store.install(args.bundle, activate=not args.no_activate)
             print(f"installed {manifest.model_name} {manifest.version} ({manifest.variant})")

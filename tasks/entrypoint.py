@@ -8,12 +8,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from edge.errors import EdgeError
+from edge.errors import EXIT_USER_ERROR, EdgeError
 from tasks.config import PARAMS_FILE, Params, load_params
 from tasks.contracts import Workspace
 from tasks.errors import EdgeloopError
 
-EXIT_USER_ERROR = 2
 USER_ERRORS: tuple[type[BaseException], ...] = (EdgeloopError, EdgeError)
 
 

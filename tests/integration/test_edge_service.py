@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -52,6 +53,13 @@ def test_json_and_npy_predictions_equal_the_runtime(server, bundle_kit, digits):
     assert len(single["predictions"]) == 1 and single["predictions"][0]["class_index"] == expected[0].argmax()
 
 
+def npy_header_only(shape: tuple[int, ...]) -> bytes:
+    """A .npy header declaring ``shape`` (float32) with no data after it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"shape": shape, "fortran_order": False, "descr": "<f4"})
+    return buffer.getvalue()
+
+
 def _json(document) -> tuple[bytes, str]:
     return json.dumps(document).encode(), "application/json"
 
@@ -68,6 +76,8 @@ def _json(document) -> tuple[bytes, str]:
     (b'{"inputs": [[[NaN]]]}', "application/json", 400, "malformed_json"),  # NaN is not JSON
     (json.dumps({"inputs": np.full((8, 8, 1), 1e39).tolist()}).encode(), "application/json", 422, "not_finite"),
     (b"\x93NUMPY garbage", "application/x-npy", 400, "malformed_npy"),
+    (npy_header_only((2**41,)), "application/x-npy", 400, "malformed_npy"),  # would allocate 8 TiB
+    (npy_header_only((4, 8, 8, 1)), "application/x-npy", 400, "malformed_npy"),  # data cut off
     (b"x" * 70_000, "application/json", 413, "too_large"),
     (b"inputs=1", "application/x-www-form-urlencoded", 415, "media_type"),
 ])
@@ -105,6 +115,7 @@ def test_health_readiness_model_status_and_metrics(server, digits):
 
 
 def test_admin_endpoints_need_the_bearer_token(server):
+    refused_before = server.metric("edgeloop_store_refusals_total", reason="truncated")
     with server.client() as client:
         for path in ("/v1/model/reload", "/v1/model/rollback", "/v1/model/install"):
             assert client.post(path).status_code == 401
@@ -115,7 +126,7 @@ def test_admin_endpoints_need_the_bearer_token(server):
     assert refused.status_code == 409 and refused.json()["error"] == "no_previous"
     garbage = server.admin("/v1/model/install", content=b"not a bundle")
     assert garbage.status_code == 422 and garbage.json()["error"] == "truncated"
-    assert server.metric("edgeloop_store_events_total", event="refused", reason="truncated") == 1.0
+    assert server.metric("edgeloop_store_refusals_total", reason="truncated") == refused_before + 1
 
 
 def test_sampled_features_reach_the_outbox_without_raw_inputs(server, digits):
@@ -173,6 +184,8 @@ def test_cascade_shadow_and_thermal_limits(tmp_path, bundle_kit, digits):
         assert np.allclose([body["predictions"][i]["scores"] for i in escalated], large[escalated], atol=1e-6)
         wait_for(lambda: server.metric("edgeloop_shadow_total", version="v2", outcome="agree") > 0, 20,
                  "shadow comparisons")
+        assert server.metric("edgeloop_inference_latency_seconds_count", version="v2", stage="shadow") >= 1
+        assert server.metric("edgeloop_inference_latency_seconds_count", version="v1", stage="large") >= 1
 
         server.sensor.write_text("80000\n")  # limit 85, soft margin 10: over the soft limit
         wait_for(lambda: server.metric("edgeloop_thermal_state") == 1.0, 10, "the soft thermal state")
@@ -186,6 +199,8 @@ def test_cascade_shadow_and_thermal_limits(tmp_path, bundle_kit, digits):
         server.sensor.write_text("84000\n")  # over the hard limit (85 - 2): uploads pause, predictions go on
         wait_for(lambda: server.metric("edgeloop_thermal_state") == 2.0, 10, "the hard thermal state")
         assert server.predict(batch[:1]).status_code == 200
+        wait_for(lambda: server.metric("edgeloop_upload_paused") == 1.0, 20, "the uploader to pause")
+        assert server.metric("edgeloop_upload_paused") == 1.0
 
 
 def test_rollback_install_and_a_corrupt_active_version_after_restart(tmp_path, bundle_kit, digits):
@@ -214,6 +229,13 @@ def test_a_watched_store_switch_is_picked_up_without_a_restart(tmp_path, bundle_
         store.install(bundle_kit.bundle("v2", primary="onnx_int8"))  # as an updater on the device would
         wait_for(lambda: server.predict(digits.x[:1]).json()["version"] == "v2", 20, "the server to serve v2",
                  interval_s=0.1)
+        store.state_file.write_text("{damaged")  # a broken pointer: keep serving what is loaded, say why
+        with server.client() as client:
+            status = client.get("/v1/model")
+            assert status.status_code == 503 and status.json()["error"] == "store_error"
+            assert "state.json is damaged" in status.json()["detail"]
+            assert client.get("/readyz").status_code == 200
+        assert server.predict(digits.x[:1]).json()["version"] == "v2"
 
 
 def test_bad_settings_fail_fast_with_one_line(tmp_path, bundle_kit):
@@ -224,3 +246,9 @@ def test_bad_settings_fail_fast_with_one_line(tmp_path, bundle_kit):
     completed = subprocess.run([sys.executable, "-m", "edge.serve", "--port", "70000", "--public-keys",
                                 str(bundle_kit.public_dir)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert completed.returncode == 2 and "--port (EDGELOOP_PORT)" in completed.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    completed = subprocess.run([sys.executable, "-m", "edge.serve", "--store", str(blocked / "store"),
+                                "--public-keys", str(bundle_kit.public_dir)], capture_output=True, text=True,
+                               timeout=60, cwd=REPO_ROOT)
+    assert completed.returncode == 2 and "is not usable" in completed.stderr and "Traceback" not in completed.stderr

@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +26,10 @@ from scripts import services
 from tasks.config import DriftParams
 from tasks.monitoring.drift import summarise
 from tasks.monitoring.ingest import add_device, main
+from tests.stack_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 MAX_UPLOAD_MB = 0.25
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.02)
 
 
 @dataclass
@@ -55,7 +48,8 @@ class Ingest:
         pid = services.running_pid(self.run_dir, "ingest")
         assert pid is not None, "the ingest service is not running"
         os.killpg(pid, signal.SIGKILL)
-        wait_until(lambda: services.running_pid(self.run_dir, "ingest") is None, 10, "the service to die")
+        wait_for(lambda: services.running_pid(self.run_dir, "ingest") is None, 10, "the service to die",
+                 interval_s=0.05)
 
     def stored_ids(self, device: str = "") -> list[str]:
         """Sample ids in collected_dir, of one device's files or of all."""
@@ -137,18 +131,18 @@ def test_an_outage_loses_nothing_inside_the_budget(ingest, tmp_path):
         thread.start()
     uploader.start()
     try:
-        wait_until(lambda: uploader.uploaded_files >= 5, 15, "uploads before the outage")
+        wait_for(lambda: uploader.uploaded_files >= 5, 30, "uploads before the outage", interval_s=0.05)
         ingest.kill()
-        wait_until(lambda: store.dropped_files >= 2 and uploader.failed_attempts >= 3, 15,
-                   "the budget to fill and uploads to fail while the service is down")
+        wait_for(lambda: store.dropped_files >= 2 and uploader.failed_attempts >= 3, 30,
+                   "the budget to fill and uploads to fail while the service is down", interval_s=0.05)
         failures_during_outage, uploaded_before = uploader.failed_attempts, uploader.uploaded_files
         ingest.start()
-        wait_until(lambda: uploader.uploaded_files > uploaded_before and not uploader.consecutive_failures, 15,
-                   "uploads to resume")
+        wait_for(lambda: uploader.uploaded_files > uploaded_before and not uploader.consecutive_failures, 30,
+                   "uploads to resume", interval_s=0.05)
         traffic_on.clear()
         threads[0].join()
         store.close_segment()
-        wait_until(lambda: uploader.backlog_files == 0, 15, "the backlog to drain")
+        wait_for(lambda: uploader.backlog_files == 0, 30, "the backlog to drain", interval_s=0.05)
     finally:
         traffic_on.clear()
         uploader.stop()

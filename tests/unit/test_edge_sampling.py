@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from edge.samples import Sampler, SampleStore
 from edge.segments import SampleRows, encode_rows
 from edge.upload import FolderTarget, Uploader
 from tests.conftest import REPO_ROOT
+from tests.stack_helpers import wait_for
 
 NPZ_DTYPES = {"features": np.float32, "confidence": np.float32, "predicted": np.int32, "latency_ms": np.float32,
               "timestamp": np.float64}
@@ -371,20 +371,12 @@ def test_uploader_thread_ships_traffic_and_stops(tmp_path, rng):
     uploader.start()
     try:
         sampler.offer(rng.random((40, 8, 8, 1)), _confident(40), 1.0, "v1")
-        _wait_until(lambda: uploader.uploaded_files == 5)
+        wait_for(lambda: uploader.uploaded_files == 5, 10, "five uploads", interval_s=0.01)
     finally:
         uploader.stop(timeout=5)
     assert not uploader.running and store.closed_files() == []
     shipped = [np.load(path, allow_pickle=False)["sample_id"] for path in sorted((tmp_path / "out").iterdir())]
     assert len(set(np.concatenate(shipped))) == 40
-
-
-def _wait_until(condition, timeout_s: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_device_modules_import_nothing_heavy():

@@ -138,13 +138,15 @@ def _garbage_signature(members):
 ])
 def test_damaged_bundles_are_refused_and_change_nothing(tmp_path, store, bundle_kit, events, damage, reason):
     store.install(bundle_kit.bundle("v1"))
-    before = store.state_file.read_bytes()
+    before = store.state()
     members = read_members(bundle_kit.bundle("v2"))
     damage(members)
     with pytest.raises(BundleRefused) as refused:
         store.install(write_members(tmp_path / "damaged.tar.gz", members))
     assert refused.value.reason == reason
-    assert store.state_file.read_bytes() == before and not store.version_dir("v2").exists()
+    after = store.state()
+    assert (after.active, after.history, after.installed) == (before.active, before.history, before.installed)
+    assert after.refused == {reason: 1} and not store.version_dir("v2").exists()
     assert list(store.staging_dir.iterdir()) == [] and store.problems() == []
     assert any(event == "refused" and why.startswith(reason) for event, _, why in events)
 
@@ -232,3 +234,48 @@ def test_manifest_sample_is_a_real_batch(store, bundle_kit):
     store.install(bundle_kit.bundle("v1"))
     sample = np.load(store.version_dir("v1") / "sample.npy")
     assert sample.shape == (16, 8, 8, 1) and sample.dtype == np.float32 and sample.std() > 0
+
+
+def test_a_decompression_bomb_is_refused_before_it_fills_memory_or_disk(tmp_path, bundle_kit):
+    """A pax header of 64 MiB (tarfile reads such headers whole) in a gzip of a few hundred KiB."""
+    import gzip
+
+    small = ModelStore(tmp_path / "small", bundle_kit.trusted_keys(), max_bundle_bytes=2**20)
+    bomb = tmp_path / "bomb.tar.gz"
+    info = tarfile.TarInfo("manifest.json")
+    info.pax_headers = {"comment": "x" * (64 * 2**20)}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info, io.BytesIO(b""))
+    bomb.write_bytes(gzip.compress(raw.getvalue()))
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(BundleRefused) as refused:
+        small.install(bomb)
+    assert refused.value.reason == "too_large" and small.state().active is None
+
+
+def test_a_folder_bundle_with_a_symlink_is_refused(tmp_path, store, bundle_kit):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, content in read_members(bundle_kit.bundle("v1")).items():
+        (folder / name).write_bytes(content)
+    store.install(folder)  # a folder bundle installs like the archive
+    (folder / "sample.npy").unlink()
+    (folder / "sample.npy").symlink_to("/etc/passwd")
+    with pytest.raises(BundleRefused) as refused:
+        store.install(folder)
+    assert refused.value.reason == "malformed"
+    assert store.state().refused == {"malformed": 1}  # counted for the metrics, whichever process installs
+
+
+def test_a_prune_killed_before_its_record_leaves_no_ghost_in_the_history(store, bundle_kit):
+    for number in (1, 2, 3):
+        store.install(bundle_kit.bundle(f"v{number}"))
+    store.rollback("test")  # active v2, history [v1, v2]
+    victim = store.version_dir("v1")  # as if a prune had renamed v1 away and died before writing state.json
+    victim.chmod(0o755)
+    victim.rename(store.staging_dir / "prune-v1-x")
+    reopened = ModelStore(store.root, bundle_kit.trusted_keys())
+    state = reopened.state()
+    assert "v1" not in state.history and "v1" not in state.installed and state.active == "v2"
+    assert reopened.problems() == [] and list(reopened.staging_dir.iterdir()) == []
