@@ -10,7 +10,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: demo down services repro test lint lock clean-outputs
+.PHONY: demo edge-demo down services repro test lint lock clean-outputs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: services
 	@echo "Prefect UI:        http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "MLflow UI:         http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "comparison report: $(CURDIR)/reports/comparison.md"
+
+# The candidate `make demo` registered, signed, installed in a local store (.run/edge) and served on :8080.
+edge-demo: services
+	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/python -m scripts.edge_demo
 
 services: $(STAMP)
 	$(BIN)/python -m scripts.services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)

@@ -213,7 +213,7 @@ def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = Tru
 
 
 def down(run_dir: Path) -> list[str]:
-    return [name for name in ("prefect-worker", "mlflow-server", "prefect-server") if stop(name, run_dir)]
+    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server") if stop(name, run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
