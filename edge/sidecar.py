@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edge.errors import SidecarError
 
@@ -30,8 +32,9 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Write a file so readers see the old content or the new one, never half of it.
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` only when the block ends without an error.
 
     A temp file in the same folder, flushed to disk, then renamed over the target (atomic on POSIX);
     a crash leaves at most a hidden ``.<name>.*.tmp`` behind, never a truncated file under the real name.
@@ -40,13 +43,19 @@ def atomic_write_bytes(path: Path, content: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    """Write a file so readers see the old content or the new one, never half of it."""
+    with atomic_writer(path) as handle:
+        handle.write(content)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, ModelEntry, PayloadFile, SampleCheck
 from edge.runtime import RUNTIME_BY_SUFFIX, EdgeModel
-from edge.sidecar import read_sidecar, sha256_file, sidecar_path
+from edge.sidecar import atomic_writer, read_sidecar, sha256_file, sidecar_path
 from edge.signing import key_id, sign_manifest
 from tasks.config import PARAMS_FILE, Params, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
@@ -101,21 +101,11 @@ def write_bundle(out: Path, manifest: Manifest, payload_dir: Path, private_key: 
     manifest_bytes = manifest.to_bytes()
     members = [(MANIFEST_FILE, manifest_bytes), (SIGNATURE_FILE, sign_manifest(manifest_bytes, private_key))]
     members += [(entry.name, (payload_dir / entry.name).read_bytes()) for entry in manifest.files]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            with tarfile.open(fileobj=handle, mode="w:gz") as archive:
-                for name, content in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(content), 0o444, 0
-                    archive.addfile(info, io.BytesIO(content))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_writer(out) as handle, tarfile.open(fileobj=handle, mode="w:gz") as archive:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(content), 0o444, 0
+            archive.addfile(info, io.BytesIO(content))
     return out
 
 
