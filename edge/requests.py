@@ -8,9 +8,11 @@ numbers) and ``application/x-npy`` (a ``.npy`` array, no pickles). Every problem
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 
 import numpy as np
 import orjson  # 5x faster than json on a 32x32x3 sample, which otherwise costs more than the model
+from starlette.requests import ClientDisconnect, Request
 
 from edge.errors import EdgeError
 
@@ -93,3 +95,24 @@ def parse_batch(body: bytes, content_type: str, input_shape: list[int], max_batc
     if not np.all(np.isfinite(batch)):
         raise BadRequest(422, "not_finite", "inputs hold NaN or Inf (or values too large for float32)")
     return batch
+
+
+async def body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body in chunks, refused with a 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, "too_large", f"the body has {declared} bytes; at most {limit}")
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, "too_large", f"the body exceeds {limit} bytes")
+            yield chunk
+    except ClientDisconnect as error:  # nobody is left to answer; say so in the log, not as a 500
+        raise BadRequest(400, "client_disconnected", "the client went away before sending the whole body") from error
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes (:func:`body_chunks`)."""
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])

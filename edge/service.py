@@ -22,12 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.requests import ClientDisconnect
 
 from edge.config import ServeConfig
 from edge.engine import ModelUnavailable, Prediction
 from edge.errors import BundleRefused, EdgeError, StoreError
-from edge.requests import JSON_TYPE, NPY_TYPE, BadRequest, parse_batch
+from edge.requests import JSON_TYPE, NPY_TYPE, BadRequest, body_chunks, parse_batch, read_body
 from edge.services import Services
 
 log = logging.getLogger(__name__)
@@ -66,26 +65,6 @@ class ModelStatus(BaseModel):
 
 def _error(status: int, reason: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
-
-
-async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body in chunks, refused with a 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, "too_large", f"the body has {declared} bytes; at most {limit}")
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(413, "too_large", f"the body exceeds {limit} bytes")
-            yield chunk
-    except ClientDisconnect as error:  # nobody is left to answer; say so in the log, not as a 500
-        raise BadRequest(400, "client_disconnected", "the client went away before sending the whole body") from error
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
 
 
 def _prediction_body(prediction: Prediction) -> dict[str, Any]:
@@ -182,7 +161,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if active is None:
             services.metrics.unavailable.inc()
             return _error(503, "not_ready", "no verified model version is loaded: install a signed bundle")
-        body = await _read_body(request, config.max_request_bytes)
+        body = await read_body(request, config.max_request_bytes)
         batch = parse_batch(body, request.headers.get("content-type", ""), active.manifest.input_shape,
                             config.max_batch)
         try:
@@ -225,7 +204,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Install a signed bundle (verified, health-checked) and serve it."""
         # streamed to the store's own filesystem (not /tmp, often RAM): bundles can be large
         with tempfile.NamedTemporaryFile(dir=services.store.root, prefix=".upload-", suffix=".tar.gz") as handle:
-            async for chunk in _body_chunks(request, services.max_bundle_bytes):
+            async for chunk in body_chunks(request, services.max_bundle_bytes):
                 handle.write(chunk)
             handle.flush()
             try:

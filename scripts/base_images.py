@@ -13,6 +13,7 @@ emulation (``qemu-user-static`` + binfmt). Root file systems are cached as tarba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -93,10 +94,9 @@ def ensure_base_image(arch: str, docker_host: str, cache_dir: Path = CACHE_DIR) 
     tag = image_tag(arch)
     client = docker.DockerClient(base_url=docker_host)
     try:
-        client.images.get(tag)
-        return tag
-    except docker.errors.ImageNotFound:
-        pass
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            client.images.get(tag)
+            return tag
     finally:
         client.close()
     tarball = bootstrap_rootfs(arch, cache_dir)

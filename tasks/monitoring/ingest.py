@@ -28,6 +28,7 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
+from edge.requests import BadRequest, read_body
 from edge.segments import DEVICE_ID
 from edge.sidecar import atomic_write_bytes, atomic_write_text, sha256_file
 from tasks.config import PARAMS_FILE, load_params
@@ -116,18 +117,11 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
             raise HTTPException(403, detail=f"X-Edgeloop-Device {claimed!r} does not match the token's device")
         return owner
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length", "")
-        too_large = HTTPException(413, detail=f"upload larger than the {max_upload_bytes} byte limit")
-        if declared.isdigit() and int(declared) > max_upload_bytes:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_upload_bytes:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+    async def read_upload(request: Request) -> bytes:
+        try:
+            return await read_body(request, max_upload_bytes)
+        except BadRequest as error:
+            raise HTTPException(error.status, detail=f"upload refused: {error}") from None
 
     def save(content: bytes, device: str, file_name: str, claimed_digest: str) -> dict[str, object]:
         digest = hashlib.sha256(content).hexdigest()
@@ -152,7 +146,7 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
         file_name = request.headers.get("x-edgeloop-filename", "")
         if not FILE_NAME.fullmatch(file_name):
             raise HTTPException(422, detail=f"X-Edgeloop-Filename {file_name!r} must be a plain name ending in .npz")
-        content = await read_body(request)
+        content = await read_upload(request)
         claimed_digest = request.headers.get("x-content-sha256", "")
         return await run_in_threadpool(save, content, device, file_name, claimed_digest)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -102,10 +103,8 @@ class DiskWatcher(threading.Thread):
         while not self.done.wait(0.003):
             total = 0
             for path in self.directory.rglob("*"):
-                try:
+                with contextlib.suppress(FileNotFoundError):  # renamed or deleted between listing and stat
                     total += path.stat().st_size if path.is_file() else 0
-                except FileNotFoundError:  # renamed or deleted between listing and stat
-                    pass
             self.peak = max(self.peak, total)
 
 
