@@ -18,35 +18,16 @@ import time
 from pathlib import Path
 
 from scripts.services import REPO_ROOT, ServiceError, running_pid, start, stop
+from tasks.release.engine import CACHE_DIR, answers, find_engine, own_engine_host
 
-CACHE_DIR = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop"))
-DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 NAME = "dockerd"
-
-
-def answers(docker_host: str, timeout_s: float = 3.0) -> bool:
-    """True when a Docker engine answers a ping at ``docker_host``."""
-    import docker
-
-    try:
-        client = docker.DockerClient(base_url=docker_host, timeout=timeout_s)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # docker raises assorted connection errors; all mean "not here"
-        return False
-
-
-def own_engine_host(cache_dir: Path = CACHE_DIR) -> str:
-    return f"unix://{cache_dir / 'docker' / 'docker.sock'}"
 
 
 def ensure(run_dir: Path, cache_dir: Path = CACHE_DIR, timeout_s: float = 60.0) -> str:
     """The ``DOCKER_HOST`` of a running engine, starting our own dockerd when none answers."""
-    for candidate in (os.environ.get("DOCKER_HOST"), DEFAULT_SOCKET, own_engine_host(cache_dir)):
-        if candidate and answers(candidate):
-            return candidate
+    found = find_engine(cache_dir)
+    if found is not None:
+        return found
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         raise ServiceError("no Docker engine answers (DOCKER_HOST, /var/run/docker.sock) and dockerd is not "

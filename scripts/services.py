@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,6 +205,26 @@ def start_edge_server(run_dir: Path, port: int, settings: dict[str, str], name: 
                  timeout_s=60.0)
 
 
+def start_registry(run_dir: Path, port: int) -> Service:
+    """A Docker registry (Debian's docker-registry, API v2) on loopback, storing under ``run_dir/registry``."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        raise ServiceError("docker-registry is missing: apt-get install docker-registry")
+    root = run_dir / "registry"
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    config = root / "config.yml"
+    config.write_text(f"""version: 0.1
+log: {{level: warn}}
+storage:
+  filesystem: {{rootdirectory: {root / 'data'}}}
+  delete: {{enabled: true}}
+http:
+  addr: 127.0.0.1:{port}
+""")
+    return start("registry", [binary, "serve", str(config)], run_dir, {}, f"http://127.0.0.1:{port}/v2/",
+                 f"127.0.0.1:{port}")
+
+
 def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:
     prefect = start_prefect(run_dir, prefect_port, schedules)
     ensure_work_pool(run_dir, prefect_port)
@@ -213,7 +234,8 @@ def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = Tru
 
 
 def down(run_dir: Path) -> list[str]:
-    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server") if stop(name, run_dir)]
+    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "registry", "dockerd")
+            if stop(name, run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,15 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
     parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("EDGELOOP_PREFECT_PORT", 4200)))
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("EDGELOOP_MLFLOW_PORT", 5000)))
+    parser.add_argument("--images", action="store_true",
+                        help="also a Docker engine (ours unless one answers) and an image registry, for packaging")
+    parser.add_argument("--registry-port", type=int, default=int(os.environ.get("EDGELOOP_REGISTRY_PORT", 5050)))
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
             for service in up(args.run_dir, args.prefect_port, args.mlflow_port):
                 print(f"{service.name:15s} pid {service.pid:<7d} {service.url}  (log {service.log})")
+            if args.images:
+                from scripts.docker_engine import ensure
+
+                print(f"{'docker engine':15s} {ensure(args.run_dir)}")
+                registry = start_registry(args.run_dir, args.registry_port)
+                print(f"{registry.name:15s} pid {registry.pid:<7d} {registry.url}  (log {registry.log})")
         elif args.action == "down":
             print("stopped: " + (", ".join(down(args.run_dir)) or "nothing was running"))
         else:
-            for name in ("prefect-server", "mlflow-server", "prefect-worker"):
+            for name in ("prefect-server", "mlflow-server", "prefect-worker", "registry", "dockerd"):
                 pid = running_pid(args.run_dir, name)
                 print(f"{name:15s} {'running, pid ' + str(pid) if pid else 'stopped'}")
     except ServiceError as error:

@@ -39,6 +39,7 @@ PASSTHROUGH = {
     "serve": ("edge.serve", "run the edge inference service (python -m edge.serve)"),
     "store": ("edge.storectl", "install, roll back or inspect a device's model store"),
     "ingest": ("tasks.monitoring.ingest", "run the control plane's sample ingest endpoint"),
+    "package": ("tasks.release.package", "build, check and push the edge images of a registered model version"),
 }
 
 

@@ -179,6 +179,34 @@ class DriftParams(_Section):
     max_latency_p95_ms: float = Field(200.0, gt=0.0)
 
 
+Platform = Literal["linux/amd64", "linux/arm64"]
+
+
+class PackageParams(_Section):
+    """Container images of a registered model version (``edgeloop package``, tasks/release/package.py)."""
+
+    registry: str = Field("127.0.0.1:5050", pattern=r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$")  # EDGELOOP_REGISTRY overrides
+    repository: str = Field("edgeloop/edge", pattern=r"^[a-z0-9]+([._\-/][a-z0-9]+)*$")
+    # null: the official python:3.11-slim when the engine has it or can pull it, else the Debian-built base
+    # (scripts/base_images.py, `make base-images`)
+    base_image: str | None = None
+    platforms: list[Platform] = Field(default_factory=lambda: ["linux/amd64", "linux/arm64"], min_length=1)
+    signing_key: Path = Path("keys/control-plane.key")  # private Ed25519 key (PEM) that signs the bundle
+    public_keys: Path = Path("keys")                     # .pub file or folder of them the image trusts
+    large_variant: VariantName | None = None             # the cascade's second stage, from the same run
+    check_device: str = "industrial-256mb"  # devices.yaml entry whose cpus/memory the checked container gets
+    max_image_mb: float = Field(250.0, gt=0.0)
+    max_start_s: float = Field(5.0, gt=0.0)
+    emulated_start_timeout_s: float = Field(180.0, gt=0.0)  # arm64 under qemu: ready within this (not a gate)
+
+    @field_validator("platforms")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("platforms lists a platform twice")
+        return value
+
+
 class Params(_Section):
     """All pipeline parameters; see ``params.yaml`` for the documented defaults."""
 
@@ -192,6 +220,7 @@ class Params(_Section):
     mlflow: MlflowParams = MlflowParams()
     retrain: RetrainParams = RetrainParams()
     drift: DriftParams = DriftParams()
+    package: PackageParams = PackageParams()
 
     def params_hash(self) -> str:
         """sha256 of the parameters that shape a model file, recorded in every sidecar.

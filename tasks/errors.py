@@ -40,3 +40,7 @@ class PromotionRefused(StageError):
 
 class ServiceUnavailable(StageError):
     """A server (MLflow, a registry, a device) did not answer. Transient: flows retry it."""
+
+
+class PackagingError(StageError):
+    """An image that cannot be built, fails an image gate, or cannot be pushed; nothing is shipped."""

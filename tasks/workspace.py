@@ -100,6 +100,10 @@ class Workspace:
         return self.reports_dir / "registration.json"
 
     @property
+    def package_file(self) -> Path:
+        return self.reports_dir / "package.json"
+
+    @property
     def devices_csv(self) -> Path:
         """The inventory as a table (``edgeloop devices``)."""
         return self.reports_dir / "devices.csv"
