@@ -63,3 +63,19 @@ def publish_training(evaluation: Evaluation, registration: Registration, per_dev
                              description="Recommended variant per device")
     if url:
         create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")
+
+
+def publish_images(report: dict[str, Any]) -> None:
+    """The packaged images of a version: pinned references, sizes and cold starts (emulated marked)."""
+    lines = [f"## Images of {report['model_name']} version {report['mlflow_version']}: {report['version']}", "",
+             f"{report['version_reason']}", "", "| platform | image | MB | ready (s) | status |",
+             "|---|---|---|---|---|"]
+    for image in report["images"]:
+        repository = image["reference"].rsplit(":", 1)[0]
+        pinned = f"{repository}@{image['digest']}" if image["digest"] else image["reference"]
+        ready = "" if image["ready_s"] is None else f"{image['ready_s']:.2f}" + (" (emulated)" if image["emulated"]
+                                                                                  else "")
+        size = "" if image["image_mb"] is None else f"{image['image_mb']:.1f}"
+        lines.append(f"| {image['platform']} | `{pinned}` | {size} | {ready} | {image['status']} |")
+    create_markdown_artifact(key="images", markdown="\n".join(lines) + "\n",
+                             description="edge images pushed for this model version")

@@ -22,6 +22,7 @@ from tasks.config import (
     ModelChoice,
     ModelPath,
     Params,
+    Platforms,
     PruneEnabled,
     RecommendBy,
     Seed,
@@ -59,13 +60,15 @@ class TrainingParameters(BaseModel):
     gates: GateParams
     recommend_by: RecommendBy
     devices: list[DeviceName] = Field(default_factory=list, description="devices to report on (empty: all)")
+    platforms: Platforms
 
     @classmethod
     def from_params(cls, params: Params) -> TrainingParameters:
         return cls(model=params.train.model, model_path=params.train.model_path, epochs=params.train.epochs,
                    seed=params.seed, strategy=params.quantize.strategy, prune=params.prune.enabled,
                    target_sparsities=params.prune.target_sparsities, variants=params.convert.enabled_variants,
-                   gates=params.evaluate.gates, recommend_by=params.evaluate.recommend_by)
+                   gates=params.evaluate.gates, recommend_by=params.evaluate.recommend_by,
+                   platforms=params.package.platforms)
 
     def apply(self, base: Params) -> Params:
         """``base`` with these values on top, validated (errors name the params.yaml key)."""
@@ -77,6 +80,7 @@ class TrainingParameters(BaseModel):
         raw["prune"].update(enabled=self.prune, target_sparsities=self.target_sparsities)
         raw["convert"]["variants"] = {name: name in self.variants for name in raw["convert"]["variants"]}
         raw["evaluate"].update(gates=self.gates.model_dump(), recommend_by=self.recommend_by)
+        raw["package"]["platforms"] = list(self.platforms)
         return parse_params(raw, "flow parameters")
 
 

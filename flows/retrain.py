@@ -16,6 +16,7 @@ from prefect.states import Completed, Failed, State
 from pydantic import Field
 
 from flows import steps
+from flows.artifacts import publish_images
 from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
 from flows.training import build_candidate
@@ -105,5 +106,7 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
     if not approval.approve:
         return Completed(name="Rejected", message=f"rejected by {approval.reviewer or 'unknown'}: "
                          f"{approval.comment or 'no comment'}; version {version} not promoted, champion unchanged")
+    # ---- the approved version's images: built, checked and pushed before it becomes champion ----
+    publish_images(steps.package_images(config, run_workspace, version))
     # ---- promotion (refuses without the approval record) --------------------------------
     return steps.promote(config, version, approval)

@@ -26,7 +26,7 @@ from tasks.evaluation import gates
 from tasks.model import convert as convert_stage
 from tasks.model import train as train_stage
 from tasks.monitoring import drift
-from tasks.release import challenge, promotion, tracking
+from tasks.release import challenge, package, promotion, tracking
 from tasks.release import register as register_stage
 
 
@@ -93,6 +93,12 @@ def compare_with_champion(params: Params, workspace: Workspace, registration: Re
 def promote(params: Params, version: str, approval: promotion.ApprovalRecord) -> dict[str, Any]:
     tracking.configure(params.mlflow)
     return promotion.promote(params.mlflow.registered_model, str(version), approval)
+
+
+@task(name="package-images", timeout_seconds=3600, **TRANSIENT_RETRIES)
+def package_images(params: Params, workspace: Workspace, version: str) -> dict[str, Any]:
+    """Build, check and push the edge images of ``version``; the report (digests, figures) as a dict."""
+    return package.package(params, workspace, version=str(version), devices_path=DEVICES_PATH).model_dump(mode="json")
 
 
 @task(name="summarise-collected-data", timeout_seconds=1800)

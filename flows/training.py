@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from flows import steps
-from flows.artifacts import publish_gate_failure, publish_training
+from flows.artifacts import publish_gate_failure, publish_images, publish_training
 from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
 from tasks.config import Params
@@ -42,12 +42,15 @@ def build_candidate(config: Params, workspace: Workspace, parameters: TrainingPa
 
 
 @flow(name="training", log_prints=True, persist_result=True)
-def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | None = None) -> Registration:
+def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | None = None,
+             package: bool = False) -> Registration:
     """Build, measure and register a candidate from params.yaml plus the given parameters.
 
     Args:
         params: what to change for this run (defaults: params.yaml).
         workspace: folder for this run's outputs (default: the repository's data/, models/, reports/).
+        package: also build, check and push the candidate's edge images (needs a Docker engine and the
+            image registry of params.yaml's package section).
     """
     config, run_workspace = resolve(params, workspace)
     with exclusive_outputs(run_workspace):
@@ -56,4 +59,6 @@ def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | N
     publish_training(evaluation, registration, per_device, overrides(params))
     get_run_logger().info("registered %s v%s (%s)", registration.registered_model, registration.version,
                           registration.variant)
+    if package:
+        publish_images(steps.package_images(config, run_workspace, registration.version))
     return registration

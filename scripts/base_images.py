@@ -9,8 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scripts.docker_engine import ensure
-from scripts.services import REPO_ROOT, ServiceError
+from scripts.services import REPO_ROOT, ServiceError, start_docker_engine
 from tasks.errors import EdgeloopError
 from tasks.release.base_images import PLATFORMS, ensure_base_image
 from tasks.release.engine import connect
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
     args = parser.parse_args(argv)
     try:
-        ensure(args.run_dir)
+        start_docker_engine(args.run_dir)
         engine = connect()
         try:
             for arch in args.arch:

@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.release.engine import CACHE_DIR, answers, find_engine, own_engine_host
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORK_POOL = "edgeloop-process"
@@ -225,6 +227,31 @@ http:
                  f"127.0.0.1:{port}")
 
 
+def start_docker_engine(run_dir: Path, cache_dir: Path = CACHE_DIR, timeout_s: float = 60.0) -> str:
+    """The ``DOCKER_HOST`` of a running engine, starting our own dockerd when none answers."""
+    found = find_engine(cache_dir)
+    if found is not None:
+        return found
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        raise ServiceError("no Docker engine answers (DOCKER_HOST, /var/run/docker.sock) and dockerd is not "
+                           "installed: apt-get install docker.io, or point DOCKER_HOST at an engine")
+    root = cache_dir / "docker"
+    root.mkdir(parents=True, exist_ok=True)
+    exec_root = Path("/tmp") / f"edgeloop-docker-{os.getuid()}"  # short: unix socket paths live under it
+    host = own_engine_host(cache_dir)
+    command = [dockerd, "--data-root", str(root / "data"), "--exec-root", str(exec_root),
+               "--pidfile", str(root / "dockerd.pid"), "-H", host]
+    service = start("dockerd", command, run_dir, {}, health_url=None, url=host)
+    deadline = time.monotonic() + timeout_s
+    while not answers(host):
+        if running_pid(run_dir, "dockerd") is None or time.monotonic() > deadline:
+            stop("dockerd", run_dir)
+            raise ServiceError(f"dockerd did not answer on {host} within {timeout_s:.0f} s; see {service.log}")
+        time.sleep(0.5)
+    return host
+
+
 def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:
     prefect = start_prefect(run_dir, prefect_port, schedules)
     ensure_work_pool(run_dir, prefect_port)
@@ -253,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             for service in up(args.run_dir, args.prefect_port, args.mlflow_port):
                 print(f"{service.name:15s} pid {service.pid:<7d} {service.url}  (log {service.log})")
             if args.images:
-                from scripts.docker_engine import ensure
-
-                print(f"{'docker engine':15s} {ensure(args.run_dir)}")
+                print(f"{'docker engine':15s} {start_docker_engine(args.run_dir)}")
                 registry = start_registry(args.run_dir, args.registry_port)
                 print(f"{registry.name:15s} pid {registry.pid:<7d} {registry.url}  (log {registry.log})")
         elif args.action == "down":

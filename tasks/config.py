@@ -180,6 +180,8 @@ class DriftParams(_Section):
 
 
 Platform = Literal["linux/amd64", "linux/arm64"]
+Platforms = Annotated[list[Platform], Field(min_length=1, description=(
+    "image platforms to package for (one image each; arm64 is built and checked under qemu emulation)"))]
 
 
 class PackageParams(_Section):
@@ -190,7 +192,7 @@ class PackageParams(_Section):
     # null: the official python:3.11-slim when the engine has it or can pull it, else the Debian-built base
     # (scripts/base_images.py, `make base-images`)
     base_image: str | None = None
-    platforms: list[Platform] = Field(default_factory=lambda: ["linux/amd64", "linux/arm64"], min_length=1)
+    platforms: Platforms = Field(default_factory=lambda: ["linux/amd64", "linux/arm64"])
     signing_key: Path = Path("keys/control-plane.key")  # private Ed25519 key (PEM) that signs the bundle
     public_keys: Path = Path("keys")                     # .pub file or folder of them the image trusts
     large_variant: VariantName | None = None             # the cascade's second stage, from the same run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,7 @@ FAST_FLOW_PARAMETERS = {
     "epochs": 2, "strategy": "ptq", "prune": False, "variants": ["tflite_fp32", "tflite_int8"],
     "gates": {"min_accuracy": 0.8, "max_accuracy_drop_pts": 5.0, "min_weight_reduction": 3.0,
               "max_host_latency_ms": 50.0},
+    "platforms": ["linux/amd64"],  # arm64 images are built under qemu in tests/integration/test_package.py only
 }
 
 
@@ -95,16 +97,82 @@ def fast_parameters(**changes) -> dict:
     return {**default_parameters().model_dump(mode="json"), **FAST_FLOW_PARAMETERS, **changes}
 
 
+def require_system_tools(*tools: str, packages: str) -> None:
+    """Skip unless every tool is on PATH (sbin included); on CI (CI=true) a missing tool is a failure."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [tool for tool in tools if shutil.which(tool, path=search) is None]
+    if missing:
+        reason = f"{', '.join(missing)} not installed (apt-get install {packages})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class ImageEnv:
+    """Where packaging tests push (a registry of this session) and the keys they sign with."""
+
+    registry: str
+    signing_key: Path
+    public_keys: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"EDGELOOP_REGISTRY": self.registry, "EDGELOOP_SIGNING_KEY": str(self.signing_key),
+                "EDGELOOP_TRUSTED_KEYS": str(self.public_keys)}
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    """Prefect + MLflow servers and a worker, started by scripts/services.py; deployments applied."""
+def image_env(tmp_path_factory) -> ImageEnv:
+    """A registry port and signing keys for this session (nothing started: see ``images``)."""
+    from scripts.services import free_port
+    from tasks.release.bundle import generate_keypair
+
+    keys = tmp_path_factory.mktemp("package-keys")
+    private, public = generate_keypair(keys / "private", "ci-control-plane")
+    (keys / "public").mkdir()
+    shutil.copy(public, keys / "public" / public.name)
+    return ImageEnv(f"127.0.0.1:{free_port()}", private, keys / "public")
+
+
+@pytest.fixture(scope="session")
+def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
+    """A Docker engine (ours unless one answers) and a registry of this session, via scripts/services.py."""
+    from scripts import services
+
+    require_system_tools("dockerd", "docker", "docker-registry", "debootstrap", "qemu-aarch64-static",
+                         packages="docker.io docker-registry debootstrap qemu-user-static binfmt-support")
+    run_dir = tmp_path_factory.mktemp("image-services")
+    saved = {key: os.environ.get(key) for key in ("DOCKER_HOST", *image_env.env)}
+    try:
+        os.environ["DOCKER_HOST"] = services.start_docker_engine(run_dir)
+        services.start_registry(run_dir, int(image_env.registry.rsplit(":", 1)[1]))
+        os.environ.update(image_env.env)
+        yield image_env
+    finally:
+        services.stop("registry", run_dir)
+        services.stop("dockerd", run_dir)  # only an engine this fixture started
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, image_env) -> Iterator[Stack]:
+    """Prefect + MLflow servers and a worker, started by scripts/services.py; deployments applied.
+
+    The worker gets the packaging settings of ``image_env`` (registry, keys); the tests that package
+    also ask for ``images``, which starts the engine and the registry.
+    """
     from scripts import services
 
     run_dir = tmp_path_factory.mktemp("services")
     prefect_port, mlflow_port = services.free_port(), services.free_port()
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     env = {**services.prefect_env(run_dir / "prefect", prefect_port),
-           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", **image_env.env}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -124,6 +192,18 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def nightly_run(stack, tmp_path_factory):
+    """One `training/nightly` deployment run through the worker, with epochs changed to 3."""
+    from prefect.deployments import run_deployment
+
+    workspace = tmp_path_factory.mktemp("nightly")
+    flow_run = run_deployment("training/nightly", timeout=600,
+                              parameters={"params": fast_parameters(epochs=3), "workspace": str(workspace)})
+    assert flow_run.state.is_completed(), flow_run.state.message
+    return flow_run
 
 
 # ---- signed model bundles (edge service, model store) ---------------------------------------------

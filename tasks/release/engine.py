@@ -7,7 +7,12 @@ This module never starts an engine: a stage that finds none says how to start on
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,20 +81,92 @@ def connect(timeout_s: float = 600.0) -> Engine:
 
 
 def build(client, context: Path, tag: str, platform: str, base_image: str, labels: dict[str, str]) -> str:
-    """Build ``context`` (its Dockerfile) for ``platform`` as ``tag``; the image id. Never pulls."""
-    log: list[str] = []
+    """Build ``context`` (its Dockerfile) with BuildKit for ``platform`` as ``tag``; the image id.
+
+    BuildKit, through the Engine API's ``/build?version=2`` (the docker package drives only the classic
+    builder, which records foreign-platform multi-stage images as the host's architecture). BuildKit
+    resolves a foreign-platform base image from its registry, so base images are registry references.
+    """
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w", format=tarfile.GNU_FORMAT) as archive:  # BuildKit misreads PAX
+        archive.add(context, arcname=".")
+    api = client.api
+    query = {"t": tag, "version": "2", "platform": platform, "rm": "1", "forcerm": "1",
+             "labels": json.dumps(labels), "buildargs": json.dumps({"BASE_IMAGE": base_image})}
+    response = api.post(f"{api.base_url}/v{api.api_version}/build", params=query, data=body.getvalue(),
+                        headers={"Content-Type": "application/x-tar"}, stream=True, timeout=None)
+    if response.status_code != 200:
+        raise PackagingError(f"the engine refused to build {tag}: HTTP {response.status_code} {response.text[:500]}")
+    log = BuildLog()
     image_id = None
-    for chunk in client.api.build(path=str(context), tag=tag, platform=platform, labels=labels, pull=False,
-                                  buildargs={"BASE_IMAGE": base_image}, rm=True, forcerm=True, decode=True):
-        if "error" in chunk:
-            tail = "".join(log[-15:]).rstrip()
-            raise PackagingError(f"building {tag} for {platform} failed: {chunk['error'].strip()}\n{tail}")
-        log.append(chunk.get("stream", ""))
-        image_id = (chunk.get("aux") or {}).get("ID", image_id)
+    for line in response.iter_lines():
+        chunk = json.loads(line)
+        if chunk.get("id") == "moby.buildkit.trace":
+            log.add(base64.b64decode(chunk["aux"]))
+        elif "error" in chunk or "errorDetail" in chunk:
+            message = chunk.get("error") or chunk["errorDetail"].get("message", "")
+            raise PackagingError(f"building {tag} for {platform} failed: {message.strip()}\n{log.tail()}")
+        elif chunk.get("id") == "moby.image.id":
+            image_id = chunk["aux"]["ID"]
     if image_id is None:
-        tail = "".join(log)[-2000:]
-        raise PackagingError(f"building {tag} for {platform} ended without an image; build log:\n{tail}")
+        raise PackagingError(f"building {tag} for {platform} ended without an image:\n{log.tail()}")
     return image_id
+
+
+class BuildLog:
+    """The readable part of BuildKit's progress stream (``StatusResponse`` protobuf messages): step names,
+    step errors and the steps' output, read with a minimal protobuf wire-format reader."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, message: bytes) -> None:
+        for field, value in _protobuf_fields(message):
+            if field == 1 and isinstance(value, bytes):  # Vertex: 3 name, 7 error
+                for inner, text in _protobuf_fields(value):
+                    if inner == 7 and isinstance(text, bytes) and text:
+                        self.lines.append(f"error: {text.decode(errors='replace')}")
+            elif field == 3 and isinstance(value, bytes):  # VertexLog: 4 msg
+                for inner, text in _protobuf_fields(value):
+                    if inner == 4 and isinstance(text, bytes):
+                        self.lines += text.decode(errors="replace").splitlines()
+
+    def tail(self, count: int = 25) -> str:
+        return "\n".join(self.lines[-count:])
+
+
+def _protobuf_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) pairs of one protobuf message: varints as int, length-delimited as bytes."""
+    fields, position = [], 0
+
+    def varint() -> int:
+        nonlocal position
+        result = shift = 0
+        while True:
+            byte = data[position]
+            position += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+
+    try:
+        while position < len(data):
+            key = varint()
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                fields.append((field, varint()))
+            elif wire == 2:
+                length = varint()
+                fields.append((field, data[position:position + length]))
+                position += length
+            elif wire in (1, 5):
+                position += 8 if wire == 1 else 4
+            else:
+                break  # groups are not used by BuildKit's status messages
+    except IndexError:
+        pass  # a truncated message: keep what was read
+    return fields
 
 
 def image_mb(client, reference: str) -> float:
@@ -125,11 +202,42 @@ class RunningContainer:
         return response.json()
 
 
+EMULATED_CPU = "cortex-a72"  # the Raspberry Pi 4's core
+
+
+def emulated_cpuinfo(cores: int) -> str:
+    """An arm64 ``/proc/cpuinfo`` (Cortex-A72) for containers under qemu user emulation.
+
+    qemu-user shows the host's x86 ``/proc/cpuinfo``, on which the CPU detection of LiteRT and ONNX
+    Runtime crashes; and qemu's default CPU model offers extensions (dot product, SVE, ...) whose
+    emulation gave XNNPACK's int8 kernels wrong results. Emulated containers therefore run with
+    ``QEMU_CPU=cortex-a72`` and see this matching description.
+    """
+    core = ("BogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+            "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n")
+    return "".join(f"processor\t: {index}\n{core}" for index in range(max(cores, 1)))
+
+
 @contextmanager
 def running(client, image: str, platform: str, cpus: float | None, memory_mb: int | None, timeout_s: float,
-            environment: dict[str, str] | None = None) -> Iterator[RunningContainer]:
+            environment: dict[str, str] | None = None, emulated: bool = False) -> Iterator[RunningContainer]:
     """Start ``image`` with the given limits on a loopback port; wait until /readyz answers 200; remove it after."""
-    limits = {}
+    import docker
+
+    limits: dict = {"ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)]}  # a crash never dumps core
+    with tempfile.TemporaryDirectory(prefix="edgeloop-cpuinfo-") as scratch:
+        if emulated:
+            cpuinfo = Path(scratch) / "cpuinfo"
+            cpuinfo.write_text(emulated_cpuinfo(int(cpus or 1)))
+            limits["volumes"] = {str(cpuinfo): {"bind": "/proc/cpuinfo", "mode": "ro"}}
+            environment = {"QEMU_CPU": EMULATED_CPU, **(environment or {})}
+        with _started(client, image, platform, cpus, memory_mb, timeout_s, environment, limits) as container:
+            yield container
+
+
+@contextmanager
+def _started(client, image: str, platform: str, cpus: float | None, memory_mb: int | None, timeout_s: float,
+             environment: dict[str, str] | None, limits: dict) -> Iterator[RunningContainer]:
     if cpus is not None:
         limits["nano_cpus"] = int(cpus * 1e9)
     if memory_mb is not None:

@@ -54,12 +54,12 @@ from edge.sidecar import atomic_write_text
 from edge.signing import load_public_keys
 from edge.store import ModelStore
 from tasks.config import PARAMS_FILE, PackageParams, Params, load_params
-from tasks.devices import load_devices
+from tasks.devices import DEVICES_FILE, load_devices
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
 from tasks.lineage import git_commit, utc_now
 from tasks.release import engine as docker_engine
-from tasks.release.base_images import ensure_base_image
+from tasks.release.base_images import RECIPE_LABEL, ensure_base_image
 from tasks.release.bundle import export_registered
 from tasks.release.engine import CACHE_DIR, Engine
 from tasks.release.image_version import Release, SemVer, image_tag, next_version
@@ -192,26 +192,37 @@ class Candidate:
     context: Path
 
 
-def _recipe(context: Path, base_image_id: str, platform: str) -> str:
-    """sha256 over what decides an image besides the model: Dockerfile, edge code, wheels, base image."""
-    digest = hashlib.sha256(f"{platform}\n{base_image_id}\n".encode())
-    for folder in ("edge", "wheelhouse"):
-        for path in sorted((context / folder).rglob("*")):
-            if path.is_file():
-                digest.update(f"{path.relative_to(context)}\n".encode())
-                digest.update(hashlib.sha256(path.read_bytes()).digest() if folder == "edge" else
-                              path.name.encode())  # wheel names carry their exact version
+def _recipe(context: Path, base: str) -> str:
+    """sha256 over what decides an image besides the model, the same for every platform of one build:
+    Dockerfile, edge code, the pinned requirements and the base image's recipe."""
+    digest = hashlib.sha256(f"{base}\n".encode())
+    for path in sorted((context / "edge").rglob("*")):
+        if path.is_file():
+            digest.update(f"{path.relative_to(context)}\n".encode() + hashlib.sha256(path.read_bytes()).digest())
+    digest.update((context / "wheelhouse" / "requirements.txt").read_bytes())
+    digest.update(LOCK_FILE.read_bytes())
     digest.update((context / "Dockerfile").read_bytes())
     return digest.hexdigest()
 
 
-def resolve_base_image(engine: Engine, configured: str | None, arch: str) -> str:
-    """The base image for ``arch``: the configured one, else the official slim Python, else the Debian-built one."""
+def _base_recipe(engine: Engine, base: str) -> str:
+    """What the base image is, independent of its platform: its recipe label, else its repo digest, else its id."""
+    import docker
+
+    try:
+        image = engine.client.images.get(base)
+    except docker.errors.ImageNotFound:
+        return base  # pulled by BuildKit at build time: its reference is all that is known here
+    return image.labels.get(RECIPE_LABEL) or next(iter(image.attrs.get("RepoDigests") or []), image.id)
+
+
+def resolve_base_image(engine: Engine, configured: str | None, arch: str, registry: Registry) -> str:
+    """The base image reference for ``arch``: the configured one, else the official slim Python when the
+    engine has or can pull it, else the Debian-built one (pushed to ``registry``, where BuildKit finds it)."""
     import docker
 
     platform = f"linux/{arch}"
-    wanted = [configured] if configured else [OFFICIAL_BASE]
-    for reference in wanted:
+    for reference in [configured] if configured else [OFFICIAL_BASE]:
         with contextlib.suppress(docker.errors.ImageNotFound):
             if engine.client.images.get(reference).attrs.get("Architecture") == arch:
                 return reference
@@ -224,7 +235,13 @@ def resolve_base_image(engine: Engine, configured: str | None, arch: str) -> str
                                   f"pullable ({error.explanation}); set package.base_image: null to build one "
                                   "from Debian packages") from error
             log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error.explanation)
-    return ensure_base_image(arch, engine)
+    local = ensure_base_image(arch, engine)
+    repository, tag = local.rsplit(":", 1)
+    held = registry.labels(repository, tag) if registry.digest(repository, tag) else {}
+    if held.get(RECIPE_LABEL) != engine.client.images.get(local).labels.get(RECIPE_LABEL):
+        engine.client.images.get(local).tag(f"{registry.address}/{repository}", tag)
+        docker_engine.push(engine.client, f"{registry.address}/{repository}", tag)
+    return f"{registry.address}/{local}"
 
 
 def _host_outputs(loaded: LoadedVersion, sample: np.ndarray) -> dict[str, np.ndarray]:
@@ -252,7 +269,7 @@ def check_image(engine: Engine, record: ImageRecord, params: PackageParams, cpus
     timeout_s = params.emulated_start_timeout_s if record.emulated else max(params.max_start_s * 6, 30.0)
     try:
         with docker_engine.running(engine.client, record.reference, record.platform, cpus, memory_mb,
-                                   timeout_s) as container:
+                                   timeout_s, emulated=record.emulated) as container:
             record.ready_s = round(container.ready_s, 3)
             record.user = container.exec("id", "-u")
             _compare(record, container.predict(sample), host)
@@ -276,6 +293,16 @@ def check_image(engine: Engine, record: ImageRecord, params: PackageParams, cpus
 
 
 # ---- the stage ----------------------------------------------------------------------------------------
+ENVIRONMENT = {"EDGELOOP_REGISTRY": "registry", "EDGELOOP_SIGNING_KEY": "signing_key",
+               "EDGELOOP_TRUSTED_KEYS": "public_keys"}
+
+
+def with_environment(settings: PackageParams) -> PackageParams:
+    """``settings`` with the deployment-specific values the environment overrides (registry, keys)."""
+    updates = {field: os.environ[variable] for variable, field in ENVIRONMENT.items() if os.environ.get(variable)}
+    return PackageParams.model_validate({**settings.model_dump(), **updates}) if updates else settings
+
+
 def _which_version(workspace: Workspace, version: str | None, alias: str | None) -> tuple[str | None, str | None]:
     """The version asked for (number or alias), else the one the register stage registered."""
     if version is not None or alias is not None:
@@ -301,15 +328,15 @@ def _host_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
-def _candidate(engine: Engine, settings: PackageParams, bundle: Path, platform: str,
+def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bundle: Path, platform: str,
                scratch: Path) -> tuple[Candidate, Manifest]:
     """Context, base image and release identity of ``bundle`` on ``platform`` (nothing built yet)."""
     arch = ARCHES[platform]
     context = scratch / arch
     context.mkdir()
     manifest = build_context(bundle, [settings.public_keys], platform, CACHE_DIR, context)
-    base = resolve_base_image(engine, settings.base_image, arch)
-    recipe = _recipe(context, engine.client.images.get(base).id, platform)
+    base = resolve_base_image(engine, settings.base_image, arch, registry)
+    recipe = _recipe(context, _base_recipe(engine, base))
     release = Release(None, arch, _model_identity(manifest), recipe, "", manifest.data_version, manifest.params_hash)
     primary = next(entry for entry in manifest.models if entry.role == "primary")
     record = ImageRecord(platform=platform, arch=arch, runtime=primary.runtime, reference="", base_image=base,
@@ -374,8 +401,8 @@ def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: s
     }
 
 
-def package(params: Params, workspace: Workspace, version: str | None = None,
-            alias: str | None = None) -> PackageReport:
+def package(params: Params, workspace: Workspace, version: str | None = None, alias: str | None = None,
+            devices_path: Path = DEVICES_FILE) -> PackageReport:
     """Build, check, push and record the images of a registered model version (see the module doc).
 
     Raises :class:`PackagingError` when an image fails a gate (nothing pushed; the figures are recorded
@@ -384,10 +411,10 @@ def package(params: Params, workspace: Workspace, version: str | None = None,
     """
     from tasks.release.tracking import configure
 
-    settings = params.package
-    registry = Registry(os.environ.get("EDGELOOP_REGISTRY", settings.registry))
+    settings = with_environment(params.package)
+    registry = Registry(settings.registry)
     registry.check()  # before a long build, not after it
-    device = load_devices().get(settings.check_device)
+    device = load_devices(devices_path).get(settings.check_device)
     configure(params.mlflow)
     version, alias = _which_version(workspace, version, alias)
     engine = docker_engine.connect()
@@ -395,7 +422,7 @@ def package(params: Params, workspace: Workspace, version: str | None = None,
         with tempfile.TemporaryDirectory(prefix="edgeloop-package-") as scratch:
             bundle = export_registered(params, Path(scratch), settings.signing_key, alias=alias, version=version,
                                        large_variant=settings.large_variant)
-            prepared = [_candidate(engine, settings, bundle, platform, Path(scratch))
+            prepared = [_candidate(engine, settings, registry, bundle, platform, Path(scratch))
                         for platform in settings.platforms]
             manifest = prepared[0][1]
             run_id, zoo_model = _source_run(manifest)

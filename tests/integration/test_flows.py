@@ -29,18 +29,6 @@ def alias_version(stack, alias: str) -> str | None:
         return None
 
 
-@pytest.fixture(scope="module")
-def nightly_run(stack, tmp_path_factory):
-    """One `training/nightly` deployment run through the worker, with epochs changed to 3."""
-    from prefect.deployments import run_deployment
-
-    workspace = tmp_path_factory.mktemp("nightly")
-    flow_run = run_deployment("training/nightly", timeout=600,
-                              parameters={"params": fast_parameters(epochs=3), "workspace": str(workspace)})
-    assert flow_run.state.is_completed(), flow_run.state.message
-    return flow_run
-
-
 def test_nightly_run_publishes_artifacts_and_records_overrides(stack, nightly_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

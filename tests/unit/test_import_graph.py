@@ -14,10 +14,11 @@ from tests.conftest import REPO_ROOT
 PACKAGES = ("tasks", "edge", "flows", "scripts")
 STAGE_MODULES = {"prepare": "tasks/data/prepare.py", "train": "tasks/model/train.py",
                  "convert": "tasks/model/convert.py", "evaluate": "tasks/evaluation/evaluate.py",
-                 "register": "tasks/release/register.py"}
+                 "register": "tasks/release/register.py", "package": "tasks/release/package.py"}
 # in a stage's command path or packaged by it, though the stage module does not import them
 EXTRA_DEPS = {stage: {"tasks/cli.py"} for stage in STAGE_MODULES}
 EXTRA_DEPS["register"] |= {"tasks/release/edge_pyfunc.py", "edge/runtime.py"}
+EXTRA_DEPS["package"] |= {path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "edge").rglob("*.py")}
 
 
 def project_imports(path: Path) -> set[str]:
@@ -82,6 +83,9 @@ def test_no_stage_imports_another_stage(stage):
 def test_stage_deps_are_exactly_its_import_closure(stage):
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     declared = {dep for dep in stages[stage]["deps"] if dep.endswith(".py")}
+    folders = [dep for dep in stages[stage]["deps"] if (REPO_ROOT / dep).is_dir() and dep.split("/")[0] in PACKAGES]
+    for folder in folders:  # a whole package the stage ships (edge/ in the image)
+        declared |= {path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / folder).rglob("*.py")}
     expected = closure(STAGE_MODULES[stage]) | EXTRA_DEPS[stage]
     assert declared == expected, (f"dvc.yaml stage {stage}: missing {sorted(expected - declared)}, "
                                   f"not imported {sorted(declared - expected)}")
@@ -114,6 +118,7 @@ def test_stage_outputs_in_dvc_yaml_are_the_contract_paths():
     assert declared("evaluate", "metrics") == {workspace.metrics_file.as_posix()}
     assert declared("evaluate", "plots") == {workspace.comparison_file("png").as_posix()}
     assert declared("register", "outs") == {workspace.registration_file.as_posix()}
+    assert declared("package", "outs") == {workspace.package_file.as_posix()}
 
 
 @pytest.mark.parametrize("module", ["tasks/errors.py", "edge/errors.py"])

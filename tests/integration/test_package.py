@@ -1,0 +1,214 @@
+"""Container packaging against a real Docker engine, a real registry and a real MLflow server (no mocks).
+
+The registered version is the nightly run's candidate (tests/conftest.py ``nightly_run``). The engine is
+Debian's dockerd started by scripts/services.py (unless one answers); base images come from
+debootstrap and are cached in ``~/.cache/edgeloop`` with the wheelhouses, so only a machine's first
+run pays for them. arm64 runs under qemu user emulation: only its labels are compared.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.stack_helpers import mlflow_client
+
+pytestmark = pytest.mark.integration
+MODEL_NAME = "edgeloop-digits"
+
+
+def _params(stack, **package):
+    from tasks.config import load_params
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    settings = {"platforms": ["linux/amd64"], **package}
+    return params.model_copy(update={"package": params.package.model_copy(update=settings)})
+
+
+def _candidate(stack) -> str:
+    return str(mlflow_client(stack).get_model_version_by_alias(MODEL_NAME, "candidate").version)
+
+
+def _registry_tags(images, repository: str = "edgeloop/edge") -> list[str]:
+    from tasks.release.registry import Registry
+
+    return Registry(images.registry).tags(repository)
+
+
+@pytest.fixture(scope="module")
+def shipped(stack, nightly_run, images, tmp_path_factory):
+    """The candidate packaged for amd64: (report, workspace)."""
+    from tasks.release.package import package
+    from tasks.workspace import Workspace
+
+    workspace = Workspace(tmp_path_factory.mktemp("package"))
+    return package(_params(stack), workspace, version=_candidate(stack)), workspace
+
+
+def test_the_image_is_built_checked_pushed_and_recorded(stack, images, shipped):
+    report, workspace = shipped
+    (image,) = report.images
+    assert image.status == "pushed" and image.digest.startswith("sha256:")
+    assert image.reference.startswith(f"{images.registry}/edgeloop/edge:model-v{report.version}-")
+    assert image.reference.endswith(f"-{report.variant.partition('_')[2].replace('_', '-')}-tflite-amd64")
+    assert 0 < image.image_mb <= 250 and 0 < image.ready_s <= 5.0  # the gates' defaults
+    assert image.label_agreement == 1.0 and image.max_abs_score_diff <= 1e-5
+    assert image.user == "10001" and not image.emulated
+    assert workspace.package_file.is_file()
+    version = mlflow_client(stack).get_model_version(MODEL_NAME, report.mlflow_version)
+    assert version.tags["image.amd64"] == image.pinned
+    assert version.tags["image.version"] == report.version
+    package_run = mlflow_client(stack).get_run(version.tags["image.package_run_id"])
+    assert package_run.info.status == "FINISHED"
+    assert package_run.data.metrics["image.amd64.mb"] == image.image_mb
+
+
+def test_docker_inspect_alone_says_what_runs_and_where_it_came_from(stack, images, shipped):
+    import docker
+
+    report, _ = shipped
+    (image,) = report.images
+    client = docker.from_env()
+    pulled = client.images.pull(image.pinned)  # by digest, from the registry
+    labels = pulled.labels
+    version = mlflow_client(stack).get_model_version(MODEL_NAME, report.mlflow_version)
+    run = mlflow_client(stack).get_run(version.run_id)
+    assert labels["org.opencontainers.image.version"] == report.version
+    assert labels["org.opencontainers.image.revision"] == run.data.tags["git_commit"]
+    assert labels["org.opencontainers.image.created"].startswith("20")
+    assert labels["edgeloop.model-name"] == MODEL_NAME
+    assert labels["edgeloop.mlflow-version"] == report.mlflow_version
+    assert labels["edgeloop.mlflow-run-id"] == version.run_id
+    assert labels["edgeloop.variant"] == report.variant
+    assert labels["edgeloop.data-version"] == run.data.tags["data_version"]
+    assert labels["edgeloop.params-hash"] == run.data.tags["params_hash"]
+    assert len(labels["edgeloop.manifest-sha256"]) == 64
+    config = pulled.attrs["Config"]
+    assert config["User"] == "edgeloop" and "/readyz" in " ".join(config["Healthcheck"]["Test"])
+    assert pulled.attrs["Architecture"] == "amd64"
+
+
+def test_the_pulled_image_serves_on_a_device_profile(stack, images, shipped, bundle_kit):
+    import docker
+    from tasks.devices import load_devices
+    from tasks.release.engine import running
+
+    report, _ = shipped
+    (image,) = report.images
+    device = load_devices(REPO_ROOT / "devices.yaml").get("industrial-256mb")
+    client = docker.from_env()
+    with running(client, image.pinned, "linux/amd64", device.runner.cpus, device.runner.memory_mb, 30) as container:
+        limits = client.containers.get(container.container.id).attrs["HostConfig"]
+        assert limits["NanoCpus"] == int(device.runner.cpus * 1e9) and limits["Memory"] == 256 * 2**20
+        answer = httpx.post(f"{container.url}/v1/predict", json={"inputs": bundle_kit.sample[:4].tolist()}).json()
+        assert answer["version"] == f"v{report.mlflow_version}" and len(answer["predictions"]) == 4
+        assert all(row["label"] in [str(i) for i in range(10)] for row in answer["predictions"])
+        assert httpx.get(f"{container.url}/readyz").json()["status"] == "ready"
+        metrics = httpx.get(f"{container.url}/metrics").text
+        assert "edgeloop_predictions_total" in metrics and "edgeloop_inference_latency_seconds" in metrics
+        assert container.exec("id", "-u") == "10001"
+        # model files are read-only for the service user: the store is changed only through install
+        store = "/var/lib/edgeloop/models/versions"
+        assert "Permission denied" in container.container.exec_run(
+            ["sh", "-c", f"echo x >> {store}/v{report.mlflow_version}/manifest.json"]).output.decode()
+
+
+def test_packaging_again_reuses_the_release_without_rebuilding(stack, images, shipped, tmp_path):
+    from tasks.release.package import package
+    from tasks.workspace import Workspace
+
+    report, _ = shipped
+    again = package(_params(stack), Workspace(tmp_path), version=report.mlflow_version)
+    assert again.version == report.version and "already released" in again.version_reason
+    assert again.images[0].status == "already_released" and again.images[0].digest == report.images[0].digest
+
+
+def test_a_failed_gate_pushes_nothing_and_records_the_figures(stack, images, shipped, tmp_path):
+    from tasks.errors import PackagingError
+    from tasks.release.package import package
+    from tasks.workspace import Workspace
+
+    report, _ = shipped
+    params = _params(stack, repository="edgeloop/gate-check", max_image_mb=20.0, max_start_s=0.001)
+    with pytest.raises(PackagingError) as failure:
+        package(params, Workspace(tmp_path), version=report.mlflow_version)
+    assert "nothing was pushed" in str(failure.value)
+    assert "above package.max_image_mb 20" in str(failure.value) and "above package.max_start_s" in str(failure.value)
+    assert _registry_tags(images, "edgeloop/gate-check") == []
+    client = mlflow_client(stack)
+    assert client.get_model_version(MODEL_NAME, report.mlflow_version).tags["image.amd64"] == report.images[0].pinned
+    failed = [run for run in client.search_runs([client.get_run(
+        client.get_model_version(MODEL_NAME, report.mlflow_version).run_id).info.experiment_id],
+        "tags.`edgeloop.stage` = 'package'") if run.info.status == "FAILED"]
+    assert failed and failed[0].data.metrics["image.amd64.mb"] > 20
+
+
+@pytest.mark.parametrize("case", ["registry", "engine", "signing_key", "trusted_keys", "version"])
+def test_bad_input_names_the_problem_and_ships_nothing(stack, images, shipped, tmp_path, case, bundle_kit):
+    from scripts.services import free_port
+
+    report, _ = shipped
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}
+    version = report.mlflow_version
+    if case == "registry":
+        env["EDGELOOP_REGISTRY"], expected = f"127.0.0.1:{free_port()}", "is unreachable"
+    elif case == "engine":
+        env["DOCKER_HOST"], expected = f"unix://{tmp_path}/no-engine.sock", "no Docker engine answers"
+    elif case == "signing_key":
+        env["EDGELOOP_SIGNING_KEY"], expected = str(tmp_path / "missing.key"), "edgeloop keys generate"
+    elif case == "trusted_keys":  # the image would not trust the key that signed the bundle
+        env["EDGELOOP_TRUSTED_KEYS"], expected = str(bundle_kit.public_dir), "unknown_key"
+    else:
+        version, expected = "999", "has no version 999"
+    tags_before = _registry_tags(images)
+    completed = subprocess.run([str(Path(sys.executable).parent / "edgeloop"), "package", "--version", version,
+                                "--platform", "linux/amd64", "--workspace", str(tmp_path)], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert expected in completed.stderr and "Traceback" not in completed.stderr
+    assert _registry_tags(images) == tags_before
+    assert not (tmp_path / "reports" / "package.json").exists()
+
+
+def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tmp_path, monkeypatch):
+    from tasks.errors import PackagingError
+    from tasks.release import package as package_module
+    from tasks.workspace import Workspace
+
+    report, _ = shipped
+    broken = tmp_path / "Dockerfile"
+    broken.write_text((REPO_ROOT / "docker" / "Dockerfile").read_text().replace(
+        "FROM ${BASE_IMAGE} AS builder", "FROM ${BASE_IMAGE} AS builder\nRUN echo the-step-that-breaks && false", 1))
+    monkeypatch.setattr(package_module, "DOCKERFILE", broken)
+    with pytest.raises(PackagingError) as failure:
+        package_module.package(_params(stack, repository="edgeloop/broken"), Workspace(tmp_path),
+                               version=report.mlflow_version)
+    assert "failed" in str(failure.value) and "the-step-that-breaks" in str(failure.value)
+    assert _registry_tags(images, "edgeloop/broken") == []
+
+
+def test_the_arm64_image_answers_under_emulation(stack, images, shipped, tmp_path, bundle_kit):
+    import docker
+    from tasks.release.engine import running
+    from tasks.release.package import package
+    from tasks.workspace import Workspace
+
+    report, _ = shipped
+    arm = package(_params(stack, platforms=["linux/arm64"]), Workspace(tmp_path), version=report.mlflow_version)
+    (image,) = arm.images
+    assert arm.version == report.version  # the same release, one more architecture
+    assert image.status == "pushed" and image.emulated and image.label_agreement >= 0.9
+    client = docker.from_env()
+    assert client.images.get(image.pinned).attrs["Architecture"] == "arm64"
+    with running(client, image.pinned, "linux/arm64", 1.0, None, 240, emulated=True) as container:
+        assert container.exec("uname", "-m") == "aarch64"
+        answer = container.predict(np.asarray(bundle_kit.sample[:2], np.float32))
+        assert answer["version"] == f"v{report.mlflow_version}" and len(answer["predictions"]) == 2
+    assert _registry_tags(images).count(image.reference.rsplit(":", 1)[1]) == 1
