@@ -10,7 +10,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: demo edge-demo down services repro test lint lock clean-outputs
+.PHONY: demo edge-demo down services image-services base-images image repro test lint lock clean-outputs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Starts (or reuses) a Prefect server, an MLflow server and a worker, deploys prefect.yaml and runs
-# the training flow once through the worker. Leaves the servers running: `make down` stops them.
-demo: services
+# Starts (or reuses) a Prefect server, an MLflow server, a worker, a Docker engine and the image registry,
+# deploys prefect.yaml and runs the training flow once through the worker, packaging the candidate's
+# images (amd64, and arm64 under qemu). Leaves everything running: `make down` stops it.
+demo: image-services keys/control-plane.key
 	$(PREFECT_ENV) $(BIN)/prefect --no-prompt deploy --all > .run/deploy.log
-	$(PREFECT_ENV) $(BIN)/python -m scripts.run_deployment training/nightly
+	$(PREFECT_ENV) $(BIN)/python -m scripts.run_deployment training/nightly --parameters '{"package": true}'
 	$(BIN)/edgeloop devices --out reports/devices.csv > /dev/null
 	@echo
 	@echo "Prefect UI:        http://127.0.0.1:$(PREFECT_PORT)"
@@ -36,6 +37,22 @@ edge-demo: services
 
 services: $(STAMP)
 	$(BIN)/python -m scripts.services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+# The servers plus a Docker engine (ours, unless one answers) and the image registry (127.0.0.1:5050).
+image-services: $(STAMP)
+	$(BIN)/python -m scripts.services up --images --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+# Python 3.11 base images from Debian packages (debootstrap; arm64 under qemu), for hosts without Docker Hub.
+base-images: $(STAMP)
+	$(BIN)/python -m scripts.base_images
+
+# The signing key pair bundles are signed with (the private key never leaves the control plane).
+keys/control-plane.key: | $(STAMP)
+	$(BIN)/edgeloop keys generate --name control-plane
+
+# One-off build of the images of the registered candidate (or VERSION=N): built, checked, pushed.
+image: image-services keys/control-plane.key
+	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/edgeloop package $(if $(VERSION),--version $(VERSION))
 
 down:
 	@test -x $(BIN)/python && $(BIN)/python -m scripts.services down || echo "nothing to stop"

@@ -232,7 +232,7 @@ def start_docker_engine(run_dir: Path, cache_dir: Path = CACHE_DIR, timeout_s: f
     found = find_engine(cache_dir)
     if found is not None:
         return found
-    dockerd = shutil.which("dockerd")
+    dockerd = shutil.which("dockerd", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin")
     if dockerd is None:
         raise ServiceError("no Docker engine answers (DOCKER_HOST, /var/run/docker.sock) and dockerd is not "
                            "installed: apt-get install docker.io, or point DOCKER_HOST at an engine")

@@ -61,7 +61,7 @@ def _host_arch() -> str:
     return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _enable_binfmt(arch: str) -> None:
+def enable_emulation(arch: str) -> None:
     """qemu user emulation for ``arch`` binaries (needed to finish a foreign debootstrap and run its images)."""
     emulator = shutil.which(QEMU[arch])
     if emulator is None:
@@ -88,7 +88,7 @@ def bootstrap_rootfs(arch: str, cache_dir: Path = CACHE_DIR) -> Path:
         if arch == _host_arch():
             _run(["debootstrap", *common, SUITE, str(root), MIRROR], f"debootstrap {arch}")
         else:
-            _enable_binfmt(arch)
+            enable_emulation(arch)
             _run(["debootstrap", "--foreign", *common, SUITE, str(root), MIRROR], f"debootstrap {arch} (first stage)")
             shutil.copy(shutil.which(QEMU[arch]), root / "usr" / "bin")
             _run(["chroot", str(root), "/debootstrap/debootstrap", "--second-stage"], f"debootstrap {arch} (second)")

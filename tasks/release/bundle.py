@@ -57,6 +57,9 @@ def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 signing key at ``path``; a clear error for a missing, wrong or world-readable file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"signing key {path} does not exist: create one with `edgeloop keys generate --name "
+                          f"control-plane` (or point package.signing_key / EDGELOOP_SIGNING_KEY at yours)")
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as error:

@@ -59,7 +59,7 @@ from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
 from tasks.lineage import git_commit, utc_now
 from tasks.release import engine as docker_engine
-from tasks.release.base_images import RECIPE_LABEL, ensure_base_image
+from tasks.release.base_images import RECIPE_LABEL, enable_emulation, ensure_base_image
 from tasks.release.bundle import export_registered
 from tasks.release.engine import CACHE_DIR, Engine
 from tasks.release.image_version import Release, SemVer, image_tag, next_version
@@ -332,6 +332,8 @@ def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bund
                scratch: Path) -> tuple[Candidate, Manifest]:
     """Context, base image and release identity of ``bundle`` on ``platform`` (nothing built yet)."""
     arch = ARCHES[platform]
+    if arch != _host_arch():
+        enable_emulation(arch)  # qemu user emulation runs the foreign build steps and the checked container
     context = scratch / arch
     context.mkdir()
     manifest = build_context(bundle, [settings.public_keys], platform, CACHE_DIR, context)

@@ -212,3 +212,58 @@ def test_the_arm64_image_answers_under_emulation(stack, images, shipped, tmp_pat
         answer = container.predict(np.asarray(bundle_kit.sample[:2], np.float32))
         assert answer["version"] == f"v{report.mlflow_version}" and len(answer["predictions"]) == 2
     assert _registry_tags(images).count(image.reference.rsplit(":", 1)[1]) == 1
+
+
+def _compose(args: list[str], env: dict[str, str], project: str) -> subprocess.CompletedProcess:
+    import shutil
+
+    from tests.conftest import require_system_tools
+
+    require_system_tools("docker-compose", packages="docker-compose")
+    return subprocess.run([shutil.which("docker-compose"), "--project-name", project, *args], cwd=REPO_ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_the_control_plane_compose_file_is_valid(images):
+    env = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_USER": "edgeloop", "MINIO_ROOT_PASSWORD": "pw-pw-pw-pw"}
+    completed = _compose(["-f", "docker/compose.control-plane.yml", "config"], env, "edgeloop-cp")
+    assert completed.returncode == 0, completed.stderr
+    for service in ("postgres", "prefect-server", "mlflow", "minio", "mosquitto", "registry", "prometheus"):
+        assert f"  {service}:" in completed.stdout
+    missing = _compose(["-f", "docker/compose.control-plane.yml", "config"], {}, "edgeloop-cp")
+    assert missing.returncode != 0 and "set POSTGRES_PASSWORD" in missing.stderr
+
+
+def test_the_edge_stack_comes_up_from_the_pushed_image(images, shipped, tmp_path):
+    from scripts.services import free_port
+
+    report, _ = shipped
+    token = tmp_path / "admin_token"
+    token.write_text("compose-admin-token\n")
+    token.chmod(0o644)  # read by the service's own user through the bind mount
+    port = free_port()
+    env = {"EDGELOOP_IMAGE": report.images[0].pinned, "EDGELOOP_ADMIN_TOKEN_FILE": str(token),
+           "EDGELOOP_HOST_PORT": str(port), "EDGELOOP_DEVICE_ID": "compose-test"}
+    project = f"edgeloop-test-{port}"
+    files = ["-f", "docker/compose.edge.yml"]
+    assert _compose([*files, "config", "-q"], env, project).returncode == 0
+    try:
+        up = _compose([*files, "up", "-d"], env, project)
+        assert up.returncode == 0, up.stderr
+        from tests.stack_helpers import wait_for
+
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url), 60, "the compose edge service")
+        model = httpx.get(f"{url}/v1/model").json()
+        assert model["active"] == f"v{report.mlflow_version}"
+        reload = httpx.post(f"{url}/v1/model/reload", headers={"Authorization": "Bearer compose-admin-token"})
+        assert reload.status_code == 200  # the token came from the secret file
+    finally:
+        _compose([*files, "down", "--volumes", "--timeout", "5"], env, project)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -16,12 +16,14 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
-PROJECT_FILES = ("tasks", "edge", "flows", "dvc.yaml", "params.yaml", "devices.yaml", ".dvc/config", ".gitignore")
+PROJECT_FILES = ("tasks", "edge", "flows", "docker", "dvc.yaml", "params.yaml", "devices.yaml", "requirements.lock",
+                 ".dvc/config", ".gitignore")
 FAST_PARAMS = {
     "train": {"epochs": 4},
     "quantize": {"strategy": "qat", "qat_epochs": 1},
     "prune": {"epochs": 2, "target_sparsities": [0.5, 0.8], "max_accuracy_drop_pts": 3.0},
     "evaluate": {"latency_warmup_runs": 5, "latency_runs": 30, "gates": {"max_accuracy_drop_pts": 5.0}},
+    "package": {"platforms": ["linux/amd64"], "repository": "edgeloop/dvc-test"},
 }
 
 
@@ -48,8 +50,9 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the repository, git + DVC initialised, with fast training params, after `dvc repro`."""
+def project(tmp_path_factory, images) -> Path:
+    """A copy of the repository, git + DVC initialised, with fast training params, after `dvc repro`
+    (the package stage pushes to the session's registry, signed with its key: ``images``)."""
     workdir = tmp_path_factory.mktemp("project")
     for name in PROJECT_FILES:
         source, target = REPO_ROOT / name, workdir / name
@@ -71,8 +74,13 @@ def test_repro_writes_every_output(project):
     for path in ("data/prepared/train.npz", "data/prepared/dataset.json", "models/keras/baseline.h5",
                  "models/keras/qat.h5", "models/keras/pruned.h5", "models/variants/conversion.json",
                  "reports/comparison.csv", "reports/comparison.md", "reports/comparison.png",
-                 "reports/metrics.json", "reports/train_metrics.json", "reports/registration.json", "dvc.lock"):
+                 "reports/metrics.json", "reports/train_metrics.json", "reports/registration.json",
+                 "reports/package.json", "dvc.lock"):
         assert (project / path).is_file(), path
+    package = json.loads((project / "reports/package.json").read_text())
+    registration = json.loads((project / "reports/registration.json").read_text())
+    assert package["mlflow_version"] == registration["version"] and package["variant"] == registration["variant"]
+    assert [image["status"] for image in package["images"]] == ["pushed"]
     with open(project / "reports/comparison.csv") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",

@@ -1,0 +1,2 @@
+-- the control plane's second database (the first, prefect, is POSTGRES_DB)
+CREATE DATABASE mlflow OWNER edgeloop;
