@@ -204,7 +204,7 @@ def _retrain_via_deployment(stack, workspace: Path):
     return wait_for(lambda: (run := read_run(flow_run.id)).state.is_paused() and run, 300, "the approval pause")
 
 
-def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_run, tmp_path):
+def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_run, images, tmp_path):
     from prefect import resume_flow_run
 
     from tasks.release.promotion import ApprovalRecord, promote
@@ -224,6 +224,8 @@ def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_ru
     tags = mlflow_client(stack).get_model_version(MODEL_NAME, new_version).tags
     assert tags["approved_by"] == "alice" and tags["approval_comment"] == "better on new data"
     assert tags["approved_at"].startswith(time.strftime("%Y"))
+    # the approved version's images were built, checked and pushed before the promotion
+    assert tags["image.amd64"].startswith(f"{images.registry}/edgeloop/edge@sha256:") and tags["image.version"]
 
 
 def _local_retrain(tmp_path: Path, timeout_s: int) -> tuple[subprocess.Popen, str]:
