@@ -97,6 +97,15 @@ def fast_parameters(**changes) -> dict:
     return {**default_parameters().model_dump(mode="json"), **FAST_FLOW_PARAMETERS, **changes}
 
 
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put ``os.environ`` back as ``saved`` recorded it (None: the variable was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def require_system_tools(*tools: str, packages: str) -> None:
     """Skip unless every tool is on PATH (sbin included); on CI (CI=true) a missing tool is a failure."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -152,11 +161,7 @@ def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
     finally:
         services.stop("registry", run_dir)
         services.stop("dockerd", run_dir)  # only an engine this fixture started
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(saved)
 
 
 @pytest.fixture(scope="session")
@@ -187,11 +192,7 @@ def stack(tmp_path_factory, image_env) -> Iterator[Stack]:
             yield Stack(started[0].url, api_url, started[1].url, run_dir, env)
     finally:
         services.down(run_dir)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(saved)
 
 
 @pytest.fixture(scope="session")

@@ -46,14 +46,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge.health import LoadedVersion, load_and_check, read_sample
 from edge.manifest import MANIFEST_FILE, Manifest
 from edge.sidecar import atomic_write_text
 from edge.signing import load_public_keys
 from edge.store import ModelStore
-from tasks.config import PARAMS_FILE, PackageParams, Params, load_params
+from tasks.config import PARAMS_FILE, PackageParams, Params, format_validation_error, load_params
 from tasks.devices import DEVICES_FILE, load_devices
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
@@ -300,7 +300,13 @@ ENVIRONMENT = {"EDGELOOP_REGISTRY": "registry", "EDGELOOP_SIGNING_KEY": "signing
 def with_environment(settings: PackageParams) -> PackageParams:
     """``settings`` with the deployment-specific values the environment overrides (registry, keys)."""
     updates = {field: os.environ[variable] for variable, field in ENVIRONMENT.items() if os.environ.get(variable)}
-    return PackageParams.model_validate({**settings.model_dump(), **updates}) if updates else settings
+    if not updates:
+        return settings
+    try:
+        return PackageParams.model_validate({**settings.model_dump(), **updates})
+    except ValidationError as error:
+        names = ", ".join(variable for variable in ENVIRONMENT if os.environ.get(variable))
+        raise ConfigError(format_validation_error(error, f"the environment ({names})")) from None
 
 
 def _which_version(workspace: Workspace, version: str | None, alias: str | None) -> tuple[str | None, str | None]:
@@ -416,7 +422,10 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     settings = with_environment(params.package)
     registry = Registry(settings.registry)
     registry.check()  # before a long build, not after it
-    device = load_devices(devices_path).get(settings.check_device)
+    try:
+        device = load_devices(devices_path).get(settings.check_device)
+    except KeyError as error:
+        raise ConfigError(f"package.check_device: {error.args[0]} (in {devices_path})") from None
     configure(params.mlflow)
     version, alias = _which_version(workspace, version, alias)
     engine = docker_engine.connect()
