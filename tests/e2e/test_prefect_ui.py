@@ -139,7 +139,8 @@ def test_custom_run_from_the_deployment_page_trains_and_logs_to_mlflow(stack, dr
 
     flow_run = read_run(flow_run_id)
     assert flow_run.name == run_name and flow_run.deployment_id == deployment_id
-    assert flow_run.parameters == {"params": params, "workspace": str(workspace)}
+    assert flow_run.parameters["params"] == params and flow_run.parameters["workspace"] == str(workspace)
+    assert not flow_run.parameters.get("package", False)  # the form's default: no images from this run
     assert flow_run.parameters["params"]["epochs"] == 3
     final = wait_final(flow_run_id)
     assert final.state.is_completed(), f"{final.state.name}: {final.state.message}"
@@ -212,7 +213,7 @@ def editor_json(driver, editor_xpath: str):
 
 # ---- 2. resume a suspended retrain run with the approval form ------------------------------------------
 
-def test_resume_form_approves_the_retrained_model_as_champion(stack, driver, step, tmp_path):
+def test_resume_form_approves_the_retrained_model_as_champion(stack, images, driver, step, tmp_path):
     from prefect.deployments import run_deployment
 
     base = f"{stack.prefect_url}/v2"
@@ -261,3 +262,4 @@ def test_resume_form_approves_the_retrained_model_as_champion(stack, driver, ste
     assert champion.tags["approved_by"] == "ui-reviewer"
     assert champion.tags["approval_comment"] == "approved in the UI"
     assert champion.tags["approved_at"]
+    assert champion.tags["image.amd64"].startswith(f"{images.registry}/")  # packaged before the promotion
