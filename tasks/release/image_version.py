@@ -9,7 +9,7 @@ compares the candidate with the newest release in the repository (read from the 
 - **minor**: same architecture, new data version or new parameters;
 - **patch**: same data and parameters: a repackaging (new base image, edge code, runtime pins) or a
   retrain with identical inputs;
-- the same model payload built from the same recipe keeps its version: that image already exists.
+- the same registered version built from the same recipe keeps its version: that image already exists.
 
 The first release of a repository is 1.0.0.
 """
@@ -23,7 +23,7 @@ TAG_PATTERN = re.compile(r"^model-v(?P<major>\d+)\.(?P<minor>\d+)\.(?P<patch>\d+
                          r"(?P<runtime>tflite|onnx)-(?P<arch>amd64|arm64)$")
 # the labels a release is read back from (besides the org.opencontainers.image.* ones)
 LABEL_PREFIX = "edgeloop."
-IDENTITY_LABELS = ("model-sha256", "recipe-sha256", "architecture", "data-version", "params-hash")
+IDENTITY_LABELS = ("model-identity", "recipe-sha256", "architecture", "data-version", "params-hash")
 
 
 @dataclass(frozen=True, order=True)
@@ -62,7 +62,7 @@ class Release:
 
     version: SemVer | None  # None for a candidate
     arch: str
-    model_sha256: str   # the model payload (every model file's sha256): the same model, wherever it came from
+    model_identity: str  # sha256 over the registered version (name, number) and every model file it ships
     recipe_sha256: str  # Dockerfile, edge/ code, pinned runtime wheels and base image
     architecture: str   # zoo entry, input shape and labels
     data_version: str
@@ -86,7 +86,7 @@ def next_version(history: list[Release], candidates: list[Release]) -> tuple[Sem
     """The version the images of one package run get (one per platform), and why, given ``history``."""
     for candidate in candidates:
         for release in history:
-            if (release.model_sha256, release.recipe_sha256) == (candidate.model_sha256, candidate.recipe_sha256):
+            if (release.model_identity, release.recipe_sha256) == (candidate.model_identity, candidate.recipe_sha256):
                 return release.version, f"this model built from this recipe is already released as {release.version}"
     candidate = candidates[0]  # the platforms of one run share model, data and parameters
     if not history:

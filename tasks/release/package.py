@@ -359,9 +359,14 @@ def _architecture(zoo_model: str, manifest: Manifest) -> str:
 
 
 def _model_identity(manifest: Manifest) -> str:
-    """sha256 over every model file's sha256, by role: the same model, whichever bundle carried it."""
+    """sha256 over the registered version and every model file's sha256, by role.
+
+    Two registered versions with byte-identical models (a seeded retrain on the same data) are two
+    releases: each image's labels and store must name the version MLflow records it under.
+    """
     by_name = {entry.name: entry.sha256 for entry in manifest.files}
-    text = "".join(f"{entry.role}:{by_name[entry.file]}\n" for entry in sorted(manifest.models, key=lambda e: e.role))
+    text = f"{manifest.model_name}\n{manifest.mlflow_version}\n" + "".join(
+        f"{entry.role}:{by_name[entry.file]}\n" for entry in sorted(manifest.models, key=lambda e: e.role))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -374,7 +379,7 @@ def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams
     existing = registry.digest(settings.repository, tag)
     if existing is not None:
         held = Release.from_image(tag, registry.labels(settings.repository, tag))
-        if held is None or (held.model_sha256, held.recipe_sha256) != (release.model_sha256, release.recipe_sha256):
+        if held is None or (held.model_identity, held.recipe_sha256) != (release.model_identity, release.recipe_sha256):
             raise PackagingError(f"{record.reference} already exists with another image; tags are never "
                                  "overwritten: check the registry's history (edgeloop.* labels)")
         record.digest, record.status = existing, "already_released"

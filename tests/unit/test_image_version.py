@@ -39,7 +39,7 @@ def test_first_release_is_1_0_0():
     ({"params": "p2"}, "1.3.0", "new parameters"),
     ({"data": "d2", "params": "p2"}, "1.3.0", "new data and parameters"),
     ({"recipe": "r2"}, "1.2.5", "repackaged"),
-    ({"model": "m2"}, "1.2.5", "repackaged"),  # a retrain with the same inputs
+    ({"model": "m2"}, "1.2.5", "repackaged"),  # another registered version, same inputs (even byte-identical)
     ({"architecture": "resnet8:32x32x3:abc", "data": "d2"}, "2.0.0", "architecture"),
 ])
 def test_the_bump_follows_what_changed_since_the_newest_release(change, expected, why):
