@@ -18,7 +18,6 @@ ensurepip and pydoc data.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -28,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from tasks.errors import ServiceUnavailable
-from tasks.release.engine import CACHE_DIR, Engine
+from tasks.release.engine import CACHE_DIR, Engine, cache_lock
 
 MIRROR = os.environ.get("EDGELOOP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"
@@ -75,10 +74,15 @@ def enable_emulation(arch: str) -> None:
 
 
 def bootstrap_rootfs(arch: str, cache_dir: Path = CACHE_DIR) -> Path:
-    """A cached tarball of a minimal bookworm root with python3 for ``arch``."""
+    """A cached tarball of a minimal bookworm root with python3 for ``arch`` (one process builds it)."""
     tarball = cache_dir / "rootfs" / f"{SUITE}-python3-{arch}.tar"
-    if tarball.is_file():
-        return tarball
+    with cache_lock(f"rootfs-{arch}", cache_dir):
+        if not tarball.is_file():
+            _bootstrap(arch, tarball)
+    return tarball
+
+
+def _bootstrap(arch: str, tarball: Path) -> None:
     if shutil.which("debootstrap") is None:
         raise ServiceUnavailable("debootstrap is missing: apt-get install debootstrap")
     tarball.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,6 @@ def bootstrap_rootfs(arch: str, cache_dir: Path = CACHE_DIR) -> Path:
         partial = tarball.with_suffix(".partial")
         _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."], f"packing the {arch} root")
         partial.rename(tarball)  # the cache never holds half a root file system
-    return tarball
 
 
 def _excluded(name: str) -> bool:
@@ -121,12 +124,22 @@ def _filtered(tarball: Path, out: Path) -> None:
 
 def ensure_base_image(arch: str, engine: Engine, cache_dir: Path = CACHE_DIR) -> str:
     """``edgeloop/python-base:bookworm-<arch>`` in ``engine``, built when missing; returns its tag."""
+    with cache_lock(f"base-image-{arch}", cache_dir):  # concurrent packagers import it once
+        if not _current(engine, image_tag(arch)):
+            _import(arch, engine, cache_dir)
+    return image_tag(arch)
+
+
+def _current(engine: Engine, tag: str) -> bool:
     import docker
 
-    tag = image_tag(arch)
-    with contextlib.suppress(docker.errors.ImageNotFound):
-        if engine.client.images.get(tag).labels.get(RECIPE_LABEL) == RECIPE:
-            return tag
+    try:
+        return engine.client.images.get(tag).labels.get(RECIPE_LABEL) == RECIPE
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def _import(arch: str, engine: Engine, cache_dir: Path) -> None:
     tarball = bootstrap_rootfs(arch, cache_dir)
     docker_cli = shutil.which("docker")
     if docker_cli is None:
@@ -135,6 +148,5 @@ def ensure_base_image(arch: str, engine: Engine, cache_dir: Path = CACHE_DIR) ->
         slim = Path(scratch) / "root.tar"
         _filtered(tarball, slim)
         _run([docker_cli, "import", "--platform", PLATFORMS[arch], "--change", 'CMD ["python3"]',
-              "--change", f"LABEL {RECIPE_LABEL}={RECIPE}", str(slim), tag],
+              "--change", f"LABEL {RECIPE_LABEL}={RECIPE}", str(slim), image_tag(arch)],
              f"docker import of the {arch} root", env=engine.cli_env())
-    return tag

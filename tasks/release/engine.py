@@ -30,6 +30,20 @@ CONTAINER_PORT = 8080
 NPY_TYPE = "application/x-npy"
 
 
+@contextmanager
+def cache_lock(name: str, cache_dir: Path = CACHE_DIR) -> Iterator[None]:
+    """Hold ``<cache>/<name>.lock`` exclusively: one process fills a cache entry, the others wait and reuse it."""
+    import fcntl
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def own_engine_host(cache_dir: Path = CACHE_DIR) -> str:
     """The socket of the dockerd that ``scripts/docker_engine.py`` starts."""
     return f"unix://{cache_dir / 'docker' / 'docker.sock'}"

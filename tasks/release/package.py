@@ -61,7 +61,7 @@ from tasks.lineage import git_commit, utc_now
 from tasks.release import engine as docker_engine
 from tasks.release.base_images import RECIPE_LABEL, enable_emulation, ensure_base_image
 from tasks.release.bundle import export_registered
-from tasks.release.engine import CACHE_DIR, Engine
+from tasks.release.engine import CACHE_DIR, Engine, cache_lock
 from tasks.release.image_version import Release, SemVer, image_tag, next_version
 from tasks.release.registry import Registry
 from tasks.workspace import Workspace
@@ -89,12 +89,18 @@ def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
         raise ConfigError(f"runtime {unknown} is not supported; use one of {sorted(RUNTIME_REQUIREMENTS)}")
     lock_hash = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()[:12]
     target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{lock_hash}"
-    if (target / "requirements.txt").is_file():
-        return target
+    with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
+        if not (target / "requirements.txt").is_file():
+            _download_wheels(platform, runtimes, target)
+    return target
+
+
+def _download_wheels(platform: str, runtimes: list[str], target: Path) -> None:
     requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
     machine = PIP_PLATFORMS[platform]
     platforms = [flag for tag in MANYLINUX for flag in ("--platform", f"{tag}_{machine}")]
-    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=_ensure(cache_dir / "wheelhouse")))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     try:
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
                    "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
@@ -109,12 +115,6 @@ def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return target
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def runtimes_of(manifest: Manifest) -> list[str]:

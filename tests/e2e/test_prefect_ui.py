@@ -249,7 +249,7 @@ def test_resume_form_approves_the_retrained_model_as_champion(stack, images, dri
         ui.clickable(driver, f"{ui.form_field('Comment', dialog)}//textarea").send_keys("approved in the UI")
         press_until_closed(driver, f"{dialog}{ui.button('Resume')}", dialog)
 
-    final = wait_final(flow_run.id)
+    final = wait_final(flow_run.id, 600)  # packaging first: on a new machine it builds the base image
     assert final.state.is_completed(), f"{final.state.name}: {final.state.message}"
 
     with step("resumed-run-page"):

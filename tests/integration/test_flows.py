@@ -217,7 +217,7 @@ def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_ru
     new_version = alias_version(stack, "candidate")
     assert new_version != old_champion
     resume_flow_run(paused.id, run_input={"approve": True, "reviewer": "alice", "comment": "better on new data"})
-    final = wait_for(lambda: (run := read_run(paused.id)).state.is_final() and run, 300, "the promotion")
+    final = wait_for(lambda: (run := read_run(paused.id)).state.is_final() and run, 600, "packaging and promotion")
     assert final.state.is_completed(), final.state.message
     assert alias_version(stack, "champion") == new_version
     assert alias_version(stack, "previous") == old_champion
