@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import requests
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge.health import LoadedVersion, load_and_check, read_sample
@@ -142,6 +143,7 @@ def build_context(bundle: Path, public_keys: list[Path], platform: str, cache_di
 # ---- what a package run produces ------------------------------------------------------------------
 ARCHES = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
 OFFICIAL_BASE = "python:3.11-slim"
+PULL_TIMEOUT_S = 60
 EXACT_ATOL = 1e-5           # amd64: the container's scores equal the host runtime's to this tolerance
 EMULATED_MIN_AGREEMENT = 0.9  # arm64 under qemu: other kernels, so labels (not scores) must agree
 REPORT_SCHEMA = "edgeloop.package/1"
@@ -226,15 +228,22 @@ def resolve_base_image(engine: Engine, configured: str | None, arch: str, regist
         with contextlib.suppress(docker.errors.ImageNotFound):
             if engine.client.images.get(reference).attrs.get("Architecture") == arch:
                 return reference
+        puller = docker.DockerClient(base_url=engine.host, timeout=PULL_TIMEOUT_S)  # a silent network fails fast
         try:
-            engine.client.images.pull(reference, platform=platform)
+            puller.images.pull(reference, platform=platform)
             return reference
+        except requests.exceptions.RequestException as error:
+            if configured:
+                raise ConfigError(f"pulling package.base_image {configured!r} timed out ({error})") from error
+            log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error)
         except docker.errors.APIError as error:
             if configured:
                 raise ConfigError(f"package.base_image {configured!r} for {platform} is neither in the engine nor "
                                   f"pullable ({error.explanation}); set package.base_image: null to build one "
                                   "from Debian packages") from error
             log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error.explanation)
+        finally:
+            puller.close()
     local = ensure_base_image(arch, engine)
     repository, tag = local.rsplit(":", 1)
     held = registry.labels(repository, tag) if registry.digest(repository, tag) else {}
