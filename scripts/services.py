@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.release.engine import CACHE_DIR, answers, find_engine, own_engine_host
+from tasks.release.engine import CACHE_DIR, answers, cache_lock, find_engine, own_engine_host
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -228,10 +228,17 @@ http:
 
 
 def start_docker_engine(run_dir: Path, cache_dir: Path = CACHE_DIR, timeout_s: float = 60.0) -> str:
-    """The ``DOCKER_HOST`` of a running engine, starting our own dockerd when none answers."""
-    found = find_engine(cache_dir)
-    if found is not None:
-        return found
+    """The ``DOCKER_HOST`` of a running engine, starting our own dockerd when none answers.
+
+    Serialised by a lock in the cache folder: of two processes starting at once (CI's warm-up and the
+    tests), the second waits and finds the first one's engine.
+    """
+    with cache_lock("dockerd", cache_dir):
+        found = find_engine(cache_dir)
+        return found if found is not None else _start_dockerd(run_dir, cache_dir, timeout_s)
+
+
+def _start_dockerd(run_dir: Path, cache_dir: Path, timeout_s: float) -> str:
     dockerd = shutil.which("dockerd", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin")
     if dockerd is None:
         raise ServiceError("no Docker engine answers (DOCKER_HOST, /var/run/docker.sock) and dockerd is not "
@@ -245,7 +252,10 @@ def start_docker_engine(run_dir: Path, cache_dir: Path = CACHE_DIR, timeout_s: f
     service = start("dockerd", command, run_dir, {}, health_url=None, url=host)
     deadline = time.monotonic() + timeout_s
     while not answers(host):
-        if running_pid(run_dir, "dockerd") is None or time.monotonic() > deadline:
+        if running_pid(run_dir, "dockerd") is None:
+            raise ServiceError(f"dockerd exited before it answered on {host}; see {service.log}:\n"
+                               f"{_tail(service.log)}")
+        if time.monotonic() > deadline:
             stop("dockerd", run_dir)
             raise ServiceError(f"dockerd did not answer on {host} within {timeout_s:.0f} s; see {service.log}")
         time.sleep(0.5)
