@@ -3,7 +3,8 @@
 When no engine answers (``DOCKER_HOST``, else ``/var/run/docker.sock``), Debian's ``dockerd`` is
 started with its own data-root (in the cache folder, so imported base images and build layers
 survive between runs), exec-root, pid file and socket (``scripts.services.start_docker_engine``);
-``down`` ends exactly that process.
+``down`` ends exactly that process (by the starter's pid file, else by dockerd's own pid file in
+the cache folder: that data-root is only ever ours).
 
     python -m scripts.docker_engine up      # prints the DOCKER_HOST to use
     python -m scripts.docker_engine down
@@ -12,10 +13,30 @@ survive between runs), exec-root, pid file and socket (``scripts.services.start_
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from scripts.services import REPO_ROOT, ServiceError, start_docker_engine, stop
+from tasks.release.engine import CACHE_DIR
+
+
+def stop_own_engine(cache_dir: Path = CACHE_DIR, timeout_s: float = 30.0) -> bool:
+    """Stop the dockerd on our data-root by its own pid file (when the pid file of the starter is gone)."""
+    pid_file = cache_dir / "docker" / "dockerd.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        if "--data-root" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+            return False  # the pid was reused by something else
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             print(start_docker_engine(args.run_dir))
         else:
-            print("stopped dockerd" if stop("dockerd", args.run_dir) else "no dockerd of ours was running")
+            print("stopped dockerd" if stop("dockerd", args.run_dir) or stop_own_engine() else
+                  "no dockerd of ours was running")
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
