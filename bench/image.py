@@ -28,7 +28,8 @@ from scripts import services  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 from tasks.devices import load_devices  # noqa: E402
 from tasks.release import engine as docker_engine  # noqa: E402
-from tasks.release.package import CACHE_DIR, REPO_ROOT, build_context, resolve_base_image  # noqa: E402
+from tasks.release.engine import CACHE_DIR  # noqa: E402
+from tasks.release.image_build import REPO_ROOT, build_context, resolve_base_image  # noqa: E402
 from tasks.release.registry import Registry  # noqa: E402
 
 PLATFORM = "linux/amd64"

@@ -17,160 +17,46 @@ For each platform in ``package.platforms`` (the runtime follows the registered v
    version (``image.<arch>``), and a ``package`` run in MLflow records every figure, also for a run
    that failed a gate.
 
-Build context (:func:`build_context`)::
-
-    wheelhouse/   the edge stack's wheels for the target platform, resolved on the host with
-                  ``pip download --only-binary=:all: --platform ...`` against requirements.lock,
-                  plus ``pip.whl`` and ``requirements.txt`` (the build needs no network)
-    edge/         the device package, as it is in the repository
-    keys/         the trusted public keys (never a private key)
-    store/        a model store with the signed bundle installed and verified on the host
-
-Wheelhouses are cached per (platform, runtime, lock hash) in the cache folder (``EDGELOOP_CACHE``).
+The build context and base image: :mod:`tasks.release.image_build`; the gates: :mod:`tasks.release.image_checks`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
-import requests
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge.health import LoadedVersion, load_and_check, read_sample
+from edge.health import load_and_check, read_sample
 from edge.manifest import MANIFEST_FILE, Manifest
 from edge.sidecar import atomic_write_text
-from edge.signing import load_public_keys
-from edge.store import ModelStore
 from tasks.config import PARAMS_FILE, PackageParams, Params, format_validation_error, load_params
 from tasks.devices import DEVICES_FILE, load_devices
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
 from tasks.lineage import git_commit, utc_now
 from tasks.release import engine as docker_engine
-from tasks.release.base_images import RECIPE_LABEL, enable_emulation, ensure_base_image
+from tasks.release.base_images import enable_emulation
 from tasks.release.bundle import export_registered
-from tasks.release.engine import CACHE_DIR, Engine, cache_lock
+from tasks.release.engine import CACHE_DIR, Engine
+from tasks.release.image_build import REPO_ROOT, base_recipe, build_context, recipe_sha256, resolve_base_image
+from tasks.release.image_checks import ImageRecord, check_image, host_outputs
 from tasks.release.image_version import Release, SemVer, image_tag, next_version
 from tasks.release.registry import Registry
 from tasks.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LOCK_FILE = REPO_ROOT / "requirements.lock"
-EDGE_PACKAGE = REPO_ROOT / "edge"
-DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
-# what edge/ imports at run time, besides the runtime itself; versions come from requirements.lock
-EDGE_REQUIREMENTS = ("numpy", "fastapi", "uvicorn", "httptools", "uvloop", "prometheus-client", "cryptography",
-                     "orjson", "httpx")
-RUNTIME_REQUIREMENTS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
-PIP_PLATFORMS = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
-MANYLINUX = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")
-
-
-def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
-    """A folder of wheels for an edge image with ``runtimes`` on ``platform`` (cached; resolved offline-ready)."""
-    if platform not in PIP_PLATFORMS:
-        raise ConfigError(f"platform {platform!r} is not supported; use one of {sorted(PIP_PLATFORMS)}")
-    unknown = sorted(set(runtimes) - set(RUNTIME_REQUIREMENTS))
-    if unknown:
-        raise ConfigError(f"runtime {unknown} is not supported; use one of {sorted(RUNTIME_REQUIREMENTS)}")
-    lock_hash = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()[:12]
-    target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{lock_hash}"
-    with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
-        if not (target / "requirements.txt").is_file():
-            _download_wheels(platform, runtimes, target)
-    return target
-
-
-def _download_wheels(platform: str, runtimes: list[str], target: Path) -> None:
-    requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
-    machine = PIP_PLATFORMS[platform]
-    platforms = [flag for tag in MANYLINUX for flag in ("--platform", f"{tag}_{machine}")]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
-    try:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
-                   "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
-                   "--abi", "none", "--dest", str(scratch), "--constraint", str(LOCK_FILE), *requirements, "pip"]
-        completed = subprocess.run(command, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise ConfigError(f"could not resolve the {'+'.join(runtimes)} wheels for {platform} (is the package index "
-                              f"reachable?):\n{completed.stderr[-1500:]}")
-        next(scratch.glob("pip-*.whl")).rename(scratch / "pip.whl")  # the Dockerfile runs pip from its wheel
-        (scratch / "requirements.txt").write_text("\n".join(requirements) + "\n")
-        scratch.rename(target)  # complete or absent: never half a wheelhouse in the cache
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-
-
-def runtimes_of(manifest: Manifest) -> list[str]:
-    """The runtimes ``manifest``'s models need (a cascade may mix LiteRT and ONNX Runtime)."""
-    return sorted({entry.runtime for entry in manifest.models})
-
-
-def build_context(bundle: Path, public_keys: list[Path], platform: str, cache_dir: Path,
-                  destination: Path) -> Manifest:
-    """Assemble the image build context for ``bundle`` in the empty folder ``destination``; its manifest."""
-    keys = load_public_keys(public_keys)
-    manifest = ModelStore(destination / "store", keys).install(bundle)  # verified and health-checked first
-    shutil.copytree(wheelhouse(platform, runtimes_of(manifest), cache_dir), destination / "wheelhouse")
-    shutil.copytree(EDGE_PACKAGE, destination / "edge", ignore=shutil.ignore_patterns("__pycache__", "openapi.json"))
-    (destination / "keys").mkdir()
-    for path in public_keys:
-        sources = sorted(path.glob("*.pub")) if path.is_dir() else [path]
-        for source in sources:
-            shutil.copy(source, destination / "keys" / source.name)
-    shutil.copy(DOCKERFILE, destination / "Dockerfile")
-    (destination / ".dockerignore").write_text("**/__pycache__\n")
-    return manifest
-
-
 # ---- what a package run produces ------------------------------------------------------------------
 ARCHES = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
-OFFICIAL_BASE = "python:3.11-slim"
-PULL_TIMEOUT_S = 60
-EXACT_ATOL = 1e-5           # amd64: the container's scores equal the host runtime's to this tolerance
-EMULATED_MIN_AGREEMENT = 0.9  # arm64 under qemu: other kernels, so labels (not scores) must agree
 REPORT_SCHEMA = "edgeloop.package/1"
-
-
-class ImageRecord(BaseModel):
-    """One built image: where it is, what it measured, whether it passed."""
-
-    model_config = ConfigDict(extra="forbid")
-    platform: str
-    arch: str
-    runtime: str
-    reference: str                 # registry/repository:tag
-    digest: str | None = None      # after the push
-    status: Literal["pushed", "already_released", "failed_gate", "not_pushed"] = "not_pushed"
-    base_image: str = ""
-    image_mb: float | None = None
-    ready_s: float | None = None   # docker run to the first 200 from /readyz
-    emulated: bool = False         # run under qemu user emulation: timings are not device timings
-    max_abs_score_diff: float | None = None
-    label_agreement: float | None = None
-    user: str | None = None        # the uid the service runs as
-    failures: list[str] = []
-
-    @property
-    def pinned(self) -> str | None:
-        return f"{self.reference.rsplit(':', 1)[0]}@{self.digest}" if self.digest else None
 
 
 class PackageReport(BaseModel):
@@ -192,113 +78,6 @@ class Candidate:
     record: ImageRecord
     release: Release
     context: Path
-
-
-def _recipe(context: Path, base: str) -> str:
-    """sha256 over what decides an image besides the model, the same for every platform of one build:
-    Dockerfile, edge code, the pinned requirements and the base image's recipe."""
-    digest = hashlib.sha256(f"{base}\n".encode())
-    for path in sorted((context / "edge").rglob("*")):
-        if path.is_file():
-            digest.update(f"{path.relative_to(context)}\n".encode() + hashlib.sha256(path.read_bytes()).digest())
-    digest.update((context / "wheelhouse" / "requirements.txt").read_bytes())
-    digest.update(LOCK_FILE.read_bytes())
-    digest.update((context / "Dockerfile").read_bytes())
-    return digest.hexdigest()
-
-
-def _base_recipe(engine: Engine, base: str) -> str:
-    """What the base image is, independent of its platform: its recipe label, else its repo digest, else its id."""
-    import docker
-
-    try:
-        image = engine.client.images.get(base)
-    except docker.errors.ImageNotFound:
-        return base  # pulled by BuildKit at build time: its reference is all that is known here
-    return image.labels.get(RECIPE_LABEL) or next(iter(image.attrs.get("RepoDigests") or []), image.id)
-
-
-def resolve_base_image(engine: Engine, configured: str | None, arch: str, registry: Registry) -> str:
-    """The base image reference for ``arch``: the configured one, else the official slim Python when the
-    engine has or can pull it, else the Debian-built one (pushed to ``registry``, where BuildKit finds it)."""
-    import docker
-
-    platform = f"linux/{arch}"
-    for reference in [configured] if configured else [OFFICIAL_BASE]:
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            if engine.client.images.get(reference).attrs.get("Architecture") == arch:
-                return reference
-        puller = docker.DockerClient(base_url=engine.host, timeout=PULL_TIMEOUT_S)  # a silent network fails fast
-        try:
-            puller.images.pull(reference, platform=platform)
-            return reference
-        except requests.exceptions.RequestException as error:
-            if configured:
-                raise ConfigError(f"pulling package.base_image {configured!r} timed out ({error})") from error
-            log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error)
-        except docker.errors.APIError as error:
-            if configured:
-                raise ConfigError(f"package.base_image {configured!r} for {platform} is neither in the engine nor "
-                                  f"pullable ({error.explanation}); set package.base_image: null to build one "
-                                  "from Debian packages") from error
-            log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error.explanation)
-        finally:
-            puller.close()
-    local = ensure_base_image(arch, engine)
-    repository, tag = local.rsplit(":", 1)
-    held = registry.labels(repository, tag) if registry.digest(repository, tag) else {}
-    if held.get(RECIPE_LABEL) != engine.client.images.get(local).labels.get(RECIPE_LABEL):
-        engine.client.images.get(local).tag(f"{registry.address}/{repository}", tag)
-        docker_engine.push(engine.client, f"{registry.address}/{repository}", tag)
-    return f"{registry.address}/{local}"
-
-
-def _host_outputs(loaded: LoadedVersion, sample: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = {"primary": loaded.primary.predict(sample)}
-    if loaded.large is not None:
-        outputs["large"] = loaded.large.predict(sample)
-    return outputs
-
-
-def _compare(record: ImageRecord, answer: dict, host: dict[str, np.ndarray]) -> None:
-    """Fill the record's prediction figures: the container's answer against the host runtime's outputs."""
-    rows = answer["predictions"]
-    scores = np.asarray([row["scores"] for row in rows], np.float32)
-    expected = np.stack([host[row["stage"]][index] for index, row in enumerate(rows)])
-    record.max_abs_score_diff = float(np.max(np.abs(scores - expected)))
-    record.label_agreement = float(np.mean(scores.argmax(axis=1) == expected.argmax(axis=1)))
-
-
-def check_image(engine: Engine, record: ImageRecord, params: PackageParams, cpus: float | None,
-                memory_mb: int | None, sample: np.ndarray, host: dict[str, np.ndarray]) -> None:
-    """Measure ``record``'s image and apply the gates; failures go into ``record.failures``."""
-    record.image_mb = round(docker_engine.image_mb(engine.client, record.reference), 1)
-    if record.image_mb > params.max_image_mb:
-        record.failures.append(f"image is {record.image_mb:.1f} MB, above package.max_image_mb {params.max_image_mb:g}")
-    timeout_s = params.emulated_start_timeout_s if record.emulated else max(params.max_start_s * 6, 30.0)
-    try:
-        with docker_engine.running(engine.client, record.reference, record.platform, cpus, memory_mb,
-                                   timeout_s, emulated=record.emulated) as container:
-            record.ready_s = round(container.ready_s, 3)
-            record.user = container.exec("id", "-u")
-            _compare(record, container.predict(sample), host)
-    except PackagingError as error:
-        record.failures.append(str(error))
-        return
-    if not record.emulated and record.ready_s > params.max_start_s:
-        record.failures.append(f"cold start took {record.ready_s:.2f} s, above package.max_start_s "
-                               f"{params.max_start_s:g}")
-    if record.user == "0":
-        record.failures.append("the service runs as root")
-    if record.emulated:
-        if record.label_agreement < EMULATED_MIN_AGREEMENT:
-            record.failures.append(f"under emulation the container's labels agree {record.label_agreement:.0%} with "
-                                   f"the host's, below {EMULATED_MIN_AGREEMENT:.0%}")
-    elif record.label_agreement < 1.0 or record.max_abs_score_diff > EXACT_ATOL:
-        record.failures.append(f"the container's predictions differ from the host runtime's (labels agree "
-                               f"{record.label_agreement:.0%}, max score difference {record.max_abs_score_diff:.2g})")
-    if record.failures:
-        record.status = "failed_gate"
 
 
 # ---- the stage ----------------------------------------------------------------------------------------
@@ -353,7 +132,7 @@ def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bund
     context.mkdir()
     manifest = build_context(bundle, [settings.public_keys], platform, CACHE_DIR, context)
     base = resolve_base_image(engine, settings.base_image, arch, registry)
-    recipe = _recipe(context, _base_recipe(engine, base))
+    recipe = recipe_sha256(context, base_recipe(engine, base))
     release = Release(None, arch, _model_identity(manifest), recipe, "", manifest.data_version, manifest.params_hash)
     primary = next(entry for entry in manifest.models if entry.role == "primary")
     record = ImageRecord(platform=platform, arch=arch, runtime=primary.runtime, reference="", base_image=base,
@@ -401,7 +180,7 @@ def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams
     sample = read_sample(candidate.context / "store" / "versions" / manifest.version, manifest)
     loaded = load_and_check(candidate.context / "store" / "versions" / manifest.version, manifest)
     check_image(engine, record, settings, device.runner.cpus, device.runner.memory_mb, sample,
-                _host_outputs(loaded, sample))
+                host_outputs(loaded, sample))
 
 
 def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: str,

@@ -179,6 +179,7 @@ def test_bad_input_names_the_problem_and_ships_nothing(stack, images, shipped, t
 
 def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tmp_path, monkeypatch):
     from tasks.errors import PackagingError
+    from tasks.release import image_build
     from tasks.release import package as package_module
     from tasks.workspace import Workspace
 
@@ -186,7 +187,7 @@ def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tm
     broken = tmp_path / "Dockerfile"
     broken.write_text((REPO_ROOT / "docker" / "Dockerfile").read_text().replace(
         "FROM ${BASE_IMAGE} AS builder", "FROM ${BASE_IMAGE} AS builder\nRUN echo the-step-that-breaks && false", 1))
-    monkeypatch.setattr(package_module, "DOCKERFILE", broken)
+    monkeypatch.setattr(image_build, "DOCKERFILE", broken)  # a real build of a Dockerfile with a failing step
     with pytest.raises(PackagingError) as failure:
         package_module.package(_params(stack, repository="edgeloop/broken"), Workspace(tmp_path),
                                version=report.mlflow_version)
