@@ -106,15 +106,19 @@ def restore_environment(saved: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip with ``reason`` (shown in the summary); on CI (CI=true) a missing prerequisite is a failure."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def require_system_tools(*tools: str, packages: str) -> None:
     """Skip unless every tool is on PATH (sbin included); on CI (CI=true) a missing tool is a failure."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = [tool for tool in tools if shutil.which(tool, path=search) is None]
     if missing:
-        reason = f"{', '.join(missing)} not installed (apt-get install {packages})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_unless_ci(f"{', '.join(missing)} not installed (apt-get install {packages})")
 
 
 @dataclass(frozen=True)

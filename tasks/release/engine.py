@@ -204,8 +204,6 @@ class RunningContainer:
         return output.decode().strip()
 
     def predict(self, inputs: np.ndarray, timeout_s: float = 60.0) -> dict:
-        import io
-
         body = io.BytesIO()
         np.save(body, np.asarray(inputs, np.float32))
         response = httpx.post(f"{self.url}/v1/predict", content=body.getvalue(), timeout=timeout_s,

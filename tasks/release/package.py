@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge.health import load_and_check, read_sample
@@ -158,8 +159,16 @@ def _model_identity(manifest: Manifest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _host_reference(context: Path, manifest: Manifest) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The bundle's sample and what the host runtime answers for it (the same for every platform)."""
+    folder = context / "store" / "versions" / manifest.version
+    sample = read_sample(folder, manifest)
+    return sample, host_outputs(load_and_check(folder, manifest), sample)
+
+
 def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams, candidate: Candidate,
-                     manifest: Manifest, semver: SemVer, labels: dict[str, str], device) -> None:
+                     manifest: Manifest, semver: SemVer, labels: dict[str, str], device,
+                     reference: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
     """Build ``candidate``'s image (unless the registry already holds it) and apply the gates."""
     record, release = candidate.record, candidate.release
     tag = image_tag(semver, manifest.variant, record.arch)
@@ -177,10 +186,7 @@ def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams
     docker_engine.build(engine.client, candidate.context, record.reference, record.platform, record.base_image,
                         {**labels, **release.labels(), "edgeloop.platform": record.platform,
                          "edgeloop.runtime": record.runtime, "org.opencontainers.image.base.name": record.base_image})
-    sample = read_sample(candidate.context / "store" / "versions" / manifest.version, manifest)
-    loaded = load_and_check(candidate.context / "store" / "versions" / manifest.version, manifest)
-    check_image(engine, record, settings, device.runner.cpus, device.runner.memory_mb, sample,
-                host_outputs(loaded, sample))
+    check_image(engine, record, settings, device.runner.cpus, device.runner.memory_mb, *reference)
 
 
 def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: str,
@@ -239,8 +245,9 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
             manifest_sha256 = hashlib.sha256((candidates[0].context / "store" / "versions" / manifest.version /
                                               MANIFEST_FILE).read_bytes()).hexdigest()
             labels = _common_labels(manifest, semver, run_id, zoo_model, manifest_sha256)
+            reference = _host_reference(candidates[0].context, manifest)
             for candidate in candidates:
-                _build_and_check(engine, registry, settings, candidate, manifest, semver, labels, device)
+                _build_and_check(engine, registry, settings, candidate, manifest, semver, labels, device, reference)
             records = [candidate.record for candidate in candidates]
             failed = [record for record in records if record.failures]
             if not failed:  # all or nothing: no release with one architecture missing

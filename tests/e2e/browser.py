@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.conftest import skip_unless_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts" / "e2e"
@@ -31,11 +31,8 @@ def require_browser() -> tuple[str, str]:
     """(chromium, chromedriver) paths; skips without them, but fails on CI (CI=true)."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(path) and os.access(path, os.X_OK))]
     if missing:
-        reason = (f"headless browser not installed: {', '.join(missing)} missing "
-                  "(apt-get install chromium chromium-driver)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_unless_ci(f"headless browser not installed: {', '.join(missing)} missing "
+                       "(apt-get install chromium chromium-driver)")
     return CHROMIUM, CHROMEDRIVER
 
 
