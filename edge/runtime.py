@@ -34,9 +34,19 @@ class TensorInfo:
         return self.dtype in ("int8", "uint8") and self.scale > 0.0
 
 
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Delegates and providers: XNNPACK on or off for LiteRT; ONNX Runtime execution providers in order of
+    preference (the CPU provider is always the last resort)."""
+
+    xnnpack: bool = True
+    onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
 class _Backend(Protocol):
     input: TensorInfo
     output: TensorInfo
+    accelerators: list[str]  # delegates / providers actually in use besides the plain CPU kernels
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -54,10 +64,13 @@ def dequantize(values: np.ndarray, info: TensorInfo) -> np.ndarray:
 
 
 class _LiteRTBackend:
-    def __init__(self, path: Path, num_threads: int | None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path: Path, num_threads: int | None, options: RuntimeOptions) -> None:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        resolver = OpResolverType.AUTO if options.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
+                                        experimental_op_resolver_type=resolver)
+        self.accelerators = ["XNNPACK"] if options.xnnpack else []
         self._interpreter.allocate_tensors()
         self._input_detail = self._interpreter.get_input_details()[0]
         self._output_detail = self._interpreter.get_output_details()[0]
@@ -84,14 +97,20 @@ class _LiteRTBackend:
 class _OnnxBackend:
     _ONNX_TYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
 
-    def __init__(self, path: Path, num_threads: int | None) -> None:
+    def __init__(self, path: Path, num_threads: int | None, options: RuntimeOptions) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        session_options = ort.SessionOptions()
         if num_threads:
-            options.intra_op_num_threads = num_threads
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session_options.intra_op_num_threads = num_threads
+        session_options.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        # a provider this build lacks is left out (and reported by the caller as a fallback), never an error
+        providers = [p for p in options.onnx_providers if p in available] or ["CPUExecutionProvider"]
+        if "CPUExecutionProvider" not in providers:
+            providers.append("CPUExecutionProvider")
+        self._session = ort.InferenceSession(str(path), session_options, providers=providers)
+        self.accelerators = [p for p in self._session.get_providers() if p != "CPUExecutionProvider"]
         self.input = self._info(self._session.get_inputs()[0])
         self.output = self._info(self._session.get_outputs()[0])
 
@@ -113,7 +132,8 @@ class EdgeModel:
         self._backend = backend
 
     @classmethod
-    def load(cls, path: Path | str, num_threads: int | None = None, verify: bool = True) -> EdgeModel:
+    def load(cls, path: Path | str, num_threads: int | None = None, verify: bool = True,
+             options: RuntimeOptions = RuntimeOptions()) -> EdgeModel:
         """Open ``path`` in the runtime its suffix names; raise :class:`ModelLoadError` when it can't.
 
         With ``verify`` (the default) a file that has a sidecar must match its sha256, else
@@ -130,7 +150,7 @@ class EdgeModel:
             verify_model_file(path)
         backend_type = _LiteRTBackend if runtime == "tflite" else _OnnxBackend
         try:
-            backend = backend_type(path, num_threads)
+            backend = backend_type(path, num_threads, options)
         except Exception as error:  # runtimes raise assorted types for corrupt files
             raise ModelLoadError(
                 f"{path}: not a loadable {runtime} model ({type(error).__name__}: {error}); "
@@ -141,6 +161,11 @@ class EdgeModel:
     @property
     def input(self) -> TensorInfo:
         return self._backend.input
+
+    @property
+    def accelerators(self) -> list[str]:
+        """Delegates or execution providers in use besides plain CPU kernels (XNNPACK, CUDA, ...)."""
+        return list(self._backend.accelerators)
 
     @property
     def output(self) -> TensorInfo:

@@ -1,6 +1,7 @@
 """``edgeloop``: the one command for what a person runs by hand.
 
-    edgeloop prepare|train|convert|evaluate|register [--params P] [--workspace W]   one pipeline stage
+    edgeloop prepare|train|convert|evaluate|benchmark|register [--params P] [--workspace W]  one stage
+    edgeloop bench MODEL... [--eval E.npz --iterations N ...]                      benchmark on this device
     edgeloop devices [--devices devices.yaml] [--out reports/devices.csv]          the hardware inventory
     edgeloop waiting                                                               retrain runs awaiting a decision
     edgeloop approve RUN --reviewer NAME [--comment TEXT]                          promote the challenger
@@ -28,6 +29,7 @@ STAGES = {
     "train": ("tasks.model.train", "train the float32 baseline, then PTQ check, QAT, pruning, PQAT"),
     "convert": ("tasks.model.convert", "build every enabled TFLite / ONNX variant with its sidecar"),
     "evaluate": ("tasks.evaluation.evaluate", "measure every variant in its device runtime, apply the gates"),
+    "benchmark": ("tasks.benchmark.stage", "measure every candidate on every device through its runner"),
     "register": ("tasks.release.register", "log the run to MLflow and register the recommended variant"),
 }
 
@@ -36,6 +38,7 @@ STAGES = {
 PASSTHROUGH = {
     "keys": ("tasks.release.bundle", "generate an Ed25519 key pair for signing bundles"),
     "bundle": ("tasks.release.bundle", "export a registered model version as a signed bundle"),
+    "bench": ("edge.bench", "benchmark model files on this device (python -m edge.bench)"),
     "serve": ("edge.serve", "run the edge inference service (python -m edge.serve)"),
     "store": ("edge.storectl", "install, roll back or inspect a device's model store"),
     "ingest": ("tasks.monitoring.ingest", "run the control plane's sample ingest endpoint"),

@@ -209,6 +209,37 @@ class PackageParams(_Section):
         return value
 
 
+DeviceNames = Annotated[list[str], Field(description=(
+    "devices (devices.yaml names) to benchmark each candidate on through their runners; empty: all"))]
+
+
+class BenchmarkParams(_Section):
+    """On-device benchmarks of every candidate variant (``edgeloop benchmark``, tasks/benchmark/)."""
+
+    devices: DeviceNames = Field(default_factory=list)
+    iterations: int = Field(100, ge=1, le=100_000)
+    warmup: int = Field(10, ge=0, le=10_000)
+    eval_samples: int = Field(200, ge=1)  # first N test samples: accuracy measured on the device
+    rates: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)  # rate sweep, inferences/s
+    rate_seconds: float = Field(2.0, gt=0.0, le=600.0)
+    timeout_s: float = Field(900.0, gt=0.0)  # per device, all variants
+    retries: int = Field(1, ge=0, le=10)     # unreachable device or runner failure: tries again this often
+    retry_delay_s: float = Field(5.0, ge=0.0)
+    parallel: int = Field(4, ge=1, le=256)   # devices benchmarked at once
+    max_rss_fraction: float = Field(0.5, gt=0.0, le=1.0)  # device gate: peak RSS within this share of its RAM
+    images: dict[str, str] = Field(default_factory=dict)  # docker runner: platform -> image (default: newest packaged)
+    ssh_key: Path | None = None       # ssh runner: private key (default: ~/.ssh's keys)
+    known_hosts: Path | None = None   # ssh runner: host keys to verify against (default: ~/.ssh/known_hosts)
+    serve_address: str = "127.0.0.1"  # prefect runner: where devices fetch the models from this host
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("devices lists a device twice")
+        return value
+
+
 class Params(_Section):
     """All pipeline parameters; see ``params.yaml`` for the documented defaults."""
 
@@ -223,6 +254,7 @@ class Params(_Section):
     retrain: RetrainParams = RetrainParams()
     drift: DriftParams = DriftParams()
     package: PackageParams = PackageParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
 
     def params_hash(self) -> str:
         """sha256 of the parameters that shape a model file, recorded in every sidecar.

@@ -9,6 +9,7 @@ when its file is missing, and each ``write_*`` is atomic, so a crash never leave
     train    -> TrainSummary   (models/keras/*.h5, train_summary.json, reference_outputs.npz)
     convert  -> ConversionResult rows (models/variants/<variant>.<suffix> + sidecars, conversion.json)
     evaluate -> Evaluation     (reports/evaluation.json, metrics.json, comparison.*)
+    benchmark -> BenchmarkSummary (reports/benchmark/: summary.json, <device>.json, devices.md/.csv/.png)
     register -> Registration   (reports/registration.json)
 """
 
@@ -284,6 +285,70 @@ def write_evaluation(workspace: Workspace, evaluation: Evaluation) -> None:
 
 def read_evaluation(workspace: Workspace) -> Evaluation:
     return _read_record(workspace.evaluation_file, Evaluation, "evaluate")
+
+
+# ---- benchmark ----------------------------------------------------------------------------------
+class DeviceBenchRow(Record):
+    """One variant in one runtime configuration measured on one device (or why it could not be)."""
+
+    device: str
+    variant: str
+    config: str = "default"
+    runner: str
+    status: Literal["ok", "error"]
+    error: str = ""
+    emulated: bool = False
+    arch: str | None = None
+    runtime: str | None = None
+    accelerators: list[str] = Field(default_factory=list)
+    fallback: list[str] = Field(default_factory=list)
+    size_bytes: int | None = None
+    init_ms: float | None = None
+    first_inference_ms: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    throughput_ips: float | None = None
+    peak_rss_bytes: int | None = None
+    accuracy: float | None = None          # on the device, on the eval subset
+    accuracy_drop_pts: float | None = None  # float32 Keras model on the same subset minus the device's
+    host_agreement: float | None = None     # share of eval samples labelled as the same variant does on the host
+    energy_mj: float | None = None          # per inference; None: no power sensor
+    throttled: bool | None = None
+    gates_passed: bool = False
+    gate_failures: list[str] = Field(default_factory=list)
+    gate_notes: list[str] = Field(default_factory=list)  # gates not applied and why (e.g. emulated timings)
+
+
+class DeviceOutcome(Record):
+    """How benchmarking one device went as a whole."""
+
+    device: str
+    runner: str
+    status: Literal["ok", "error"]
+    error: str = ""
+    emulated: bool = False
+    recommended: str | None = None         # best variant passing every device gate
+    recommended_config: str | None = None
+
+
+class BenchmarkSummary(Record):
+    recommend_by: str
+    eval_samples: int
+    reference_accuracy: float  # the float32 Keras model on the same eval subset
+    devices: list[DeviceOutcome]
+    rows: list[DeviceBenchRow]
+
+    def recommended(self) -> dict[str, str | None]:
+        return {outcome.device: outcome.recommended for outcome in self.devices}
+
+
+def write_benchmark(workspace: Workspace, summary: BenchmarkSummary) -> None:
+    _write_record(workspace.benchmark_file, summary)
+
+
+def read_benchmark(workspace: Workspace) -> BenchmarkSummary:
+    return _read_record(workspace.benchmark_file, BenchmarkSummary, "benchmark")
 
 
 # ---- register -----------------------------------------------------------------------------------

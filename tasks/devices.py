@@ -42,6 +42,11 @@ class RunnerSpec(_Spec):
     platform: str | None = Field(None, pattern=r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
     cpus: float | None = Field(None, gt=0.0)
     memory_mb: int | None = Field(None, gt=0)
+    python: str = Field("python3", min_length=1)  # ssh: the device's Python (with numpy and the runtime)
+    workdir: str | None = Field(None, min_length=1)  # prefect: where the device's worker finds edge/ and flows/
+    threads: int | None = Field(None, ge=1, le=1024)  # runtime threads (default: the device's cores)
+    onnx_providers: list[str] = Field(default_factory=list)  # extra ONNX Runtime providers, each also measured
+    compare_xnnpack: bool = False  # also measure LiteRT without XNNPACK
 
     @model_validator(mode="after")
     def _kind_needs(self) -> RunnerSpec:

@@ -96,6 +96,22 @@ class Workspace:
         return self.reports_dir / f"comparison.{suffix}"
 
     @property
+    def benchmark_dir(self) -> Path:
+        """On-device benchmark results: one raw ``edge.bench`` document per device plus the summary."""
+        return self.reports_dir / "benchmark"
+
+    @property
+    def benchmark_file(self) -> Path:
+        return self.benchmark_dir / "summary.json"
+
+    def benchmark_device_file(self, device: str) -> Path:
+        return self.benchmark_dir / f"{device}.json"
+
+    def benchmark_report(self, suffix: str) -> Path:
+        """``devices.md``, ``.csv`` or ``.png``: per-device tables and the latency-accuracy chart."""
+        return self.benchmark_dir / f"devices.{suffix}"
+
+    @property
     def registration_file(self) -> Path:
         return self.reports_dir / "registration.json"
 
@@ -121,6 +137,9 @@ class Workspace:
             return [self.conversion_file, *files, *(sidecar_path(file) for file in files)]
         if stage == "evaluate":
             return [self.evaluation_file, self.metrics_file, *(self.comparison_file(s) for s in ("csv", "md", "png"))]
+        if stage == "benchmark":
+            found = sorted(self.benchmark_dir.glob("*.json")) if self.benchmark_dir.is_dir() else []
+            return [self.benchmark_file, *found, *(self.benchmark_report(s) for s in ("csv", "md", "png"))]
         if stage == "register":
             return [self.registration_file]
         raise ValueError(f"unknown stage {stage!r}")

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.config import GateParams
-from tasks.contracts import VariantRow
-from tasks.devices import DeviceInventory, device_fit
+from tasks.contracts import DeviceBenchRow, VariantRow
+from tasks.devices import MB, DeviceInventory, DeviceSpec, device_fit
 
 
 def apply_gates(row: VariantRow, gates: GateParams) -> None:
@@ -86,3 +86,57 @@ def gate_failure_message(rows: list[VariantRow], gates: GateParams) -> str:
     lines += [f"  - {row.variant}: {'; '.join(row.gate_failures)}" for row in rows]
     lines.append("relax evaluate.gates in params.yaml or improve the model (more epochs, QAT, lower sparsity)")
     return "\n".join(lines)
+
+
+# ---- on-device gates (benchmark stage) --------------------------------------------------------------
+
+def apply_device_gates(row: DeviceBenchRow, device: DeviceSpec, gates: GateParams, max_rss_fraction: float) -> None:
+    """Mark a device row pass/fail: p95 within the device's latency budget (not for emulated timings), peak
+    RSS within ``max_rss_fraction`` of its RAM, the file within its storage, on-device accuracy and its drop
+    within the quality gates."""
+    if row.status != "ok":
+        row.gate_failures = [f"not measured: {row.error}"]
+        return
+    rss_limit = max_rss_fraction * device.ram_mb * MB
+    checks: list[tuple[str, float | None, float, str, str]] = [
+        ("peak RSS", _mb(row.peak_rss_bytes), rss_limit / MB, "MB", "max"),
+        ("model size", _mb(row.size_bytes), float(device.storage_mb), "MB", "max"),
+        ("on-device accuracy", row.accuracy, gates.min_accuracy, "", "min"),
+        ("on-device accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts", "max"),
+    ]
+    if row.emulated:
+        row.gate_notes.append(f"p95 latency not gated: measured under emulation ({row.arch}), not a device timing")
+    else:
+        checks.insert(0, ("device p95 latency", row.p95_ms, device.latency_budget_ms, "ms", "max"))
+    for name, value, limit, unit, kind in checks:
+        if value is None:
+            row.gate_failures.append(f"{name}: not measured")
+        elif kind == "max" and value > limit:
+            row.gate_failures.append(f"{name} {value:.2f}{unit} > max {limit:.2f}{unit} (over by {value - limit:.2f}{unit})")
+        elif kind == "min" and value < limit:
+            row.gate_failures.append(f"{name} {value:.3f} < min {limit}{unit} (short by {limit - value:.3f}{unit})")
+    row.gates_passed = not row.gate_failures
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / MB
+
+
+DEVICE_RANKINGS: dict[str, Callable[[DeviceBenchRow, VariantRow | None], tuple[Any, ...]]] = {
+    "size": lambda r, h: (r.size_bytes, -(r.accuracy or 0), r.p95_ms),
+    "gzip_size": lambda r, h: ((h.gzip_bytes if h and h.gzip_bytes else r.size_bytes), -(r.accuracy or 0), r.p95_ms),
+    "latency": lambda r, h: (r.p95_ms, -(r.accuracy or 0), r.size_bytes),
+    "accuracy": lambda r, h: (-(r.accuracy or 0), r.size_bytes, r.p95_ms),
+}
+
+
+def recommend_on_device(rows: list[DeviceBenchRow], device: DeviceSpec, recommend_by: str,
+                        host_rows: dict[str, VariantRow]) -> DeviceBenchRow | None:
+    """The best (variant, configuration) measured on ``device`` that passes every device gate, the device's
+    preferred runtime first; None when nothing passes."""
+    passing = [row for row in rows if row.device == device.name and row.gates_passed]
+    preferred = [row for row in passing if row.runtime == device.preferred_runtime]
+    pool = preferred or passing
+    if not pool:
+        return None
+    return min(pool, key=lambda row: DEVICE_RANKINGS[recommend_by](row, host_rows.get(row.variant)))

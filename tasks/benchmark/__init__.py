@@ -1,0 +1,1 @@
+"""On-device benchmarking: candidate variants measured on every target device through its runner."""
