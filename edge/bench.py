@@ -260,16 +260,18 @@ class EnergyMeter:
             self._started = time.perf_counter()
             return
         self._samples, self._stop = [], threading.Event()
+        self._take_sample()  # now, not when the thread first gets the GIL: the interval is covered from its start
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
+    def _take_sample(self) -> None:
+        raw = _read(self.power_sensor)
+        if raw is not None and raw.lstrip("-").isdigit():
+            self._samples.append((time.perf_counter(), int(raw) / 1e6))
+
     def _sample(self) -> None:
-        while True:
-            raw = _read(self.power_sensor)
-            if raw is not None and raw.lstrip("-").isdigit():
-                self._samples.append((time.perf_counter(), int(raw) / 1e6))
-            if self._stop.wait(POWER_SAMPLE_S):
-                return
+        while not self._stop.wait(POWER_SAMPLE_S):
+            self._take_sample()
 
     def stop(self) -> float | None:
         """Joules since :meth:`start`; None when the sensor gave nothing usable."""
@@ -283,6 +285,7 @@ class EnergyMeter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._take_sample()  # a last reading: the interval is covered to its end
         samples = self._samples
         if len(samples) < 2:
             return None
@@ -359,7 +362,11 @@ def _rate_sweep(model, sample, job: BenchJob, meter_factory) -> list[dict[str, A
 
 def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str, Any]:
     """Every figure of one model file in one configuration, in this (fresh) process."""
-    import numpy as np
+    try:
+        import numpy as np
+    except ImportError:
+        raise BenchError("numpy is not installed for this Python on the device: install the edge runtime "
+                         "(pip install numpy ai-edge-litert or onnxruntime) or point runner.python at one") from None
 
     suffix = Path(model_path).suffix
     runtime_module = {".tflite": "ai_edge_litert.interpreter", ".onnx": "onnxruntime"}.get(suffix)

@@ -262,6 +262,69 @@ def _start_dockerd(run_dir: Path, cache_dir: Path, timeout_s: float) -> str:
     return host
 
 
+@dataclass(frozen=True)
+class SshTarget:
+    """A loopback sshd standing in for a device: where it listens and the files a client needs."""
+
+    host: str
+    port: int
+    user: str
+    client_key: Path
+    known_hosts: Path
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_sshd(run_dir: Path, port: int, timeout_s: float = 20.0) -> SshTarget:
+    """Debian's sshd on loopback with its own generated host key, a client key allowed for the current user,
+    key authentication only, and a known_hosts file holding its host key (so clients verify it)."""
+    search = f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin"
+    sshd, keygen = shutil.which("sshd", path=search), shutil.which("ssh-keygen", path=search)
+    if sshd is None or keygen is None:
+        raise ServiceError("sshd or ssh-keygen is missing: apt-get install openssh-server")
+    root = run_dir / "sshd"
+    root.mkdir(parents=True, exist_ok=True)
+    host_key, client_key = root / "ssh_host_ed25519_key", root / "client_ed25519"
+    for key in (host_key, client_key):
+        if not key.is_file():
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", key.name, "-f", str(key)], check=True,
+                           capture_output=True)
+    (root / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
+    (root / "authorized_keys").chmod(0o600)
+    algorithm, public = host_key.with_suffix(".pub").read_text().split()[:2]
+    known_hosts = root / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {algorithm} {public}\n")
+    config = root / "sshd_config"
+    config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {root / 'sshd.pid'}
+AuthorizedKeysFile {root / 'authorized_keys'}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+""")
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
+    service = start("sshd", [sshd, "-D", "-e", "-f", str(config)], run_dir, {}, None, f"127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout_s
+    while not _listening(port):
+        if running_pid(run_dir, "sshd") is None or time.monotonic() > deadline:
+            stop("sshd", run_dir)
+            raise ServiceError(f"sshd did not listen on 127.0.0.1:{port}; see {service.log}:\n{_tail(service.log)}")
+        time.sleep(0.1)
+    import getpass
+
+    return SshTarget("127.0.0.1", port, getpass.getuser(), client_key, known_hosts)
+
+
 def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:
     prefect = start_prefect(run_dir, prefect_port, schedules)
     ensure_work_pool(run_dir, prefect_port)
@@ -271,8 +334,8 @@ def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = Tru
 
 
 def down(run_dir: Path) -> list[str]:
-    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "registry", "dockerd")
-            if stop(name, run_dir)]
+    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "registry", "sshd",
+                              "dockerd") if stop(name, run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,6 +210,9 @@ class DockerRunner:
             code = status.get("StatusCode", -1)
             if code != 0:
                 logs = container.logs(tail=20).decode(errors="replace")
+                if "No module named edge.bench" in logs:
+                    raise RunnerError(f"{image} predates the on-device benchmark (it has no edge.bench): package "
+                                      "the model again (edgeloop package) or set benchmark.images", transient=False)
                 hint = " (killed: out of memory?)" if code == 137 else ""
                 raise RunnerError(f"edge.bench in {image} exited with code {code}{hint}: {logs[-1500:]}",
                                   transient=False)
@@ -261,6 +264,9 @@ class SshRunner:
         target = self._target(device)
         try:
             connection = await asyncssh.connect(device.runner.host, **self._connect_options(device))
+        except (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied) as error:
+            raise RunnerError(f"{target} refused: {type(error).__name__}: {error} (check benchmark.known_hosts "
+                              "and benchmark.ssh_key)", transient=False) from error
         except (OSError, asyncssh.Error) as error:
             raise RunnerError(f"cannot connect to {target}: {type(error).__name__}: {error}") from error
         async with connection:
