@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from tasks.contracts import Evaluation, Registration
+from tasks.contracts import BenchmarkSummary, Evaluation, Registration, Workspace
 from tasks.release.tracking import run_url
 
 TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "weight_reduction",
@@ -54,6 +54,8 @@ def publish_training(evaluation: Evaluation, registration: Registration, per_dev
         f"Data version: `{registration.data_version}`", "",
         "| device | recommended variant |", "|---|---|",
         *[f"| {device} | {variant or 'none fits and passes the gates'} |" for device, variant in per_device.items()],
+        "", "(measured on the devices where the benchmark ran: see the device-benchmark artifact; otherwise by the "
+        "host figures against each device's storage and RAM)",
         "", f"Parameter overrides: `{overrides or 'none'}`", "",
         f"MLflow run: {run_link} (tracking store `{registration.tracking_uri}`)", "",
         "Load it anywhere: `mlflow.pyfunc.load_model("
@@ -79,3 +81,16 @@ def publish_images(report: dict[str, Any]) -> None:
         lines.append(f"| {image['platform']} | `{pinned}` | {size} | {ready} | {image['status']} |")
     create_markdown_artifact(key="images", markdown="\n".join(lines) + "\n",
                              description="edge images pushed for this model version")
+
+
+BENCHMARK_COLUMNS = ("device", "variant", "config", "status", "emulated", "p50_ms", "p95_ms", "accuracy",
+                     "accuracy_drop_pts", "host_agreement", "peak_rss_bytes", "energy_mj", "gates_passed", "error")
+
+
+def publish_benchmark(summary: BenchmarkSummary, workspace: Workspace) -> None:
+    """The on-device benchmark: the per-device report (recommendations, gates) and every row as a table."""
+    create_markdown_artifact(key="device-benchmark", markdown=workspace.benchmark_report("md").read_text(),
+                             description="Every candidate measured on every device (emulated timings marked)")
+    create_table_artifact(key="device-benchmark-rows", description="On-device benchmark rows",
+                          table=[{column: _rounded(getattr(row, column)) for column in BENCHMARK_COLUMNS}
+                                 for row in summary.rows])

@@ -60,6 +60,9 @@ class TrainingParameters(BaseModel):
     gates: GateParams
     recommend_by: RecommendBy
     devices: list[DeviceName] = Field(default_factory=list, description="devices to report on (empty: all)")
+    benchmark_devices: list[DeviceName] = Field(default_factory=list, description=(
+        "devices to benchmark every candidate on through their runners (empty: all in devices.yaml)"))
+    benchmark: bool = Field(True, description="measure the candidates on the devices before registering")
     platforms: Platforms
 
     @classmethod
@@ -68,7 +71,7 @@ class TrainingParameters(BaseModel):
                    seed=params.seed, strategy=params.quantize.strategy, prune=params.prune.enabled,
                    target_sparsities=params.prune.target_sparsities, variants=params.convert.enabled_variants,
                    gates=params.evaluate.gates, recommend_by=params.evaluate.recommend_by,
-                   platforms=params.package.platforms)
+                   benchmark_devices=params.benchmark.devices, platforms=params.package.platforms)
 
     def apply(self, base: Params) -> Params:
         """``base`` with these values on top, validated (errors name the params.yaml key)."""
@@ -81,6 +84,7 @@ class TrainingParameters(BaseModel):
         raw["convert"]["variants"] = {name: name in self.variants for name in raw["convert"]["variants"]}
         raw["evaluate"].update(gates=self.gates.model_dump(), recommend_by=self.recommend_by)
         raw["package"]["platforms"] = list(self.platforms)
+        raw["benchmark"]["devices"] = list(self.benchmark_devices)
         return parse_params(raw, "flow parameters")
 
 

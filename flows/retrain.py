@@ -89,7 +89,7 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
     logger.info("retrain started by %s", trigger)
     with exclusive_outputs(run_workspace):
         # ---- challenger: the same path as the nightly training --------------------------
-        _, registration = build_candidate(config, run_workspace, params, trigger)
+        _, registration, _ = build_candidate(config, run_workspace, params, trigger)
         # ---- challenger vs champion on the same evaluation sets -------------------------
         comparison = steps.compare_with_champion(config, run_workspace, registration)
     url = run_url(registration.tracking_uri, registration.experiment_id, registration.run_id)

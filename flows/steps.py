@@ -16,8 +16,17 @@ from prefect.tasks import exponential_backoff
 
 from flows.parameters import DEVICES_PATH
 from flows.retry import retry_transient
+from tasks.benchmark import stage as benchmark_stage
 from tasks.config import DriftParams, Params
-from tasks.contracts import ConversionResult, Evaluation, Registration, TrainSummary, Workspace, read_prepared
+from tasks.contracts import (
+    BenchmarkSummary,
+    ConversionResult,
+    Evaluation,
+    Registration,
+    TrainSummary,
+    Workspace,
+    read_prepared,
+)
 from tasks.data import prepare as prepare_stage
 from tasks.data import versioning
 from tasks.devices import load_devices
@@ -71,6 +80,12 @@ def evaluate_variants(params: Params, workspace: Workspace, conversions: list[Co
     return evaluate_stage.evaluate(params, workspace, conversions, DEVICES_PATH)
 
 
+@task(name="benchmark-on-devices", timeout_seconds=4 * 3600, **PERSISTED)
+def benchmark_on_devices(params: Params, workspace: Workspace, evaluation: Evaluation) -> BenchmarkSummary:
+    """Every candidate on every device through its runner; unreachable devices give error rows, not a failure."""
+    return benchmark_stage.benchmark(params, workspace, DEVICES_PATH, evaluation=evaluation)
+
+
 @task(name="recommend-per-device", **PERSISTED)
 def recommend_per_device(evaluation: Evaluation, device_names: list[str]) -> dict[str, str | None]:
     return gates.recommend_per_device(evaluation.rows, load_devices(DEVICES_PATH), evaluation.recommend_by,
@@ -79,9 +94,9 @@ def recommend_per_device(evaluation: Evaluation, device_names: list[str]) -> dic
 
 @task(name="register", timeout_seconds=900, **TRANSIENT_RETRIES, **PERSISTED)
 def register_candidate(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
-                       tags: dict[str, str]) -> Registration:
+                       tags: dict[str, str], benchmark: BenchmarkSummary | None = None) -> Registration:
     """Record the run in MLflow; register the recommended variant (a rejected run ends FAILED there)."""
-    return register_stage.register(params, workspace, evaluation, summary, tags)
+    return register_stage.register(params, workspace, evaluation, summary, tags, benchmark)
 
 
 @task(name="compare-with-champion", timeout_seconds=1800, **TRANSIENT_RETRIES, **PERSISTED)

@@ -1,4 +1,5 @@
-"""The ``training`` flow (nightly, or Run from the UI): data check -> train -> convert -> evaluate -> register."""
+"""The ``training`` flow (nightly, or Run from the UI): data check -> train -> convert -> evaluate -> benchmark on
+devices -> register."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from flows import steps
-from flows.artifacts import publish_gate_failure, publish_images, publish_training
+from flows.artifacts import publish_benchmark, publish_gate_failure, publish_images, publish_training
 from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, overrides, resolve
 from tasks.config import Params
-from tasks.contracts import Evaluation, Registration, Workspace
+from tasks.contracts import BenchmarkSummary, Evaluation, Registration, Workspace
 
 
 def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
@@ -24,8 +25,8 @@ def run_tags(parameters: TrainingParameters, trigger: str) -> dict[str, str]:
 
 
 def build_candidate(config: Params, workspace: Workspace, parameters: TrainingParameters,
-                    trigger: str = "schedule or manual") -> tuple[Evaluation, Registration]:
-    """The shared path of the training and retrain flows; returns (evaluation, registration)."""
+                    trigger: str = "schedule or manual") -> tuple[Evaluation, Registration, BenchmarkSummary | None]:
+    """The shared path of the training and retrain flows; returns (evaluation, registration, benchmark)."""
     # ---- services and data ----------------------------------------------------------------------
     steps.check_services(config)
     steps.data_version(config)
@@ -34,11 +35,16 @@ def build_candidate(config: Params, workspace: Workspace, parameters: TrainingPa
     summary = steps.train_models(config, workspace)
     conversions = steps.convert_variants(config, workspace, summary)
     evaluation = steps.evaluate_variants(config, workspace, conversions)
+    benchmark = None
     if evaluation.recommended is None:  # show why in the UI; register then records the FAILED run and fails
         publish_gate_failure(evaluation)
+    elif parameters.benchmark:  # ---- on the target devices, through their runners ---------------
+        benchmark = steps.benchmark_on_devices(config, workspace, evaluation)
+        publish_benchmark(benchmark, workspace)
     # ---- registry: last, so a failed run registers nothing ----------------------------------------
-    registration = steps.register_candidate(config, workspace, evaluation, summary, run_tags(parameters, trigger))
-    return evaluation, registration
+    registration = steps.register_candidate(config, workspace, evaluation, summary, run_tags(parameters, trigger),
+                                            benchmark)
+    return evaluation, registration, benchmark
 
 
 @flow(name="training", log_prints=True, persist_result=True)
@@ -54,8 +60,11 @@ def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | N
     """
     config, run_workspace = resolve(params, workspace)
     with exclusive_outputs(run_workspace):
-        evaluation, registration = build_candidate(config, run_workspace, params)
+        evaluation, registration, benchmark = build_candidate(config, run_workspace, params)
     per_device = steps.recommend_per_device(evaluation, params.devices)
+    if benchmark is not None:  # measured on the device beats estimated from host figures
+        per_device |= {device: variant for device, variant in benchmark.recommended().items()
+                       if not params.devices or device in params.devices}
     publish_training(evaluation, registration, per_device, overrides(params))
     get_run_logger().info("registered %s v%s (%s)", registration.registered_model, registration.version,
                           registration.variant)

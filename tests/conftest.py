@@ -78,6 +78,7 @@ FAST_FLOW_PARAMETERS = {
     "gates": {"min_accuracy": 0.8, "max_accuracy_drop_pts": 5.0, "min_weight_reduction": 3.0,
               "max_host_latency_ms": 50.0},
     "platforms": ["linux/amd64"],  # arm64 images are built under qemu in tests/integration/test_package.py only
+    "benchmark_devices": ["x86-gateway"],  # the local runner; the others: tests/integration/test_device_benchmark.py
 }
 
 

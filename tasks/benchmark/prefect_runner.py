@@ -122,7 +122,8 @@ class PrefectRunner:
             raise RunnerError(f"cannot deploy the benchmark flow for {device.name}: {type(error).__name__}: "
                               f"{error}") from error
         with FileExchange(inputs, self.params.serve_address) as exchange:
-            files = {path.name: {"url": exchange.url(path.name), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            files = {path.name: {"url": exchange.url(path.name),
+                                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
                      for path in sorted(inputs.iterdir()) if path.is_file()}
             flow_run = run_deployment(deployment, timeout=timeout_s, parameters={
                 "device": device.name, "files": files, "result_url": exchange.url(RESULT_FILE),

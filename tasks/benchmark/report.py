@@ -1,5 +1,5 @@
-"""Benchmark reports: per-device tables (Markdown, CSV), the latency-accuracy chart per device with the
-Pareto front marked, and the MLflow metric names (``device.<device>.<variant>.p95_ms``, ...)."""
+"""Benchmark reports: per-device tables (Markdown, CSV) and the latency-accuracy chart per device with the
+Pareto front marked (the MLflow metrics are :func:`tasks.release.tracking.device_metrics`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ COLUMNS = [("variant", "variant"), ("config", "config"), ("runtime", "runtime"),
            ("accuracy", "device acc"), ("accuracy_drop_pts", "drop pts"), ("host_agreement", "agree host"),
            ("energy_mj", "mJ/inf"), ("accelerators", "delegates"), ("fallback", "fell back"),
            ("gates_passed", "gates")]
-METRICS = {"p50_ms": "p50_ms", "p95_ms": "p95_ms", "accuracy": "accuracy", "peak_rss_bytes": "peak_rss_mb",
-           "energy_mj": "energy_mj", "throughput_ips": "throughput_ips"}
 
 
 def _cell(key: str, value: object) -> str:
@@ -127,21 +125,6 @@ def write_chart(summary: BenchmarkSummary, workspace: Workspace) -> None:
     figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
     atomic_write_bytes(workspace.benchmark_report("png"), image.getvalue())
-
-
-def mlflow_metrics(summary: BenchmarkSummary) -> dict[str, float]:
-    """``device.<device>.<variant>[.<config>].<figure>``: every measured figure as an MLflow metric."""
-    metrics: dict[str, float] = {}
-    for row in summary.rows:
-        if row.status != "ok":
-            continue
-        suffix = "" if row.config == "default" else f".{row.config}"
-        for key, name in METRICS.items():
-            value = getattr(row, key)
-            if value is not None:
-                metrics[f"device.{row.device}.{row.variant}{suffix}.{name}"] = (
-                    value / 2**20 if key == "peak_rss_bytes" else float(value))
-    return metrics
 
 
 def write_benchmark_reports(summary: BenchmarkSummary, workspace: Workspace) -> None:

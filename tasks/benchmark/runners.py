@@ -41,7 +41,8 @@ from tasks.devices import DeviceSpec
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EDGE_PACKAGE = REPO_ROOT / "edge"
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(host_platform.machine(), host_platform.machine())
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(host_platform.machine(),
+                                                                        host_platform.machine())
 CONTAINER_DIR = "/tmp/edgeloop-bench"
 CONTAINER_PYTHON = "/opt/edgeloop/bin/python"
 
@@ -159,7 +160,6 @@ class DockerRunner:
 
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]:
         import docker
-
         from tasks.release import engine as docker_engine
 
         platform = device.runner.platform or f"linux/{HOST_ARCH}"
@@ -237,7 +237,7 @@ class SshRunner:
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]:
         try:
             return asyncio.run(asyncio.wait_for(self._run(device, inputs), timeout_s))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise RunnerError(f"timed out after {timeout_s:.0f} s on {self._target(device)}") from None
 
     def _target(self, device: DeviceSpec) -> str:
@@ -294,33 +294,3 @@ class SshRunner:
         document = _read_document(text, target)
         document["runner"] = {"kind": self.kind, "target": target, "python": device.runner.python}
         return document
-
-
-# ---- choosing and retrying ---------------------------------------------------------------------------
-
-def runner_for(device: DeviceSpec, params: BenchmarkParams, package: PackageParams) -> Runner:
-    kind = device.runner.kind
-    if kind == "local":
-        return LocalRunner()
-    if kind == "docker":
-        return DockerRunner(params, package)
-    if kind == "ssh":
-        return SshRunner(params)
-    from tasks.benchmark.prefect_runner import PrefectRunner
-
-    return PrefectRunner(params)
-
-
-def run_with_retries(runner: Runner, device: DeviceSpec, inputs: Path, params: BenchmarkParams) -> dict[str, Any]:
-    """``runner.run`` with ``benchmark.retries`` more tries on transient failures; the last error raised."""
-    attempt = 0
-    while True:
-        try:
-            return runner.run(device, inputs, params.timeout_s)
-        except RunnerError as error:
-            if not error.transient or attempt >= params.retries:
-                raise RunnerError(f"{error} (after {attempt + 1} attempt(s))", error.transient) from error
-            attempt += 1
-            log.warning("%s: %s; retrying (%d of %d) in %.0f s", device.name, error, attempt, params.retries,
-                        params.retry_delay_s)
-            time.sleep(params.retry_delay_s)

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from edge.runtime import EdgeModel
+from tasks.benchmark.dispatch import run_with_retries, runner_for
 from tasks.benchmark.report import write_benchmark_reports
-from tasks.benchmark.runners import RunnerError, run_with_retries, runner_for
+from tasks.benchmark.runners import RunnerError
 from tasks.benchmark.staging import Candidate, stage_inputs
 from tasks.config import Params
 from tasks.contracts import (

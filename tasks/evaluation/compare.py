@@ -30,6 +30,8 @@ class ModelScore:
     latency_p95_ms: float
     accuracy: dict[str, float] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
+    # measured on the devices by the benchmark stage of the version's run: device -> {p95_ms, accuracy, ...}
+    on_device: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def score_model(role: str, version: str, path: Path, datasets: dict[str, Dataset], inventory: DeviceInventory,
@@ -60,6 +62,14 @@ def compare(challenger: ModelScore, champion: ModelScore | None) -> dict[str, An
             "accuracy_delta_pts": deltas}
 
 
+def _on_device_cell(score: dict[str, Any], device: str) -> str:
+    figures = score.get("on_device", {}).get(device)
+    if not figures:
+        return "not benchmarked"
+    accuracy = "-" if figures.get("accuracy") is None else f"{figures['accuracy']:.4f}"
+    return f"p95 {figures.get('p95_ms', float('nan')):.3f} ms, accuracy {accuracy}"
+
+
 def comparison_markdown(comparison: dict[str, Any], links: dict[str, str]) -> str:
     challenger, champion = comparison["challenger"], comparison["champion"]
     lines = ["# Retrain: challenger vs champion", ""]
@@ -77,6 +87,8 @@ def comparison_markdown(comparison: dict[str, Any], links: dict[str, str]) -> st
             f"{c['accuracy'].get(name, float('nan')):.4f}" for c in columns) + " |")
     for device in challenger["devices"]:
         lines.append(f"| {device} | " + " | ".join(c["devices"].get(device, "-") for c in columns) + " |")
+    for device in sorted({d for c in columns for d in c.get("on_device", {})}):
+        lines.append(f"| on {device} | " + " | ".join(_on_device_cell(c, device) for c in columns) + " |")
     if comparison["accuracy_delta_pts"]:
         lines += ["", "Accuracy change (points): " + ", ".join(
             f"{name} {delta:+.2f}" for name, delta in comparison["accuracy_delta_pts"].items())]

@@ -112,7 +112,8 @@ def apply_device_gates(row: DeviceBenchRow, device: DeviceSpec, gates: GateParam
         if value is None:
             row.gate_failures.append(f"{name}: not measured")
         elif kind == "max" and value > limit:
-            row.gate_failures.append(f"{name} {value:.2f}{unit} > max {limit:.2f}{unit} (over by {value - limit:.2f}{unit})")
+            row.gate_failures.append(
+                f"{name} {value:.2f}{unit} > max {limit:.2f}{unit} (over by {value - limit:.2f}{unit})")
         elif kind == "min" and value < limit:
             row.gate_failures.append(f"{name} {value:.3f} < min {limit}{unit} (short by {limit - value:.3f}{unit})")
     row.gates_passed = not row.gate_failures

@@ -19,6 +19,18 @@ from tasks.release import promotion
 from tasks.release.tracking import configure
 
 
+def on_device_figures(run_id: str, variant: str) -> dict[str, dict[str, float]]:
+    """The benchmark stage's figures of ``variant`` in run ``run_id`` (default configuration), per device."""
+    import mlflow
+
+    figures: dict[str, dict[str, float]] = {}
+    for key, value in mlflow.MlflowClient().get_run(run_id).data.metrics.items():
+        device, _, rest = key.removeprefix("device.").partition(f".{variant}.")
+        if key.startswith("device.") and rest and "." not in rest:
+            figures.setdefault(device, {})[rest] = value
+    return figures
+
+
 def compare_with_champion(params: Params, workspace: Workspace, registration: Registration,
                           devices_path: Path = DEVICES_FILE) -> dict[str, Any]:
     """Download the new version and the current champion, score both on the same sets, side by side."""
@@ -38,10 +50,13 @@ def compare_with_champion(params: Params, workspace: Workspace, registration: Re
             name, registration.version), workdir / "challenger")
         challenger = score_model("challenger", registration.version, challenger_file, datasets, inventory,
                                  params.evaluate)
+        challenger.on_device = on_device_figures(registration.run_id, challenger.variant)
         champion = None
         champion_version = promotion.version_by_alias(name, promotion.CHAMPION_ALIAS)
         if champion_version is not None:
             champion_file = promotion.download_version(champion_version, workdir / "champion")
             champion = score_model("champion", str(champion_version.version), champion_file, datasets, inventory,
                                    params.evaluate)
+            if champion_version.run_id:
+                champion.on_device = on_device_figures(champion_version.run_id, champion.variant)
     return compare(challenger, champion)

@@ -20,19 +20,21 @@ from typing import Any
 from edge.sidecar import read_sidecar, sidecar_path
 from tasks.config import Params
 from tasks.contracts import (
+    BenchmarkSummary,
     Evaluation,
     Registration,
     TrainSummary,
     Workspace,
     clear_stage_outputs,
     load_arrays,
+    read_benchmark,
     read_evaluation,
     read_train_summary,
     write_registration,
 )
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.errors import GateFailure
-from tasks.release.tracking import RunRecord, configure, pipeline_run
+from tasks.release.tracking import RunRecord, configure, device_tags, pipeline_run
 from tasks.variants import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -114,16 +116,26 @@ def run_lineage(workspace: Workspace, evaluation: Evaluation) -> dict[str, Any]:
     return read_sidecar(workspace.variant_file(preferred)) if preferred else {}
 
 
+def fresh_benchmark(workspace: Workspace) -> BenchmarkSummary | None:
+    """The benchmark stage's summary when it ran after this evaluation (a stale one describes another run)."""
+    path, evaluated = workspace.benchmark_file, workspace.evaluation_file
+    if not path.is_file() or (evaluated.is_file() and path.stat().st_mtime < evaluated.stat().st_mtime):
+        return None
+    return read_benchmark(workspace)
+
+
 def register(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
-             extra_tags: dict[str, str] | None = None) -> Registration:
+             extra_tags: dict[str, str] | None = None, benchmark: BenchmarkSummary | None = None) -> Registration:
     """Record the run; register its recommended variant, or end the run FAILED when the gates rejected all.
 
-    ``extra_tags`` go on the MLflow run (the Prefect flow run id, the trigger and the parameter overrides).
+    ``extra_tags`` go on the MLflow run (the Prefect flow run id, the trigger and the parameter overrides);
+    ``benchmark`` (the on-device figures) adds device metrics to the run and the recommended variant per
+    device as model version tags.
     """
     configure(params.mlflow)
     clear_stage_outputs(workspace, "register")  # a stale record must never describe this run
     lineage = run_lineage(workspace, evaluation)
-    with pipeline_run(params, workspace, evaluation, summary, lineage, extra_tags) as run:
+    with pipeline_run(params, workspace, evaluation, summary, lineage, extra_tags, benchmark) as run:
         if evaluation.recommended is None:
             import mlflow
 
@@ -132,7 +144,7 @@ def register(params: Params, workspace: Workspace, evaluation: Evaluation, summa
         variant = evaluation.recommended
         model_uri = log_variant_model(workspace, variant, summary)
         version = register_candidate(params, run, model_uri, variant,
-                                     version_tags(params, variant, lineage, evaluation))
+                                     version_tags(params, variant, lineage, evaluation) | device_tags(benchmark))
     registration = Registration(run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=run.tracking_uri,
                                 registered_model=params.mlflow.registered_model, version=version,
                                 alias=CANDIDATE_ALIAS, variant=variant, data_version=lineage["data_version"],
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def stage(params: Params, workspace: Workspace) -> None:
-        registration = register(params, workspace, read_evaluation(workspace), read_train_summary(workspace))
+        registration = register(params, workspace, read_evaluation(workspace), read_train_summary(workspace),
+                                benchmark=fresh_benchmark(workspace))
         print(registration.model_dump_json(indent=2))
 
     return run_stage(args, stage)

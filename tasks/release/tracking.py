@@ -17,7 +17,7 @@ from typing import Any
 
 from edge.sidecar import sidecar_path
 from tasks.config import MlflowParams, Params
-from tasks.contracts import Evaluation, TrainSummary, Workspace
+from tasks.contracts import BenchmarkSummary, Evaluation, TrainSummary, Workspace
 from tasks.errors import ServiceUnavailable, StageError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,32 @@ def ensure_experiment(params: MlflowParams) -> str:
     return client.create_experiment(params.experiment, artifact_location=location)
 
 
+DEVICE_METRICS = {"p50_ms": "p50_ms", "p95_ms": "p95_ms", "accuracy": "accuracy", "peak_rss_bytes": "peak_rss_mb",
+                  "energy_mj": "energy_mj", "throughput_ips": "throughput_ips"}
+
+
+def device_metrics(summary: BenchmarkSummary) -> dict[str, float]:
+    """``device.<device>.<variant>[.<config>].<figure>``: every on-device figure as an MLflow metric."""
+    metrics: dict[str, float] = {}
+    for row in summary.rows:
+        if row.status != "ok":
+            continue
+        suffix = "" if row.config == "default" else f".{row.config}"
+        for key, name in DEVICE_METRICS.items():
+            value = getattr(row, key)
+            if value is not None:
+                metrics[f"device.{row.device}.{row.variant}{suffix}.{name}"] = (
+                    value / 2**20 if key == "peak_rss_bytes" else float(value))
+    return metrics
+
+
+def device_tags(benchmark: BenchmarkSummary | None) -> dict[str, str]:
+    """Model version tags: the recommended variant per benchmarked device (``none`` where nothing passed)."""
+    if benchmark is None:
+        return {}
+    return {f"device.{device}.variant": variant or "none" for device, variant in benchmark.recommended().items()}
+
+
 def variant_metrics(evaluation: Evaluation) -> dict[str, float]:
     return {f"{row.variant}.{key}": float(getattr(row, key)) for row in evaluation.rows if row.status == "ok"
             for key in VARIANT_METRICS if getattr(row, key) is not None}
@@ -111,7 +137,8 @@ def variant_metrics(evaluation: Evaluation) -> dict[str, float]:
 
 @contextmanager
 def pipeline_run(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
-                 lineage: dict[str, Any], extra_tags: dict[str, str] | None = None) -> Iterator[RunRecord]:
+                 lineage: dict[str, Any], extra_tags: dict[str, str] | None = None,
+                 benchmark: BenchmarkSummary | None = None) -> Iterator[RunRecord]:
     """Log one run (flattened params, lineage tags, per-variant metrics, reports, model files) and stay in it.
 
     Work done inside the ``with`` block (registration) belongs to the run: when it raises (a failed
@@ -134,6 +161,12 @@ def pipeline_run(params: Params, workspace: Workspace, evaluation: Evaluation, s
         for path in [workspace.comparison_file(suffix) for suffix in REPORT_SUFFIXES] + [workspace.evaluation_file]:
             mlflow.log_artifact(str(path), "reports")
         mlflow.log_dict(summary.model_dump(mode="json"), "reports/train_summary.json")
+        if benchmark is not None:  # on-device figures: device.<device>.<variant>.p95_ms, ... and the reports
+            mlflow.log_metrics(device_metrics(benchmark))
+            mlflow.set_tags({f"device.{device}.recommended": str(variant)
+                             for device, variant in benchmark.recommended().items()})
+            for path in sorted(workspace.benchmark_dir.iterdir()):
+                mlflow.log_artifact(str(path), "reports/benchmark")
         for row in evaluation.rows:
             model_file = workspace.variant_file(row.variant)
             if row.status == "ok" and model_file.is_file():

@@ -99,7 +99,8 @@ def test_delegates_and_providers_are_reported_with_fallbacks(tiny_model_files, t
     (tmp_path / "job.json").write_text(json.dumps(job))
     completed = _bench("--job", "job.json", "--out", "r.json", cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
-    rows = {(Path(r["model"]).stem, r["config"]["name"]): r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    rows = {(Path(r["model"]).stem, r["config"]["name"]): r for r in results}
     # each option only where it means something: XNNPACK for LiteRT, providers for ONNX Runtime
     assert set(rows) == {("tflite_int8", "default"), ("tflite_int8", "no-xnnpack"), ("onnx_fp32", "default"),
                          ("onnx_fp32", "cuda")}

@@ -14,11 +14,14 @@ from tests.conftest import REPO_ROOT
 PACKAGES = ("tasks", "edge", "flows", "scripts")
 STAGE_MODULES = {"prepare": "tasks/data/prepare.py", "train": "tasks/model/train.py",
                  "convert": "tasks/model/convert.py", "evaluate": "tasks/evaluation/evaluate.py",
-                 "register": "tasks/release/register.py", "package": "tasks/release/package.py"}
+                 "benchmark": "tasks/benchmark/stage.py", "register": "tasks/release/register.py",
+                 "package": "tasks/release/package.py"}
 # in a stage's command path or packaged by it, though the stage module does not import them
 EXTRA_DEPS = {stage: {"tasks/cli.py"} for stage in STAGE_MODULES}
 EXTRA_DEPS["register"] |= {"tasks/release/edge_pyfunc.py", "edge/runtime.py"}
 EXTRA_DEPS["package"] |= {path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "edge").rglob("*.py")}
+# the runners ship the whole device package (ssh) or run it (local), and the prefect runner deploys its flow
+EXTRA_DEPS["benchmark"] |= EXTRA_DEPS["package"] - {"tasks/cli.py"} | {"flows/device_benchmark.py"}
 
 
 def project_imports(path: Path) -> set[str]:
@@ -117,6 +120,7 @@ def test_stage_outputs_in_dvc_yaml_are_the_contract_paths():
                                             workspace.comparison_file("md").as_posix()}
     assert declared("evaluate", "metrics") == {workspace.metrics_file.as_posix()}
     assert declared("evaluate", "plots") == {workspace.comparison_file("png").as_posix()}
+    assert declared("benchmark", "outs") == {workspace.benchmark_dir.as_posix()}
     assert declared("register", "outs") == {workspace.registration_file.as_posix()}
     assert declared("package", "outs") == {workspace.package_file.as_posix()}
 
