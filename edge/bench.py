@@ -2,7 +2,9 @@
 runtime alone (numpy plus LiteRT or ONNX Runtime, nothing from the control plane).
 
 Phases follow TFLite's ``benchmark_model`` so the numbers compare: runtime import, initialisation
-(load + allocate), the first (cold) inference, warm-up runs, then timed steady-state runs. Each model
+(load + allocate), the first (cold) inference, warm-up runs, then timed steady-state runs of the runtime
+alone on a prepared input (set input, invoke, read output); ``end_to_end`` adds what the edge service does
+around it (input checks, quantization and dequantization). Each model
 and configuration runs in a fresh child process, so its peak RSS is its own and a crash, an out-of-memory
 kill or a hang becomes an error row instead of ending the benchmark. The output is one JSON document
 described by ``edge/bench.schema.json`` (``schema``: ``edgeloop.bench/1``)::
@@ -404,15 +406,22 @@ def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str
     meter, energy_source = EnergyMeter.from_job(job)
     if meter:
         meter.start()
+    feed = model.prepare(np.asarray(sample, np.float32))
+    invoke = model.invoke
     timings = []
     loop_start = time.perf_counter()
-    for _ in range(job.iterations):
+    for _ in range(job.iterations):  # the runtime alone, as benchmark_model times it
         began = time.perf_counter()
-        model.predict(sample)
+        invoke(feed)
         timings.append((time.perf_counter() - began) * 1000.0)
     loop_s = time.perf_counter() - loop_start
     joules = meter.stop() if meter else None
     temperature_after = read_temperature(sensor)
+    end_to_end = []
+    for _ in range(job.iterations):  # what the service adds: input checks, (de)quantization
+        began = time.perf_counter()
+        model.predict(sample)
+        end_to_end.append((time.perf_counter() - began) * 1000.0)
     accuracy = predictions = None
     if eval_x is not None:
         predicted = np.argmax(model.predict(eval_x), axis=1)
@@ -430,6 +439,8 @@ def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str
         "phases": {"runtime_import_ms": import_ms, "init_ms": init_ms, "first_inference_ms": first_ms,
                    "warmup_mean_ms": float(np.mean(warmup)) if warmup else None, "warmup_runs": len(warmup)},
         "latency": latency_stats(timings),
+        "end_to_end": {key: value for key, value in latency_stats(end_to_end).items()
+                       if key in ("p50_ms", "p95_ms", "mean_ms")},
         "throughput_ips": job.iterations / loop_s,
         "memory": {"baseline_rss_bytes": baseline_kib * 1024, "preload_rss_bytes": preload_kib * 1024,
                    "init_rss_bytes": init_kib * 1024, "peak_rss_bytes": peak_kib * 1024,

@@ -187,7 +187,16 @@ class EdgeModel:
         outputs = [self._run(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
         return np.concatenate(outputs) if outputs else np.empty((0,) + self.output.shape[1:], np.float32)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        """A float32 batch as the runtime's input tensor (quantized when the model's input is)."""
         feed = quantize(batch, self.input) if self.input.quantized else batch.astype(self.input.dtype)
-        raw = self._backend.run(np.ascontiguousarray(feed))
+        return np.ascontiguousarray(feed)
+
+    def invoke(self, feed: np.ndarray) -> np.ndarray:
+        """The runtime alone on a :meth:`prepare`-d input: set input, invoke, read output (what TFLite's
+        ``benchmark_model`` times); the raw output tensor."""
+        return self._backend.run(feed)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        raw = self.invoke(self.prepare(batch))
         return dequantize(raw, self.output) if self.output.quantized else raw.astype(np.float32)
