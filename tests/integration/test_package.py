@@ -8,6 +8,7 @@ run pays for them. arm64 runs under qemu user emulation: only its labels are com
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -195,16 +196,24 @@ def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tm
     assert _registry_tags(images, "edgeloop/broken") == []
 
 
-def test_the_arm64_image_answers_under_emulation(stack, images, shipped, tmp_path, bundle_kit):
-    import docker
-    from tasks.release.engine import running
+@pytest.fixture(scope="module")
+def shipped_arm64(stack, images, shipped, tmp_path_factory):
+    """The same candidate packaged for arm64 (built and checked under qemu)."""
     from tasks.release.package import package
     from tasks.workspace import Workspace
 
     report, _ = shipped
-    arm = package(_params(stack, platforms=["linux/arm64"]), Workspace(tmp_path), version=report.mlflow_version)
-    (image,) = arm.images
-    assert arm.version == report.version  # the same release, one more architecture
+    return package(_params(stack, platforms=["linux/arm64"]), Workspace(tmp_path_factory.mktemp("arm64")),
+                   version=report.mlflow_version)
+
+
+def test_the_arm64_image_answers_under_emulation(stack, images, shipped, shipped_arm64, bundle_kit):
+    import docker
+    from tasks.release.engine import running
+
+    report, _ = shipped
+    (image,) = shipped_arm64.images
+    assert shipped_arm64.version == report.version  # the same release, one more architecture
     assert image.status == "pushed" and image.emulated and image.label_agreement >= 0.9
     client = docker.from_env()
     assert client.images.get(image.pinned).attrs["Architecture"] == "arm64"
@@ -213,6 +222,50 @@ def test_the_arm64_image_answers_under_emulation(stack, images, shipped, tmp_pat
         answer = container.predict(np.asarray(bundle_kit.sample[:2], np.float32))
         assert answer["version"] == f"v{report.mlflow_version}" and len(answer["predictions"]) == 2
     assert _registry_tags(images).count(image.reference.rsplit(":", 1)[1]) == 1
+
+
+def test_the_docker_runner_benchmarks_in_the_shipped_images(stack, images, nightly_run, shipped, shipped_arm64,
+                                                            tmp_path):
+    """The docker runner finds the newest packaged image per platform in the registry and runs edge.bench in
+    it with the device's limits: arm64 under qemu (marked emulated, latency not gated), amd64 native."""
+    import shutil
+
+    import yaml
+
+    from tasks.benchmark.stage import benchmark
+    from tasks.workspace import Workspace
+
+    source = Path(nightly_run.parameters["workspace"])
+    for folder in ("data", "models", "reports"):
+        shutil.copytree(source / folder, tmp_path / "ws" / folder)
+    devices = tmp_path / "devices.yaml"
+    board = {"cpu_arch": "aarch64", "cores": 2, "ram_mb": 1024, "storage_mb": 512, "power_budget_w": 5.0,
+             "thermal_limit_c": 80.0, "preferred_runtime": "tflite", "latency_budget_ms": 100.0}
+    devices.write_text(yaml.safe_dump({"devices": [
+        {"name": "pi-like", **board, "runner": {"kind": "docker", "platform": "linux/arm64", "cpus": 2.0,
+                                                "memory_mb": 512}},
+        {"name": "gateway-like", **board, "cpu_arch": "x86_64",
+         "runner": {"kind": "docker", "platform": "linux/amd64", "cpus": 1.0, "memory_mb": 256}},
+        {"name": "armv7-like", **board, "cpu_arch": "armv7l",
+         "runner": {"kind": "docker", "platform": "linux/arm/v7", "cpus": 1.0, "memory_mb": 256}}]}))
+    params = _params(stack)
+    params = params.model_copy(update={"benchmark": params.benchmark.model_copy(
+        update={"iterations": 20, "warmup": 2, "eval_samples": 40, "retries": 0})})
+    workspace = Workspace(tmp_path / "ws")
+    summary = benchmark(params, workspace, devices)
+    outcomes = {outcome.device: outcome for outcome in summary.devices}
+    pi, gateway = ([row for row in summary.rows if row.device == name] for name in ("pi-like", "gateway-like"))
+    assert all(row.status == "ok" and row.emulated and row.arch == "aarch64" for row in pi)
+    assert all(any("under emulation" in note for note in row.gate_notes) for row in pi)
+    assert all(row.status == "ok" and not row.emulated and row.arch == "x86_64" for row in gateway)
+    assert all(row.host_agreement >= 0.9 for row in pi + gateway)
+    assert outcomes["pi-like"].emulated and outcomes["pi-like"].recommended is not None
+    documents = {name: json.loads(workspace.benchmark_device_file(name).read_text())
+                 for name in ("pi-like", "gateway-like")}
+    assert documents["gateway-like"]["environment"]["memory_limit_bytes"] == 256 * 1024 * 1024
+    assert documents["pi-like"]["runner"]["image"].endswith("-arm64")
+    assert outcomes["armv7-like"].status == "error" and "no edge image for linux/arm/v7" in outcomes["armv7-like"].error
+    assert "EMULATED" in workspace.benchmark_report("md").read_text()
 
 
 def _compose(args: list[str], env: dict[str, str], project: str) -> subprocess.CompletedProcess:

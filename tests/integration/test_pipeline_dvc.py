@@ -24,6 +24,7 @@ FAST_PARAMS = {
     "prune": {"epochs": 2, "target_sparsities": [0.5, 0.8], "max_accuracy_drop_pts": 3.0},
     "evaluate": {"latency_warmup_runs": 5, "latency_runs": 30, "gates": {"max_accuracy_drop_pts": 5.0}},
     "package": {"platforms": ["linux/amd64"], "repository": "edgeloop/dvc-test"},
+    "benchmark": {"devices": ["x86-gateway"], "iterations": 20, "eval_samples": 60},
 }
 
 
@@ -75,6 +76,7 @@ def test_repro_writes_every_output(project):
                  "models/keras/qat.h5", "models/keras/pruned.h5", "models/variants/conversion.json",
                  "reports/comparison.csv", "reports/comparison.md", "reports/comparison.png",
                  "reports/metrics.json", "reports/train_metrics.json", "reports/registration.json",
+                 "reports/benchmark/summary.json", "reports/benchmark/x86-gateway.json",
                  "reports/package.json", "dvc.lock"):
         assert (project / path).is_file(), path
     package = json.loads((project / "reports/package.json").read_text())
