@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -33,10 +34,13 @@ class Confinement:
     prefix: list[str] = field(default_factory=list)
     note: str = ""
 
-    def join(self) -> None:
-        """Run in the child between fork and exec: move this process into the groups."""
-        for procs in self.procs_files:
-            procs.write_text(str(os.getpid()))
+    def wrap(self, command: list[str]) -> list[str]:
+        """``command`` run inside the confinement: a shell moves itself into the groups, then execs it (no
+        ``preexec_fn``, which is unsafe in a threaded parent); or the taskset/prlimit prefix."""
+        if not self.procs_files:
+            return [*self.prefix, *command]
+        joins = "; ".join(f"echo $$ > {shlex.quote(str(procs))}" for procs in self.procs_files)
+        return ["/bin/sh", "-c", f"{joins} && exec \"$@\"", "edgeloop-bench", *command]
 
     def describe(self) -> dict[str, object]:
         return {"method": self.method, "cpus": self.cpus, "memory_mb": self.memory_mb, "note": self.note}
@@ -76,7 +80,7 @@ def _v1_groups(name: str, cpus: float | None, memory_mb: int | None, groups: lis
         groups.append(group)
         limit = str(memory_mb * 1024 * 1024)
         _write(group / "memory.limit_in_bytes", limit)
-        if (group / "memory.memsw.limit_in_bytes").is_file():  # no swap: the device has none
+        if (memory_root / "memory.memsw.limit_in_bytes").is_file():  # no swap: the device has none
             _write(group / "memory.memsw.limit_in_bytes", limit)
     if cpus:
         group = cpu_root / name

@@ -116,6 +116,9 @@ class PrefectRunner:
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]:
         from prefect.deployments import run_deployment
 
+        if self.params.serve_address in ("0.0.0.0", "::", ""):
+            raise RunnerError(f"benchmark.serve_address {self.params.serve_address!r} is not an address a device can "
+                              "fetch from: set this host's address on the devices' network", transient=False)
         try:
             deployment = ensure_deployment(device)
         except Exception as error:  # the Prefect API is down or refused

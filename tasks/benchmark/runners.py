@@ -88,10 +88,10 @@ class LocalRunner:
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
         with confined(device.runner.cpus, device.runner.memory_mb) as confinement:
-            command = [*confinement.prefix, *_bench_command(sys.executable)]
+            command = confinement.wrap(_bench_command(sys.executable))
             try:
                 completed = subprocess.run(command, cwd=inputs, env=env, capture_output=True, text=True,
-                                           timeout=timeout_s, preexec_fn=confinement.join)
+                                           timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 raise RunnerError(f"timed out after {timeout_s:.0f} s on this host") from None
         result = inputs / RESULT_FILE
@@ -205,7 +205,7 @@ class DockerRunner:
             container.start()
             try:
                 status = container.wait(timeout=timeout_s)
-            except requests.exceptions.ConnectionError:
+            except requests.exceptions.RequestException:  # the wait's read timed out
                 raise RunnerError(f"timed out after {timeout_s:.0f} s in {image}") from None
             code = status.get("StatusCode", -1)
             if code != 0:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge.runtime import EdgeModel
+from edge.sidecar import atomic_write_text
 from tasks.benchmark.dispatch import run_with_retries, runner_for
 from tasks.benchmark.report import write_benchmark_reports
 from tasks.benchmark.runners import RunnerError
@@ -110,8 +111,7 @@ def benchmark_device(params: Params, device: DeviceSpec, candidates: list[Candid
         except Exception as error:  # a runner bug must not end the other devices' benchmarks
             log.exception("%s: the %s runner failed", device.name, device.runner.kind)
             return None, f"{device.runner.kind} runner failed: {type(error).__name__}: {error}"
-    path = workspace.benchmark_device_file(device.name)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    atomic_write_text(workspace.benchmark_device_file(device.name), json.dumps(document, indent=2) + "\n")
     return document, ""
 
 
