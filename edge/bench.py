@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class BenchJob:
     power_sensor: str | None = None       # instantaneous microwatts (hwmon power*_input, INA219)
     emulated: bool = False
     device: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> BenchJob:
@@ -240,6 +239,7 @@ class EnergyMeter:
         self._samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.seconds: float | None = None  # the interval the last stop() measured over
 
     @classmethod
     def from_job(cls, job: BenchJob) -> tuple[EnergyMeter | None, str]:
@@ -279,6 +279,7 @@ class EnergyMeter:
         """Joules since :meth:`start`; None when the sensor gave nothing usable."""
         if self.counter is not None:
             end_uj = int(_read(self.counter) or 0)
+            self.seconds = time.perf_counter() - self._started
             delta = end_uj - (self._start_uj or 0)
             if delta < 0:  # the counter wrapped
                 wrap = _read(self.counter.with_name("max_energy_range_uj"))
@@ -291,6 +292,7 @@ class EnergyMeter:
         samples = self._samples
         if len(samples) < 2:
             return None
+        self.seconds = samples[-1][0] - samples[0][0]
         return sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in zip(samples, samples[1:]))
 
 
@@ -358,7 +360,7 @@ def _rate_sweep(model, sample, job: BenchJob, meter_factory) -> list[dict[str, A
                       "p95_ms": stats["p95_ms"], "cpu_utilisation": (time.process_time() - cpu_start) / wall,
                       "saturated": stats["p50_ms"] >= interval * 1000.0,
                       "energy_per_inference_mj": 1000.0 * joules / len(timings) if joules is not None else None,
-                      "average_power_w": joules / wall if joules is not None else None})
+                      "average_power_w": joules / meter.seconds if joules is not None and meter.seconds else None})
     return sweep
 
 
@@ -454,7 +456,7 @@ def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str
         "energy": {"source": energy_source if meter else None,
                    "reason": None if meter and joules is not None else energy_source if not meter
                    else "the sensor gave no usable readings",
-                   "joules": joules,
+                   "joules": joules, "seconds": meter.seconds if meter and joules is not None else None,
                    "per_inference_mj": 1000.0 * joules / job.iterations if joules is not None else None},
         "rate_sweep": sweep,
     }
@@ -510,7 +512,7 @@ def run_job(job: BenchJob) -> dict[str, Any]:
                    for index, config in enumerate(job.configs) if index == 0 or applies(config, model)]
     return {"schema": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "environment": describe_environment(job.emulated, job.device),
-            "settings": {k: v for k, v in job.to_dict().items() if k not in ("models", "extra")},
+            "settings": {k: v for k, v in job.to_dict().items() if k != "models"},
             "results": results}
 
 
@@ -560,7 +562,8 @@ def _job_from_args(args: argparse.Namespace) -> BenchJob:
             raw = json.loads(args.job.read_text())
         except (OSError, ValueError) as error:
             raise BenchError(f"cannot read job file {args.job}: {error}") from None
-        return BenchJob.from_dict(raw)
+        job = BenchJob.from_dict(raw)
+        return replace(job, emulated=True) if args.emulated and not job.emulated else job
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None
     config = BenchConfig(threads=args.threads, xnnpack=not args.no_xnnpack,
                          providers=providers or BenchConfig.providers)
