@@ -77,11 +77,15 @@ def running_pid(run_dir: Path, name: str) -> int | None:
     pid, marker = (int(recorded[0]), recorded[1]) if len(recorded) == 2 else (0, "")
     if not pid or not _alive(pid):
         return None
-    try:
-        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return None
-    return pid if marker in command_line else None
+    for _ in range(5):  # sshd rewrites its command line (process title) as it runs: read again in that window
+        try:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except FileNotFoundError:
+            return None
+        if marker in command_line:
+            return pid
+        time.sleep(0.02)
+    return None
 
 
 def healthy(url: str) -> bool:
@@ -315,8 +319,8 @@ Subsystem sftp internal-sftp
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
     service = start("sshd", [sshd, "-D", "-e", "-f", str(config)], run_dir, {}, None, f"127.0.0.1:{port}")
     deadline = time.monotonic() + timeout_s
-    while not _listening(port):
-        if running_pid(run_dir, "sshd") is None or time.monotonic() > deadline:
+    while not _listening(port):  # by the pid itself: sshd rewrites its command line as it starts
+        if not _alive(service.pid) or time.monotonic() > deadline:
             stop("sshd", run_dir)
             raise ServiceError(f"sshd did not listen on 127.0.0.1:{port}; see {service.log}:\n{_tail(service.log)}")
         time.sleep(0.1)
