@@ -24,23 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edge.probes import EnergyMeter, describe_environment
+from edge.thermal import read_celsius
+
 SCHEMA_VERSION = "edgeloop.bench/1"
-SCHEMA_FILE = Path(__file__).with_name("bench.schema.json")
-RAPL_COUNTER = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-UNLIMITED_V1 = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
-POWER_SAMPLE_S = 0.01
 
 
 class BenchError(Exception):
@@ -120,189 +116,16 @@ class BenchJob:
         return asdict(self)
 
 
-# ---- the environment -------------------------------------------------------------------------------
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def cpu_model() -> str | None:
-    """The CPU's name from /proc/cpuinfo ("model name" on x86, "Model" or the ARM part number on ARM)."""
-    text = _read(Path("/proc/cpuinfo")) or ""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    if fields.get("model name"):
-        return fields["model name"]
-    if fields.get("Model"):
-        return fields["Model"]
-    parts = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
-             "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0x004": "Carmel"}
-    part = fields.get("CPU part")
-    return f"ARM {parts.get(part, part)}" if part else None
-
-
-def _own_cgroups() -> dict[str, str]:
-    """Controller -> path of this process's cgroup ('' key: the v2 unified hierarchy)."""
-    groups: dict[str, str] = {}
-    for line in (_read(Path("/proc/self/cgroup")) or "").splitlines():
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(",") if controllers else [""]:
-            groups[controller] = path
-    return groups
-
-
-def _cgroup_file(hierarchy: str, path: str, name: str) -> str | None:
-    """``name`` in this process's cgroup, else at the hierarchy's root (a container sees its own as root)."""
-    base = CGROUP_ROOT / hierarchy if hierarchy else CGROUP_ROOT
-    for candidate in (base / path.lstrip("/") / name, base / name):
-        value = _read(candidate)
-        if value is not None:
-            return value
-    return None
-
-
-def cgroup_limits() -> dict[str, Any]:
-    """The memory limit and CPU quota this process runs under (cgroup v2 or v1); None where unlimited."""
-    groups = _own_cgroups()
-    memory = cpus = None
-    version = None
-    if "memory" in groups or "cpu" in groups:  # v1 controllers are mounted (maybe beside a v2 hierarchy)
-        version = "v1"
-        raw = _cgroup_file("memory", groups.get("memory", "/"), "memory.limit_in_bytes")
-        if raw and raw.isdigit() and int(raw) < UNLIMITED_V1:
-            memory = int(raw)
-        quota = _cgroup_file("cpu", groups.get("cpu", "/"), "cpu.cfs_quota_us")
-        period = _cgroup_file("cpu", groups.get("cpu", "/"), "cpu.cfs_period_us")
-        if quota and period and quota.lstrip("-").isdigit() and int(quota) > 0:
-            cpus = int(quota) / int(period)
-    elif "" in groups:
-        version = "v2"
-        raw = _cgroup_file("", groups[""], "memory.max")
-        if raw and raw.isdigit():
-            memory = int(raw)
-        raw = _cgroup_file("", groups[""], "cpu.max")
-        if raw and not raw.startswith("max"):
-            quota, period = raw.split()
-            cpus = int(quota) / int(period)
-    return {"cgroup": version, "memory_limit_bytes": memory, "cpu_quota_cores": cpus}
-
-
-def _runtime_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {}
-    for runtime, distribution in (("tflite", "ai-edge-litert"), ("onnx", "onnxruntime")):
-        try:
-            versions[runtime] = metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            versions[runtime] = None
-    return versions
-
-
-def describe_environment(emulated: bool, device: str | None) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    meminfo = _read(Path("/proc/meminfo")) or ""
-    total_kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), None)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "device": device, "arch": platform.machine(), "cpu_model": cpu_model(), "cores": os.cpu_count(),
-        "usable_cores": usable, "ram_mb": total_kib // 1024 if total_kib else None, **cgroup_limits(),
-        "kernel": platform.release(), "hostname": platform.node(), "python": platform.python_version(),
-        "runtimes": _runtime_versions(), "emulated": emulated,
-    }
-
-
-# ---- sensors ---------------------------------------------------------------------------------------
-
-def read_temperature(sensor: Path) -> float | None:
-    raw = _read(sensor)
-    try:
-        value = float(raw) if raw is not None else None
-    except ValueError:
-        return None
-    if value is None:
-        return None
-    return value / 1000.0 if abs(value) >= 1000 else value  # sysfs gives millidegrees
-
-
-class EnergyMeter:
-    """Energy over an interval from a cumulative counter (µJ) or an integrated power sensor (µW)."""
-
-    def __init__(self, counter: Path | None, power_sensor: Path | None) -> None:
-        self.counter, self.power_sensor = counter, power_sensor
-        self._start_uj: int | None = None
-        self._samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.seconds: float | None = None  # the interval the last stop() measured over
-
-    @classmethod
-    def from_job(cls, job: BenchJob) -> tuple[EnergyMeter | None, str]:
-        """The meter to use, or None and why there is none."""
-        if job.power_sensor:
-            path = Path(job.power_sensor)
-            if _read(path) is None:
-                return None, f"power sensor {path} is not readable"
-            return cls(None, path), f"power sensor {path} (µW, sampled every {POWER_SAMPLE_S * 1000:.0f} ms)"
-        counter = Path(job.energy_counter) if job.energy_counter else RAPL_COUNTER
-        if (_read(counter) or "").isdigit():
-            return cls(counter, None), f"energy counter {counter} (µJ, whole package)"
-        if job.energy_counter:
-            return None, f"energy counter {counter} is not readable"
-        return None, "no power sensor found (no RAPL counter; configure a hwmon/INA219 power sensor)"
-
-    def start(self) -> None:
-        if self.counter is not None:
-            self._start_uj = int(_read(self.counter) or 0)
-            self._started = time.perf_counter()
-            return
-        self._samples, self._stop = [], threading.Event()
-        self._take_sample()  # now, not when the thread first gets the GIL: the interval is covered from its start
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _take_sample(self) -> None:
-        raw = _read(self.power_sensor)
-        if raw is not None and raw.lstrip("-").isdigit():
-            self._samples.append((time.perf_counter(), int(raw) / 1e6))
-
-    def _sample(self) -> None:
-        while not self._stop.wait(POWER_SAMPLE_S):
-            self._take_sample()
-
-    def stop(self) -> float | None:
-        """Joules since :meth:`start`; None when the sensor gave nothing usable."""
-        if self.counter is not None:
-            end_uj = int(_read(self.counter) or 0)
-            self.seconds = time.perf_counter() - self._started
-            delta = end_uj - (self._start_uj or 0)
-            if delta < 0:  # the counter wrapped
-                wrap = _read(self.counter.with_name("max_energy_range_uj"))
-                delta += int(wrap) if wrap and wrap.isdigit() else 0
-            return delta / 1e6 if delta >= 0 else None
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._take_sample()  # a last reading: the interval is covered to its end
-        samples = self._samples
-        if len(samples) < 2:
-            return None
-        self.seconds = samples[-1][0] - samples[0][0]
-        return sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in zip(samples, samples[1:]))
-
-
 # ---- one model, one configuration (in a child process) --------------------------------------------
 
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1])
-    return 0
+def _timed(call, argument, runs: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls ``call(argument)``."""
+    timings = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        call(argument)
+        timings.append((time.perf_counter() - began) * 1000.0)
+    return timings
 
 
 def latency_stats(timings_ms: list[float]) -> dict[str, float]:
@@ -332,12 +155,12 @@ def _input_and_eval(model, job: BenchJob):
     return x[:1], x, y
 
 
-def _rate_sweep(model, sample, job: BenchJob, meter_factory) -> list[dict[str, Any]]:
+def _rate_sweep(model, sample, job: BenchJob) -> list[dict[str, Any]]:
     """Latency, CPU use and energy at fixed inference rates (paced, not back to back)."""
     sweep = []
     for rate in job.rates:
         interval = 1.0 / rate
-        meter = meter_factory()
+        meter, _ = EnergyMeter.find(job.energy_counter, job.power_sensor)
         timings: list[float] = []
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         if meter:
@@ -378,7 +201,9 @@ def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str
         raise BenchError(f"{model_path}: unknown model format {suffix!r}; expected .tflite or .onnx")
     if not Path(model_path).is_file():
         raise BenchError(f"{model_path}: model file not found")
-    baseline_kib = _rss_kib("VmRSS")
+    from edge.measure import current_rss_bytes, peak_rss_bytes
+
+    baseline = current_rss_bytes()
     started = time.perf_counter()
     try:
         __import__(runtime_module)
@@ -387,50 +212,37 @@ def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str
     from edge.runtime import EdgeModel, RuntimeOptions
 
     import_ms = (time.perf_counter() - started) * 1000.0
-    preload_kib = _rss_kib("VmRSS")
+    preload = current_rss_bytes()
     cpu_start = time.process_time()
     started = time.perf_counter()
     options = RuntimeOptions(xnnpack=config.xnnpack, onnx_providers=tuple(config.providers))
     model = EdgeModel.load(model_path, num_threads=config.threads, options=options)
     init_ms = (time.perf_counter() - started) * 1000.0
-    init_kib = _rss_kib("VmRSS")
+    init = current_rss_bytes()
     sample, eval_x, eval_y = _input_and_eval(model, job)
     started = time.perf_counter()
     model.predict(sample)
     first_ms = (time.perf_counter() - started) * 1000.0
-    warmup = []
-    for _ in range(job.warmup):
-        began = time.perf_counter()
-        model.predict(sample)
-        warmup.append((time.perf_counter() - began) * 1000.0)
+    warmup = _timed(model.predict, sample, job.warmup)
     sensor = Path(job.thermal_sensor)
-    temperature_before = read_temperature(sensor)
-    meter, energy_source = EnergyMeter.from_job(job)
+    temperature_before = read_celsius(sensor)[0]
+    meter, energy_source = EnergyMeter.find(job.energy_counter, job.power_sensor)
     if meter:
         meter.start()
     feed = model.prepare(np.asarray(sample, np.float32))
-    invoke = model.invoke
-    timings = []
     loop_start = time.perf_counter()
-    for _ in range(job.iterations):  # the runtime alone, as benchmark_model times it
-        began = time.perf_counter()
-        invoke(feed)
-        timings.append((time.perf_counter() - began) * 1000.0)
+    timings = _timed(model.invoke, feed, job.iterations)  # the runtime alone, as benchmark_model times it
     loop_s = time.perf_counter() - loop_start
     joules = meter.stop() if meter else None
-    temperature_after = read_temperature(sensor)
-    end_to_end = []
-    for _ in range(job.iterations):  # what the service adds: input checks, (de)quantization
-        began = time.perf_counter()
-        model.predict(sample)
-        end_to_end.append((time.perf_counter() - began) * 1000.0)
+    temperature_after = read_celsius(sensor)[0]
+    end_to_end = _timed(model.predict, sample, job.iterations)  # plus input checks and (de)quantization
     accuracy = predictions = None
     if eval_x is not None:
         predicted = np.argmax(model.predict(eval_x), axis=1)
         predictions = [int(p) for p in predicted]
         accuracy = float(np.mean(predicted == eval_y)) if eval_y is not None else None
-    sweep = _rate_sweep(model, sample, job, lambda: EnergyMeter.from_job(job)[0]) if job.rates else []
-    peak_kib = max(_rss_kib("VmHWM"), _rss_kib("VmRSS"))
+    sweep = _rate_sweep(model, sample, job) if job.rates else []
+    peak = max(peak_rss_bytes(), current_rss_bytes())
     requested = [p for p in config.providers if p != "CPUExecutionProvider"] if model.runtime == "onnx" else (
         ["XNNPACK"] if config.xnnpack else [])
     hottest = max((t for t in (temperature_before, temperature_after) if t is not None), default=None)
@@ -444,9 +256,8 @@ def measure_one(model_path: str, config: BenchConfig, job: BenchJob) -> dict[str
         "end_to_end": {key: value for key, value in latency_stats(end_to_end).items()
                        if key in ("p50_ms", "p95_ms", "mean_ms")},
         "throughput_ips": job.iterations / loop_s,
-        "memory": {"baseline_rss_bytes": baseline_kib * 1024, "preload_rss_bytes": preload_kib * 1024,
-                   "init_rss_bytes": init_kib * 1024, "peak_rss_bytes": peak_kib * 1024,
-                   "peak_growth_bytes": max(0, peak_kib - preload_kib) * 1024},
+        "memory": {"baseline_rss_bytes": baseline, "preload_rss_bytes": preload, "init_rss_bytes": init,
+                   "peak_rss_bytes": peak, "peak_growth_bytes": max(0, peak - preload)},
         "cpu_time_s": time.process_time() - cpu_start,
         "accuracy": accuracy, "eval_samples": None if eval_x is None else len(eval_x), "predictions": predictions,
         "thermal": {"sensor": str(sensor), "before_c": temperature_before, "after_c": temperature_after,

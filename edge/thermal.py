@@ -17,6 +17,15 @@ DEFAULT_SENSOR = Path("/sys/class/thermal/thermal_zone0/temp")
 STATES = ("normal", "soft", "hard")
 
 
+def read_celsius(sensor: Path) -> tuple[float | None, str | None]:
+    """The sensor's temperature in °C (sysfs gives millidegrees), or None and why it could not be read."""
+    try:
+        value = float(Path(sensor).read_text().strip())
+    except (OSError, ValueError) as error:
+        return None, f"{sensor}: {error}"
+    return (value / 1000.0 if abs(value) >= 1000 else value), None
+
+
 class ThermalMonitor:
     """Cached temperature reads (at most one per ``interval_s``) and the state they put the device in."""
 
@@ -30,17 +39,11 @@ class ThermalMonitor:
         self._sensor_problem: str | None = None
 
     def _read(self) -> float | None:
-        try:
-            raw = self.sensor.read_text().strip()
-            value = float(raw)
-        except (OSError, ValueError) as error:
-            problem = f"{self.sensor}: {error}"
-            if problem != self._sensor_problem:
-                log.warning("thermal sensor unreadable (%s); thermal limits are not enforced", problem)
-                self._sensor_problem = problem
-            return None
-        self._sensor_problem = None
-        return value / 1000.0 if abs(value) >= 1000 else value  # sysfs gives millidegrees
+        value, problem = read_celsius(self.sensor)
+        if problem is not None and problem != self._sensor_problem:
+            log.warning("thermal sensor unreadable (%s); thermal limits are not enforced", problem)
+        self._sensor_problem = problem
+        return value
 
     def refresh(self, now: float | None = None) -> str:
         """Re-read the sensor when the cache is stale; return the state (logged when it changes)."""
