@@ -28,7 +28,6 @@ import shlex
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -129,7 +128,10 @@ def newest_image(registry_address: str, repository: str, platform: str) -> str |
 
     registry = Registry(registry_address)
     newest: tuple[str, str] | None = None
+    arch = platform.split("/")[1]
     for tag in registry.tags(repository):
+        if not tag.endswith(f"-{arch}"):  # image tags end with the architecture: skip the others' labels
+            continue
         labels = registry.labels(repository, tag)
         if labels.get("edgeloop.platform") != platform:
             continue
@@ -170,20 +172,10 @@ class DockerRunner:
         except Exception as error:
             raise RunnerError(str(error)) from error
         environment = {"EDGELOOP_EMULATED": "1" if emulated else "0"}
-        options: dict[str, Any] = {"ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)]}
-        if device.runner.cpus:
-            options["nano_cpus"] = int(device.runner.cpus * 1e9)
-        if device.runner.memory_mb:
-            options.update(mem_limit=f"{device.runner.memory_mb}m", memswap_limit=f"{device.runner.memory_mb}m")
         try:
-            with tempfile.TemporaryDirectory(prefix="edgeloop-cpuinfo-") as scratch:
-                if emulated:  # see tasks.release.engine.emulated_cpuinfo: qemu-user needs a matching CPU
-                    cpuinfo = Path(scratch) / "cpuinfo"
-                    cpuinfo.write_text(docker_engine.emulated_cpuinfo(int(device.runner.cpus or device.cores)))
-                    options["volumes"] = {str(cpuinfo): {"bind": "/proc/cpuinfo", "mode": "ro"}}
-                    environment["QEMU_CPU"] = docker_engine.EMULATED_CPU
-                return self._run_container(engine.client, image, platform, inputs, timeout_s, environment,
-                                           options, emulated)
+            with docker_engine.device_options(device.runner.cpus, device.runner.memory_mb, emulated,
+                                              environment) as options:
+                return self._run_container(engine.client, image, platform, inputs, timeout_s, options, emulated)
         except docker.errors.ImageNotFound as error:
             raise RunnerError(f"image {image} not found ({error.explanation})", transient=False) from error
         except docker.errors.APIError as error:
@@ -192,13 +184,13 @@ class DockerRunner:
             engine.close()
 
     def _run_container(self, client, image: str, platform: str, inputs: Path, timeout_s: float,
-                       environment: dict[str, str], options: dict[str, Any], emulated: bool) -> dict[str, Any]:
+                       options: dict[str, Any], emulated: bool) -> dict[str, Any]:
         import requests
 
         container = client.containers.create(
             image, entrypoint=[CONTAINER_PYTHON], command=_bench_command(CONTAINER_PYTHON)[1:],
             working_dir=CONTAINER_DIR,
-            platform=platform, environment=environment, network_disabled=True, **options)
+            platform=platform, network_disabled=True, **options)
         try:
             container.put_archive("/tmp", _tar_folder(inputs, Path(CONTAINER_DIR).name))
             started = time.perf_counter()

@@ -231,32 +231,42 @@ def emulated_cpuinfo(cores: int) -> str:
 
 
 @contextmanager
-def running(client, image: str, platform: str, cpus: float | None, memory_mb: int | None, timeout_s: float,
-            environment: dict[str, str] | None = None, emulated: bool = False) -> Iterator[RunningContainer]:
-    """Start ``image`` with the given limits on a loopback port; wait until /readyz answers 200; remove it after."""
+def device_options(cpus: float | None, memory_mb: int | None, emulated: bool,
+                   environment: dict[str, str] | None = None) -> Iterator[dict]:
+    """``containers.run``/``create`` options for a device profile: its CPUs and memory (no swap, no core dumps),
+    and under emulation the Cortex-A72 CPU and ``/proc/cpuinfo`` of :func:`emulated_cpuinfo` (the file lives
+    until the context ends)."""
     import docker
 
-    limits: dict = {"ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)]}  # a crash never dumps core
+    options: dict = {"ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],  # a crash never dumps core
+                     "environment": dict(environment or {})}
+    if cpus is not None:
+        options["nano_cpus"] = int(cpus * 1e9)
+    if memory_mb is not None:
+        options.update(mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m")  # no swap: the device has none
     with tempfile.TemporaryDirectory(prefix="edgeloop-cpuinfo-") as scratch:
         if emulated:
             cpuinfo = Path(scratch) / "cpuinfo"
             cpuinfo.write_text(emulated_cpuinfo(int(cpus or 1)))
-            limits["volumes"] = {str(cpuinfo): {"bind": "/proc/cpuinfo", "mode": "ro"}}
-            environment = {"QEMU_CPU": EMULATED_CPU, **(environment or {})}
-        with _started(client, image, platform, cpus, memory_mb, timeout_s, environment, limits) as container:
+            options["volumes"] = {str(cpuinfo): {"bind": "/proc/cpuinfo", "mode": "ro"}}
+            options["environment"] = {"QEMU_CPU": EMULATED_CPU, **options["environment"]}
+        yield options
+
+
+@contextmanager
+def running(client, image: str, platform: str, cpus: float | None, memory_mb: int | None, timeout_s: float,
+            environment: dict[str, str] | None = None, emulated: bool = False) -> Iterator[RunningContainer]:
+    """Start ``image`` with the given limits on a loopback port; wait until /readyz answers 200; remove it after."""
+    with device_options(cpus, memory_mb, emulated, environment) as options:
+        with _started(client, image, platform, timeout_s, options) as container:
             yield container
 
 
 @contextmanager
-def _started(client, image: str, platform: str, cpus: float | None, memory_mb: int | None, timeout_s: float,
-             environment: dict[str, str] | None, limits: dict) -> Iterator[RunningContainer]:
-    if cpus is not None:
-        limits["nano_cpus"] = int(cpus * 1e9)
-    if memory_mb is not None:
-        limits.update(mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m")  # no swap: the device has none
+def _started(client, image: str, platform: str, timeout_s: float, options: dict) -> Iterator[RunningContainer]:
     started = time.perf_counter()
-    container = client.containers.run(image, detach=True, platform=platform, environment=environment or {},
-                                      ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)}, **limits)
+    container = client.containers.run(image, detach=True, platform=platform,
+                                      ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)}, **options)
     try:
         container.reload()
         port = container.attrs["NetworkSettings"]["Ports"][f"{CONTAINER_PORT}/tcp"][0]["HostPort"]
