@@ -11,7 +11,9 @@ stage calls runners in parallel (``benchmark.parallel``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +25,7 @@ from tasks.benchmark.staging import RESULT_FILE
 from tasks.config import BenchmarkParams
 from tasks.devices import DeviceSpec
 
+log = logging.getLogger(__name__)
 FLOW_NAME = "device-benchmark"
 ENTRYPOINT = "flows/device_benchmark.py:device_benchmark"
 MAX_RESULT_BYTES = 20 * 1024 * 1024
@@ -93,11 +96,9 @@ def ensure_deployment(device: DeviceSpec) -> str:
 
     workdir = device.runner.workdir or str(REPO_ROOT)
     with get_client(sync_client=True) as client:
-        try:
+        with contextlib.suppress(ObjectAlreadyExists):  # the pool is the device's; made once
             client.create_work_pool(WorkPoolCreate(name=pool_name(device.name), type="process",
                                                    description=f"edgeloop device {device.name}"))
-        except ObjectAlreadyExists:
-            pass
         flow_id = client.create_flow_from_name(FLOW_NAME)
         client.create_deployment(
             flow_id, device.name, work_pool_name=pool_name(device.name), entrypoint=ENTRYPOINT, path=workdir,
@@ -156,5 +157,6 @@ class PrefectRunner:
         try:
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(flow_run_id, Cancelling(message="edgeloop benchmark timeout"), force=True)
-        except Exception:  # best effort: the run is reported as timed out either way
-            pass
+        except Exception as error:  # the run is reported as timed out either way
+            log.warning("could not cancel flow run %s after its timeout (%s: %s)", flow_run_id,
+                        type(error).__name__, error)
