@@ -8,7 +8,7 @@ import io
 import math
 
 from edge.sidecar import atomic_write_bytes, atomic_write_text
-from tasks.contracts import BenchmarkSummary, DeviceBenchRow, Workspace, write_benchmark
+from tasks.contracts import BenchmarkSummary, DeviceBenchRow, Evaluation, Workspace, write_benchmark
 from tasks.evaluation.report import pareto_front
 
 COLUMNS = [("variant", "variant"), ("config", "config"), ("runtime", "runtime"), ("status", "status"),
@@ -58,13 +58,17 @@ def benchmark_markdown(summary: BenchmarkSummary) -> str:
     return "\n".join(lines)
 
 
-def per_device_matrix(summary: BenchmarkSummary) -> str:
-    """Variants x devices: device p95 and pass/fail, the per-device columns of the comparison matrix."""
+def per_device_matrix(summary: BenchmarkSummary, evaluation: Evaluation) -> str:
+    """The comparison matrix with a column per device: the evaluate stage's host figures (accuracy, size,
+    host p95, gates), then each device's p95 and pass/fail."""
     devices = [outcome.device for outcome in summary.devices]
     variants = list(dict.fromkeys(row.variant for row in summary.rows))
-    lines = ["| variant | " + " | ".join(devices) + " |", "|---|" + "---|" * len(devices)]
+    host = ["host acc", "size KB", "host p95 ms", "host gates"]
+    lines = ["| variant | " + " | ".join(host + devices) + " |", "|---|" + "---|" * (len(host) + len(devices))]
     for variant in variants:
-        cells = []
+        measured = evaluation.row(variant)
+        cells = [_cell("accuracy", measured.accuracy), _cell("size_bytes", measured.size_bytes),
+                 _cell("p95_ms", measured.latency_p95_ms), _cell("gates_passed", measured.gates_passed)]
         for device in devices:
             row = next((r for r in summary.rows if r.device == device and r.variant == variant
                         and r.config == "default"), None)
@@ -127,9 +131,10 @@ def write_chart(summary: BenchmarkSummary, workspace: Workspace) -> None:
     atomic_write_bytes(workspace.benchmark_report("png"), image.getvalue())
 
 
-def write_benchmark_reports(summary: BenchmarkSummary, workspace: Workspace) -> None:
+def write_benchmark_reports(summary: BenchmarkSummary, evaluation: Evaluation, workspace: Workspace) -> None:
     write_benchmark(workspace, summary)
     write_csv(summary.rows, workspace)
-    atomic_write_text(workspace.benchmark_report("md"), benchmark_markdown(summary) + "\n## All devices (p95, "
-                      "default configuration)\n\n" + per_device_matrix(summary) + "\n")
+    atomic_write_text(workspace.benchmark_report("md"), benchmark_markdown(summary) + "\n## Comparison matrix with "
+                      "device columns (device p95, default configuration)\n\n" + per_device_matrix(summary, evaluation)
+                      + "\n")
     write_chart(summary, workspace)

@@ -161,7 +161,7 @@ def benchmark(params: Params, workspace: Workspace, devices_path: Path = DEVICES
     summary = BenchmarkSummary(recommend_by=params.evaluate.recommend_by, eval_samples=count,
                                reference_accuracy=reference_accuracy, devices=[o for o, _ in results],
                                rows=[row for _, rows in results for row in rows])
-    write_benchmark_reports(summary, workspace)
+    write_benchmark_reports(summary, evaluation, workspace)
     return summary
 
 

@@ -201,3 +201,33 @@ def test_the_prefect_runner_runs_on_the_devices_own_worker(stack, bundle_kit, di
     (row,) = document["results"]
     assert row["status"] == "ok" and row["accuracy"] is not None
     assert document["runner"]["pool"] == "edge-fleet-board" and document["environment"]["device"] == "fleet-board"
+
+
+def test_the_nightly_run_benchmarks_candidates_on_the_device_and_records_it(stack, nightly_run):
+    """benchmark_devices: [x86-gateway] (local runner): figures measured by edge.bench reach MLflow and the UI."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.contracts import read_benchmark
+    from tasks.workspace import Workspace
+    from tests.stack_helpers import mlflow_client, mlflow_runs_of
+
+    summary = read_benchmark(Workspace(Path(nightly_run.parameters["workspace"])))
+    assert [outcome.device for outcome in summary.devices] == ["x86-gateway"]
+    assert {row.variant for row in summary.rows} == {"tflite_fp32", "tflite_int8"}
+    assert all(row.status == "ok" and row.p95_ms > 0 and row.accuracy > 0.5 for row in summary.rows)
+    (run,) = mlflow_runs_of(stack, nightly_run.id)
+    for row in summary.rows:
+        assert run.data.metrics[f"device.x86-gateway.{row.variant}.p95_ms"] == pytest.approx(row.p95_ms)
+        assert run.data.metrics[f"device.x86-gateway.{row.variant}.accuracy"] == pytest.approx(row.accuracy)
+    recommended = summary.devices[0].recommended
+    assert recommended is not None and run.data.tags["device.x86-gateway.recommended"] == recommended
+    candidate = mlflow_client(stack).get_model_version_by_alias("edgeloop-digits", "candidate")
+    assert candidate.tags["device.x86-gateway.variant"] == recommended
+    artifacts = {path.path for path in mlflow_client(stack).list_artifacts(run.info.run_id, "reports/benchmark")}
+    assert {"reports/benchmark/summary.json", "reports/benchmark/devices.png",
+            "reports/benchmark/x86-gateway.json"} <= artifacts
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[nightly_run.id])))}
+    assert {"device-benchmark", "device-benchmark-rows"} <= keys
