@@ -11,6 +11,9 @@
     edgeloop serve [--store S --public-keys K ...]                                 the edge inference service
     edgeloop store install|rollback|status                                         a device's model store
     edgeloop ingest serve|add-device                                               the sample ingest endpoint
+    edgeloop drift-check [--collected-dir D]                                       one drift check, now
+    edgeloop simulate-drift --severity low|medium|high ...                         shifted device uploads
+    edgeloop labels import LABELS.csv                                              labelled samples -> data version
 
 The stages are the same functions ``dvc repro`` and the Prefect flows call. ``approve`` and
 ``reject`` do what the Resume form in the Prefect UI does (PREFECT_API_URL names the server).
@@ -43,6 +46,9 @@ PASSTHROUGH = {
     "store": ("edge.storectl", "install, roll back or inspect a device's model store"),
     "ingest": ("tasks.monitoring.ingest", "run the control plane's sample ingest endpoint"),
     "package": ("tasks.release.package", "build, check and push the edge images of a registered model version"),
+    "drift-check": ("tasks.monitoring.check", "run one drift check on the collected uploads now (no Prefect)"),
+    "simulate-drift": ("tasks.monitoring.simulate_drift", "write realistically shifted device uploads (demos, tests)"),
+    "labels": ("tasks.data.labels", "join arriving labels with collected samples into a new DVC data version"),
 }
 
 

@@ -169,14 +169,55 @@ class MlflowParams(_Section):
 
 class RetrainParams(_Section):
     labelled_dir: Path = Path("data/labelled")  # newly labelled device samples (.npz with x, y), optional
+    # share of the labelled samples (by a stable hash of the sample id) held out to score challenger and
+    # champion on; the rest joins the training split
+    labelled_holdout_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    # the approval gate flags (red) a challenger that loses more than this on the champion's frozen test set
+    max_frozen_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
     approval_timeout_s: int = Field(86_400, ge=1, le=30 * 86_400)
 
 
+StatTest = Literal["wasserstein", "psi", "ks", "jensenshannon", "kl_div", "hellinger", "anderson",
+                   "cramer_von_mises", "empirical_mmd", "energy_distance", "chisquare", "z", "fisher_exact", "TVD"]
+P_VALUE_TESTS = ("ks", "anderson", "cramer_von_mises", "empirical_mmd", "chisquare", "z", "fisher_exact")
+
+
+class ColumnTest(_Section):
+    """Evidently's statistical test for one column; p-value tests drift below the threshold, distances above."""
+
+    method: StatTest
+    threshold: float = Field(gt=0.0)
+
+
 class DriftParams(_Section):
-    collected_dir: Path = Path("data/collected")  # samples uploaded by devices (.npz files)
-    min_samples: int = Field(50, ge=1)
+    """The drift check (``flows/drift_check.py``, :mod:`tasks.monitoring`): data, tests and trigger policy."""
+
+    collected_dir: Path = Path("data/collected")  # device uploads (ingest); windows/, quarantine/ live inside
+    # the reference the window is compared with: "champion" (the drift reference logged with the champion's
+    # MLflow version) or the path of a reference .npz (tasks.monitoring.reference)
+    reference: str = Field("champion", min_length=1)
+    reference_rows: int = Field(2000, ge=100)      # training samples in a model's drift reference
+    min_samples: int = Field(50, ge=1)              # a smaller window gets no verdict
+    max_rows: int = Field(50_000, ge=1000)          # a larger window is sampled (uniformly) for the tests
     min_mean_confidence: float = Field(0.85, gt=0.0, le=1.0)
     max_latency_p95_ms: float = Field(200.0, gt=0.0)
+    feature_test: ColumnTest = ColumnTest(method="wasserstein", threshold=0.1)  # every feature column ...
+    column_tests: dict[str, ColumnTest] = Field(default_factory=dict)         # ... unless named here
+    drift_share: float = Field(0.5, gt=0.0, le=1.0)  # dataset drift: at least this share of features drifted
+    prediction_test: ColumnTest = ColumnTest(method="jensenshannon", threshold=0.1)  # predicted-class drift
+    consecutive_windows: int = Field(2, ge=1, le=48)  # thresholds exceeded this many windows in a row ...
+    cooldown_h: float = Field(24.0, ge=0.0)           # ... and this long since the last retrain started
+    state_variable: str = Field("edgeloop-drift-state", pattern=r"^[a-z0-9_\-]{1,255}$")  # Prefect variable
+    experiment: str = Field("edgeloop-drift", min_length=1)  # MLflow experiment: one run per check
+    metrics_file: Path = Path("reports/drift/drift.prom")    # headline figures, Prometheus text format
+
+    @field_validator("column_tests")
+    @classmethod
+    def _column_names(cls, value: dict[str, ColumnTest]) -> dict[str, ColumnTest]:
+        for name in value:
+            if not name or not name.replace("_", "").isalnum():
+                raise ValueError(f"column_tests: {name!r} is not a feature column name (see edge.features)")
+        return value
 
 
 Platform = Literal["linux/amd64", "linux/arm64"]
@@ -199,6 +240,7 @@ class PackageParams(_Section):
     check_device: str = "industrial-256mb"  # devices.yaml entry whose cpus/memory the checked container gets
     max_image_mb: float = Field(250.0, gt=0.0)
     max_start_s: float = Field(5.0, gt=0.0)
+    start_attempts: int = Field(3, ge=1, le=10)  # starts measured while over max_start_s; the fastest is gated
     emulated_start_timeout_s: float = Field(180.0, gt=0.0)  # arm64 under qemu: ready within this (not a gate)
 
     @field_validator("platforms")

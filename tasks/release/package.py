@@ -10,7 +10,8 @@ For each platform in ``package.platforms`` (the runtime follows the registered v
    ``<registry>/<repository>:model-v<semver>-<optimisation>-<runtime>-<arch>``; the version follows
    the rules in :mod:`tasks.release.image_version`, read from the registry's history;
 3. gates on the built image: size at most ``package.max_image_mb``; a container started with the
-   ``package.check_device``'s cpus and memory answers ``/readyz`` within ``package.max_start_s``
+   ``package.check_device``'s cpus and memory answers ``/readyz`` within ``package.max_start_s`` (an over-budget
+   start is measured again, up to ``package.start_attempts`` starts; the fastest is gated)
    (amd64; arm64 runs under qemu: its timings are emulated and not gated); its ``/v1/predict`` answers
    the bundle's sample exactly as the host runtime does (amd64; arm64: the same labels);
 4. only when every image of the run passed, all are pushed; the digests are tagged on the MLflow model
