@@ -35,11 +35,36 @@ def publish_gate_failure(evaluation: Evaluation) -> None:
                              description="Nothing registered: every variant failed a gate")
 
 
-def publish_drift_summary(summary: dict[str, Any]) -> None:
-    create_markdown_artifact(key="drift-summary", markdown=(
-        f"# Drift check\n\n{summary['samples']} samples in {summary['files']} files from `{summary['collected_dir']}`"
-        f"\n\nmean confidence: {summary['mean_confidence']}, latency p95: {summary['latency_p95_ms']} ms\n\n"
-        f"drift detected: **{summary['drift_detected']}** ({'; '.join(summary['reasons']) or 'no rule fired'})\n"))
+def publish_drift_check(summary: dict[str, Any]) -> None:
+    """The check's verdict, drifted features with their scores, the decision and the MLflow run with the report."""
+    decision = summary.get("decision") or {}
+    run = summary.get("mlflow_run")
+    lines = [f"# Drift check: window `{summary['window_id']}`", "",
+             f"**{summary['status']}** on {summary['rows']} rows ({summary.get('analysed_rows', 0)} tested) from "
+             f"{summary['files']} upload(s) of {summary.get('devices', 0)} device(s), against {summary['reference']}.",
+             "", f"Trigger: **{'fired' if decision.get('fire') else 'not fired'}**: {decision.get('reason', '-')}", ""]
+    lines += [f"- {reason}" for reason in summary["reasons"]] or ["- within every threshold"]
+    figures = [("mean confidence", summary.get("mean_confidence")), ("latency p95 (ms)", summary.get("latency_p95_ms")),
+               ("share of features drifted", summary.get("drift_share"))]
+    lines += ["", " · ".join(f"{name}: {value:.3f}" for name, value in figures if value is not None)]
+    features = summary.get("features") or {}
+    if features:
+        lines += ["", "| feature | test | score | threshold | drifted |", "|---|---|---|---|---|"]
+        for name in sorted(features, key=lambda n: (not features[n]["drifted"], -features[n]["score"])):
+            score = features[name]
+            lines.append(f"| {name} | {score['method']} | {score['score']:.4g} | {score['threshold']:g} | "
+                         f"{'**yes**' if score['drifted'] else 'no'} |")
+    prediction = summary.get("prediction")
+    if prediction:
+        lines += ["", f"Predicted classes: {prediction['method']} {prediction['score']:.4g} (threshold "
+                  f"{prediction['threshold']:g}){' **drifted**' if prediction['drifted'] else ''}"]
+    if summary.get("quarantined"):
+        lines += ["", "Quarantined uploads:", *[f"- `{name}`: {why}" for name, why in summary["quarantined"].items()]]
+    is_url = bool(run) and str(run).startswith("http")
+    link = f"[MLflow run with the Evidently report]({run})" if is_url else f"MLflow run `{run}`"
+    lines += ["", f"{link} (artifact `drift/report.html`)"]
+    create_markdown_artifact(key="drift-check", markdown="\n".join(lines) + "\n",
+                             description=f"Drift check {summary['window_id']}: {summary['status']}")
 
 
 def publish_training(evaluation: Evaluation, registration: Registration, per_device: dict[str, str | None],

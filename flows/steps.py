@@ -8,16 +8,18 @@ transient failures are retried (:mod:`flows.retry`): a bug, bad data or a refusa
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
 from flows.parameters import DEVICES_PATH
 from flows.retry import retry_transient
 from tasks.benchmark import stage as benchmark_stage
-from tasks.config import DriftParams, Params
+from tasks.config import Params
 from tasks.contracts import (
     BenchmarkSummary,
     ConversionResult,
@@ -34,7 +36,7 @@ from tasks.evaluation import evaluate as evaluate_stage
 from tasks.evaluation import gates
 from tasks.model import convert as convert_stage
 from tasks.model import train as train_stage
-from tasks.monitoring import drift
+from tasks.monitoring import check as drift_check
 from tasks.release import challenge, package, promotion, tracking
 from tasks.release import register as register_stage
 
@@ -116,6 +118,14 @@ def package_images(params: Params, workspace: Workspace, version: str) -> dict[s
     return package.package(params, workspace, version=str(version), devices_path=DEVICES_PATH).model_dump(mode="json")
 
 
-@task(name="summarise-collected-data", timeout_seconds=1800)
-def summarise_collected(params: DriftParams) -> dict[str, Any]:
-    return drift.summarise(params).as_dict()
+@task(name="analyse-collected-data", timeout_seconds=1800, cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def analyse_collected(params: Params, report_dir: Path) -> drift_check.CheckOutcome:
+    """The pending uploads as a window (malformed ones quarantined), analysed against the champion's reference."""
+    return drift_check.run_check(params, report_dir)
+
+
+@task(name="record-drift-check", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def record_drift_check(params: Params, outcome: drift_check.CheckOutcome) -> None:
+    """The check as an MLflow run (HTML report, JSON summary), and its figures for Prometheus."""
+    drift_check.log_check(params, outcome)
+    drift_check.write_prometheus(outcome, params.drift.metrics_file)

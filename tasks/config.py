@@ -205,7 +205,7 @@ class DriftParams(_Section):
     column_tests: dict[str, ColumnTest] = Field(default_factory=dict)         # ... unless named here
     drift_share: float = Field(0.5, gt=0.0, le=1.0)  # dataset drift: at least this share of features drifted
     prediction_test: ColumnTest = ColumnTest(method="jensenshannon", threshold=0.1)  # predicted-class drift
-    consecutive_windows: int = Field(2, ge=1, le=48)  # thresholds exceeded this many windows in a row ...
+    consecutive_windows: int = Field(2, ge=1, le=12)  # thresholds exceeded this many windows in a row ...
     cooldown_h: float = Field(24.0, ge=0.0)           # ... and this long since the last retrain started
     state_variable: str = Field("edgeloop-drift-state", pattern=r"^[a-z0-9_\-]{1,255}$")  # Prefect variable
     experiment: str = Field("edgeloop-drift", min_length=1)  # MLflow experiment: one run per check

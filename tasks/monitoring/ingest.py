@@ -6,7 +6,7 @@
 ``POST /v1/ingest`` takes one ``.npz`` as the body (``edge.upload.HttpTarget`` sends it), authenticated
 per device (``Authorization: Bearer <token>`` and ``X-Edgeloop-Device``), checks it is a well-formed
 sample file of that device (:mod:`tasks.monitoring.sample_files`) and stores it atomically as
-``<collected_dir>/<device>--<file name>``, the flat folder :mod:`tasks.monitoring.drift` reads.
+``<collected_dir>/<device>--<file name>``, the flat folder the drift check (:mod:`tasks.monitoring.collected`) reads.
 Re-sending a stored file is answered 200 again, so a device whose confirmation got lost can retry
 safely. The tokens file maps device ids to the sha256 of their tokens (JSON or YAML), re-read when it
 changes: ``add-device`` needs no restart.
