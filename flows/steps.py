@@ -63,7 +63,8 @@ def data_version(params: Params) -> dict[str, Any]:
 
 @task(name="prepare", timeout_seconds=1800, **PERSISTED)
 def prepare(params: Params, workspace: Workspace) -> str:
-    _, version = prepare_stage.prepare(params.data, params.seed, workspace)
+    _, version = prepare_stage.prepare(params.data, params.seed, workspace, params.retrain.labelled_dir,
+                                       params.retrain.labelled_holdout_fraction)
     return version
 
 

@@ -198,7 +198,7 @@ class DriftParams(_Section):
     reference: str = Field("champion", min_length=1)
     reference_rows: int = Field(2000, ge=100)      # training samples in a model's drift reference
     min_samples: int = Field(50, ge=1)              # a smaller window gets no verdict
-    max_rows: int = Field(50_000, ge=1000)          # a larger window is sampled (uniformly) for the tests
+    max_rows: int = Field(10_000, ge=1000)          # a larger window is sampled (uniformly) for the tests
     min_mean_confidence: float = Field(0.85, gt=0.0, le=1.0)
     max_latency_p95_ms: float = Field(200.0, gt=0.0)
     feature_test: ColumnTest = ColumnTest(method="wasserstein", threshold=0.1)  # every feature column ...

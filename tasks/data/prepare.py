@@ -1,16 +1,28 @@
-"""The ``prepare`` stage: load a dataset, validate it, write seeded stratified splits."""
+"""The ``prepare`` stage: load a dataset, validate it, write seeded stratified splits.
+
+The newest data version is the source plus the training part of the labelled device samples
+(``retrain.labelled_dir``, :mod:`tasks.data.labelled`): they join the train split only, after the
+source's stratified split, so validation and test stay the source's and test results stay comparable
+from one data version to the next.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
 import numpy as np
 
 from tasks.config import DataParams, Params
 from tasks.contracts import Dataset, DatasetInfo, PreparedData, Workspace, write_prepared
+from tasks.data.labelled import DEFAULT_HOLDOUT_FRACTION, load_labelled_split
 from tasks.data.sources import load_source
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.errors import DataError
 from tasks.lineage import directory_md5
+
+LOGGER = logging.getLogger(__name__)
 
 
 def split_dataset(dataset: Dataset, params: DataParams, seed: int) -> PreparedData:
@@ -36,10 +48,37 @@ def split_dataset(dataset: Dataset, params: DataParams, seed: int) -> PreparedDa
     return PreparedData(subset(train), subset(val), subset(test), dataset.x[np.sort(representative)])
 
 
-def prepare(params: DataParams, seed: int, workspace: Workspace) -> tuple[DatasetInfo, str]:
-    """Run the whole stage; return what was written and its data version (DVC-style md5)."""
+def add_to_train(prepared: PreparedData, labelled: Dataset) -> PreparedData:
+    """``labelled`` appended to the train split; validation, test and calibration samples stay as they are."""
+    train = prepared.train
+    if labelled.input_shape != train.input_shape:
+        raise DataError(f"labelled samples have input shape {list(labelled.input_shape)}, the source data "
+                        f"{list(train.input_shape)}; label samples of a model trained on this data")
+    if labelled.labels != train.labels:
+        raise DataError(f"labelled samples use classes {labelled.labels}, the source data {train.labels}")
+    merged = Dataset(np.concatenate([train.x, labelled.x.astype(train.x.dtype)]),
+                     np.concatenate([train.y, labelled.y.astype(train.y.dtype)]), train.labels)
+    return PreparedData(merged, prepared.val, prepared.test, prepared.representative)
+
+
+def prepare(params: DataParams, seed: int, workspace: Workspace, labelled_dir: Path | None = None,
+            holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> tuple[DatasetInfo, str]:
+    """Run the whole stage; return what was written and its data version (DVC-style md5).
+
+    Args:
+        labelled_dir: ``retrain.labelled_dir``; its training part joins the train split (None: source only).
+        holdout_fraction: ``retrain.labelled_holdout_fraction``: the share of labelled samples held out.
+    """
     dataset = load_source(params)
-    info = write_prepared(workspace, split_dataset(dataset, params, seed), params.source)
+    prepared = split_dataset(dataset, params, seed)
+    if labelled_dir is not None:
+        train_part, held_out = load_labelled_split(labelled_dir, dataset.labels, holdout_fraction)
+        if train_part is not None:
+            prepared = add_to_train(prepared, train_part)
+        if train_part is not None or held_out is not None:
+            LOGGER.info("labelled samples in %s: %d added to the train split, %d held out for evaluation",
+                        labelled_dir, len(train_part.y) if train_part else 0, len(held_out.y) if held_out else 0)
+    info = write_prepared(workspace, prepared, params.source)
     return info, directory_md5(workspace.prepared_dir)
 
 
@@ -49,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def stage(params: Params, workspace: Workspace) -> None:
-        info, version = prepare(params.data, params.seed, workspace)
+        info, version = prepare(params.data, params.seed, workspace, params.retrain.labelled_dir,
+                                params.retrain.labelled_holdout_fraction)
         print(f"prepared {info.counts} in {workspace.prepared_dir} (data version {version})")
 
     return run_stage(args, stage)

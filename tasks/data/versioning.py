@@ -1,9 +1,10 @@
-"""Data version check for scheduled runs: new raw data is added to DVC, committed and pushed.
+"""Data versions: a path inside the repository is added to DVC, pushed, and its ``.dvc`` file committed.
 
 The bundled scikit-learn digits need no tracking (the prepare stage's output is versioned by
 ``dvc.lock``). For ``npz`` / ``image_folder`` sources inside the repository the raw path is tracked
-with ``dvc add``; when its content changed, the new ``.dvc`` file is committed and pushed to the
-default DVC remote, so every model's data version can be pulled again later.
+with ``dvc add``; when its content changed, the data is pushed to the default DVC remote and then the
+new ``.dvc`` file is committed, so every model's data version can be pulled again later. The labelled
+device samples (``edgeloop labels import``) become data versions the same way (:func:`track_version`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.errors import StageError
 from tasks.config import DataParams
+from tasks.errors import StageError
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,63 @@ def _dvc() -> str:
     return str(Path(sys.executable).with_name("dvc"))
 
 
+def _require_git_and_dvc(repo: Path) -> None:
+    """A clear error, before anything is added, when ``repo`` is not inside a git + DVC repository."""
+    root = repo.resolve()
+    try:
+        inside_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True,
+                                    text=True).returncode == 0
+    except FileNotFoundError as error:
+        raise StageError(f"git is not installed ({error}); data versions are git commits") from error
+    if not inside_git:
+        raise StageError(f"{root} is not inside a git repository, so no data version can be committed; run "
+                         "`git init && dvc init && dvc remote add -d storage URL` there (or point --repo at "
+                         "the project)")
+    if not any((folder / ".dvc").is_dir() for folder in (root, *root.parents)):
+        raise StageError(f"{root} is not inside a DVC repository; run `dvc init` and add a default remote "
+                         "(`dvc remote add -d storage URL`) so `dvc push` can keep the data")
+
+
+def track_version(path: Path, repo: Path, message: str) -> DataVersion:
+    """Track ``path`` with DVC; when its content is new, push it and commit its ``.dvc`` file.
+
+    Args:
+        path: file or folder inside ``repo`` (relative paths are taken from ``repo``).
+        repo: the git + DVC repository; its default DVC remote receives the data.
+        message: start of the commit subject; ``": <path> version <md5>"`` is appended.
+
+    Returns:
+        The version; ``new_version`` is False when the content was already committed (nothing done).
+    """
+    absolute = (repo / path).resolve() if not path.is_absolute() else path.resolve()
+    try:
+        relative = absolute.relative_to(repo.resolve())
+    except ValueError:
+        raise StageError(f"{path} is outside the repository {repo.resolve()}; move it inside "
+                         "so DVC can version it") from None
+    if not absolute.exists():
+        raise StageError(f"{path} does not exist")
+    _require_git_and_dvc(repo)
+    _run([_dvc(), "add", str(relative)], repo)
+    dvc_file = relative.with_name(relative.name + ".dvc")
+    ignore_file = relative.parent / ".gitignore"
+    md5 = yaml.safe_load((repo / dvc_file).read_text())["outs"][0]["md5"]
+    changed = _run(["git", "status", "--porcelain", "--", str(dvc_file), str(ignore_file)], repo)
+    if not changed.strip():
+        return DataVersion(str(relative), md5, False, f"{relative} unchanged (version {md5})")
+    # push first: a version is committed only once its data is safe on the remote, and a failed push is
+    # retried by the next run (the .dvc file is still uncommitted then)
+    try:
+        _run([_dvc(), "push", str(dvc_file)], repo)
+    except StageError as error:
+        raise StageError(f"{error}\nnothing was committed; if no default remote is set, add one "
+                         "(`dvc remote add -d storage URL`), then run again") from None
+    _run(["git", "add", str(dvc_file), str(ignore_file)], repo)
+    _run(["git", "commit", "-m", f"{message}: {relative} version {md5}", "--", str(dvc_file), str(ignore_file)],
+         repo)
+    return DataVersion(str(relative), md5, True, f"new data version {md5} of {relative}: committed and pushed")
+
+
 def check_data_version(data: DataParams, repo: Path = Path(".")) -> DataVersion:
     """Track ``data.path`` with DVC; commit and push when its content is new."""
     if data.source == "sklearn_digits":
@@ -49,22 +107,10 @@ def check_data_version(data: DataParams, repo: Path = Path(".")) -> DataVersion:
     raw = Path(data.path)
     absolute = (repo / raw).resolve() if not raw.is_absolute() else raw
     try:
-        relative = absolute.relative_to(repo.resolve())
+        absolute.relative_to(repo.resolve())
     except ValueError:
         raise StageError(f"data.path {raw} is outside the repository {repo.resolve()}; move it inside "
                          "so DVC can version it") from None
     if not absolute.exists():
         raise StageError(f"data.path {raw} does not exist")
-    _run([_dvc(), "add", str(relative)], repo)
-    dvc_file = relative.with_name(relative.name + ".dvc")
-    md5 = yaml.safe_load((repo / dvc_file).read_text())["outs"][0]["md5"]
-    changed = _run(["git", "status", "--porcelain", "--", str(dvc_file), str(relative.parent / ".gitignore")], repo)
-    if not changed.strip():
-        return DataVersion(str(relative), md5, False, f"{relative} unchanged (version {md5})")
-    # push first: a version is committed only once its data is safe on the remote, and a failed push is
-    # retried by the next run (the .dvc file is still uncommitted then)
-    _run([_dvc(), "push", str(dvc_file)], repo)
-    _run(["git", "add", str(dvc_file), str(relative.parent / ".gitignore")], repo)
-    _run(["git", "commit", "-m", f"data: {relative} version {md5}", "--", str(dvc_file),
-          str(relative.parent / ".gitignore")], repo)
-    return DataVersion(str(relative), md5, True, f"new data version {md5} of {relative}: committed and pushed")
+    return track_version(absolute, repo, "data")

@@ -1,7 +1,9 @@
 """Challenger vs champion on the same evaluation sets, for the human approval gate.
 
-Both model files run through :mod:`edge.runtime` on the frozen test set and, when present, on newly
-labelled device data; sizes, host latency and device fit are reported side by side.
+Both model files run through :mod:`edge.runtime` on the champion's frozen test set, on this run's test
+split when it differs, and on newly labelled device data when present: accuracy overall and per class
+(recall), sizes, host latency and device fit side by side. A challenger that loses more than
+``retrain.max_frozen_drop_pts`` on the frozen test set is flagged in red for the reviewer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from tasks.config import EvaluateParams
 from tasks.contracts import Dataset
 from tasks.devices import DeviceInventory, device_fit
 
+FROZEN_SET = "frozen test set"  # the champion's (or, without one, this version's) test split as registered
+CURRENT_SET = "current test split"  # this run's test split, when it differs from the frozen one
+LABELLED_SET = "newly labelled"  # held-out newly labelled device samples
 
 @dataclass
 class ModelScore:
@@ -29,9 +34,24 @@ class ModelScore:
     size_bytes: int
     latency_p95_ms: float
     accuracy: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)  # set -> samples scored
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # set -> label -> recall (classes present)
+    class_samples: dict[str, dict[str, int]] = field(default_factory=dict)  # set -> label -> samples
     devices: dict[str, str] = field(default_factory=dict)
     # measured on the devices by the benchmark stage of the version's run: device -> {p95_ms, accuracy, ...}
     on_device: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def class_recall(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> tuple[dict[str, float],
+                                                                                 dict[str, int]]:
+    """Accuracy within each class (recall) and its sample count; classes absent from ``y_true`` are left out."""
+    recall, counts = {}, {}
+    for index, label in enumerate(labels):
+        members = y_true == index
+        if members.any():
+            recall[label] = float(np.mean(y_pred[members] == index))
+            counts[label] = int(members.sum())
+    return recall, counts
 
 
 def score_model(role: str, version: str, path: Path, datasets: dict[str, Dataset], inventory: DeviceInventory,
@@ -44,7 +64,10 @@ def score_model(role: str, version: str, path: Path, datasets: dict[str, Dataset
     score = ModelScore(role, version, sidecar.get("variant", "?"), sidecar.get("data_version", "?"),
                        path.stat().st_size, latency.p95_ms)
     for name, data in datasets.items():
-        score.accuracy[name] = float(np.mean(np.argmax(model.predict(data.x), axis=1) == data.y))
+        predicted = np.argmax(model.predict(data.x), axis=1)
+        score.accuracy[name] = float(np.mean(predicted == data.y))
+        score.samples[name] = len(data.y)
+        score.per_class[name], score.class_samples[name] = class_recall(data.y, predicted, data.labels)
     peak_rss = memory_footprint_in_fresh_process(path)["peak_rss_bytes"]
     for device in inventory.devices:
         fits, reason = device_fit(device, score.size_bytes, peak_rss)
@@ -52,14 +75,40 @@ def score_model(role: str, version: str, path: Path, datasets: dict[str, Dataset
     return score
 
 
-def compare(challenger: ModelScore, champion: ModelScore | None) -> dict[str, Any]:
-    """Side-by-side record with accuracy deltas (challenger minus champion, in points)."""
-    deltas = {}
+def _points(challenger: float, champion: float | None) -> float:
+    return 100.0 * (challenger - (float("nan") if champion is None else champion))
+
+
+def compare(challenger: ModelScore, champion: ModelScore | None, *, max_frozen_drop_pts: float,
+            sets: dict[str, str] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+    """Side-by-side record with accuracy deltas (challenger minus champion, in points) per set and per class.
+
+    Args:
+        max_frozen_drop_pts: the most the challenger may lose on :data:`FROZEN_SET` before it is flagged.
+        sets: what each evaluation set is (origin, md5), for the reviewer.
+        notes: anything the reviewer must know about the sets (a fallback, a label mismatch).
+
+    Returns:
+        ``challenger``/``champion`` (the scores), ``accuracy_delta_pts`` (set -> points),
+        ``per_class_delta_pts`` (set -> label -> points), ``sets``, ``notes`` and ``frozen_regression``
+        (``flagged``, ``drop_pts``: champion minus challenger on the frozen set, 0.0 without a champion,
+        ``max_drop_pts``).
+    """
+    deltas: dict[str, float] = {}
+    class_deltas: dict[str, dict[str, float]] = {}
     if champion is not None:
-        deltas = {name: 100.0 * (challenger.accuracy[name] - champion.accuracy.get(name, float("nan")))
-                  for name in challenger.accuracy}
+        deltas = {name: _points(accuracy, champion.accuracy.get(name)) for name, accuracy in
+                  challenger.accuracy.items()}
+        class_deltas = {name: {label: _points(recall, champion.per_class.get(name, {}).get(label))
+                               for label, recall in classes.items()}
+                        for name, classes in challenger.per_class.items()}
+    drop_pts = -deltas[FROZEN_SET] if FROZEN_SET in deltas else 0.0
+    # 1e-9: a drop of exactly the gate stays within it despite float rounding; NaN (not scored) never flags
+    flagged = bool(drop_pts > max_frozen_drop_pts + 1e-9)
     return {"challenger": asdict(challenger), "champion": asdict(champion) if champion else None,
-            "accuracy_delta_pts": deltas}
+            "accuracy_delta_pts": deltas, "per_class_delta_pts": class_deltas, "sets": dict(sets or {}),
+            "notes": list(notes or []),
+            "frozen_regression": {"flagged": flagged, "drop_pts": drop_pts, "max_drop_pts": max_frozen_drop_pts}}
 
 
 def _on_device_cell(score: dict[str, Any], device: str) -> str:
@@ -70,9 +119,40 @@ def _on_device_cell(score: dict[str, Any], device: str) -> str:
     return f"p95 {figures.get('p95_ms', float('nan')):.3f} ms, accuracy {accuracy}"
 
 
+def _regression_lines(regression: dict[str, Any]) -> list[str]:
+    """The red flag (HTML colour where the renderer keeps it, the emoji and bold where it does not)."""
+    if not regression["flagged"]:
+        return []
+    return [f'<span style="color:red">**🔴 ⚠ Frozen test set regression: the challenger is '
+            f'{regression["drop_pts"]:.2f} points below the champion on the champion\'s frozen test set '
+            f'(gate: at most {regression["max_drop_pts"]:.2f} points, retrain.max_frozen_drop_pts).**</span>', ""]
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _per_class_lines(comparison: dict[str, Any], columns: list[dict[str, Any]]) -> list[str]:
+    """One table per evaluation set: samples, each model's recall and the change, per class."""
+    challenger = comparison["challenger"]
+    lines = ["", "## Accuracy per class (recall)"]
+    for name, counts in challenger["class_samples"].items():
+        deltas = comparison["per_class_delta_pts"].get(name, {})
+        lines += ["", f"**{name}**", "",
+                  "| class | samples | " + " | ".join(c["role"] for c in columns)
+                  + (" | change (pts) |" if deltas else " |"),
+                  "|---|---|" + "---|" * (len(columns) + bool(deltas))]
+        for label, count in counts.items():
+            cells = [_cell(c["per_class"].get(name, {}).get(label), ".4f") for c in columns]
+            change = [_cell(deltas.get(label), "+.2f")] if deltas else []
+            lines.append(f"| {label} | {count} | " + " | ".join(cells + change) + " |")
+    return lines
+
+
 def comparison_markdown(comparison: dict[str, Any], links: dict[str, str]) -> str:
     challenger, champion = comparison["challenger"], comparison["champion"]
-    lines = ["# Retrain: challenger vs champion", ""]
+    regression = comparison.get("frozen_regression", {"flagged": False})
+    lines = ["# Retrain: challenger vs champion", "", *_regression_lines(regression)]
     if champion is None:
         lines += ["No champion yet: approving makes this version the first champion.", ""]
     columns = [c for c in (challenger, champion) if c]
@@ -83,15 +163,26 @@ def comparison_markdown(comparison: dict[str, Any], links: dict[str, str]) -> st
               "| size (B) | " + " | ".join(str(c["size_bytes"]) for c in columns) + " |",
               "| host p95 latency (ms) | " + " | ".join(f"{c['latency_p95_ms']:.3f}" for c in columns) + " |"]
     for name in challenger["accuracy"]:
-        lines.append(f"| accuracy on {name} | " + " | ".join(
+        samples = challenger.get("samples", {}).get(name)
+        lines.append(f"| accuracy on {name}{f' (n={samples})' if samples else ''} | " + " | ".join(
             f"{c['accuracy'].get(name, float('nan')):.4f}" for c in columns) + " |")
     for device in challenger["devices"]:
         lines.append(f"| {device} | " + " | ".join(c["devices"].get(device, "-") for c in columns) + " |")
     for device in sorted({d for c in columns for d in c.get("on_device", {})}):
         lines.append(f"| on {device} | " + " | ".join(_on_device_cell(c, device) for c in columns) + " |")
+    if comparison.get("sets"):
+        lines += ["", "Evaluation sets:"] + [f"- **{name}**: {what}" for name, what in comparison["sets"].items()]
+    if comparison.get("notes"):
+        lines += ["", "Notes:"] + [f"- {note}" for note in comparison["notes"]]
     if comparison["accuracy_delta_pts"]:
         lines += ["", "Accuracy change (points): " + ", ".join(
             f"{name} {delta:+.2f}" for name, delta in comparison["accuracy_delta_pts"].items())]
+    if champion is not None and "max_drop_pts" in regression:
+        verdict = "**over the gate**" if regression["flagged"] else "within the gate"
+        lines += ["", f"Frozen test set gate: challenger {-regression['drop_pts']:+.2f} points vs the champion "
+                      f"(a loss of more than {regression['max_drop_pts']:.2f} is flagged): {verdict}"]
+    if challenger.get("per_class"):
+        lines += _per_class_lines(comparison, columns)
     data_changed = champion is not None and champion["data_version"] != challenger["data_version"]
     lines += ["", f"Data diff: {'new data version' if data_changed else 'same data version as the champion'}"]
     lines += ["", "Links: " + ", ".join(f"[{name}]({url})" for name, url in links.items())]

@@ -97,7 +97,7 @@ def run_check(params: Params, report_root: Path, consume: bool = True, check_ver
     """Consolidate the pending uploads into a window and analyse it; reports under ``report_root/<window>``."""
     with tempfile.TemporaryDirectory(prefix="edgeloop-drift-") as scratch:
         label, reference = load_check_reference(params, Path(scratch))
-    known = registered_versions(params) if check_versions and params.drift.reference == CHAMPION else None
+    known = registered_versions(params) if check_versions else None
     window = consolidate(params.drift.collected_dir, known, consume=consume)
     report_dir = Path(report_root) / window.window_id
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--collected-dir", type=Path, help="where uploads are (default: drift.collected_dir)")
     parser.add_argument("--reference", help="'champion' (from MLflow) or a reference .npz (default: drift.reference)")
     parser.add_argument("--consume", action="store_true", help="write the window and move the uploads like the flow")
+    parser.add_argument("--no-version-check", action="store_true",
+                        help="accept uploads of any model version (no MLflow registry at hand)")
     parser.add_argument("--out", type=Path, default=Path("reports/drift"), help="report folder (default: %(default)s)")
     return parser
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         update = {key: value for key, value in (("collected_dir", args.collected_dir),
                                                  ("reference", args.reference)) if value}
         params = params.model_copy(update={"drift": params.drift.model_copy(update=update)})
-        outcome = run_check(params, args.out, consume=args.consume)
+        outcome = run_check(params, args.out, consume=args.consume, check_versions=not args.no_version_check)
         analysis = outcome.analysis
         print(f"window {analysis.window_id}: {analysis.rows} rows from {len(outcome.window.files)} file(s), "
               f"status {analysis.status}, reference {analysis.reference}")

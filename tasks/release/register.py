@@ -5,6 +5,11 @@ with its params, metrics and reports (and never registered), so a reviewer can s
 logs the recommended variant as an MLflow pyfunc model (``tasks/release/edge_pyfunc.py``: the edge
 runtime, no TensorFlow) and registers it with the alias ``candidate``. Registration is all-or-nothing:
 a model version whose tags or alias cannot be set is deleted again. Aliases only, never stages.
+
+Before the version is created, the run also gets what the version is judged by later: its drift
+reference (training samples through the devices' feature function, with the variant's outputs) and
+its frozen test set (the test split as it was, md5 tagged on the version). When either cannot be
+built or logged the stage fails and nothing is registered.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edge.errors import EdgeError
+from edge.runtime import EdgeModel
 from edge.sidecar import read_sidecar, sidecar_path
 from tasks.config import Params
 from tasks.contracts import (
@@ -33,9 +40,13 @@ from tasks.contracts import (
     write_registration,
 )
 from tasks.entrypoint import run_stage, stage_arguments
-from tasks.errors import GateFailure
-from tasks.release.tracking import RunRecord, configure, device_tags, pipeline_run
+from tasks.errors import EdgeloopError, GateFailure, ServiceUnavailable, StageError
+from tasks.lineage import file_md5
+from tasks.monitoring.reference import REFERENCE_ARTIFACT, build_reference, write_reference
+from tasks.release.promotion import FROZEN_TEST_SET_ARTIFACT, FROZEN_TEST_SET_INFO, FROZEN_TEST_SET_TAG
+from tasks.release.tracking import RunRecord, configure, device_tags, no_answer, pipeline_run
 from tasks.variants import VARIANTS
+from tasks.workspace import require
 
 log = logging.getLogger(__name__)
 CANDIDATE_ALIAS = "candidate"
@@ -91,6 +102,56 @@ def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary)
     return info.model_uri
 
 
+def log_drift_reference(params: Params, workspace: Workspace, variant: str) -> None:
+    """Log ``variant``'s drift reference (seeded training samples, their features, its outputs) to the active run."""
+    import mlflow
+    import numpy as np
+
+    x_train = np.asarray(load_arrays(workspace.split_file("train"), "prepare")["x"], np.float32)
+    probabilities = EdgeModel.load(workspace.variant_file(variant)).predict(x_train)
+    reference = build_reference(x_train, probabilities, max_rows=params.drift.reference_rows, seed=params.seed)
+    folder, _, file_name = REFERENCE_ARTIFACT.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-reference-") as scratch:
+        write_reference(Path(scratch) / file_name, reference)
+        mlflow.log_artifact(str(Path(scratch) / file_name), folder)
+
+
+def log_frozen_test_set(workspace: Workspace, labels: list[str], data_version: str) -> str:
+    """Log the test split as the version's frozen test set (file + info) to the active run; return its md5."""
+    import mlflow
+
+    folder, _, file_name = FROZEN_TEST_SET_ARTIFACT.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-frozen-") as scratch:
+        frozen = Path(scratch) / file_name  # a copy: the md5 is of exactly the bytes logged
+        shutil.copyfile(workspace.split_file("test"), frozen)
+        md5 = file_md5(frozen)
+        rows = len(load_arrays(frozen, "prepare")["y"])
+        mlflow.log_artifact(str(frozen), folder)
+    mlflow.log_dict({"md5": md5, "data_version": data_version, "labels": labels, "rows": rows},
+                    FROZEN_TEST_SET_INFO)
+    return md5
+
+
+def log_version_evidence(params: Params, workspace: Workspace, variant: str, summary: TrainSummary,
+                         data_version: str) -> dict[str, str]:
+    """Drift reference and frozen test set into the active run; the model version tags that point at them.
+
+    Runs before the version exists, so a failure here leaves no half registration (the run ends FAILED).
+    """
+    require(workspace.split_file("test"), "prepare")  # a clear "run prepare" error before any upload
+    try:
+        log_drift_reference(params, workspace, variant)
+        md5 = log_frozen_test_set(workspace, summary.labels, data_version)
+    except (EdgeloopError, EdgeError):
+        raise
+    except Exception as error:  # disk, numpy or MLflow errors: say which step failed; retry only a silent server
+        kind = ServiceUnavailable if no_answer(error) else StageError
+        raise kind(f"the drift reference or frozen test set of {variant} could not be written or logged "
+                   f"({type(error).__name__}: {error}); nothing was registered, run the register stage again"
+                   ) from error
+    return {FROZEN_TEST_SET_TAG: md5}
+
+
 def register_candidate(params: Params, run: RunRecord, model_uri: str, variant: str, tags: dict[str, str]) -> str:
     """Create a model version from ``model_uri`` and point ``candidate`` at it (or leave no version)."""
     import mlflow
@@ -142,9 +203,10 @@ def register(params: Params, workspace: Workspace, evaluation: Evaluation, summa
             mlflow.set_tag("edgeloop.outcome", "rejected by the quality gates")
             raise GateFailure(evaluation.failure)  # ends the MLflow run FAILED: lineage without registration
         variant = evaluation.recommended
+        evidence_tags = log_version_evidence(params, workspace, variant, summary, lineage["data_version"])
         model_uri = log_variant_model(workspace, variant, summary)
-        version = register_candidate(params, run, model_uri, variant,
-                                     version_tags(params, variant, lineage, evaluation) | device_tags(benchmark))
+        version = register_candidate(params, run, model_uri, variant, version_tags(params, variant, lineage, evaluation)
+                                     | device_tags(benchmark) | evidence_tags)
     registration = Registration(run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=run.tracking_uri,
                                 registered_model=params.mlflow.registered_model, version=version,
                                 alias=CANDIDATE_ALIAS, variant=variant, data_version=lineage["data_version"],

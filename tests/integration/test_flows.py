@@ -316,43 +316,6 @@ def test_promotion_refuses_without_an_approving_record(stack, nightly_run):
     assert alias_version(stack, "champion") == champion
 
 
-def test_drift_check_emits_the_event_that_starts_a_retrain_run(stack, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
-    from flows.drift_check import drift_check
-
-    rng = np.random.default_rng(0)
-    collected = tmp_path / "collected"
-    collected.mkdir()
-    np.savez(collected / "device-7.npz", x=rng.random((80, 8, 8, 1), dtype=np.float32),
-             confidence=rng.uniform(0.3, 0.8, 80), latency_ms=rng.uniform(5, 20, 80))
-    summary = drift_check(collected_dir=str(collected))
-    assert summary["drift_detected"] and "mean confidence" in summary["reasons"][0]
-
-    def triggered_run():
-        with get_client(sync_client=True) as client:
-            on_drift = DeploymentFilter(name=DeploymentFilterName(any_=["on-drift"]))
-            runs = client.read_flow_runs(deployment_filter=on_drift)
-        return next((r for r in runs if (r.parameters.get("drift_summary") or {}).get("collected_dir")
-                     == str(collected)), None)
-
-    flow_run = wait_for(triggered_run, 60, "the edgeloop.drift.detected trigger to create a retrain run")
-    assert flow_run.parameters["drift_summary"]["samples"] == 80
-    from prefect.states import Cancelled
-
-    with get_client(sync_client=True) as client:  # don't train a full model in the test
-        client.set_flow_run_state(flow_run.id, Cancelled(message="test: trigger verified"), force=True)
-
-
-def test_drift_check_without_enough_samples_emits_nothing(stack, tmp_path):
-    from flows.drift_check import drift_check
-
-    summary = drift_check(collected_dir=str(tmp_path / "empty"))
-    assert summary["samples"] == 0 and not summary["drift_detected"]
-    assert "no verdict" in summary["reasons"][0]
-
-
 def test_gate_failure_fails_the_run_but_still_publishes_the_matrix(stack, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
