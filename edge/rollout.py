@@ -1,0 +1,155 @@
+"""The fleet rollout contract shared by the control plane and the device updater: topics, messages, cohorts.
+
+Topics (MQTT, QoS 1)::
+
+    fleet/<group>/model                    control plane -> devices: the signed rollout manifest (retained)
+    fleet/<group>/status/<device>          device -> control plane: installed / failed / skipped (retained)
+    fleet/<group>/telemetry/<device>       device -> control plane: periodic summaries (never raw data)
+
+A **rollout manifest** says which bundle version the devices of a cohort run. It is signed with the
+control plane's Ed25519 key (:mod:`edge.signing`, the key that signs bundles) and published as
+``{"manifest": "<the manifest's JSON text>", "signature": <the signature record>}``: the signature
+covers the exact manifest text. Devices accept a manifest only when
+
+- the signature verifies against a key they trust (unsigned or altered: refused);
+- its ``sequence`` is above the last one they applied for the group (a replayed older manifest never
+  downgrades a device), and
+- it names a version older than the active one only as ``action: rollback`` (signed as one).
+
+The **cohort** is the devices whose stable hash (sha256 of ``<rollout_id>:<device>``, as a fraction of
+2**64) is at most ``cohort_cutoff``; the control plane picks the cutoff from its device list so that a
+stage reaches exactly the devices it intends (5% rounded up, at least one), and widening only raises it,
+so a device in the canary stays in every later stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge.errors import BundleRefused
+from edge.signing import sign_manifest, verify_manifest
+
+SCHEMA = "edgeloop.rollout/1"
+GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # MQTT topic level: no '/', '+' or '#'
+HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def model_topic(group: str) -> str:
+    return f"fleet/{group}/model"
+
+
+def status_topic(group: str, device: str) -> str:
+    return f"fleet/{group}/status/{device}"
+
+
+def telemetry_topic(group: str, device: str) -> str:
+    return f"fleet/{group}/telemetry/{device}"
+
+
+def cohort_position(rollout_id: str, device: str) -> float:
+    """Where ``device`` falls in ``rollout_id``'s order, in [0, 1): stable, and independent per rollout."""
+    digest = hashlib.sha256(f"{rollout_id}:{device}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def cohort_cutoff(rollout_id: str, devices: list[str], percent: float) -> float:
+    """The cutoff that puts ``percent`` % of ``devices`` (rounded up, at least one) in the cohort."""
+    if not devices:
+        raise ValueError("a cohort needs at least one device")
+    if not 0 < percent <= 100:
+        raise ValueError(f"cohort percent must be in (0, 100], got {percent}")
+    positions = sorted(cohort_position(rollout_id, device) for device in devices)
+    count = max(1, -(-len(devices) * percent // 100))  # ceil without floats drifting below a whole device
+    return 1.0 if count >= len(devices) else positions[int(count) - 1]
+
+
+class RolloutManifest(BaseModel):
+    """What devices of ``group`` whose cohort position is at most ``cohort_cutoff`` should run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_id: Literal["edgeloop.rollout/1"] = Field(SCHEMA, alias="schema")
+    rollout_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    group: str = Field(pattern=GROUP.pattern)
+    sequence: int = Field(ge=1)                 # per group, increasing with every manifest published
+    action: Literal["install", "rollback"]
+    model_name: str = Field(min_length=1)
+    version: str = Field(min_length=1, max_length=64)   # the bundle version devices end up on
+    bundle_url: str = Field(min_length=1)               # where the bundle is fetched (http(s) or file)
+    bundle_sha256: str = Field(pattern=HEX64.pattern)   # the bundle is installed only with this digest
+    image: str | None = None                            # registry/repository@sha256:... for container devices
+    previous_version: str | None = None                 # what the cohort ran before this rollout
+    cohort_cutoff: float = Field(gt=0.0, le=1.0)
+    stage: str = Field("canary", min_length=1, max_length=32)
+    jitter_s: float = Field(0.0, ge=0.0, le=3600.0)     # devices wait uniformly in [0, jitter_s] before fetching
+    issued_at: float
+    reason: str = ""                                    # a rollback says why
+
+    @model_validator(mode="after")
+    def _rollback_names_why(self) -> RolloutManifest:
+        if self.action == "rollback" and not self.reason:
+            raise ValueError("a rollback manifest must say why (reason)")
+        return self
+
+    def includes(self, device: str) -> bool:
+        return cohort_position(self.rollout_id, device) <= self.cohort_cutoff
+
+    def to_text(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+
+
+def sign_rollout(manifest: RolloutManifest, private_key: Ed25519PrivateKey) -> bytes:
+    """The MQTT payload: the manifest text and its detached signature."""
+    text = manifest.to_text()
+    signature = json.loads(sign_manifest(text.encode(), private_key))
+    return json.dumps({"manifest": text, "signature": signature}, sort_keys=True).encode()
+
+
+def verify_rollout(payload: bytes, keys: dict[str, Ed25519PublicKey]) -> RolloutManifest:
+    """The manifest in ``payload`` once its signature verifies; :class:`BundleRefused` names what is wrong."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise BundleRefused("malformed", f"rollout message of {len(payload)} bytes, over {MAX_MESSAGE_BYTES}")
+    try:
+        envelope: Any = json.loads(payload)
+        text = envelope["manifest"]
+        signature = envelope.get("signature")
+        if not isinstance(text, str):
+            raise TypeError("manifest is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BundleRefused("malformed", f"rollout message is not a manifest envelope ({error})") from None
+    verify_manifest(text.encode(), None if signature is None else json.dumps(signature).encode(), keys)
+    try:
+        return RolloutManifest.model_validate_json(text)
+    except ValidationError as error:
+        raise BundleRefused("malformed", f"signed rollout manifest does not validate: {error}") from None
+
+
+def version_number(version: str) -> tuple[int, ...] | None:
+    """``v12`` / ``12`` / ``1.4.2`` as a comparable tuple; None when the version has no numbers to compare."""
+    parts = re.findall(r"\d+", version)
+    return tuple(int(part) for part in parts) if parts else None
+
+
+Verdict = Literal["apply", "not_in_cohort", "already_active", "stale", "downgrade"]
+
+
+def judge(manifest: RolloutManifest, device: str, last_sequence: int, active: str | None) -> tuple[Verdict, str]:
+    """What a device does with a verified manifest, given the last sequence it applied and its active version."""
+    if manifest.sequence <= last_sequence:
+        return "stale", (f"sequence {manifest.sequence} is not after the last applied {last_sequence}: a replayed or "
+                         "out-of-order manifest is ignored")
+    if not manifest.includes(device):
+        return "not_in_cohort", f"not in the {manifest.stage} cohort of {manifest.rollout_id}"
+    if active == manifest.version:
+        return "already_active", f"{manifest.version} is already active"
+    new, current = version_number(manifest.version), version_number(active or "")
+    if manifest.action == "install" and new is not None and current is not None and new < current:
+        return "downgrade", (f"{manifest.version} is older than the active {active}; only a manifest signed as a "
+                             "rollback may go back")
+    return "apply", f"{manifest.action} {manifest.version} ({manifest.stage})"
