@@ -282,6 +282,35 @@ class BenchmarkParams(_Section):
         return value
 
 
+class RolloutParams(_Section):
+    """Canary rollout over MQTT (``flows/rollout.py``, :mod:`tasks.rollout`): cohorts, health, timings."""
+
+    broker: str = Field("127.0.0.1:1883", pattern=r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$")  # EDGELOOP_BROKER overrides
+    fleet_file: Path = Path("fleet.yaml")            # device ids and groups (edgeloop fleet add-device)
+    credentials_dir: Path = Path(".secrets/mqtt")    # broker password/ACL files and the control plane's login
+    group: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    stages: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0])  # cohort % per stage, ascending
+    stage_window_s: float = Field(600.0, ge=0.0)      # health watched this long after a stage's devices acked
+    ack_timeout_s: float = Field(300.0, gt=0.0)       # devices silent this long are reported by name
+    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0)  # more silent devices than this: roll back
+    jitter_s: float = Field(30.0, ge=0.0, le=3600.0)  # devices spread their fetches over this many seconds
+    baseline_window_s: float = Field(600.0, gt=0.0)   # the previous version's figures: telemetry this recent
+    max_error_rate_increase: float = Field(0.02, ge=0.0, le=1.0)  # absolute, over the previous version's
+    max_p95_ratio: float = Field(1.5, gt=1.0)         # p95 latency at most this many times the previous version's
+    max_confidence_drop: float = Field(0.05, ge=0.0, le=1.0)     # mean confidence at most this much lower
+    bundle_dir: Path = Path("reports/rollout/bundles")  # signed bundles published for devices to fetch
+    bundle_base_url: str | None = None                # where devices fetch bundle_dir's files; null: file:// URLs
+
+    @field_validator("stages")
+    @classmethod
+    def _ascending_to_all(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < stage <= 100 for stage in value) or value != sorted(set(value)):
+            raise ValueError("stages must be ascending, distinct percentages in (0, 100], e.g. [5, 25, 100]")
+        if value[-1] != 100:
+            raise ValueError("the last stage must be 100 (the whole group)")
+        return value
+
+
 class Params(_Section):
     """All pipeline parameters; see ``params.yaml`` for the documented defaults."""
 
@@ -297,6 +326,7 @@ class Params(_Section):
     drift: DriftParams = DriftParams()
     package: PackageParams = PackageParams()
     benchmark: BenchmarkParams = BenchmarkParams()
+    rollout: RolloutParams = RolloutParams()
 
     def params_hash(self) -> str:
         """sha256 of the parameters that shape a model file, recorded in every sidecar.
