@@ -14,6 +14,7 @@
     edgeloop drift-check [--collected-dir D]                                       one drift check, now
     edgeloop simulate-drift --severity low|medium|high ...                         shifted device uploads
     edgeloop labels import LABELS.csv                                              labelled samples -> data version
+    edgeloop fleet add-device ID --group G                                         a device's broker login and ACL
 
 The stages are the same functions ``dvc repro`` and the Prefect flows call. ``approve`` and
 ``reject`` do what the Resume form in the Prefect UI does (PREFECT_API_URL names the server).
@@ -49,6 +50,7 @@ PASSTHROUGH = {
     "drift-check": ("tasks.monitoring.check", "run one drift check on the collected uploads now (no Prefect)"),
     "simulate-drift": ("tasks.monitoring.simulate_drift", "write realistically shifted device uploads (demos, tests)"),
     "labels": ("tasks.data.labels", "join arriving labels with collected samples into a new DVC data version"),
+    "fleet": ("tasks.rollout.fleet", "the device fleet and its MQTT broker credentials and ACLs"),
 }
 
 

@@ -1,0 +1,115 @@
+"""The ``rollout`` flow: a registered version to a device group over MQTT, canary first, rolled back on harm.
+
+Start it from the UI for any registered version with the cohort plan as parameters, or let ``retrain``
+run it after an approval. Each step is an MLflow tag on the version and a Prefect artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.parameters import PARAMS_PATH
+from tasks.config import Params, RolloutParams, load_params
+from tasks.rollout.engine import RolloutReport, StageRecord
+
+
+class RolloutPlan(BaseModel):
+    """What a person may change for one rollout (the rest: ``rollout`` in params.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    group: str | None = Field(None, description="device group (default: rollout.group)")
+    stages: list[float] | None = Field(None, description="cohort % per stage, ascending, ending at 100")
+    stage_window_s: float | None = Field(None, ge=0, description="health watched this long per stage")
+    ack_timeout_s: float | None = Field(None, gt=0, description="devices silent this long are named")
+    jitter_s: float | None = Field(None, ge=0, description="devices spread their fetches over this long")
+    max_error_rate_increase: float | None = Field(None, ge=0, le=1)
+    max_p95_ratio: float | None = Field(None, gt=1)
+    max_confidence_drop: float | None = Field(None, ge=0, le=1)
+
+    def applied_to(self, params: RolloutParams) -> RolloutParams:
+        changes = {key: value for key, value in self.model_dump().items() if value is not None}
+        return RolloutParams.model_validate({**params.model_dump(), **changes})
+
+
+def _step_markdown(report: RolloutReport) -> str:
+    lines = [f"# Rollout of {report.model_name} {report.target} to group `{report.group}`", "",
+             f"**{report.outcome.replace('_', ' ')}**" + (f": {report.reason}" if report.reason else ""), "",
+             "| step | seq | action | version | devices | installed | failed | silent | p95 (ms) | error rate | "
+             "confidence | problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    steps: list[StageRecord] = [*report.stages, *([report.rollback] if report.rollback else [])]
+    for step in steps:
+        figures = step.figures
+        cells = [step.name, str(step.sequence), step.action, step.version, str(len(step.devices)),
+                 str(len(step.installed)), str(len(step.failed)), ", ".join(step.missing[:5]) or "0",
+                 f"{figures.p95_ms:.1f}" if figures and figures.p95_ms is not None else "-",
+                 f"{figures.error_rate:.3f}" if figures and figures.error_rate is not None else "-",
+                 f"{figures.mean_confidence:.3f}" if figures and figures.mean_confidence is not None else "-",
+                 "; ".join(step.problems) or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="roll-out", cache_policy=NO_CACHE)
+def roll_out(params: Params, version: str | None) -> RolloutReport:
+    from edge.signing import load_public_keys
+    from tasks.release import tracking
+    from tasks.release.bundle import load_private_key
+    from tasks.rollout import fleet as fleet_files
+    from tasks.rollout import records
+    from tasks.rollout.channel import MqttChannel
+    from tasks.rollout.engine import Rollout
+
+    logger = get_run_logger()
+    tracking.configure(params.mlflow)
+    settings = params.rollout
+    target_version, previous_version = records.versions_to_roll(params, version)
+    target = records.release_of(params, target_version)
+    previous = records.release_of(params, previous_version) if previous_version else None
+    devices = fleet_files.load_fleet(settings.fleet_file).groups().get(settings.group, [])
+    password = fleet_files.ensure_control_plane(settings.credentials_dir)
+    keys = load_public_keys([params.package.public_keys])
+    with MqttChannel(settings.broker, settings.group, fleet_files.CONTROL_PLANE_USER, password, keys) as channel:
+        def on_step(step: StageRecord) -> None:
+            records.tag_step(params, target.version, step)
+            logger.info("%s %s (seq %d): %d device(s), %d installed, %d failed, %d silent%s", step.name,
+                        step.version, step.sequence, len(step.devices), len(step.installed), len(step.failed),
+                        len(step.missing), f"; {'; '.join(step.problems)}" if step.problems else "")
+
+        rollout = Rollout(channel, devices, load_private_key(params.package.signing_key), settings, params.drift,
+                          params.mlflow.registered_model, target, previous, on_step=on_step)
+        report = rollout.run()
+    records.record_outcome(params, report)
+    return report
+
+
+@flow(name="rollout", log_prints=True)
+def rollout(version: str | None = None, plan: RolloutPlan | None = None,
+            report_dir: str = "reports/rollout") -> dict[str, Any]:
+    """Roll a registered version out to a device group: canary, wider stages, automatic rollback.
+
+    Args:
+        version: registered model version number (default: the champion).
+        plan: cohort plan and health limits for this rollout (defaults: rollout in params.yaml).
+        report_dir: where the timeline chart and the JSON report go.
+    """
+    from tasks.rollout.records import log_rollout_run, timeline_chart
+
+    params = load_params(PARAMS_PATH)
+    if plan is not None:
+        params = params.model_copy(update={"rollout": plan.applied_to(params.rollout)})
+    report = roll_out(params, version)
+    folder = Path(report_dir) / report.rollout_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    chart = timeline_chart(report, folder / "timeline.png")
+    url = log_rollout_run(params, report, [folder / "report.json", chart])
+    markdown = _step_markdown(report) + f"\nTimeline chart and report: {f'[MLflow run]({url})' if url else chart}\n"
+    create_markdown_artifact(key="rollout", markdown=markdown, description=f"{report.target}: {report.outcome}")
+    return report.as_dict()

@@ -1,0 +1,158 @@
+"""The control plane's MQTT channel to one device group (paho-mqtt, MQTT v5, QoS 1).
+
+It publishes rollout manifests retained on ``fleet/<group>/model`` and keeps, per device, the latest
+status and recent telemetry summaries it received on ``fleet/<group>/status/+`` and
+``fleet/<group>/telemetry/+``. The sequence of the next manifest continues from the retained one
+(read back on connect), so sequences keep increasing across control-plane restarts.
+
+A broker that goes away pauses the rollout: paho reconnects with backoff, a manifest waits for its
+PUBACK (``publish_timeout_s``), and statuses and telemetry resume arriving on reconnect (a persistent
+session keeps the control plane's subscriptions and queued QoS 1 messages).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from edge.errors import BundleRefused
+from edge.rollout import model_topic, verify_rollout
+from tasks.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+KEEP_SUMMARIES = 16       # telemetry summaries kept per device
+SESSION_EXPIRY_S = 7 * 86400
+RETAINED_WAIT_S = 2.0     # after SUBACK, how long the retained manifest may take to arrive
+
+
+class MqttChannel:
+    """Connected on construction; use as a context manager (or call :meth:`close`)."""
+
+    def __init__(self, broker: str, group: str, username: str, password: str, public_keys: dict,
+                 client_id: str = "edgeloop-control-plane", tls_ca: str | None = None,
+                 connect_timeout_s: float = 30.0, publish_timeout_s: float = 300.0) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.group, self.public_keys, self.publish_timeout_s = group, public_keys, publish_timeout_s
+        self._lock = threading.Lock()
+        self._statuses: dict[str, dict[str, Any]] = {}
+        self._telemetry: dict[str, deque] = defaultdict(lambda: deque(maxlen=KEEP_SUMMARIES))
+        self._retained_sequence = 0
+        self._subscribed = threading.Event()
+        self._connected = threading.Event()
+        self.messages = 0
+        host, _, port = broker.rpartition(":")
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client.username_pw_set(username, password)
+        if tls_ca:
+            client.tls_set(ca_certs=tls_ca)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(0)
+        client.on_connect, client.on_message = self._on_connect, self._on_message
+        client.on_subscribe, client.on_disconnect = self._on_subscribe, self._on_disconnect
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.client = client
+        try:
+            client.connect(host, int(port), keepalive=30, clean_start=False, properties=properties)
+        except OSError as error:
+            raise ServiceUnavailable(f"MQTT broker {broker} is unreachable ({error}); start it (Mosquitto) or set "
+                                     "rollout.broker / EDGELOOP_BROKER") from None
+        client.loop_start()
+        if not self._connected.wait(connect_timeout_s):
+            self.close()
+            raise ServiceUnavailable(f"MQTT broker {broker} did not accept the control plane's login within "
+                                     f"{connect_timeout_s:g} s (wrong credentials in rollout.credentials_dir?)")
+        self._subscribed.wait(connect_timeout_s)
+        time.sleep(RETAINED_WAIT_S)
+
+    # ---- paho callbacks (network thread) --------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the control plane: %s", reason_code)
+            return
+        self._connected.set()
+        prefix = f"fleet/{self.group}"
+        client.subscribe([(model_topic(self.group), 1), (f"{prefix}/status/+", 1), (f"{prefix}/telemetry/+", 1)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code != 0:
+            log.warning("MQTT broker connection lost (%s): the rollout pauses until it is back", reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.messages += 1
+        parts = message.topic.split("/")
+        try:
+            if message.topic == model_topic(self.group):
+                self._note_manifest(message.payload)
+            elif len(parts) == 4 and parts[2] in ("status", "telemetry"):
+                record = json.loads(message.payload)
+                if not isinstance(record, dict) or record.get("device") != parts[3]:
+                    raise ValueError(f"names device {record.get('device') if isinstance(record, dict) else '?'}")
+                with self._lock:
+                    if parts[2] == "status":
+                        self._statuses[parts[3]] = record
+                    else:
+                        self._telemetry[parts[3]].append({**record, "received_at": time.time()})
+        except (ValueError, BundleRefused) as error:
+            log.warning("ignored a message on %s: %s", message.topic, error)
+
+    def _note_manifest(self, payload: bytes) -> None:
+        try:
+            manifest = verify_rollout(payload, self.public_keys)
+        except BundleRefused as error:
+            log.error("the retained manifest on %s does not verify (%s): was it published by someone else?",
+                      model_topic(self.group), error)
+            return
+        with self._lock:
+            self._retained_sequence = max(self._retained_sequence, manifest.sequence)
+
+    # ---- the Channel interface (tasks.rollout.engine) -------------------------------------------------
+
+    def current_sequence(self) -> int:
+        with self._lock:
+            return self._retained_sequence
+
+    def publish_manifest(self, payload: bytes) -> None:
+        started = time.monotonic()
+        info = self.client.publish(model_topic(self.group), payload, qos=1, retain=True)
+        while not info.is_published():
+            if time.monotonic() - started > self.publish_timeout_s:
+                raise ServiceUnavailable(f"the broker did not acknowledge the manifest within "
+                                         f"{self.publish_timeout_s:g} s; the rollout stopped before this stage")
+            try:
+                info.wait_for_publish(timeout=1.0)
+            except (RuntimeError, ValueError):  # not connected: paho keeps the message and sends it on reconnect
+                time.sleep(1.0)
+        verify = verify_rollout(payload, self.public_keys)
+        with self._lock:
+            self._retained_sequence = max(self._retained_sequence, verify.sequence)
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self._statuses)
+
+    def telemetry_since(self, since: float) -> list[dict[str, Any]]:
+        with self._lock:
+            return [summary for summaries in self._telemetry.values() for summary in summaries
+                    if summary["received_at"] >= since]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def __enter__(self) -> MqttChannel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

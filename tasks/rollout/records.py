@@ -1,0 +1,140 @@
+"""What a rollout needs from the registry, and what it leaves there.
+
+- :func:`release_of`: a registered version as a :class:`~tasks.rollout.engine.Release`: its signed bundle
+  (exported once into ``rollout.bundle_dir`` and reused, so every device installs the same bytes), the
+  bundle's sha256, the URL devices fetch it from and the version's pinned image, when it was packaged.
+- :func:`record_outcome`: model-version tags (``rollout``, ``rollout.reason``, ``rollout.id``) and, after a
+  rollback of the champion, the ``champion`` alias back on the previous version.
+- :func:`timeline_chart`: cohort size, version and health per step, as a PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edge.sidecar import sha256_file
+from tasks.config import Params
+from tasks.rollout.engine import Release, RolloutReport
+
+log = logging.getLogger(__name__)
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+def bundle_url(params: Params, bundle: Path) -> str:
+    base = params.rollout.bundle_base_url
+    return f"{base.rstrip('/')}/{bundle.name}" if base else bundle.resolve().as_uri()
+
+
+def release_of(params: Params, version: str) -> Release:
+    """The signed bundle of registered ``version`` (exported on first use) as devices will fetch it."""
+    import mlflow
+
+    from tasks.release.bundle import export_registered
+
+    name = params.mlflow.registered_model
+    bundle = params.rollout.bundle_dir / f"{name}-v{version}.tar.gz"
+    if not bundle.is_file():
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        export_registered(params, bundle.parent, params.package.signing_key, alias=None, version=version)
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    return Release(f"v{version}", bundle_url(params, bundle), sha256_file(bundle), tags.get("image.amd64"))
+
+
+def versions_to_roll(params: Params, version: str | None) -> tuple[str, str | None]:
+    """(target, previous): ``version`` (default: the champion) and the version the devices run now."""
+    from tasks.release.promotion import version_by_alias
+
+    name = params.mlflow.registered_model
+    champion = version_by_alias(name, CHAMPION)
+    if version is None:
+        if champion is None:
+            raise ValueError(f"{name} has no champion to roll out; approve a retrain or name a version")
+        previous = version_by_alias(name, PREVIOUS)
+        return str(champion.version), str(previous.version) if previous else None
+    if champion is not None and str(champion.version) != str(version):
+        return str(version), str(champion.version)
+    previous = version_by_alias(name, PREVIOUS)
+    return str(version), str(previous.version) if previous else None
+
+
+def record_outcome(params: Params, report: RolloutReport) -> None:
+    """Tag the target version with the outcome; after a rolled-back champion, point ``champion`` back."""
+    import mlflow
+
+    client, name = mlflow.MlflowClient(), params.mlflow.registered_model
+    target = report.target.removeprefix("v")
+    state = {"completed": "completed", "rolled_back": "rolled-back", "failed": "failed"}[report.outcome]
+    client.set_model_version_tag(name, target, "rollout", state)
+    client.set_model_version_tag(name, target, "rollout.id", report.rollout_id)
+    if report.reason:
+        client.set_model_version_tag(name, target, "rollout.reason", report.reason[:4900])
+    if report.outcome != "rolled_back" or report.previous is None:
+        return
+    champion = client.get_model_version_by_alias(name, CHAMPION) if _has_alias(client, name, CHAMPION) else None
+    if champion is not None and str(champion.version) == target:
+        previous = report.previous.removeprefix("v")
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        client.delete_registered_model_alias(name, PREVIOUS)
+        log.warning("champion alias moved back from version %s to %s: %s", target, previous, report.reason)
+
+
+def tag_step(params: Params, target: str, step) -> None:
+    """One tag per step on the target version: ``rollout.step.<name>`` = what happened, for the registry's UI."""
+    import mlflow
+
+    summary = (f"seq {step.sequence} {step.action} {step.version}: {len(step.installed)}/{len(step.devices)} "
+               f"installed, {len(step.failed)} failed, {len(step.missing)} silent"
+               + (f"; {'; '.join(step.problems)}" if step.problems else ""))
+    mlflow.MlflowClient().set_model_version_tag(params.mlflow.registered_model, target.removeprefix("v"),
+                                                f"rollout.step.{step.name}", summary[:4900])
+
+
+def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) -> str | None:
+    """An MLflow run per rollout (experiment ``edgeloop-rollout``) with the report and chart; its UI address."""
+    import mlflow
+
+    from tasks.release import tracking
+
+    uri = tracking.configure(params.mlflow)
+    experiment = tracking.ensure_experiment(params.mlflow.model_copy(update={"experiment": "edgeloop-rollout"}))
+    with mlflow.start_run(experiment_id=experiment, run_name=report.rollout_id) as run:
+        mlflow.set_tags({"edgeloop.stage": "rollout", "rollout.outcome": report.outcome,
+                         "rollout.target": report.target, "rollout.previous": str(report.previous),
+                         "rollout.group": report.group})
+        mlflow.log_metrics({"stages": len(report.stages), "devices": len(report.stages[-1].devices)
+                            if report.stages else 0, "rolled_back": int(report.outcome == "rolled_back")})
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="rollout")
+    return tracking.run_url(uri, experiment, run.info.run_id)
+
+
+def _has_alias(client, name: str, alias: str) -> bool:
+    return alias in (client.get_registered_model(name).aliases or {})
+
+
+def timeline_chart(report: RolloutReport, path: Path) -> Path:
+    """Cohort size per step, coloured by health, labelled with the version and acknowledgements."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [*report.stages, *([report.rollback] if report.rollback else [])]
+    figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(steps)), 3.2))
+    for index, step in enumerate(steps):
+        healthy = not step.problems and not step.failed and not (step.action == "install" and step is
+                                                                  report.stages[-1] and report.outcome != "completed")
+        colour = "#c0392b" if step.action == "rollback" else ("#27ae60" if healthy else "#e67e22")
+        axis.bar(index, len(step.devices), color=colour)
+        axis.text(index, len(step.devices), f"{step.version}\n{len(step.installed)}/{len(step.devices)} acked",
+                  ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(steps)), [f"{s.name}\n(seq {s.sequence})" for s in steps], fontsize=8)
+    axis.set_ylabel("devices in the step")
+    axis.set_title(f"{report.model_name} {report.target}: {report.outcome.replace('_', ' ')}", fontsize=10)
+    axis.margins(y=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
