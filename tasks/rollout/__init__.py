@@ -1,0 +1,1 @@
+"""Rollout phase: the device fleet, its broker credentials, and staged (canary) model rollouts over MQTT."""
