@@ -1,0 +1,322 @@
+"""``edgeloop fleet``: the fleet inventory (which device is in which group) and its MQTT broker credentials.
+
+    edgeloop fleet add-device DEVICE --group G [--fleet fleet.yaml] --credentials DIR [--replace]
+    edgeloop fleet remove-device DEVICE [--fleet fleet.yaml] --credentials DIR
+    edgeloop fleet list [--fleet fleet.yaml]
+    edgeloop fleet broker-files [--fleet fleet.yaml] --credentials DIR
+
+The fleet file is YAML: ``{devices: {<device id>: {group: <group>}}}``. The credentials folder holds
+what Mosquitto reads (``mosquitto.passwd``: PBKDF2-SHA512 hashes in Mosquitto 2's ``$7$`` format;
+``mosquitto.acl``) and the control plane's own password (``control-plane.password``), all mode 0600.
+A device's password is printed once by ``add-device``; only its hash is kept.
+
+The ACL gives each device exactly the topics of :mod:`edge.rollout`: it reads its group's model topic
+and writes its own status and telemetry topics. Only the ``control-plane`` user may publish manifests.
+Signal a running broker (``scripts.services.reload_mosquitto``) after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from edge.rollout import GROUP, model_topic, status_topic, telemetry_topic
+from edge.segments import DEVICE_ID
+from edge.sidecar import atomic_write_text
+from tasks.config import format_validation_error
+from tasks.entrypoint import report_user_errors, setup_logging
+from tasks.errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+FLEET_FILE = Path("fleet.yaml")
+CONTROL_PLANE_USER = "control-plane"
+PASSWORD_FILE = "mosquitto.passwd"
+ACL_FILE = "mosquitto.acl"
+CONTROL_PLANE_PASSWORD_FILE = "control-plane.password"
+DEFAULT_ITERATIONS = 101  # what mosquitto_passwd 2.0 uses; simulated fleets may pass fewer
+SALT_BYTES = 12           # as mosquitto_passwd
+
+
+def _device_id(device: str) -> str:
+    if not DEVICE_ID.fullmatch(device):
+        raise ValueError("a device id is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                         "(it is an MQTT topic level and the device's broker user name)")
+    if device == CONTROL_PLANE_USER:
+        raise ValueError(f"{CONTROL_PLANE_USER!r} is the control plane's broker user, not a device id")
+    return device
+
+
+def _group(group: str) -> str:
+    if not GROUP.fullmatch(group):
+        raise ValueError("a group is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                         "(it is an MQTT topic level)")
+    return group
+
+
+def _check(value: str, check: Callable[[str], str], what: str) -> None:
+    try:
+        check(value)
+    except ValueError as error:
+        raise ConfigError(f"{what} {value!r}: {error}") from None
+
+
+DeviceId = Annotated[str, AfterValidator(_device_id)]
+GroupName = Annotated[str, AfterValidator(_group)]
+
+
+class FleetDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    group: GroupName
+
+
+class Fleet(BaseModel):
+    """Every device of the fleet and its group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    devices: dict[DeviceId, FleetDevice] = Field(default_factory=dict)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Group -> its devices, both sorted."""
+        members: dict[str, list[str]] = {}
+        for device in sorted(self.devices):
+            members.setdefault(self.devices[device].group, []).append(device)
+        return dict(sorted(members.items()))
+
+
+def parse_fleet(raw: object, source: str) -> Fleet:
+    """Validate a parsed fleet mapping; :class:`ConfigError` names each bad key and value."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"fleet file {source} must be a mapping with a 'devices' key, got {type(raw).__name__}")
+    try:
+        return Fleet.model_validate(raw)
+    except ValidationError as error:
+        message = format_validation_error(error, source).replace("invalid parameters", "invalid fleet file", 1)
+        raise ConfigError(message.replace("allowed keys are listed in params.yaml",
+                                          "allowed: devices.<device id>.group")) from None
+
+
+def load_fleet(path: Path) -> Fleet:
+    """The fleet in ``path`` (YAML), validated."""
+    if not path.is_file():
+        raise ConfigError(f"fleet file {path} not found; add a device with `edgeloop fleet add-device DEVICE "
+                          f"--group GROUP --fleet {path} --credentials DIR`")
+    try:
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"fleet file {path} is not readable YAML: {error}") from None
+    return parse_fleet(raw, str(path))
+
+
+def save_fleet(fleet: Fleet, path: Path) -> None:
+    raw = {"devices": {device: {"group": entry.group} for device, entry in sorted(fleet.devices.items())}}
+    atomic_write_text(path, yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+                                      default_flow_style=None, sort_keys=True))
+    path.chmod(0o644)  # an inventory, not a secret: services running as other users read it
+
+
+def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS) -> str:
+    """Mosquitto 2's PBKDF2-SHA512 entry, ``$7$<iterations>$<salt b64>$<hash b64>``, as mosquitto_passwd writes it
+    (the same hash in Python: thousands per second instead of one process per device)."""
+    if iterations < 1:
+        raise ConfigError(f"PBKDF2 iterations must be at least 1, got {iterations}")
+    salt = os.urandom(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    """True when ``hashed`` (a ``$7$`` entry) is the hash of ``password``."""
+    try:
+        _, kind, iterations, salt, digest = hashed.split("$")
+        expected = base64.b64decode(digest, validate=True)
+        actual = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt, validate=True),
+                                     int(iterations))
+    except ValueError:
+        return False
+    return kind == "7" and hmac.compare_digest(expected, actual)
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """User -> hash from a Mosquitto password file; empty when there is none yet."""
+    if not path.is_file():
+        return {}
+    hashes = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        user, _, hashed = line.partition(":")
+        if not line.strip():
+            continue
+        if not user or not hashed.startswith("$"):
+            raise ConfigError(f"{path} line {number} is not 'user:$hash'; regenerate it with `edgeloop fleet "
+                              "broker-files` after re-issuing the broken device's password")
+        hashes[user] = hashed
+    return hashes
+
+
+def acl_text(fleet: Fleet) -> str:
+    """The Mosquitto ACL: the control plane reads and writes ``fleet/#``; each device only its own topics."""
+    lines = ["# generated by `edgeloop fleet` from the fleet file: edit the fleet, not this file",
+             f"user {CONTROL_PLANE_USER}", "topic readwrite fleet/#", ""]
+    for device, entry in sorted(fleet.devices.items()):
+        lines += [f"user {device}", f"topic read {model_topic(entry.group)}",
+                  f"topic write {status_topic(entry.group, device)}",
+                  f"topic write {telemetry_topic(entry.group, device)}", ""]
+    return "\n".join(lines)
+
+
+def ensure_control_plane(credentials_dir: Path) -> str:
+    """The control plane's broker password, created (mode 0600) on first use."""
+    path = credentials_dir / CONTROL_PLANE_PASSWORD_FILE
+    if path.is_file():
+        password = path.read_text().strip()
+        if password:
+            return password
+    password = secrets.token_urlsafe(32)
+    atomic_write_text(path, password + "\n")  # mkstemp: mode 0600 from the first byte, kept by the rename
+    return password
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _write_broker_files(fleet: Fleet, credentials_dir: Path, hashes: dict[str, str],
+                        iterations: int) -> tuple[Path, Path]:
+    password_file, acl_file = credentials_dir / PASSWORD_FILE, credentials_dir / ACL_FILE
+    missing = sorted(set(fleet.devices) - set(hashes))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"no broker password for {shown} in {password_file}; issue one with `edgeloop fleet "
+                          "add-device DEVICE --group GROUP --replace`")
+    control_plane = ensure_control_plane(credentials_dir)
+    known = hashes.get(CONTROL_PLANE_USER, "")
+    entries = {CONTROL_PLANE_USER: known if verify_password(control_plane, known)
+               else hash_password(control_plane, iterations)}
+    entries |= {device: hashes[device] for device in sorted(fleet.devices)}
+    atomic_write_text(password_file, "".join(f"{user}:{hashed}\n" for user, hashed in entries.items()))
+    atomic_write_text(acl_file, acl_text(fleet))
+    return password_file, acl_file
+
+
+def write_broker_files(fleet: Fleet, credentials_dir: Path,
+                       iterations: int = DEFAULT_ITERATIONS) -> tuple[Path, Path]:
+    """Write Mosquitto's password file and ACL for ``fleet`` (mode 0600); returns their paths.
+
+    Device hashes come from the existing password file (devices no longer in the fleet are dropped);
+    the control plane's entry is made from its stored password.
+    """
+    return _write_broker_files(fleet, credentials_dir, read_password_file(credentials_dir / PASSWORD_FILE),
+                               iterations)
+
+
+def add_device(fleet_file: Path, credentials_dir: Path, device: str, group: str, replace: bool = False,
+               iterations: int = DEFAULT_ITERATIONS) -> str:
+    """Put ``device`` in ``group`` with a new broker password; returns the password (only its hash is kept).
+
+    ``replace`` re-issues the password of a known device (the old one stops working) and may move it
+    to another group. The broker files are rewritten: reload the broker to apply them.
+    """
+    _check(device, _device_id, "device id")
+    _check(group, _group, "group")
+    fleet = load_fleet(fleet_file) if fleet_file.is_file() else Fleet()
+    if device in fleet.devices and not replace:
+        raise ConfigError(f"device {device!r} is already in {fleet_file} (group {fleet.devices[device].group}); "
+                          "pass --replace to issue a new password (the old one stops working)")
+    updated = parse_fleet({"devices": {**fleet.model_dump()["devices"], device: {"group": group}}},
+                          f"device {device!r}")
+    password = _new_password()
+    hashes = read_password_file(credentials_dir / PASSWORD_FILE) | {device: hash_password(password, iterations)}
+    _write_broker_files(updated, credentials_dir, hashes, iterations)  # first: a crash leaves no hashless device
+    save_fleet(updated, fleet_file)
+    return password
+
+
+def remove_device(fleet_file: Path, credentials_dir: Path, device: str) -> None:
+    """Take ``device`` out of the fleet and the broker files; it can no longer connect once the broker reloads."""
+    fleet = load_fleet(fleet_file)
+    if device not in fleet.devices:
+        raise ConfigError(f"device {device!r} is not in {fleet_file}; `edgeloop fleet list --fleet {fleet_file}` "
+                          "shows the devices")
+    updated = Fleet(devices={name: entry for name, entry in fleet.devices.items() if name != device})
+    save_fleet(updated, fleet_file)  # first: a crash leaves a stale hash that the next write drops
+    write_broker_files(updated, credentials_dir)
+
+
+def simulated_fleet(n: int, groups: Iterable[str], credentials_dir: Path, iterations: int = DEFAULT_ITERATIONS,
+                    *, fleet_file: Path | None = None, prefix: str = "sim") -> dict[str, tuple[str, str]]:
+    """A fleet of ``n`` simulated devices spread round-robin over ``groups``, written with its broker files.
+
+    Replaces ``fleet_file`` (default ``credentials_dir/fleet.yaml``). Returns device -> (group, plaintext
+    password) for the simulator; the files keep only hashes. Few ``iterations`` make 10,000 devices cheap
+    to hash and to connect.
+    """
+    groups = list(groups)
+    if n < 1 or not groups:
+        raise ConfigError(f"a simulated fleet needs at least one device and one group, got {n} and {groups}")
+    width = len(str(n - 1))
+    devices = {f"{prefix}-{index:0{width}d}": groups[index % len(groups)] for index in range(n)}
+    fleet = parse_fleet({"devices": {device: {"group": group} for device, group in devices.items()}},
+                        "simulated fleet")
+    passwords = {device: _new_password() for device in devices}
+    hashes = {device: hash_password(password, iterations) for device, password in passwords.items()}
+    _write_broker_files(fleet, credentials_dir, hashes, iterations)
+    save_fleet(fleet, fleet_file or credentials_dir / "fleet.yaml")
+    return {device: (group, passwords[device]) for device, group in devices.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeloop fleet", description="the device fleet and its broker "
+                                     "credentials (Mosquitto password file and ACL)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add-device", help="add a device to a group; prints its broker password once")
+    add.add_argument("device", help="device id (letters, digits, '.', '_', '-')")
+    add.add_argument("--group", required=True, help="the device's rollout group")
+    add.add_argument("--replace", action="store_true", help="re-issue the password of a known device")
+    remove = actions.add_parser("remove-device", help="take a device out of the fleet and the broker files")
+    remove.add_argument("device")
+    listing = actions.add_parser("list", help="print each device and its group")
+    files = actions.add_parser("broker-files", help="write the Mosquitto password file and ACL; print their paths")
+    for sub in (add, remove, listing, files):
+        sub.add_argument("--fleet", type=Path, default=FLEET_FILE, help="fleet file (default: %(default)s)")
+    for sub in (add, remove, files):
+        sub.add_argument("--credentials", type=Path, required=True,
+                         help="folder of the broker password file, ACL and control-plane password (kept 0600)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.action == "add-device":
+        print(add_device(args.fleet, args.credentials, args.device, args.group, args.replace))
+        LOGGER.info("device %s: password printed above, shown only once; reload the broker to apply", args.device)
+    elif args.action == "remove-device":
+        remove_device(args.fleet, args.credentials, args.device)
+        LOGGER.info("device %s removed; reload the broker to apply", args.device)
+    elif args.action == "list":
+        for group, devices in load_fleet(args.fleet).groups().items():
+            for device in devices:
+                print(f"{device}\t{group}")
+    else:
+        for path in write_broker_files(load_fleet(args.fleet), args.credentials):
+            print(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    return report_user_errors(lambda: _run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
