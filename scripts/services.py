@@ -463,7 +463,7 @@ def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = Tru
 
 def down(run_dir: Path) -> list[str]:
     return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "registry", "sshd",
-                              "dockerd") if stop(name, run_dir)]
+                              "mosquitto", "dockerd") if stop(name, run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
 """``edgeloop fleet``: the fleet inventory (which device is in which group) and its MQTT broker credentials.
 
-    edgeloop fleet add-device DEVICE --group G [--fleet fleet.yaml] --credentials DIR [--replace]
-    edgeloop fleet remove-device DEVICE [--fleet fleet.yaml] --credentials DIR
-    edgeloop fleet list [--fleet fleet.yaml]
-    edgeloop fleet broker-files [--fleet fleet.yaml] --credentials DIR
+    edgeloop fleet add-device DEVICE --group G [--replace]     prints the device's broker password once
+    edgeloop fleet remove-device DEVICE
+    edgeloop fleet list
+    edgeloop fleet broker-files                             writes the password file and ACL, prints their paths
+
+Each takes ``--fleet FILE`` and ``--credentials DIR`` (defaults: ``rollout.fleet_file`` and
+``rollout.credentials_dir`` in ``--params``, params.yaml).
 
 The fleet file is YAML: ``{devices: {<device id>: {group: <group>}}}``. The credentials folder holds
 what Mosquitto reads (``mosquitto.passwd``: PBKDF2-SHA512 hashes in Mosquitto 2's ``$7$`` format;
@@ -34,12 +37,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from edge.rollout import GROUP, model_topic, status_topic, telemetry_topic
 from edge.segments import DEVICE_ID
 from edge.sidecar import atomic_write_text
-from tasks.config import format_validation_error
+from tasks.config import PARAMS_FILE, format_validation_error, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
-FLEET_FILE = Path("fleet.yaml")
 CONTROL_PLANE_USER = "control-plane"
 PASSWORD_FILE = "mosquitto.passwd"
 ACL_FILE = "mosquitto.acl"
@@ -289,14 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="print each device and its group")
     files = actions.add_parser("broker-files", help="write the Mosquitto password file and ACL; print their paths")
     for sub in (add, remove, listing, files):
-        sub.add_argument("--fleet", type=Path, default=FLEET_FILE, help="fleet file (default: %(default)s)")
-    for sub in (add, remove, files):
-        sub.add_argument("--credentials", type=Path, required=True,
-                         help="folder of the broker password file, ACL and control-plane password (kept 0600)")
+        sub.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
+        sub.add_argument("--fleet", type=Path, help="fleet file (default: rollout.fleet_file)")
+        sub.add_argument("--credentials", type=Path, help="folder of the broker password file, ACL and "
+                         "control-plane password, kept 0600 (default: rollout.credentials_dir)")
     return parser
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.fleet is None or args.credentials is None:
+        settings = load_params(args.params).rollout
+        args.fleet = args.fleet or settings.fleet_file
+        args.credentials = args.credentials or settings.credentials_dir
     if args.action == "add-device":
         print(add_device(args.fleet, args.credentials, args.device, args.group, args.replace))
         LOGGER.info("device %s: password printed above, shown only once; reload the broker to apply", args.device)

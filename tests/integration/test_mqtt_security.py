@@ -1,0 +1,308 @@
+"""The fleet's broker security, against a real Mosquitto started by scripts/services.py with the password
+file and ACL of tasks/rollout/fleet.py, through real paho-mqtt clients (MQTT v5).
+
+Negative checks ("the control plane never saw it", "the device never got it") are synchronised by a
+barrier message: the same sender's next, allowed message on the same path. The broker keeps one
+sender's messages in order for one subscriber, so once the barrier arrives, the refused message
+would already have arrived.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_system_tools
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 10.0
+NOT_AUTHORIZED = 135  # MQTT v5 reason code Mosquitto 2 answers a refused CONNECT and a refused PUBLISH with
+NO_MATCHING_SUBSCRIBERS = 16  # PUBACK: accepted, and nobody subscribes to it (yet)
+GROUP_A, GROUP_B = "group-a", "group-b"
+
+
+class Peer:
+    """One MQTT v5 client on its own network thread, with what it received and the broker's answers."""
+
+    def __init__(self, port: int, user: str | None, password: str | None, client_id: str = "",
+                 clean_start: bool = True, session_expiry_s: int = 0) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self._changed = threading.Condition()
+        self.connack = None
+        self.session_present = False
+        self.messages: list = []
+        self._acks: dict[int, object] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"peer-{user}",
+                                  protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_ack
+        self.client.on_subscribe = lambda _c, _u, mid, codes, _p: self._record(self._acks, mid, codes)
+        self.client.on_message = lambda _c, _u, message: self._record(self.messages, None, message)
+        properties = None
+        if session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session_expiry_s
+        self.client.connect("127.0.0.1", port, clean_start=clean_start, properties=properties)
+        self.client.loop_start()
+        self.wait(lambda: self.connack is not None, "CONNACK")
+
+    def _on_connect(self, _client, _userdata, flags, reason_code, _properties) -> None:
+        with self._changed:
+            self.connack, self.session_present = reason_code, flags.session_present
+            self._changed.notify_all()
+
+    def _on_ack(self, _client, _userdata, mid, reason_code, _properties) -> None:
+        self._record(self._acks, mid, reason_code)
+
+    def _record(self, into, key, value) -> None:
+        with self._changed:
+            if key is None:
+                into.append(value)
+            else:
+                into[key] = value
+            self._changed.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, timeout=TIMEOUT_S), f"no {what} within {TIMEOUT_S} s"
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """Publish at QoS 1; the PUBACK reason code (0: accepted)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.wait(lambda: info.mid in self._acks, f"PUBACK for {topic}")
+        return self._acks.pop(info.mid).value
+
+    def subscribe(self, topic: str) -> int:
+        """Subscribe at QoS 1; the SUBACK reason code (1: granted QoS 1, >= 128: refused)."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        self.wait(lambda: mid in self._acks, f"SUBACK for {topic}")
+        return self._acks.pop(mid)[0].value
+
+    def received(self, topic: str, payload: bytes):
+        """Wait for ``payload`` on ``topic``; the message."""
+        def found():
+            return next((m for m in self.messages if m.topic == topic and m.payload == payload), None)
+
+        self.wait(lambda: found() is not None, f"{payload!r} on {topic}")
+        return found()
+
+    def topics(self) -> set[str]:
+        with self._changed:
+            return {message.topic for message in self.messages}
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass(frozen=True)
+class Fleet:
+    credentials: Path
+    passwords: dict[str, str]   # device -> plaintext (control plane included)
+    fleet_file: Path
+
+
+@dataclass(frozen=True)
+class BrokerUnderTest:
+    run_dir: Path
+    broker: object  # scripts.services.Broker
+    fleet: Fleet
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    def peer(self, user: str | None, password: str | None = None, **options) -> Peer:
+        return Peer(self.port, user, self.fleet.passwords.get(user, "") if password is None else password,
+                    **options)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Fleet:
+    """Four simulated devices (two per group, hashed with 1 PBKDF2 iteration) plus one added as an operator
+    would (Mosquitto's 101 iterations)."""
+    from tasks.rollout.fleet import CONTROL_PLANE_USER, add_device, ensure_control_plane, simulated_fleet
+
+    credentials = tmp_path_factory.mktemp("fleet-credentials")
+    devices = simulated_fleet(4, [GROUP_A, GROUP_B], credentials, iterations=1)
+    assert {device: group for device, (group, _) in devices.items()} == {
+        "sim-0": GROUP_A, "sim-1": GROUP_B, "sim-2": GROUP_A, "sim-3": GROUP_B}
+    passwords = {device: password for device, (_, password) in devices.items()}
+    passwords["cam-9"] = add_device(credentials / "fleet.yaml", credentials, "cam-9", GROUP_A)
+    passwords[CONTROL_PLANE_USER] = ensure_control_plane(credentials)
+    return Fleet(credentials, passwords, credentials / "fleet.yaml")
+
+
+def _start(run_dir: Path, fleet: Fleet) -> BrokerUnderTest:
+    from scripts import services
+    from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE
+
+    broker = services.start_mosquitto(run_dir, services.free_port(), fleet.credentials / PASSWORD_FILE,
+                                      fleet.credentials / ACL_FILE)
+    return BrokerUnderTest(run_dir, broker, fleet)
+
+
+@pytest.fixture(scope="module")
+def broker(fleet, tmp_path_factory) -> Iterator[BrokerUnderTest]:
+    from scripts import services
+
+    require_system_tools("mosquitto", packages="mosquitto")
+    run_dir = tmp_path_factory.mktemp("mosquitto")
+    try:
+        yield _start(run_dir, fleet)
+    finally:
+        services.stop_mosquitto(run_dir)
+
+
+@pytest.fixture(scope="module")
+def control_plane(broker) -> Iterator[Peer]:
+    """The control plane, subscribed to everything under ``fleet/``."""
+    peer = broker.peer("control-plane")
+    assert peer.connack.value == 0
+    assert peer.subscribe("fleet/#") == 1
+    yield peer
+    peer.close()
+
+
+@pytest.mark.parametrize(("user", "password"), [("sim-0", "not-its-password"), ("nobody", "whatever"),
+                                                ("control-plane", "guessed"), (None, None)],
+                         ids=["wrong-password", "unknown-user", "control-plane-wrong-password", "anonymous"])
+def test_bad_credentials_are_refused_at_connect(broker, user, password):
+    peer = broker.peer(user, password)
+    try:
+        assert peer.connack.value == NOT_AUTHORIZED, peer.connack
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("device", ["sim-0", "cam-9"], ids=["1-iteration-hash", "101-iteration-hash"])
+def test_a_device_reads_its_groups_retained_model_and_writes_its_own_status(broker, control_plane, device):
+    manifest = f"manifest for {GROUP_A} ({device})".encode()
+    assert control_plane.publish(f"fleet/{GROUP_A}/model", manifest, retain=True) == 0
+    peer = broker.peer(device)
+    try:
+        assert peer.connack.value == 0
+        assert peer.subscribe(f"fleet/{GROUP_A}/model") == 1
+        assert peer.received(f"fleet/{GROUP_A}/model", manifest).retain
+        for kind in ("status", "telemetry"):
+            assert peer.publish(f"fleet/{GROUP_A}/{kind}/{device}", b"installed") == 0
+            control_plane.received(f"fleet/{GROUP_A}/{kind}/{device}", b"installed")
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("topic", [
+    f"fleet/{GROUP_A}/model",             # its own group's manifest: only the control plane publishes those
+    f"fleet/{GROUP_B}/model",
+    f"fleet/{GROUP_A}/status/sim-2",      # a neighbour's status and telemetry
+    f"fleet/{GROUP_A}/telemetry/sim-2",
+    f"fleet/{GROUP_B}/status/sim-0",      # its own id under another group
+    "fleet/anything",
+], ids=["own-group-manifest", "other-group-manifest", "neighbour-status", "neighbour-telemetry",
+        "status-in-other-group", "outside-its-topics"])
+def test_a_device_cannot_publish_outside_its_own_topics(broker, control_plane, topic):
+    peer = broker.peer("sim-0")
+    forged = f"forged by sim-0 on {topic}".encode()
+    barrier = f"barrier after {topic}".encode()
+    try:
+        assert peer.publish(topic, forged, retain=True) == NOT_AUTHORIZED
+        assert peer.publish(f"fleet/{GROUP_A}/status/sim-0", barrier, retain=True) == 0
+        control_plane.received(f"fleet/{GROUP_A}/status/sim-0", barrier)
+        assert not [m for m in control_plane.messages if m.payload == forged]
+    finally:
+        peer.close()
+    late = broker.peer("control-plane", client_id="late-reader")  # and nothing was retained for later readers
+    try:
+        late.subscribe(topic)
+        late.subscribe(f"fleet/{GROUP_A}/status/sim-0")
+        late.received(f"fleet/{GROUP_A}/status/sim-0", barrier)
+        assert not [m for m in late.messages if m.payload == forged]
+    finally:
+        late.close()
+
+
+def test_a_device_cannot_read_another_groups_model(broker, control_plane):
+    peer = broker.peer("sim-0")
+    secret, barrier = b"group-b manifest", b"group-a manifest after it"
+    try:
+        for topic in (f"fleet/{GROUP_B}/model", "fleet/#", "#"):
+            assert peer.subscribe(topic) in (1, NOT_AUTHORIZED)  # 2.0 grants and then filters delivery
+        assert control_plane.publish(f"fleet/{GROUP_B}/model", secret, retain=True) == 0
+        assert control_plane.publish(f"fleet/{GROUP_A}/model", barrier, retain=True) == 0
+        peer.received(f"fleet/{GROUP_A}/model", barrier)
+        assert not [topic for topic in peer.topics() if not topic.startswith(f"fleet/{GROUP_A}/model")]
+    finally:
+        peer.close()
+    assert control_plane.received(f"fleet/{GROUP_B}/model", secret)  # it was there to be read
+
+
+def test_a_reloaded_broker_admits_added_and_refuses_removed_devices(broker):
+    from scripts import services
+    from tasks.rollout.fleet import add_device, remove_device
+
+    password = add_device(broker.fleet.fleet_file, broker.fleet.credentials, "cam-new", GROUP_B)
+    # sim-3 is used by no other test of this module
+    remove_device(broker.fleet.fleet_file, broker.fleet.credentials, "sim-3")
+    assert services.reload_mosquitto(broker.run_dir)
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:  # the broker re-reads its files on SIGHUP, asynchronously: poll until they apply
+        added, removed = broker.peer("cam-new", password), broker.peer("sim-3")
+        codes = (added.connack.value, removed.connack.value)
+        added.close()
+        removed.close()
+        if codes == (0, NOT_AUTHORIZED) or time.monotonic() > deadline:
+            break
+    assert codes == (0, NOT_AUTHORIZED)
+
+
+def _wait_for_autosave(database: Path, payloads: list[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (database.is_file() and all(payload in database.read_bytes() for payload in payloads)):
+        assert time.monotonic() < deadline, f"{database} did not hold the messages within {TIMEOUT_S} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["stopped", "killed"])
+def test_retained_manifests_and_queued_messages_survive_a_broker_restart(fleet, tmp_path, hard):
+    from scripts import services
+
+    require_system_tools("mosquitto", packages="mosquitto")
+    started = _start(tmp_path / "run", fleet)
+    retained, queued = f"retained manifest {hard}".encode(), f"queued while offline {hard}".encode()
+    try:
+        device = started.peer("sim-2", client_id="sim-2", clean_start=False, session_expiry_s=3600)
+        assert device.subscribe(f"fleet/{GROUP_A}/model") == 1
+        device.close()  # its session (subscription, QoS 1 queue) stays on the broker
+        control = started.peer("control-plane")
+        assert control.publish(f"fleet/{GROUP_B}/model", retained, retain=True) == NO_MATCHING_SUBSCRIBERS
+        assert control.publish(f"fleet/{GROUP_A}/model", queued) == 0  # 0: the offline session subscribes
+        control.close()
+        if hard:  # a killed broker keeps what its last autosave wrote: wait for one that holds both messages
+            _wait_for_autosave(started.run_dir / "mosquitto" / "data" / "mosquitto.db", [retained, queued])
+        restarted = services.restart_mosquitto(started.run_dir, started.broker, hard=hard)
+        assert restarted.port == started.port and restarted.pid != started.broker.pid
+        device = started.peer("sim-2", client_id="sim-2", clean_start=False, session_expiry_s=3600)
+        try:
+            assert device.session_present
+            assert not device.received(f"fleet/{GROUP_A}/model", queued).retain
+        finally:
+            device.close()
+        reader = started.peer("sim-1")
+        try:
+            reader.subscribe(f"fleet/{GROUP_B}/model")
+            assert reader.received(f"fleet/{GROUP_B}/model", retained).retain
+        finally:
+            reader.close()
+    finally:
+        services.stop_mosquitto(started.run_dir)
