@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -19,6 +20,7 @@ from edge.errors import ConfigError
 from edge.thermal import DEFAULT_SENSOR
 
 ENV_PREFIX = "EDGELOOP_"
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 DATA_ROOT = Path("/var/lib/edgeloop")
 
 
@@ -99,13 +101,17 @@ def build_parser(prog: str = "edge.serve") -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
-    """Settings from flags, then ``EDGELOOP_*`` variables, then defaults; a bad value names its setting."""
-    environ = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(argv))
+def settings_from(model: type[BaseModelT], args: dict[str, Any], environ: Mapping[str, str], what: str,
+                  flags: Mapping[str, str] | None = None) -> BaseModelT:
+    """``model`` from parsed flags, then ``EDGELOOP_*`` variables, then defaults; a bad value names its setting.
+
+    List settings (``public_keys``) come from one variable with ':'-separated paths. ``flags`` names a
+    setting's flag where it is not ``--<name-with-dashes>``.
+    """
+    flags = flags or {}
     values: dict[str, Any] = {}
-    for name in ServeConfig.model_fields:
-        value = args[name]
+    for name in model.model_fields:
+        value = args.get(name)
         if value is None and f"{ENV_PREFIX}{name.upper()}" in environ:
             value = environ[f"{ENV_PREFIX}{name.upper()}"]
             if name == "public_keys":
@@ -113,9 +119,18 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         if value is not None:
             values[name] = value
     try:
-        return ServeConfig(**values)
+        return model(**values)
     except ValidationError as error:
-        problems = "; ".join(f"{_flag(str(item['loc'][0])) if item['loc'] else 'settings'} "
-                             f"({ENV_PREFIX}{str(item['loc'][0]).upper() if item['loc'] else ''}): {item['msg']}"
-                             for item in error.errors())
-        raise ConfigError(f"bad edge service settings: {problems}") from error
+        def where(item: Any) -> str:
+            if not item["loc"]:
+                return "settings"
+            name = str(item["loc"][0])
+            return f"{flags.get(name, _flag(name))} ({ENV_PREFIX}{name.upper()})"
+        problems = "; ".join(f"{where(item)}: {item['msg']}" for item in error.errors())
+        raise ConfigError(f"bad {what} settings: {problems}") from error
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
+    """Settings from flags, then ``EDGELOOP_*`` variables, then defaults; a bad value names its setting."""
+    environ = os.environ if environ is None else environ
+    return settings_from(ServeConfig, vars(build_parser().parse_args(argv)), environ, "edge service")

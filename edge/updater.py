@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge.config import ENV_PREFIX, settings_from
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.rollout import GROUP, model_topic, telemetry_topic
 from edge.signing import load_public_keys
@@ -44,7 +45,6 @@ from edge.updater_state import hold_lock
 from edge.updater_telemetry import ServiceMetrics, TelemetrySource
 
 log = logging.getLogger(__name__)
-ENV_PREFIX = "EDGELOOP_"
 PASSWORD_ENV = "EDGELOOP_MQTT_PASSWORD"
 DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also an MQTT topic level and client id
 
@@ -105,22 +105,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         flags = FLAGS.get(name, ("--" + name.replace("_", "-"),))
         parser.add_argument(*flags, dest=name, default=None, nargs="+" if name == "public_keys" else None,
                             help=f"{info.description} [{ENV_PREFIX}{name.upper()}]")
-    args = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
-    for name in UpdaterConfig.model_fields:
-        value = args[name]
-        if value is None and f"{ENV_PREFIX}{name.upper()}" in environ:
-            value = environ[f"{ENV_PREFIX}{name.upper()}"]
-            value = [part for part in value.split(":") if part] if name == "public_keys" else value
-        if value is not None:
-            values[name] = value
-    try:
-        config = UpdaterConfig(**values)
-    except ValidationError as error:
-        problems = "; ".join(f"{FLAGS.get(str(item['loc'][0]), ('--' + str(item['loc'][0]).replace('_', '-'),))[0]}"
-                             f" ({ENV_PREFIX}{str(item['loc'][0]).upper()}): {item['msg']}"
-                             for item in error.errors())
-        raise ConfigError(f"bad updater settings: {problems}") from error
+    config = settings_from(UpdaterConfig, vars(parser.parse_args(argv)), environ, "updater",
+                           {name: names[0] for name, names in FLAGS.items()})
     if config.tls_ca is not None and not config.tls_ca.is_file():
         raise ConfigError(f"--tls-ca {config.tls_ca} does not exist")
     return config

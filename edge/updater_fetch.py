@@ -34,7 +34,7 @@ class RolloutFailed(EdgeError):
 
 
 class _Retryable(Exception):
-    pass
+    """A fetch failure worth another attempt (timeout, 408/425/429, 5xx)."""
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:

@@ -60,12 +60,9 @@ class CheckOutcome:
 
 
 def registered_versions(params: Params) -> set[str]:
-    """Every way a device may name a registered version: ``3``, ``v3`` and its image semver."""
+    """Every way a device may name a registered version: ``3``, ``v3`` and its image semver (MLflow configured)."""
     import mlflow
 
-    from tasks.release import tracking
-
-    tracking.configure(params.mlflow)
     names: set[str] = set()
     for version in mlflow.MlflowClient().search_model_versions(f"name='{params.mlflow.registered_model}'"):
         names |= {str(version.version), f"v{version.version}"}
@@ -75,16 +72,14 @@ def registered_versions(params: Params) -> set[str]:
 
 
 def load_check_reference(params: Params, scratch: Path) -> tuple[str, Reference]:
-    """The reference of ``drift.reference``: the champion's (from MLflow) or a file; with a label."""
+    """The reference of ``drift.reference``: the champion's (from MLflow, configured) or a file; with a label."""
     if params.drift.reference != CHAMPION:
         path = Path(params.drift.reference)
         if not path.is_file():
             raise ConfigError(f"drift.reference {path} is not a file; give a reference .npz or 'champion'")
         return str(path), read_reference(path)
-    from tasks.release import tracking
     from tasks.release.promotion import download_drift_reference
 
-    tracking.configure(params.mlflow)
     found = download_drift_reference(params.mlflow.registered_model, CHAMPION, scratch)
     if found is None:
         raise StageError(f"{params.mlflow.registered_model} has no champion yet, so there is no reference to "
@@ -95,6 +90,10 @@ def load_check_reference(params: Params, scratch: Path) -> tuple[str, Reference]
 
 def run_check(params: Params, report_root: Path, consume: bool = True, check_versions: bool = True) -> CheckOutcome:
     """Consolidate the pending uploads into a window and analyse it; reports under ``report_root/<window>``."""
+    if check_versions or params.drift.reference == CHAMPION:
+        from tasks.release import tracking
+
+        tracking.configure(params.mlflow)  # once: the champion's reference and the registered versions
     with tempfile.TemporaryDirectory(prefix="edgeloop-drift-") as scratch:
         label, reference = load_check_reference(params, Path(scratch))
     known = registered_versions(params) if check_versions else None

@@ -17,11 +17,11 @@ verdicts of the checks before it (``flows/drift_state.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import DriftParams
+from tasks.monitoring.analysis import Status
 
 KEEP_VERDICTS = 16       # verdicts kept in the state (drift.consecutive_windows is at most 12)
 MAX_REASON_CHARS = 80    # a Prefect variable holds 5,000 characters: one trimmed reason per verdict (all in MLflow)
@@ -33,7 +33,7 @@ class Verdict(BaseModel):
     model_config = ConfigDict(extra="ignore")
     window_id: str
     at: float  # unix seconds of the check
-    status: Literal["drift", "ok", "too_small", "invalid"]
+    status: Status
     reasons: list[str] = []
 
 
