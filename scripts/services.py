@@ -50,11 +50,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _pid_file(run_dir: Path, name: str) -> Path:
+def pid_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone and is reaped if ours."""
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -70,12 +70,12 @@ def _alive(pid: int) -> bool:
 
 def running_pid(run_dir: Path, name: str) -> int | None:
     """The pid in ``name``'s pid file if that process still runs our command (pids get reused)."""
-    path = _pid_file(run_dir, name)
+    path = pid_file(run_dir, name)
     if not path.is_file():
         return None
     recorded = path.read_text().split()
     pid, marker = (int(recorded[0]), recorded[1]) if len(recorded) == 2 else (0, "")
-    if not pid or not _alive(pid):
+    if not pid or not process_alive(pid):
         return None
     for _ in range(5):  # sshd rewrites its command line (process title) as it runs: read again in that window
         try:
@@ -101,13 +101,13 @@ def wait_healthy(url: str, timeout_s: float, pid: int, log: Path) -> None:
     while time.monotonic() < deadline:
         if healthy(url):
             return
-        if not _alive(pid):
-            raise ServiceError(f"process {pid} exited before {url} answered; see {log}:\n{_tail(log)}")
+        if not process_alive(pid):
+            raise ServiceError(f"process {pid} exited before {url} answered; see {log}:\n{log_tail(log)}")
         time.sleep(0.5)
-    raise ServiceError(f"{url} did not answer within {timeout_s:.0f} s; see {log}:\n{_tail(log)}")
+    raise ServiceError(f"{url} did not answer within {timeout_s:.0f} s; see {log}:\n{log_tail(log)}")
 
 
-def _tail(log: Path, lines: int = 15) -> str:
+def log_tail(log: Path, lines: int = 15) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
 
 
@@ -122,7 +122,7 @@ def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], hea
     with open(log, "ab") as handle:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=handle,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    _pid_file(run_dir, name).write_text(f"{process.pid} {Path(command[0]).name}\n")
+    pid_file(run_dir, name).write_text(f"{process.pid} {Path(command[0]).name}\n")
     if health_url:
         try:
             wait_healthy(health_url, timeout_s, process.pid, log)
@@ -135,7 +135,7 @@ def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], hea
 def stop(name: str, run_dir: Path, timeout_s: float = 20.0) -> bool:
     """Stop the process group ``start`` began for ``name``; True when something was stopped."""
     pid = running_pid(run_dir, name)
-    _pid_file(run_dir, name).unlink(missing_ok=True)
+    pid_file(run_dir, name).unlink(missing_ok=True)
     if pid is None:
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -144,9 +144,9 @@ def stop(name: str, run_dir: Path, timeout_s: float = 20.0) -> bool:
         except ProcessLookupError:
             return True
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and process_alive(pid):
             time.sleep(0.2)
-        if not _alive(pid):
+        if not process_alive(pid):
             return True
     return True
 
@@ -258,7 +258,7 @@ def _start_dockerd(run_dir: Path, cache_dir: Path, timeout_s: float) -> str:
     while not answers(host):
         if running_pid(run_dir, "dockerd") is None:
             raise ServiceError(f"dockerd exited before it answered on {host}; see {service.log}:\n"
-                               f"{_tail(service.log)}")
+                               f"{log_tail(service.log)}")
         if time.monotonic() > deadline:
             stop("dockerd", run_dir)
             raise ServiceError(f"dockerd did not answer on {host} within {timeout_s:.0f} s; see {service.log}")
@@ -277,7 +277,7 @@ class SshTarget:
     known_hosts: Path
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -319,138 +319,14 @@ Subsystem sftp internal-sftp
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
     service = start("sshd", [sshd, "-D", "-e", "-f", str(config)], run_dir, {}, None, f"127.0.0.1:{port}")
     deadline = time.monotonic() + timeout_s
-    while not _listening(port):  # by the pid itself: sshd rewrites its command line as it starts
-        if not _alive(service.pid) or time.monotonic() > deadline:
+    while not listening(port):  # by the pid itself: sshd rewrites its command line as it starts
+        if not process_alive(service.pid) or time.monotonic() > deadline:
             stop("sshd", run_dir)
-            raise ServiceError(f"sshd did not listen on 127.0.0.1:{port}; see {service.log}:\n{_tail(service.log)}")
+            raise ServiceError(f"sshd did not listen on 127.0.0.1:{port}; see {service.log}:\n{log_tail(service.log)}")
         time.sleep(0.1)
     import getpass
 
     return SshTarget("127.0.0.1", port, getpass.getuser(), client_key, known_hosts)
-
-
-@dataclass(frozen=True)
-class Broker:
-    """A Mosquitto broker on loopback started by :func:`start_mosquitto`."""
-
-    host: str
-    port: int
-    pid: int
-    config: Path
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-
-MOSQUITTO_QUEUE_LIMIT = 1_000_000  # per client: a control plane that was away while 10,000 devices reported
-
-
-def start_mosquitto(run_dir: Path, port: int, password_file: Path, acl_file: Path, *,
-                    max_queued_messages: int = MOSQUITTO_QUEUE_LIMIT, autosave_interval_s: int = 1,
-                    timeout_s: float = 20.0) -> Broker:
-    """Debian's Mosquitto 2 on ``127.0.0.1:port``: no anonymous clients, the given password and ACL files,
-    and persistence under ``run_dir/mosquitto`` so retained messages and persistent sessions outlive a restart.
-
-    The in-memory state is saved on a clean stop (SIGTERM, :func:`stop_mosquitto`) and every
-    ``autosave_interval_s`` seconds, so a killed broker loses at most that window. Its log is
-    ``run_dir/mosquitto.log``; ``stop("mosquitto", run_dir)`` stops it by pid like the other services.
-    """
-    binary = _mosquitto_binary()
-    root = run_dir / "mosquitto"
-    if any(" " in str(Path(path).resolve()) for path in (root, run_dir, password_file, acl_file)):
-        raise ServiceError("mosquitto.conf cannot name paths with spaces; use a run folder and credential "
-                           "files without them")
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    config = root / "mosquitto.conf"
-    # as root Mosquitto switches to the `mosquitto` user unless told otherwise, and then cannot read
-    # our 0600 password file or write under run_dir (CI runs as root)
-    user = "user root\n" if os.geteuid() == 0 else ""
-    config.write_text(f"""listener {port} 127.0.0.1
-allow_anonymous false
-password_file {Path(password_file).resolve()}
-acl_file {Path(acl_file).resolve()}
-persistence true
-persistence_location {(root / 'data').resolve()}/
-autosave_interval {autosave_interval_s}
-max_queued_messages {max_queued_messages}
-set_tcp_nodelay true
-pid_file {(root / 'broker.pid').resolve()}
-log_dest file {(run_dir / 'mosquitto.log').resolve()}
-log_timestamp_format %Y-%m-%dT%H:%M:%S
-{user}""")
-    return _run_mosquitto(binary, run_dir, config, port, timeout_s)
-
-
-def _mosquitto_binary() -> str:
-    binary = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin")
-    if binary is None:
-        raise ServiceError("mosquitto is missing: apt-get install mosquitto")
-    return binary
-
-
-def _run_mosquitto(binary: str, run_dir: Path, config: Path, port: int, timeout_s: float) -> Broker:
-    service = start("mosquitto", [binary, "-c", str(config)], run_dir, {}, None, f"mqtt://127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout_s
-    while not _listening(port):
-        if not _alive(service.pid) or time.monotonic() > deadline:
-            stop("mosquitto", run_dir)
-            raise ServiceError(f"mosquitto did not listen on 127.0.0.1:{port}; see {service.log}:\n"
-                               f"{_tail(service.log)}")
-        time.sleep(0.05)
-    _raise_open_files_limit(service.pid)
-    return Broker("127.0.0.1", port, service.pid, config, service.log)
-
-
-def _raise_open_files_limit(pid: int) -> None:
-    """One descriptor per connected device: lift the broker's soft limit (often 1024) to the hard limit."""
-    import resource
-
-    try:
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
-    except (OSError, ValueError):
-        pass  # not permitted here: the broker keeps the limit it inherited
-
-
-def stop_mosquitto(run_dir: Path, hard: bool = False) -> bool:
-    """Stop the broker of ``run_dir``; True when one was running.
-
-    ``hard`` kills it (SIGKILL) the way a crash or power cut would: only what the last autosave wrote
-    survives. Otherwise it gets SIGTERM and saves its state first.
-    """
-    if not hard:
-        return stop("mosquitto", run_dir)
-    pid = running_pid(run_dir, "mosquitto")
-    _pid_file(run_dir, "mosquitto").unlink(missing_ok=True)
-    if pid is None:
-        return False
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + 20.0
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return True
-
-
-def restart_mosquitto(run_dir: Path, broker: Broker, hard: bool = False, timeout_s: float = 20.0) -> Broker:
-    """Stop ``broker`` (killed when ``hard``) and start it again on the same port with the same config and
-    persistence folder, as a fault test does mid-rollout."""
-    stop_mosquitto(run_dir, hard=hard)
-    return _run_mosquitto(_mosquitto_binary(), run_dir, broker.config, broker.port, timeout_s)
-
-
-def reload_mosquitto(run_dir: Path) -> bool:
-    """Make the running broker re-read its password and ACL files (SIGHUP): devices added or removed take
-    effect for new connections without a restart. False when no broker runs in ``run_dir``."""
-    pid = running_pid(run_dir, "mosquitto")
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGHUP)
-    return True
 
 
 def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:

@@ -116,7 +116,7 @@ class Fleet:
 @dataclass(frozen=True)
 class BrokerUnderTest:
     run_dir: Path
-    broker: object  # scripts.services.Broker
+    broker: object  # scripts.mosquitto.Broker
     fleet: Fleet
 
     @property
@@ -145,24 +145,24 @@ def fleet(tmp_path_factory) -> Fleet:
 
 
 def _start(run_dir: Path, fleet: Fleet) -> BrokerUnderTest:
-    from scripts import services
+    from scripts import mosquitto, services
     from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE
 
-    broker = services.start_mosquitto(run_dir, services.free_port(), fleet.credentials / PASSWORD_FILE,
+    broker = mosquitto.start_mosquitto(run_dir, services.free_port(), fleet.credentials / PASSWORD_FILE,
                                       fleet.credentials / ACL_FILE)
     return BrokerUnderTest(run_dir, broker, fleet)
 
 
 @pytest.fixture(scope="module")
 def broker(fleet, tmp_path_factory) -> Iterator[BrokerUnderTest]:
-    from scripts import services
+    from scripts import mosquitto
 
     require_system_tools("mosquitto", packages="mosquitto")
     run_dir = tmp_path_factory.mktemp("mosquitto")
     try:
         yield _start(run_dir, fleet)
     finally:
-        services.stop_mosquitto(run_dir)
+        mosquitto.stop_mosquitto(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +248,13 @@ def test_a_device_cannot_read_another_groups_model(broker, control_plane):
 
 
 def test_a_reloaded_broker_admits_added_and_refuses_removed_devices(broker):
-    from scripts import services
+    from scripts import mosquitto
     from tasks.rollout.fleet import add_device, remove_device
 
     password = add_device(broker.fleet.fleet_file, broker.fleet.credentials, "cam-new", GROUP_B)
     # sim-3 is used by no other test of this module
     remove_device(broker.fleet.fleet_file, broker.fleet.credentials, "sim-3")
-    assert services.reload_mosquitto(broker.run_dir)
+    assert mosquitto.reload_mosquitto(broker.run_dir)
     deadline = time.monotonic() + TIMEOUT_S
     while True:  # the broker re-reads its files on SIGHUP, asynchronously: poll until they apply
         added, removed = broker.peer("cam-new", password), broker.peer("sim-3")
@@ -275,7 +275,7 @@ def _wait_for_autosave(database: Path, payloads: list[bytes]) -> None:
 
 @pytest.mark.parametrize("hard", [False, True], ids=["stopped", "killed"])
 def test_retained_manifests_and_queued_messages_survive_a_broker_restart(fleet, tmp_path, hard):
-    from scripts import services
+    from scripts import mosquitto
 
     require_system_tools("mosquitto", packages="mosquitto")
     started = _start(tmp_path / "run", fleet)
@@ -290,7 +290,7 @@ def test_retained_manifests_and_queued_messages_survive_a_broker_restart(fleet, 
         control.close()
         if hard:  # a killed broker keeps what its last autosave wrote: wait for one that holds both messages
             _wait_for_autosave(started.run_dir / "mosquitto" / "data" / "mosquitto.db", [retained, queued])
-        restarted = services.restart_mosquitto(started.run_dir, started.broker, hard=hard)
+        restarted = mosquitto.restart_mosquitto(started.run_dir, started.broker, hard=hard)
         assert restarted.port == started.port and restarted.pid != started.broker.pid
         device = started.peer("sim-2", client_id="sim-2", clean_start=False, session_expiry_s=3600)
         try:
@@ -305,4 +305,4 @@ def test_retained_manifests_and_queued_messages_survive_a_broker_restart(fleet, 
         finally:
             reader.close()
     finally:
-        services.stop_mosquitto(started.run_dir)
+        mosquitto.stop_mosquitto(started.run_dir)
