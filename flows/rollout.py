@@ -7,6 +7,7 @@ run it after an approval. Each step is an MLflow tag on the version and a Prefec
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,21 @@ class RolloutPlan(BaseModel):
     jitter_s: float | None = Field(None, ge=0, description="devices spread their fetches over this long")
     max_error_rate_increase: float | None = Field(None, ge=0, le=1)
     max_p95_ratio: float | None = Field(None, gt=1)
+    min_p95_increase_ms: float | None = Field(None, ge=0)
     max_confidence_drop: float | None = Field(None, ge=0, le=1)
+    max_missing_fraction: float | None = Field(None, ge=0, le=1, description="silent devices tolerated per stage")
+    baseline_window_s: float | None = Field(None, gt=0, description="previous version's telemetry this recent")
+    broker: str | None = Field(None, description="MQTT broker HOST:PORT (default: EDGELOOP_BROKER, rollout.broker)")
+    fleet_file: str | None = Field(None, description="fleet file naming the group's devices")
+    credentials_dir: str | None = Field(None, description="folder of the broker files and control-plane login")
+    bundle_dir: str | None = Field(None, description="where the signed bundles devices fetch are exported")
+    bundle_base_url: str | None = Field(None, description="URL devices fetch bundle_dir's files from")
 
     def applied_to(self, params: RolloutParams) -> RolloutParams:
+        """``params`` with ``EDGELOOP_BROKER`` and then this plan's values over them (validated again)."""
+        environment = {"broker": os.environ["EDGELOOP_BROKER"]} if os.environ.get("EDGELOOP_BROKER") else {}
         changes = {key: value for key, value in self.model_dump().items() if value is not None}
-        return RolloutParams.model_validate({**params.model_dump(), **changes})
+        return RolloutParams.model_validate({**params.model_dump(), **environment, **changes})
 
 
 def _step_markdown(report: RolloutReport) -> str:
@@ -77,7 +88,11 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
     keys = load_public_keys([params.package.public_keys])
     with MqttChannel(settings.broker, settings.group, fleet_files.CONTROL_PLANE_USER, password, keys) as channel:
         def on_step(step: StageRecord) -> None:
-            records.tag_step(params, target.version, step)
+            try:
+                records.tag_step(params, target.version, step)
+            except Exception as error:  # MLflow away: the devices must not be left mid-rollout for a tag
+                logger.warning("could not tag step %s on the model version (%s: %s); the report keeps it",
+                               step.name, type(error).__name__, error)
             logger.info("%s %s (seq %d): %d device(s), %d installed, %d failed, %d silent%s", step.name,
                         step.version, step.sequence, len(step.devices), len(step.installed), len(step.failed),
                         len(step.missing), f"; {'; '.join(step.problems)}" if step.problems else "")
@@ -99,11 +114,12 @@ def rollout(version: str | None = None, plan: RolloutPlan | None = None,
         plan: cohort plan and health limits for this rollout (defaults: rollout in params.yaml).
         report_dir: where the timeline chart and the JSON report go.
     """
+    from tasks.release.package import with_environment
     from tasks.rollout.records import log_rollout_run, timeline_chart
 
     params = load_params(PARAMS_PATH)
-    if plan is not None:
-        params = params.model_copy(update={"rollout": plan.applied_to(params.rollout)})
+    params = params.model_copy(update={"rollout": (plan or RolloutPlan()).applied_to(params.rollout),
+                                       "package": with_environment(params.package)})  # the signing keys
     report = roll_out(params, version)
     folder = Path(report_dir) / report.rollout_id
     folder.mkdir(parents=True, exist_ok=True)

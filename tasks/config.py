@@ -297,6 +297,7 @@ class RolloutParams(_Section):
     baseline_window_s: float = Field(600.0, gt=0.0)   # the previous version's figures: telemetry this recent
     max_error_rate_increase: float = Field(0.02, ge=0.0, le=1.0)  # absolute, over the previous version's
     max_p95_ratio: float = Field(1.5, gt=1.0)         # p95 latency at most this many times the previous version's
+    min_p95_increase_ms: float = Field(5.0, ge=0.0)   # ... unless it rose less than this (sub-ms noise is no slowdown)
     max_confidence_drop: float = Field(0.05, ge=0.0, le=1.0)     # mean confidence at most this much lower
     bundle_dir: Path = Path("reports/rollout/bundles")  # signed bundles published for devices to fetch
     bundle_base_url: str | None = None                # where devices fetch bundle_dir's files; null: file:// URLs

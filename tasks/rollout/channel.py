@@ -6,8 +6,9 @@ status and recent telemetry summaries it received on ``fleet/<group>/status/+`` 
 (read back on connect), so sequences keep increasing across control-plane restarts.
 
 A broker that goes away pauses the rollout: paho reconnects with backoff, a manifest waits for its
-PUBACK (``publish_timeout_s``), and statuses and telemetry resume arriving on reconnect (a persistent
-session keeps the control plane's subscriptions and queued QoS 1 messages).
+PUBACK (``publish_timeout_s``; published again after each reconnect), and statuses and telemetry resume
+arriving on reconnect (a persistent session keeps the control plane's subscriptions and queued QoS 1
+messages).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from edge.rollout import model_topic, verify_rollout
 from tasks.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
-KEEP_SUMMARIES = 16       # telemetry summaries kept per device
+KEEP_SUMMARIES = 20       # telemetry summaries kept per device: 10 min at the updater's default 30 s
 SESSION_EXPIRY_S = 7 * 86400
 RETAINED_WAIT_S = 2.0     # after SUBACK, how long the retained manifest may take to arrive
 
@@ -86,6 +87,7 @@ class MqttChannel:
         self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
         if reason_code != 0:
             log.warning("MQTT broker connection lost (%s): the rollout pauses until it is back", reason_code)
 
@@ -124,19 +126,27 @@ class MqttChannel:
             return self._retained_sequence
 
     def publish_manifest(self, payload: bytes) -> None:
-        started = time.monotonic()
-        info = self.client.publish(model_topic(self.group), payload, qos=1, retain=True)
-        while not info.is_published():
-            if time.monotonic() - started > self.publish_timeout_s:
+        """Publish retained, QoS 1, and return once the broker acknowledged it; while the broker is away, wait
+        for the reconnect and publish again (devices ignore a sequence they have seen, so a repeat is harmless)."""
+        deadline = time.monotonic() + self.publish_timeout_s
+        while not self._published_once(payload, deadline):
+            if time.monotonic() >= deadline:
                 raise ServiceUnavailable(f"the broker did not acknowledge the manifest within "
                                          f"{self.publish_timeout_s:g} s; the rollout stopped before this stage")
-            try:
-                info.wait_for_publish(timeout=1.0)
-            except (RuntimeError, ValueError):  # not connected: paho keeps the message and sends it on reconnect
-                time.sleep(1.0)
         sequence = json.loads(json.loads(payload)["manifest"])["sequence"]  # our own, just signed
         with self._lock:
             self._retained_sequence = max(self._retained_sequence, sequence)
+
+    def _published_once(self, payload: bytes, deadline: float) -> bool:
+        if not self._connected.wait(max(0.0, min(deadline - time.monotonic(), 5.0))):
+            return False
+        info = self.client.publish(model_topic(self.group), payload, qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout=max(0.1, min(deadline - time.monotonic(), 10.0)))
+            return info.is_published()
+        except (RuntimeError, ValueError):  # the connection went (paho's own copy is resent on reconnect too)
+            time.sleep(0.5)
+            return False
 
     def statuses(self) -> dict[str, dict[str, Any]]:
         with self._lock:

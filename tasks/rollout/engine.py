@@ -10,7 +10,8 @@ an in-memory fleet in the unit tests). For each stage of ``rollout.stages`` (can
    ``refused`` install rolls back at once; devices still silent at the deadline are named, and more of
    them than ``max_missing_fraction`` rolls back;
 4. watch the cohort's telemetry on the new version for ``stage_window_s``: any health problem
-   (:func:`tasks.rollout.health.problems`) rolls back at once.
+   (:func:`tasks.rollout.health.problems`) rolls back at once, and so does a stage whose devices served
+   traffic before but report none on the new version by ``ack_timeout_s`` after the window.
 
 A rollback publishes a manifest signed as ``action: rollback`` to the previous version for the whole group
 (devices that never updated acknowledge it as already active) and waits for the updated devices to come
@@ -86,13 +87,9 @@ class RolloutReport:
         return asdict(self)
 
 
-def _latest_per_device(summaries: list[dict[str, Any]], devices: set[str], version: str) -> list[dict[str, Any]]:
-    latest: dict[str, dict[str, Any]] = {}
-    for summary in summaries:
-        if summary.get("device") in devices and summary.get("version") == version:
-            if summary.get("at", 0) >= latest.get(summary["device"], {}).get("at", -1):
-                latest[summary["device"]] = summary
-    return list(latest.values())
+def _summaries_of(summaries: list[dict[str, Any]], devices: set[str], version: str) -> list[dict[str, Any]]:
+    """The summaries ``devices`` sent about ``version``: all of them, so figures pool every request they counted."""
+    return [summary for summary in summaries if summary.get("device") in devices and summary.get("version") == version]
 
 
 class Rollout:
@@ -139,7 +136,7 @@ class Rollout:
         if self.previous is None:
             return None
         since = self.clock() - self.params.baseline_window_s
-        summaries = _latest_per_device(self.channel.telemetry_since(since), set(cohort), self.previous.version)
+        summaries = _summaries_of(self.channel.telemetry_since(since), set(cohort), self.previous.version)
         return pool(summaries) if summaries else None
 
     def _publish(self, action: Literal["install", "rollback"], release: Release, cutoff: float, stage: str,
@@ -190,19 +187,32 @@ class Rollout:
             self.sleep(self.poll_s)
 
     def _watch(self, record: StageRecord) -> str:
-        """Watch the stage's health for the stage window; the reason to roll back, or ''."""
+        """Watch the stage's health for the stage window; the reason to roll back, or ''.
+
+        Devices that served traffic on the previous version must show some on the new one before the stage
+        passes: the window is extended by up to ``ack_timeout_s`` for that (a broker outage delays
+        telemetry), and a stage still without evidence then rolls back, health unknown.
+        """
         started = record.acked_at or self.clock()
         end = started + self.params.stage_window_s
+        give_up = end + self.params.ack_timeout_s
         devices = set(record.installed)
+        served_before = record.baseline.requests if record.baseline is not None else 0
         while True:
-            summaries = _latest_per_device(self.channel.telemetry_since(started), devices, self.target.version)
+            summaries = _summaries_of(self.channel.telemetry_since(started), devices, self.target.version)
             record.figures = pool(summaries)
             record.problems = problems(record.figures, record.baseline, self.params, self.drift)
             if record.problems:
                 return f"{record.name} unhealthy: " + "; ".join(record.problems)
-            if self.clock() >= end:
+            now = self.clock()
+            if now >= end and (record.figures.requests > 0 or not devices or not served_before):
                 return ""
-            self.sleep(min(self.poll_s, max(0.0, end - self.clock())))
+            if now >= give_up:
+                record.problems = [f"no requests reported on {self.target.version} by the {len(devices)} updated "
+                                   f"device(s) within {give_up - started:g} s (they served {served_before} on "
+                                   f"{self.previous.version if self.previous else 'the previous version'})"]
+                return f"{record.name}: health unknown: {record.problems[0]}"
+            self.sleep(min(self.poll_s, max(0.0, (end if now < end else give_up) - now)))
 
     # ---- rollback ---------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Is a rollout stage healthy? The cohort's telemetry on the new version against the same devices' before.
 
 Devices publish summaries (``edge/updater.py``): requests, errors, p50/p95 latency and mean confidence
-over an interval. A stage's figures pool the summaries of its devices that run the version: error rate
+over an interval. A stage's figures pool every summary its devices sent about the version since the stage's
+acknowledgements (the baseline: within ``rollout.baseline_window_s`` before it), so a few requests of one
+interval do not decide alone: error rate
 and mean confidence weighted by requests, p95 as the request-weighted mean of the devices' p95s (a
 fleet-wide percentile cannot be rebuilt from per-device percentiles; the weighted mean moves with a
 slowdown on any share of the devices). The baseline is the same devices' figures on the previous
@@ -41,7 +43,7 @@ def _weighted(summaries: list[dict[str, Any]], key: str) -> float | None:
 
 
 def pool(summaries: list[dict[str, Any]]) -> Figures:
-    """One stage's figures from the devices' telemetry summaries (latest per device is the caller's choice)."""
+    """One stage's figures pooled from its devices' telemetry summaries (every summary counts its own requests)."""
     requests = sum(int(s.get("requests") or 0) for s in summaries)
     errors = sum(int(s.get("errors") or 0) for s in summaries)
     return Figures(len({s.get("device") for s in summaries}), requests,
@@ -62,9 +64,10 @@ def problems(current: Figures, baseline: Figures | None, params: RolloutParams, 
                          f"{params.max_error_rate_increase:g}")
     if current.p95_ms is not None:
         if has_base and baseline.p95_ms:
-            if current.p95_ms > baseline.p95_ms * params.max_p95_ratio:
+            if current.p95_ms > baseline.p95_ms * params.max_p95_ratio and \
+                    current.p95_ms - baseline.p95_ms > params.min_p95_increase_ms:
                 found.append(f"p95 latency {current.p95_ms:.1f} ms > {params.max_p95_ratio:g} x "
-                             f"{baseline.p95_ms:.1f} ms (previous version)")
+                             f"{baseline.p95_ms:.1f} ms (previous version) and {params.min_p95_increase_ms:g} ms more")
         elif current.p95_ms > drift.max_latency_p95_ms:
             found.append(f"p95 latency {current.p95_ms:.1f} ms > {drift.max_latency_p95_ms:g} ms (no baseline)")
     if current.mean_confidence is not None:

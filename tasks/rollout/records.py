@@ -79,15 +79,20 @@ def record_outcome(params: Params, report: RolloutReport) -> None:
         log.warning("champion alias moved back from version %s to %s: %s", target, previous, report.reason)
 
 
+def step_tag(step) -> str:
+    """The model-version tag of a step: ``rollout.step.canary``, ``rollout.step.25pct``, ``rollout.step.rollback``."""
+    return f"rollout.step.{step.name.replace('%', 'pct')}"
+
+
 def tag_step(params: Params, target: str, step) -> None:
-    """One tag per step on the target version: ``rollout.step.<name>`` = what happened, for the registry's UI."""
+    """One tag per step on the target version (:func:`step_tag`) saying what happened, for the registry's UI."""
     import mlflow
 
     summary = (f"seq {step.sequence} {step.action} {step.version}: {len(step.installed)}/{len(step.devices)} "
                f"installed, {len(step.failed)} failed, {len(step.missing)} silent"
                + (f"; {'; '.join(step.problems)}" if step.problems else ""))
     mlflow.MlflowClient().set_model_version_tag(params.mlflow.registered_model, target.removeprefix("v"),
-                                                f"rollout.step.{step.name}", summary[:4900])
+                                                step_tag(step), summary[:4900])
 
 
 def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) -> str | None:

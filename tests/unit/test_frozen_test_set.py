@@ -4,66 +4,25 @@ comparison scores challenger and champion on the champion's frozen test set. Rea
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 from edge.features import features
 from edge.runtime import EdgeModel
-from edge.sidecar import write_sidecar
 from tasks.config import Params
 from tasks.contracts import (
-    BaselineSummary,
-    Dataset,
-    Evaluation,
-    PreparedData,
-    PtqCheck,
-    QatSummary,
-    QualityFloor,
     Registration,
-    TrainSummary,
-    VariantRow,
     Workspace,
-    write_evaluation,
-    write_prepared,
 )
 from tasks.errors import StageError
 from tasks.evaluation.compare import CURRENT_SET, FROZEN_SET
-from tasks.lineage import directory_md5, file_md5
+from tasks.lineage import file_md5
 from tasks.monitoring.reference import read_reference
 from tasks.release import promotion
 from tasks.release.challenge import compare_with_champion, evaluation_sets
 from tasks.release.register import register
 from tests.conftest import REPO_ROOT
-
-TRAIN, TEST, NEWER_TEST = slice(0, 1000), slice(1200, 1500), slice(1400, 1797)
-
-
-def split(digits, rows: slice) -> Dataset:
-    return Dataset(digits.x[rows], digits.y[rows], digits.labels)
-
-
-def prepare_run(workspace: Workspace, digits, model_file, variant: str, test_rows: slice) -> tuple[Evaluation,
-                                                                                                  TrainSummary]:
-    """What the stages before register leave in a workspace, with a real tiny model as the variant."""
-    write_prepared(workspace, PreparedData(split(digits, TRAIN), split(digits, slice(1000, 1200)),
-                                           split(digits, test_rows), digits.x[:50]), "sklearn_digits")
-    target = workspace.variant_file(variant)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(model_file, target)
-    write_sidecar(target, {"variant": variant, "data_version": directory_md5(workspace.prepared_dir),
-                           "git_commit": "test", "params_hash": "test", "labels": digits.labels})
-    evaluation = Evaluation(recommended=variant, recommend_by="size", gates={}, rows=[VariantRow(
-        variant=variant, status="ok", accuracy=0.9, accuracy_drop_pts=0.1, size_bytes=target.stat().st_size)])
-    write_evaluation(workspace, evaluation)
-    for suffix in ("csv", "md", "png"):
-        workspace.comparison_file(suffix).write_text("report")
-    summary = TrainSummary(model="digits_cnn", params_count=1, input_shape=list(digits.input_shape),
-                           labels=digits.labels, quality=QualityFloor(val_accuracy=0.9, majority_rate=0.1, floor=0.3),
-                           baseline=BaselineSummary(file="baseline.h5", val_accuracy=0.9, test_accuracy=0.9),
-                           ptq_check=PtqCheck(val_accuracy=0.9, drop_pts=0.0), qat=QatSummary(reason="off"))
-    return evaluation, summary
+from tests.registry_helpers import NEWER_TEST, TEST, TRAIN, prepare_run, split
 
 
 @pytest.fixture

@@ -1,0 +1,197 @@
+"""The ``rollout`` flow end to end: a real Mosquitto with per-device passwords and ACLs, simulated devices that
+each run the real edge service and updater with their own store and serve real traffic, a real MLflow registry
+(SQLite) and the session's Prefect server.
+
+One scenario, in order (each phase starts from where the last one left the fleet):
+
+1. a healthy version goes out canary -> 50% -> 100% while the broker is stopped in the middle (the rollout
+   pauses and resumes); the device that never comes online is named, the others all serve the new version;
+2. a bad challenger (same predictions, far lower confidence) is promoted and rolled out: the canary's
+   telemetry trips the confidence limit, every updated device returns to the previous version, the version
+   is tagged ``rollout=rolled-back`` with the reason and ``champion`` goes back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import require_system_tools
+from tests.registry_helpers import TEST, prepare_run
+from tests.stack_helpers import wait_for
+
+pytestmark = pytest.mark.integration
+GROUP = "lab"
+RUNNING = ["sim-0", "sim-1", "sim-2", "sim-3"]
+SILENT = "sim-4"  # in the fleet file and the broker's password file, never started
+
+
+def _softened(model, factor: float):
+    """The same network with its logits scaled down: identical predictions, much lower confidence."""
+    import tf_keras as keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    kernel, bias = clone.layers[-1].get_weights()
+    clone.layers[-1].set_weights([kernel * factor, bias * factor])
+    return clone
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_model, tiny_model_files, digits):
+    """Versions 1 (int8, champion), 2 (fp32: healthy) and 3 (int8, under-confident) in a SQLite MLflow."""
+    import mlflow
+
+    from tasks.config import Params
+    from tasks.contracts import Workspace
+    from tasks.model import exporters
+    from tasks.release.register import register
+
+    root = tmp_path_factory.mktemp("rollout-registry")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    bad = root / "bad_int8.tflite"
+    bad.write_bytes(exporters.tflite_bytes(_softened(tiny_model, 0.15), "int8", digits.x[:50]))
+    params = Params.model_validate({"drift": {"reference_rows": 100}, "retrain": {"labelled_dir": str(root / "none")},
+                                    "evaluate": {"latency_warmup_runs": 1, "latency_runs": 5}})
+    try:
+        for index, (variant, model_file) in enumerate([("tflite_int8", tiny_model_files["tflite_int8"]),
+                                                       ("tflite_fp32", tiny_model_files["tflite_fp32"]),
+                                                       ("tflite_int8", bad)]):
+            workspace = Workspace(root / f"run{index}")
+            register(params, workspace, *prepare_run(workspace, digits, model_file, variant, TEST))
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(params.mlflow.registered_model, "champion", "1")
+        yield params
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, image_env, registry, digits):
+    """The broker with the fleet's files and four running devices provisioned with version 1."""
+    from scripts import mosquitto, services
+    from scripts.device_fleet import DeviceFleet
+    from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, simulated_fleet
+    from tasks.rollout.records import release_of
+
+    require_system_tools("mosquitto", packages="mosquitto")
+    root = tmp_path_factory.mktemp("rollout-fleet")
+    credentials = root / "credentials"
+    passwords = simulated_fleet(len(RUNNING) + 1, [GROUP], credentials)
+    ensure_control_plane(credentials)
+    broker = mosquitto.start_mosquitto(root / "run", services.free_port(), credentials / PASSWORD_FILE,
+                                       credentials / ACL_FILE)
+    settings = {"broker": f"127.0.0.1:{broker.port}", "fleet_file": str(credentials / "fleet.yaml"),
+                "credentials_dir": str(credentials), "bundle_dir": str(root / "bundles")}
+    with_keys = registry.model_copy(update={
+        "package": registry.package.model_copy(update={"signing_key": image_env.signing_key}),
+        "rollout": registry.rollout.model_copy(update={"bundle_dir": root / "bundles"})})
+    first = release_of(with_keys, "1")  # provisioned like a factory image; the flow reuses the same bundle
+    devices = DeviceFleet(root / "devices", settings["broker"], GROUP, image_env.public_keys)
+    try:
+        for device in RUNNING:
+            devices.start(device, passwords[device][1], Path(first.bundle_url.removeprefix("file://")))
+        wait_for(lambda: set(devices.versions().values()) == {"v1"}, 60, "every device to serve v1")
+        with devices.traffic(digits.x[1200:1500], rate_per_device_hz=8.0):
+            yield devices, broker, root, settings
+    finally:
+        devices.stop()
+        mosquitto.stop_mosquitto(root / "run")
+
+
+def _plan(settings: dict, **changes):
+    from flows.rollout import RolloutPlan
+
+    # a stage's figures pool a few dozen requests per device here: the limits leave room for that sampling
+    # noise (the bad challenger's confidence is ~0.5 below, its latency the same)
+    return RolloutPlan.model_validate({"group": GROUP, "stages": [25, 50, 100], "stage_window_s": 3,
+                                       "ack_timeout_s": 15, "jitter_s": 0.5, "max_missing_fraction": 0.5,
+                                       "baseline_window_s": 30, "max_confidence_drop": 0.2,
+                                       **settings, **changes})
+
+
+def _active(device) -> str | None:
+    state = json.loads((device.store / "state.json").read_text())
+    return state.get("active")
+
+
+def _artifact_of(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return next(artifact.data for artifact in artifacts if artifact.key == "rollout")
+
+
+def test_healthy_rollout_rides_out_a_broker_stop_then_a_bad_challenger_is_rolled_back(stack, fleet, registry,
+                                                                                      tmp_path):
+    import mlflow
+
+    from flows.rollout import rollout
+    from scripts import mosquitto
+
+    devices, broker, root, settings = fleet
+    client, name = mlflow.MlflowClient(), registry.mlflow.registered_model
+    wait_for(lambda: all(d.requests > 20 for d in devices.devices.values()), 30, "baseline traffic on v1")
+
+    # ---- 1: version 2, healthy; the broker stops after the canary and comes back -------------------------
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(state=rollout(
+        version="2", plan=_plan(settings), report_dir=str(tmp_path / "reports"), return_state=True)))
+    runner.start()
+    wait_for(lambda: any(_active(d) == "v2" for d in devices.devices.values()), 60, "the canary to install v2")
+    mosquitto.stop_mosquitto(root / "run")  # SIGTERM: the broker saves its state, as in a planned restart
+    threading.Event().wait(4.0)             # the rollout waits for its next manifest's PUBACK meanwhile
+    mosquitto.restart_mosquitto(root / "run", broker)
+    runner.join(240)
+    assert not runner.is_alive(), "the rollout did not finish after the broker came back"
+    state = result["state"]
+    report = state.result()
+    assert report["outcome"] == "completed", report["reason"]
+    assert [stage["name"] for stage in report["stages"]] == ["canary", "50%", "100%"]
+    assert [len(stage["devices"]) for stage in report["stages"]] == [2, 3, 5]  # ceil(5 x 25%), ...
+    assert report["stages"][-1]["missing"] == [SILENT]  # named, and the rollout did not wait forever
+    assert sorted(report["stages"][-1]["installed"]) == RUNNING
+    assert all(stage["figures"]["requests"] > 0 for stage in report["stages"])  # health was judged on traffic
+    assert {_active(d) for d in devices.devices.values()} == {"v2"}
+    wait_for(lambda: set(devices.versions().values()) == {"v2"}, 30, "every service to serve v2")
+    tags = client.get_model_version(name, "2").tags
+    assert tags["rollout"] == "completed" and "4/5 installed" in tags["rollout.step.100pct"]
+    assert "| 100% |" in _artifact_of(state.state_details.flow_run_id)
+    folder = tmp_path / "reports" / report["rollout_id"]
+    assert (folder / "timeline.png").stat().st_size > 0 and json.loads((folder / "report.json").read_text())
+
+    # ---- 2: version 3 approved as champion, but under-confident on the devices: rolled back ---------------
+    client.set_registered_model_alias(name, "previous", "2")  # what promotion does after an approval
+    client.set_registered_model_alias(name, "champion", "3")
+    errors_before = sum(d.errors for d in devices.devices.values())
+    bad = rollout(version=None, plan=_plan(settings, stage_window_s=20), report_dir=str(tmp_path / "reports"))
+    assert bad["outcome"] == "rolled_back" and bad["target"] == "v3" and bad["previous"] == "v2"
+    canary = bad["stages"][0]
+    assert len(bad["stages"]) == 1 and "mean confidence" in canary["problems"][0], canary
+    assert canary["figures"]["mean_confidence"] < canary["baseline"]["mean_confidence"] - 0.2
+    rollback = bad["rollback"]
+    assert rollback["action"] == "rollback" and sorted(rollback["installed"]) == sorted(canary["installed"])
+    assert {_active(d) for d in devices.devices.values()} == {"v2"}
+    wait_for(lambda: set(devices.versions().values()) == {"v2"}, 30, "every service to serve v2 again")
+    for device_id in canary["installed"]:
+        state_file = json.loads((devices.devices[device_id].store / "state.json").read_text())
+        assert "mean confidence" in state_file["rolled_back"]["v3"]
+    tags = client.get_model_version(name, "3").tags
+    assert tags["rollout"] == "rolled-back" and "mean confidence" in tags["rollout.reason"]
+    aliases = client.get_registered_model(name).aliases
+    assert str(aliases["champion"]) == "2" and "previous" not in aliases
+    assert sum(d.errors for d in devices.devices.values()) == errors_before  # no request failed on the way
+    assert np.isfinite(canary["figures"]["p95_ms"])

@@ -1,0 +1,54 @@
+"""A registered model version without training: what the stages before register leave, with a real model file."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+
+from edge.runtime import EdgeModel
+from edge.sidecar import write_sidecar
+from tasks.contracts import (
+    BaselineSummary,
+    Dataset,
+    Evaluation,
+    PreparedData,
+    PtqCheck,
+    QatSummary,
+    QualityFloor,
+    TrainSummary,
+    VariantRow,
+    Workspace,
+    write_evaluation,
+    write_prepared,
+)
+from tasks.lineage import directory_md5
+
+TRAIN, TEST, NEWER_TEST = slice(0, 1000), slice(1200, 1500), slice(1400, 1797)
+
+
+def split(digits, rows: slice) -> Dataset:
+    return Dataset(digits.x[rows], digits.y[rows], digits.labels)
+
+
+def prepare_run(workspace: Workspace, digits, model_file, variant: str, test_rows: slice) -> tuple[Evaluation,
+                                                                                                  TrainSummary]:
+    """What the stages before register leave in a workspace, with a real tiny model as the variant."""
+    write_prepared(workspace, PreparedData(split(digits, TRAIN), split(digits, slice(1000, 1200)),
+                                           split(digits, test_rows), digits.x[:50]), "sklearn_digits")
+    target = workspace.variant_file(variant)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_file, target)
+    loaded = EdgeModel.load(target)  # the convert stage's sidecar: what a bundle export needs too
+    write_sidecar(target, {"variant": variant, "runtime": loaded.runtime, "input": asdict(loaded.input),
+                           "output": asdict(loaded.output), "data_version": directory_md5(workspace.prepared_dir),
+                           "git_commit": "test", "params_hash": "test", "labels": digits.labels})
+    evaluation = Evaluation(recommended=variant, recommend_by="size", gates={}, rows=[VariantRow(
+        variant=variant, status="ok", accuracy=0.9, accuracy_drop_pts=0.1, size_bytes=target.stat().st_size)])
+    write_evaluation(workspace, evaluation)
+    for suffix in ("csv", "md", "png"):
+        workspace.comparison_file(suffix).write_text("report")
+    summary = TrainSummary(model="digits_cnn", params_count=1, input_shape=list(digits.input_shape),
+                           labels=digits.labels, quality=QualityFloor(val_accuracy=0.9, majority_rate=0.1, floor=0.3),
+                           baseline=BaselineSummary(file="baseline.h5", val_accuracy=0.9, test_accuracy=0.9),
+                           ptq_check=PtqCheck(val_accuracy=0.9, drop_pts=0.0), qat=QatSummary(reason="off"))
+    return evaluation, summary
