@@ -10,7 +10,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: demo edge-demo down services image-services base-images image repro test lint lock clean-outputs
+.PHONY: demo demo-loop edge-demo down services image-services base-images image repro test lint lock clean-outputs
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: image-services keys/control-plane.key
 	@echo "Prefect UI:        http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "MLflow UI:         http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "comparison report: $(CURDIR)/reports/comparison.md"
+
+# The whole loop (after `make demo`): 20 simulated devices (edge service + updater each) on a Mosquitto with
+# per-device logins, drifted traffic, the drift check firing, the retrain approved, canary -> full rollout;
+# then a deliberately bad challenger approved and rolled back automatically. ARGS=--interactive: approve
+# in the Prefect UI yourself.
+demo-loop: image-services keys/control-plane.key
+	$(PREFECT_ENV) $(BIN)/prefect --no-prompt deploy --all > .run/deploy.log
+	$(PREFECT_ENV) MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/python -m scripts.demo_loop $(ARGS)
 
 # The candidate `make demo` registered, signed, installed in a local store (.run/edge) and served on :8080.
 edge-demo: services

@@ -54,7 +54,7 @@ class Services:
             if token is None:
                 raise ConfigError("upload_to is an HTTP URL but no upload_token (or upload_token_file) is set")
             return HttpTarget(target, self.config.device_id, token)
-        return FolderTarget(Path(target))
+        return FolderTarget(Path(target), self.config.device_id)
 
     def _export_metrics(self) -> None:
         gauge, samples, sampler, thermal = self.metrics.gauge, self.samples, self.sampler, self.thermal

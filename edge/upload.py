@@ -34,13 +34,18 @@ class UploadTarget(Protocol):
 
 
 class FolderTarget:
-    """Copies files into a folder (a mounted share, the embedded default): tmp + fsync + atomic rename."""
+    """Copies files into a folder (a mounted share, the embedded default): tmp + fsync + atomic rename.
 
-    def __init__(self, directory: Path) -> None:
+    With ``device_id`` the copy is named ``<device>--<file>`` as the ingest endpoint names it, so many
+    devices can share one folder and the drift check knows whose file it is.
+    """
+
+    def __init__(self, directory: Path, device_id: str | None = None) -> None:
         self.directory = Path(directory)
+        self.prefix = f"{device_id}--" if device_id else ""
 
     def send(self, path: Path) -> None:
-        target = self.directory / path.name
+        target = self.directory / f"{self.prefix}{path.name}"
         try:
             expected = sha256_file(path)
             if target.is_file() and sha256_file(target) == expected:

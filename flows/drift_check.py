@@ -22,7 +22,7 @@ PAYLOAD_KEYS = ("window_id", "status", "reasons", "rows", "drift_share", "drifte
                 "latency_p95_ms", "reference", "decision", "window_file", "mlflow_run")
 
 
-@flow(name="drift-check", log_prints=True)
+@flow(name="drift-check", log_prints=True, persist_result=True)
 def drift_check(collected_dir: str | None = None, settings: dict[str, Any] | None = None,
                 report_dir: str = "reports/drift") -> dict[str, Any]:
     """Analyse the uploads since the last check; emit edgeloop.drift.detected when the trigger policy fires.

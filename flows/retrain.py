@@ -1,9 +1,11 @@
-"""The ``retrain`` flow (drift trigger or UI): new candidate, challenger vs champion, human approval, promotion."""
+"""The ``retrain`` flow (drift trigger or UI): new candidate, challenger vs champion, human approval, promotion,
+then the staged rollout to the fleet (``flows/rollout.py``)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +21,7 @@ from flows import steps
 from flows.artifacts import publish_images
 from flows.locking import exclusive_outputs
 from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
+from flows.rollout import RolloutPlan, rollout
 from flows.training import build_candidate
 from tasks.evaluation.compare import comparison_markdown
 from tasks.release.promotion import ApprovalRecord
@@ -72,16 +75,41 @@ def wait_for_decision(timeout_s: int) -> ApprovalDecision | None:
     return None if decision.reviewer == TIMEOUT_REVIEWER else decision
 
 
+def roll_out_promoted(fleet_file: Path, version: str, plan: RolloutPlan | None, enabled: bool,
+                      promoted: dict[str, Any]) -> dict[str, Any] | State:
+    """The promoted version to the fleet through the ``rollout`` flow (a subflow), or why not."""
+    logger = get_run_logger()
+    if not enabled:
+        logger.info("fleet rollout off for this run: start the rollout/manual deployment for version %s", version)
+        return {**promoted, "rollout": "skipped: fleet_rollout is off"}
+    if not fleet_file.is_file():
+        logger.info("no fleet file %s (edgeloop fleet add-device creates it): version %s is champion, nothing to "
+                    "roll out to", fleet_file, version)
+        return {**promoted, "rollout": f"skipped: no fleet file {fleet_file}"}
+    state = rollout(version=version, plan=plan, return_state=True)
+    if not state.is_completed():
+        return Failed(message=f"version {version} is champion, but its rollout did not run to an end "
+                      f"({state.message}); fix that and start the rollout/manual deployment for it")
+    report = state.result()
+    if report["outcome"] != "completed":
+        return Completed(name="Rolled back", message=f"version {version} was approved and promoted, then "
+                         f"{report['outcome'].replace('_', ' ')} on the fleet: {report['reason']}")
+    return {**promoted, "rollout": {key: report[key] for key in ("rollout_id", "outcome", "target", "previous")}}
+
+
 @flow(name="retrain", log_prints=True, persist_result=True)
 def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict[str, Any] | None = None,
-            approval_timeout_s: int | None = None, workspace: str | None = None) -> dict[str, Any] | State:
-    """Retrain on the newest data and promote the challenger only with a human approval.
+            approval_timeout_s: int | None = None, workspace: str | None = None, fleet_rollout: bool = True,
+            rollout_plan: RolloutPlan | None = None) -> dict[str, Any] | State:
+    """Retrain on the newest data, promote the challenger only with a human approval, then roll it out.
 
     Args:
         params: what to change for this run (defaults: params.yaml).
         drift_summary: what triggered the run (filled in by the edgeloop.drift.detected trigger).
         approval_timeout_s: how long to wait for a decision (default: retrain.approval_timeout_s).
         workspace: folder for this run's outputs.
+        fleet_rollout: roll the promoted version out to the fleet (canary first) when a fleet file exists.
+        rollout_plan: cohort plan and health limits of that rollout (defaults: rollout in params.yaml).
     """
     logger = get_run_logger()
     config, run_workspace = resolve(params, workspace)
@@ -109,4 +137,7 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
     # ---- the approved version's images: built, checked and pushed before it becomes champion ----
     publish_images(steps.package_images(config, run_workspace, version))
     # ---- promotion (refuses without the approval record) --------------------------------
-    return steps.promote(config, version, approval)
+    promoted = steps.promote(config, version, approval)
+    # ---- the fleet: canary, wider stages, rolled back (champion too) when it hurts --------
+    fleet_file = (rollout_plan or RolloutPlan()).applied_to(config.rollout).fleet_file
+    return roll_out_promoted(fleet_file, version, rollout_plan, fleet_rollout, promoted)

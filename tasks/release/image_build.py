@@ -47,7 +47,7 @@ EDGE_PACKAGE = REPO_ROOT / "edge"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 # what edge/ imports at run time, besides the runtime itself; versions come from requirements.lock
 EDGE_REQUIREMENTS = ("numpy", "fastapi", "uvicorn", "httptools", "uvloop", "prometheus-client", "cryptography",
-                     "orjson", "httpx")
+                     "orjson", "httpx", "paho-mqtt")  # paho-mqtt: the updater (python -m edge.updater)
 RUNTIME_REQUIREMENTS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
 PIP_PLATFORMS = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
 MANYLINUX = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")

@@ -133,6 +133,7 @@ def test_sampled_features_reach_the_outbox_without_raw_inputs(server, digits):
     for start in range(0, 60, 10):
         assert server.predict(digits.x[start:start + 10]).status_code == 200
     uploaded = wait_for(lambda: sorted(server.outbox.glob("*.npz")), 30, "a closed sample file in the outbox")
+    assert uploaded[0].name.startswith("test-device--")  # named as the ingest endpoint names a device's file
     with np.load(uploaded[0], allow_pickle=False) as archive:
         assert "x" not in archive.files  # private by default: derived features only
         assert archive["features"].shape[0] == len(archive["confidence"]) > 0

@@ -302,6 +302,14 @@ def test_the_edge_stack_comes_up_from_the_pushed_image(images, shipped, tmp_path
     project = f"edgeloop-test-{port}"
     files = ["-f", "docker/compose.edge.yml"]
     assert _compose([*files, "config", "-q"], env, project).returncode == 0
+    fleet = _compose([*files, "--profile", "fleet", "config"], {**env, "EDGELOOP_BROKER": "broker.lan:1883"}, project)
+    assert fleet.returncode == 0 and "edge.updater" in fleet.stdout and "broker.lan:1883" in fleet.stdout, fleet.stderr
+    # the updater ships in the same image: its dependencies (paho-mqtt) are there and it validates its settings
+    updater = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/opt/edgeloop/bin/python",
+                              report.images[0].pinned, "-m", "edge.updater", "--broker", "x:1", "--device", "d",
+                              "--group", "g", "--store", "/tmp/s", "--password-file", "/nonexistent"],
+                             capture_output=True, text=True, timeout=120)
+    assert updater.returncode == 2 and "/nonexistent" in updater.stderr, updater.stdout + updater.stderr
     try:
         up = _compose([*files, "up", "-d"], env, project)
         assert up.returncode == 0, up.stderr

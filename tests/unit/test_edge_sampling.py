@@ -315,6 +315,8 @@ def test_folder_target_copies_atomically_and_confirms(tmp_path):
     (tmp_path / "blocked").write_text("a file where the folder should be")
     with pytest.raises(UploadError, match="cannot copy"):
         FolderTarget(tmp_path / "blocked").send(source)
+    FolderTarget(tmp_path / "shared", "cam-7").send(source)  # a folder many devices share: named as ingest does
+    assert [path.name for path in (tmp_path / "shared").iterdir()] == [f"cam-7--{source.name}"]
 
 
 def test_uploader_deletes_only_confirmed_files_oldest_first(tmp_path):

@@ -1,0 +1,231 @@
+"""``make demo-loop``: the whole loop on one machine, from a drifting fleet back to a healthy one.
+
+1. The champion (``make demo``'s candidate, promoted once with a recorded bootstrap approval when there is
+   no champion yet) is served by ``--devices`` simulated devices: each the real edge service and updater
+   with its own store and broker login (:mod:`scripts.device_fleet`), on a Mosquitto with the fleet's
+   password file and ACL (``rollout.fleet_file``, ``rollout.credentials_dir``, ``rollout.broker``).
+2. Their traffic drifts (noise, blur, brightness at ``high``); they sample it and upload to
+   ``drift.collected_dir``. The ``drift-check/hourly`` deployment runs until the policy fires
+   ``edgeloop.drift.detected``, and the ``retrain/on-drift`` automation starts a retrain.
+3. The retrain waits at the approval gate. ``--interactive`` waits for you in the Prefect UI (or
+   ``edgeloop approve``); otherwise the demo approves as reviewer ``demo-loop``. Then the images are
+   packaged, the challenger becomes champion and the rollout goes canary -> 25% -> 100%.
+4. Run two: a deliberately bad challenger (one epoch, gates lowered so it registers) is approved; its canary
+   reports a far lower confidence than the previous version on the same devices and the rollout rolls it
+   back: every device returns, the ``champion`` alias too.
+
+For the demo the ``retrain/on-drift`` deployment's default parameters are set to a fast training and a
+short rollout plan (visible in the UI) and put back at the end. Everything the devices write stays under
+``.run/demo-loop``; the devices and the broker stop at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.parameters import PARAMS_PATH, default_parameters
+from scripts import mosquitto
+from scripts.device_fleet import DeviceFleet
+from scripts.services import REPO_ROOT
+from tasks.config import Params, load_params
+
+RUN_DIR = REPO_ROOT / ".run" / "demo-loop"
+PREFIX = "demo"
+FAST_TRAINING = {"epochs": 3, "strategy": "ptq", "prune": False, "variants": ["tflite_fp32", "tflite_int8"],
+                 "platforms": ["linux/amd64"], "benchmark_devices": ["x86-gateway"]}
+BAD_TRAINING = {**FAST_TRAINING, "epochs": 1, "seed": 7}
+DEMO_PLAN = {"stages": [5, 25, 100], "stage_window_s": 20, "ack_timeout_s": 60, "jitter_s": 2,
+             "baseline_window_s": 120}
+DRIFT_SETTINGS = {"cooldown_h": 0, "consecutive_windows": 2}
+
+
+class Timeline:
+    def __init__(self) -> None:
+        self.started, self.events = time.monotonic(), []
+
+    def __call__(self, what: str) -> None:
+        line = f"[{time.monotonic() - self.started:7.1f} s] {what}"
+        self.events.append(line)
+        print(line, flush=True)
+
+
+def _ui(path: str) -> str:
+    from prefect.settings import PREFECT_UI_URL
+
+    return f"{PREFECT_UI_URL.value()}{path}"
+
+
+def ensure_champion(params: Params, note: Timeline) -> str:
+    """The champion's version; without one, ``make demo``'s candidate becomes it with a recorded bootstrap."""
+    from tasks.release import tracking
+    from tasks.release.promotion import ApprovalRecord, promote, version_by_alias
+
+    tracking.configure(params.mlflow)
+    name = params.mlflow.registered_model
+    champion = version_by_alias(name, "champion")
+    if champion is not None:
+        return str(champion.version)
+    candidate = version_by_alias(name, "candidate")
+    if candidate is None:
+        raise SystemExit("error: no registered candidate: run `make demo` first")
+    promote(name, str(candidate.version), ApprovalRecord.from_decision(
+        True, "demo-loop", "bootstrap: the first champion of the demo fleet"))
+    note(f"no champion yet: candidate v{candidate.version} promoted (bootstrap approval recorded)")
+    return str(candidate.version)
+
+
+def start_fleet(params: Params, count: int, bundle: Path, note: Timeline) -> tuple[DeviceFleet, dict]:
+    from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, load_fleet, simulated_fleet
+
+    settings = params.rollout
+    if settings.fleet_file.is_file():
+        others = [d for d in load_fleet(settings.fleet_file).groups().get(settings.group, [])
+                  if not d.startswith(f"{PREFIX}-")]
+        if others:
+            raise SystemExit(f"error: {settings.fleet_file} lists devices of yours ({', '.join(others[:3])}); the demo "
+                             "writes its own simulated fleet there: move it or point rollout.fleet_file elsewhere")
+    passwords = simulated_fleet(count, [settings.group], settings.credentials_dir, fleet_file=settings.fleet_file,
+                                prefix=PREFIX)
+    ensure_control_plane(settings.credentials_dir)
+    mosquitto.stop_mosquitto(RUN_DIR)  # a previous demo's broker
+    broker = mosquitto.start_mosquitto(RUN_DIR, int(settings.broker.rsplit(":", 1)[1]),
+                                       settings.credentials_dir / PASSWORD_FILE, settings.credentials_dir / ACL_FILE)
+    note(f"Mosquitto on {broker.host}:{broker.port}: {count} device logins, ACLs per device")
+    fleet = DeviceFleet(RUN_DIR / "devices", settings.broker, settings.group, params.package.public_keys)
+    collected = (REPO_ROOT / params.drift.collected_dir).resolve()
+    collected.mkdir(parents=True, exist_ok=True)
+    for device, (_, password) in passwords.items():
+        fleet.start(device, password, bundle, upload_to=collected, sample_rate=0.2, sample_file_records=64,
+                    sample_file_age_s=5)
+    return fleet, passwords
+
+
+def run_deployment(name: str, parameters: dict[str, Any], timeout_s: float = 1800):
+    from prefect.deployments import run_deployment as run
+
+    return run(name, parameters=parameters, timeout=timeout_s)
+
+
+def set_retrain_defaults(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """Replace the ``retrain/on-drift`` deployment's default parameters; the previous ones."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/on-drift")
+        previous = dict(deployment.parameters or {})
+        client.update_deployment(deployment.id, DeploymentUpdate(parameters=parameters or {}))
+    return previous
+
+
+def drift_until_retrain(note: Timeline, started_after: float, timeout_s: float = 900):
+    """Drift checks every minute until one fires; the retrain run the automation started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(45)
+        check = run_deployment("drift-check/hourly", {"settings": DRIFT_SETTINGS}, 600)
+        result = check.state.result() if check.state.is_completed() else {}
+        note(f"drift check {check.name}: {result.get('status', check.state.name)}, drifted share "
+             f"{result.get('drift_share', 0):.2f}, fired: {bool(result.get('drift_detected'))}")
+        if result.get("drift_detected"):
+            break
+    with get_client(sync_client=True) as client:
+        for _ in range(60):
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(
+                any_=["on-drift"])), sort=FlowRunSort.START_TIME_DESC, limit=5)
+            fresh = [run for run in runs if run.created and run.created.timestamp() >= started_after]
+            if fresh:
+                return fresh[0]
+            time.sleep(2)
+    raise SystemExit("error: no retrain run was started by the drift trigger; see the Prefect UI's automations")
+
+
+def decide_and_wait(run, interactive: bool, note: Timeline, comment: str):
+    from prefect.client.orchestration import get_client
+
+    from flows.approval import decide
+
+    with get_client(sync_client=True) as client:
+        while (state := client.read_flow_run(run.id).state).name not in ("Suspended", "Paused") and \
+                not state.is_final():
+            time.sleep(5)
+        if state.is_final():
+            raise SystemExit(f"error: retrain {run.name} ended before the approval gate: {state.message}")
+        note(f"retrain {run.name} waits at the approval gate: {_ui(f'/runs/flow-run/{run.id}')}")
+        if interactive:
+            print("  approve or reject it in the Prefect UI (Resume), or: edgeloop approve "
+                  f"{run.name} --reviewer YOU", flush=True)
+        else:
+            decide(str(run.id), True, "demo-loop", comment)
+            note(f"approved by demo-loop: {comment}")
+        while not (state := client.read_flow_run(run.id).state).is_final():
+            time.sleep(5)
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--interactive", action="store_true", help="approve in the Prefect UI yourself")
+    parser.add_argument("--keep", action="store_true", help="leave the devices and the broker running")
+    args = parser.parse_args(argv)
+    from tasks.data.sources import load_sklearn_digits
+    from tasks.monitoring.simulate_drift import DEFAULT_KINDS, shift_all
+    from tasks.release.package import with_environment
+    from tasks.rollout.records import release_of
+
+    note = Timeline()
+    params = load_params(PARAMS_PATH)
+    params = params.model_copy(update={"package": with_environment(params.package)})
+    champion = ensure_champion(params, note)
+    bundle = Path(release_of(params, champion).bundle_url.removeprefix("file://"))
+    fleet, _ = start_fleet(params, args.devices, bundle, note)
+    digits = load_sklearn_digits()
+    calm = digits.x[1200:]
+    drifted, _ = shift_all(calm, digits.y[1200:], DEFAULT_KINDS, "high", np.random.default_rng(0))
+    training = default_parameters().model_dump(mode="json")
+    previous_defaults = set_retrain_defaults({"params": {**training, **FAST_TRAINING}, "rollout_plan": DEMO_PLAN})
+    try:
+        note(f"{len(fleet.devices)} devices serve champion v{champion} (updater + edge service each)")
+        # ---- run one: drift -> retrain -> approval -> canary -> everyone -----------------------------
+        with fleet.traffic(drifted, rate_per_device_hz=4.0):
+            note("traffic drifts (noise, blur, brightness: high); devices sample and upload it")
+            retrain = drift_until_retrain(note, time.time() - 60)
+            note(f"edgeloop.drift.detected -> retrain {retrain.name}: {_ui(f'/runs/flow-run/{retrain.id}')}")
+            final = decide_and_wait(retrain, args.interactive, note, "better on the drifted data")
+        note(f"retrain {retrain.name}: {final.name} {final.message or ''}")
+        # ---- run two: a bad challenger, approved, rolled back by the canary's health -----------------
+        with fleet.traffic(calm, rate_per_device_hz=4.0):
+            time.sleep(20)  # the previous version's figures on the same devices: the baseline
+            bad = run_deployment("retrain/on-drift", {"params": {**training, **BAD_TRAINING, "gates": {
+                **training["gates"], "min_accuracy": 0.3, "max_accuracy_drop_pts": 50.0}}}, 0)
+            note(f"a deliberately bad challenger (1 epoch, gates lowered): retrain {bad.name}")
+            final = decide_and_wait(bad, args.interactive, note, "approved on purpose: the canary must catch it")
+        note(f"retrain {bad.name}: {final.name} {final.message or ''}")
+        versions = fleet.versions()
+        note(f"devices now serve: {json.dumps({v: list(versions.values()).count(v) for v in set(versions.values())})}")
+    finally:
+        set_retrain_defaults(previous_defaults)
+        if not args.keep:
+            fleet.stop()
+            mosquitto.stop_mosquitto(RUN_DIR)
+    print("\nTimeline:\n" + "\n".join(note.events))
+    print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {params.mlflow.tracking_uri} (registry: "
+          f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")
+    print(f"Rollout reports and timeline charts: {REPO_ROOT / 'reports' / 'rollout'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
