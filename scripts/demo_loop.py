@@ -6,7 +6,8 @@
    password file and ACL (``rollout.fleet_file``, ``rollout.credentials_dir``, ``rollout.broker``).
 2. Their traffic drifts (noise, blur, brightness at ``high``); they sample it and upload to
    ``drift.collected_dir``. The ``drift-check/hourly`` deployment runs until the policy fires
-   ``edgeloop.drift.detected``, and the ``retrain/on-drift`` automation starts a retrain.
+   ``edgeloop.drift.detected``, and the ``retrain/on-drift`` automation starts a retrain. The traffic
+   then goes back to normal (the cause fixed on site), which is what the rollout's health compares on.
 3. The retrain waits at the approval gate. ``--interactive`` waits for you in the Prefect UI (or
    ``edgeloop approve``); otherwise the demo approves as reviewer ``demo-loop``. Then the images are
    packaged, the challenger becomes champion and the rollout goes canary -> 25% -> 100%.
@@ -81,7 +82,7 @@ def ensure_champion(params: Params, note: Timeline) -> str:
     return str(candidate.version)
 
 
-def start_fleet(params: Params, count: int, bundle: Path, note: Timeline) -> tuple[DeviceFleet, dict]:
+def start_fleet(fleet: DeviceFleet, params: Params, count: int, bundle: Path, note: Timeline) -> None:
     from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, load_fleet, simulated_fleet
 
     settings = params.rollout
@@ -98,13 +99,29 @@ def start_fleet(params: Params, count: int, bundle: Path, note: Timeline) -> tup
     broker = mosquitto.start_mosquitto(RUN_DIR, int(settings.broker.rsplit(":", 1)[1]),
                                        settings.credentials_dir / PASSWORD_FILE, settings.credentials_dir / ACL_FILE)
     note(f"Mosquitto on {broker.host}:{broker.port}: {count} device logins, ACLs per device")
-    fleet = DeviceFleet(RUN_DIR / "devices", settings.broker, settings.group, params.package.public_keys)
     collected = (REPO_ROOT / params.drift.collected_dir).resolve()
     collected.mkdir(parents=True, exist_ok=True)
     for device, (_, password) in passwords.items():
         fleet.start(device, password, bundle, upload_to=collected, sample_rate=0.2, sample_file_records=64,
                     sample_file_age_s=5)
-    return fleet, passwords
+
+
+def note_rollout(note: Timeline, since: float) -> None:
+    """The steps of the newest rollout report written since ``since`` (by the retrain's rollout subflow)."""
+    reports = [path for path in (REPO_ROOT / "reports" / "rollout").glob("*/report.json")
+               if path.stat().st_mtime >= since]
+    if not reports:
+        note("no rollout report: see the retrain run's logs")
+        return
+    report = json.loads(max(reports, key=lambda path: path.stat().st_mtime).read_text())
+    for step in [*report["stages"], *([report["rollback"]] if report["rollback"] else [])]:
+        figures = step.get("figures") or {}
+        confidence = figures.get("mean_confidence")
+        note(f"  rollout {step['name']:>8}: {step['action']} {step['version']} -> {len(step['installed'])}/"
+             f"{len(step['devices'])} acked" + (f", confidence {confidence:.3f}" if confidence is not None else "")
+             + (f"; {'; '.join(step['problems'])}" if step["problems"] else ""))
+    note(f"  rollout {report['rollout_id']}: {report['outcome']}" + (f" ({report['reason']})" if report["reason"]
+                                                                      else ""))
 
 
 def run_deployment(name: str, parameters: dict[str, Any], timeout_s: float = 1800):
@@ -125,30 +142,41 @@ def set_retrain_defaults(parameters: dict[str, Any] | None) -> dict[str, Any]:
     return previous
 
 
-def drift_until_retrain(note: Timeline, started_after: float, timeout_s: float = 900):
-    """Drift checks every minute until one fires; the retrain run the automation started."""
+def _artifact_description(flow_run_id, key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return next((artifact.description or "" for artifact in artifacts if artifact.key == key), "no artifact")
+
+
+def _retrain_since(started_after: float):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(
+            any_=["on-drift"])), sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=5)
+    return next((run for run in runs if run.created and run.created.timestamp() >= started_after), None)
+
+
+def drift_until_retrain(note: Timeline, started_after: float, timeout_s: float = 900):
+    """A drift check every ~45 s (the devices' uploads of that time are its window) until the policy fires
+    and the ``retrain/on-drift`` automation has started a retrain; that run."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(45)
         check = run_deployment("drift-check/hourly", {"settings": DRIFT_SETTINGS}, 600)
-        result = check.state.result() if check.state.is_completed() else {}
-        note(f"drift check {check.name}: {result.get('status', check.state.name)}, drifted share "
-             f"{result.get('drift_share', 0):.2f}, fired: {bool(result.get('drift_detected'))}")
-        if result.get("drift_detected"):
-            break
-    with get_client(sync_client=True) as client:
-        for _ in range(60):
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(
-                any_=["on-drift"])), sort=FlowRunSort.START_TIME_DESC, limit=5)
-            fresh = [run for run in runs if run.created and run.created.timestamp() >= started_after]
-            if fresh:
-                return fresh[0]
+        note(f"drift check {check.name}: {check.state.name}: {_artifact_description(check.id, 'drift-check')}")
+        for _ in range(15):  # the event reaches the automation within seconds
+            if (retrain := _retrain_since(started_after)) is not None:
+                return retrain
             time.sleep(2)
-    raise SystemExit("error: no retrain run was started by the drift trigger; see the Prefect UI's automations")
+    raise SystemExit("error: no retrain run was started by the drift trigger within "
+                     f"{timeout_s:g} s; see the drift-check artifacts and the automations in the Prefect UI")
 
 
 def decide_and_wait(run, interactive: bool, note: Timeline, comment: str):
@@ -183,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.data.sources import load_sklearn_digits
     from tasks.monitoring.simulate_drift import DEFAULT_KINDS, shift_all
     from tasks.release.package import with_environment
+    from tasks.release.tracking import tracking_uri
     from tasks.rollout.records import release_of
 
     note = Timeline()
@@ -190,29 +219,34 @@ def main(argv: list[str] | None = None) -> int:
     params = params.model_copy(update={"package": with_environment(params.package)})
     champion = ensure_champion(params, note)
     bundle = Path(release_of(params, champion).bundle_url.removeprefix("file://"))
-    fleet, _ = start_fleet(params, args.devices, bundle, note)
+    fleet = DeviceFleet(RUN_DIR / "devices", params.rollout.broker, params.rollout.group, params.package.public_keys)
     digits = load_sklearn_digits()
     calm = digits.x[1200:]
     drifted, _ = shift_all(calm, digits.y[1200:], DEFAULT_KINDS, "high", np.random.default_rng(0))
     training = default_parameters().model_dump(mode="json")
     previous_defaults = set_retrain_defaults({"params": {**training, **FAST_TRAINING}, "rollout_plan": DEMO_PLAN})
     try:
+        start_fleet(fleet, params, args.devices, bundle, note)
         note(f"{len(fleet.devices)} devices serve champion v{champion} (updater + edge service each)")
         # ---- run one: drift -> retrain -> approval -> canary -> everyone -----------------------------
         with fleet.traffic(drifted, rate_per_device_hz=4.0):
             note("traffic drifts (noise, blur, brightness: high); devices sample and upload it")
-            retrain = drift_until_retrain(note, time.time() - 60)
-            note(f"edgeloop.drift.detected -> retrain {retrain.name}: {_ui(f'/runs/flow-run/{retrain.id}')}")
-            final = decide_and_wait(retrain, args.interactive, note, "better on the drifted data")
-        note(f"retrain {retrain.name}: {final.name} {final.message or ''}")
-        # ---- run two: a bad challenger, approved, rolled back by the canary's health -----------------
-        with fleet.traffic(calm, rate_per_device_hz=4.0):
-            time.sleep(20)  # the previous version's figures on the same devices: the baseline
+            retrain = drift_until_retrain(note, time.time())
+        note(f"edgeloop.drift.detected -> retrain {retrain.name}: {_ui(f'/runs/flow-run/{retrain.id}')}")
+        with fleet.traffic(calm, rate_per_device_hz=4.0):  # the cause is fixed on site; the fleet serves on
+            note("traffic back to normal while the retrain runs (the rollout's baseline: the champion on it)")
+            since = time.time()
+            final = decide_and_wait(retrain, args.interactive, note, "retrained after the drift alarm")
+            note(f"retrain {retrain.name}: {final.name} {final.message or ''}")
+            note_rollout(note, since)
+            # ---- run two: a bad challenger, approved, rolled back by the canary's health -------------
             bad = run_deployment("retrain/on-drift", {"params": {**training, **BAD_TRAINING, "gates": {
-                **training["gates"], "min_accuracy": 0.3, "max_accuracy_drop_pts": 50.0}}}, 0)
+                **training["gates"], "min_accuracy": 0.3, "max_accuracy_drop_pts": 60.0}}}, 0)
             note(f"a deliberately bad challenger (1 epoch, gates lowered): retrain {bad.name}")
+            since = time.time()
             final = decide_and_wait(bad, args.interactive, note, "approved on purpose: the canary must catch it")
-        note(f"retrain {bad.name}: {final.name} {final.message or ''}")
+            note(f"retrain {bad.name}: {final.name} {final.message or ''}")
+            note_rollout(note, since)
         versions = fleet.versions()
         note(f"devices now serve: {json.dumps({v: list(versions.values()).count(v) for v in set(versions.values())})}")
     finally:
@@ -221,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             fleet.stop()
             mosquitto.stop_mosquitto(RUN_DIR)
     print("\nTimeline:\n" + "\n".join(note.events))
-    print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {params.mlflow.tracking_uri} (registry: "
+    print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {tracking_uri(params.mlflow)} (registry: "
           f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")
     print(f"Rollout reports and timeline charts: {REPO_ROOT / 'reports' / 'rollout'}")
     return 0

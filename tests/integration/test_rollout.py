@@ -115,7 +115,7 @@ def _plan(settings: dict, **changes):
     # a stage's figures pool a few dozen requests per device here: the limits leave room for that sampling
     # noise (the bad challenger's confidence is ~0.5 below, its latency the same)
     return RolloutPlan.model_validate({"group": GROUP, "stages": [25, 50, 100], "stage_window_s": 3,
-                                       "ack_timeout_s": 15, "jitter_s": 0.5, "max_missing_fraction": 0.5,
+                                       "ack_timeout_s": 10, "jitter_s": 0.5, "max_missing_fraction": 0.5,
                                        "baseline_window_s": 30, "max_confidence_drop": 0.2,
                                        **settings, **changes})
 
