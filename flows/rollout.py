@@ -125,7 +125,8 @@ def rollout(version: str | None = None, plan: RolloutPlan | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
     chart = timeline_chart(report, folder / "timeline.png")
-    url = log_rollout_run(params, report, [folder / "report.json", chart])
-    markdown = _step_markdown(report) + f"\nTimeline chart and report: {f'[MLflow run]({url})' if url else chart}\n"
+    url, chart_url = log_rollout_run(params, report, [folder / "report.json", chart])
+    markdown = _step_markdown(report) + (f"\n![rollout timeline]({chart_url})\n" if chart_url else "") + \
+        f"\nTimeline chart and report: {f'[MLflow run]({url})' if url else chart}\n"
     create_markdown_artifact(key="rollout", markdown=markdown, description=f"{report.target}: {report.outcome}")
     return report.as_dict()

@@ -2,8 +2,8 @@
 
 1. The champion (``make demo``'s candidate, promoted once with a recorded bootstrap approval when there is
    no champion yet) is served by ``--devices`` simulated devices: each the real edge service and updater
-   with its own store and broker login (:mod:`scripts.device_fleet`), on a Mosquitto with the fleet's
-   password file and ACL (``rollout.fleet_file``, ``rollout.credentials_dir``, ``rollout.broker``).
+   with its own store and broker login (:mod:`scripts.device_fleet`), on a Mosquitto (``rollout.broker``)
+   with the demo fleet's password file and ACL (under ``.run/demo-loop``, not the project's fleet file).
 2. Their traffic drifts (noise, blur, brightness at ``high``); they sample it and upload to
    ``drift.collected_dir``. The ``drift-check/hourly`` deployment runs until the policy fires
    ``edgeloop.drift.detected``, and the ``retrain/on-drift`` automation starts a retrain. The traffic
@@ -43,7 +43,8 @@ FAST_TRAINING = {"epochs": 3, "strategy": "ptq", "prune": False, "variants": ["t
                  "platforms": ["linux/amd64"], "benchmark_devices": ["x86-gateway"]}
 BAD_TRAINING = {**FAST_TRAINING, "epochs": 1, "seed": 7}
 DEMO_PLAN = {"stages": [5, 25, 100], "stage_window_s": 20, "ack_timeout_s": 60, "jitter_s": 2,
-             "baseline_window_s": 120}
+             "baseline_window_s": 120, "fleet_file": ".run/demo-loop/fleet.yaml",
+             "credentials_dir": ".run/demo-loop/mqtt"}  # the demo's fleet, never the project's own fleet.yaml
 DRIFT_SETTINGS = {"cooldown_h": 0, "consecutive_windows": 2}
 
 
@@ -83,15 +84,9 @@ def ensure_champion(params: Params, note: Timeline) -> str:
 
 
 def start_fleet(fleet: DeviceFleet, params: Params, count: int, bundle: Path, note: Timeline) -> None:
-    from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, load_fleet, simulated_fleet
+    from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, simulated_fleet
 
-    settings = params.rollout
-    if settings.fleet_file.is_file():
-        others = [d for d in load_fleet(settings.fleet_file).groups().get(settings.group, [])
-                  if not d.startswith(f"{PREFIX}-")]
-        if others:
-            raise SystemExit(f"error: {settings.fleet_file} lists devices of yours ({', '.join(others[:3])}); the demo "
-                             "writes its own simulated fleet there: move it or point rollout.fleet_file elsewhere")
+    settings = params.rollout  # with DEMO_PLAN applied: the fleet and credentials live under RUN_DIR
     passwords = simulated_fleet(count, [settings.group], settings.credentials_dir, fleet_file=settings.fleet_file,
                                 prefix=PREFIX)
     ensure_control_plane(settings.credentials_dir)
@@ -208,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interactive", action="store_true", help="approve in the Prefect UI yourself")
     parser.add_argument("--keep", action="store_true", help="leave the devices and the broker running")
     args = parser.parse_args(argv)
+    from flows.rollout import RolloutPlan
     from tasks.data.sources import load_sklearn_digits
     from tasks.monitoring.simulate_drift import DEFAULT_KINDS, shift_all
     from tasks.release.package import with_environment
@@ -216,10 +212,14 @@ def main(argv: list[str] | None = None) -> int:
 
     note = Timeline()
     params = load_params(PARAMS_PATH)
-    params = params.model_copy(update={"package": with_environment(params.package)})
+    params = params.model_copy(update={"package": with_environment(params.package),
+                                       "rollout": RolloutPlan.model_validate(DEMO_PLAN).applied_to(params.rollout)})
     champion = ensure_champion(params, note)
     bundle = Path(release_of(params, champion).bundle_url.removeprefix("file://"))
-    fleet = DeviceFleet(RUN_DIR / "devices", params.rollout.broker, params.rollout.group, params.package.public_keys)
+    # telemetry every 5 s, 2 requests/s per device: 20 devices leave this machine room for the retrain and
+    # the packaging gates (an image's cold start is measured on the same cores)
+    fleet = DeviceFleet(RUN_DIR / "devices", params.rollout.broker, params.rollout.group, params.package.public_keys,
+                        telemetry_interval_s=5.0)
     digits = load_sklearn_digits()
     calm = digits.x[1200:]
     drifted, _ = shift_all(calm, digits.y[1200:], DEFAULT_KINDS, "high", np.random.default_rng(0))
@@ -229,14 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         start_fleet(fleet, params, args.devices, bundle, note)
         note(f"{len(fleet.devices)} devices serve champion v{champion} (updater + edge service each)")
         # ---- run one: drift -> retrain -> approval -> canary -> everyone -----------------------------
-        with fleet.traffic(drifted, rate_per_device_hz=4.0):
+        with fleet.traffic(drifted, rate_per_device_hz=2.0):
             note("traffic drifts (noise, blur, brightness: high); devices sample and upload it")
             retrain = drift_until_retrain(note, time.time())
         note(f"edgeloop.drift.detected -> retrain {retrain.name}: {_ui(f'/runs/flow-run/{retrain.id}')}")
-        with fleet.traffic(calm, rate_per_device_hz=4.0):  # the cause is fixed on site; the fleet serves on
+        with fleet.traffic(calm, rate_per_device_hz=2.0):  # the cause is fixed on site; the fleet serves on
             note("traffic back to normal while the retrain runs (the rollout's baseline: the champion on it)")
             since = time.time()
             final = decide_and_wait(retrain, args.interactive, note, "retrained after the drift alarm")
+            outcomes = [("the retrained version rolled out to every device", final.is_completed()
+                         and final.name == "Completed")]
             note(f"retrain {retrain.name}: {final.name} {final.message or ''}")
             note_rollout(note, since)
             # ---- run two: a bad challenger, approved, rolled back by the canary's health -------------
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             since = time.time()
             final = decide_and_wait(bad, args.interactive, note, "approved on purpose: the canary must catch it")
             note(f"retrain {bad.name}: {final.name} {final.message or ''}")
+            outcomes.append(("the bad challenger rolled back automatically", final.name == "Rolled back"))
             note_rollout(note, since)
         versions = fleet.versions()
         note(f"devices now serve: {json.dumps({v: list(versions.values()).count(v) for v in set(versions.values())})}")
@@ -258,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {tracking_uri(params.mlflow)} (registry: "
           f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")
     print(f"Rollout reports and timeline charts: {REPO_ROOT / 'reports' / 'rollout'}")
-    return 0
+    for what, happened in outcomes:
+        print(f"{'ok' if happened else 'NOT AS EXPECTED'}: {what}")
+    return 0 if all(happened for _, happened in outcomes) else 1
 
 
 if __name__ == "__main__":

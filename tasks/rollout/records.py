@@ -95,8 +95,11 @@ def tag_step(params: Params, target: str, step) -> None:
                                                 step_tag(step), summary[:4900])
 
 
-def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) -> str | None:
-    """An MLflow run per rollout (experiment ``edgeloop-rollout``) with the report and chart; its UI address."""
+def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) -> tuple[str | None, str | None]:
+    """An MLflow run per rollout (experiment ``edgeloop-rollout``) with the report and chart (under ``rollout/``).
+
+    Returns the run's UI address and the download address of its chart (both None for a local store).
+    """
     import mlflow
 
     from tasks.release import tracking
@@ -111,7 +114,11 @@ def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) ->
                             if report.stages else 0, "rolled_back": int(report.outcome == "rolled_back")})
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="rollout")
-    return tracking.run_url(uri, experiment, run.info.run_id)
+    url = tracking.run_url(uri, experiment, run.info.run_id)
+    charts = [path.name for path in files if path.suffix == ".png"]
+    chart = (f"{uri.rstrip('/')}/get-artifact?path=rollout/{charts[0]}&run_uuid={run.info.run_id}"
+             if url and charts else None)
+    return url, chart
 
 
 def _has_alias(client, name: str, alias: str) -> bool:
@@ -132,8 +139,12 @@ def timeline_chart(report: RolloutReport, path: Path) -> Path:
                                                                   report.stages[-1] and report.outcome != "completed")
         colour = "#c0392b" if step.action == "rollback" else ("#27ae60" if healthy else "#e67e22")
         axis.bar(index, len(step.devices), color=colour)
-        axis.text(index, len(step.devices), f"{step.version}\n{len(step.installed)}/{len(step.devices)} acked",
-                  ha="center", va="bottom", fontsize=8)
+        health = [f"{label} {value:{spec}}" for label, value, spec in (
+            ("conf", step.figures.mean_confidence if step.figures else None, ".2f"),
+            ("p95", step.figures.p95_ms if step.figures else None, ".1f"),
+            ("err", step.figures.error_rate if step.figures else None, ".1%")) if value is not None]
+        axis.text(index, len(step.devices), "\n".join([step.version, f"{len(step.installed)}/{len(step.devices)} "
+                                                       "acked", *health]), ha="center", va="bottom", fontsize=8)
     axis.set_xticks(range(len(steps)), [f"{s.name}\n(seq {s.sequence})" for s in steps], fontsize=8)
     axis.set_ylabel("devices in the step")
     axis.set_title(f"{report.model_name} {report.target}: {report.outcome.replace('_', ' ')}", fontsize=10)
