@@ -91,9 +91,11 @@ def roll_out_promoted(fleet_file: Path, version: str, plan: RolloutPlan | None, 
         return Failed(message=f"version {version} is champion, but its rollout did not run to an end "
                       f"({state.message}); fix that and start the rollout/manual deployment for it")
     report = state.result()
-    if report["outcome"] != "completed":
-        return Completed(name="Rolled back", message=f"version {version} was approved and promoted, then "
-                         f"{report['outcome'].replace('_', ' ')} on the fleet: {report['reason']}")
+    if report["outcome"] == "rolled_back":
+        return Completed(name="Rolled back", message=f"version {version} was approved and promoted, then rolled "
+                         f"back on the fleet: {report['reason']}")
+    if report["outcome"] != "completed":  # unhealthy with no previous version to return to
+        return Failed(message=f"version {version} is champion but unhealthy on the fleet: {report['reason']}")
     return {**promoted, "rollout": {key: report[key] for key in ("rollout_id", "outcome", "target", "previous")}}
 
 
