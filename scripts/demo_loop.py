@@ -34,8 +34,9 @@ import numpy as np
 from flows.parameters import PARAMS_PATH, default_parameters
 from scripts import mosquitto
 from scripts.device_fleet import DeviceFleet
-from scripts.services import REPO_ROOT
+from scripts.services import REPO_ROOT, ServiceError
 from tasks.config import Params, load_params
+from tasks.errors import EdgeloopError
 
 RUN_DIR = REPO_ROOT / ".run" / "demo-loop"
 PREFIX = "demo"
@@ -267,4 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ServiceError, EdgeloopError) as error:  # a missing broker binary, an unreachable server, bad params
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
