@@ -90,8 +90,10 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
         def on_step(step: StageRecord) -> None:
             try:
                 records.tag_step(params, target.version, step)
-            except Exception as error:  # MLflow away: the devices must not be left mid-rollout for a tag
-                logger.warning("could not tag step %s on the model version (%s: %s); the report keeps it",
+                create_markdown_artifact(key="rollout-progress", markdown=_step_markdown(rollout.report),
+                                         description=f"{target.version}: {step.name} {step.action}")
+            except Exception as error:  # a server away: the devices must not be left mid-rollout for a record
+                logger.warning("could not record step %s (%s: %s); the final report keeps it",
                                step.name, type(error).__name__, error)
             logger.info("%s %s (seq %d): %d device(s), %d installed, %d failed, %d silent%s", step.name,
                         step.version, step.sequence, len(step.devices), len(step.installed), len(step.failed),

@@ -78,7 +78,7 @@ class RolloutReport:
     model_name: str
     target: str
     previous: str | None
-    outcome: Literal["completed", "rolled_back", "failed"] = "completed"
+    outcome: Literal["in_progress", "completed", "rolled_back", "failed"] = "in_progress"
     reason: str = ""
     stages: list[StageRecord] = field(default_factory=list)
     rollback: StageRecord | None = None

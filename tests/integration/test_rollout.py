@@ -125,14 +125,14 @@ def _active(device) -> str | None:
     return state.get("active")
 
 
-def _artifact_of(flow_run_id) -> str:
+def _artifact_of(flow_run_id, key: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[flow_run_id])))
-    return next(artifact.data for artifact in artifacts if artifact.key == "rollout")
+    return next(artifact.data for artifact in artifacts if artifact.key == key)
 
 
 def test_healthy_rollout_rides_out_a_broker_stop_then_a_bad_challenger_is_rolled_back(stack, fleet, registry,
@@ -169,7 +169,8 @@ def test_healthy_rollout_rides_out_a_broker_stop_then_a_bad_challenger_is_rolled
     wait_for(lambda: set(devices.versions().values()) == {"v2"}, 30, "every service to serve v2")
     tags = client.get_model_version(name, "2").tags
     assert tags["rollout"] == "completed" and "4/5 installed" in tags["rollout.step.100pct"]
-    assert "| 100% |" in _artifact_of(state.state_details.flow_run_id)
+    assert "| 100% |" in _artifact_of(state.state_details.flow_run_id, "rollout")
+    assert "**in progress**" in _artifact_of(state.state_details.flow_run_id, "rollout-progress")  # step by step
     folder = tmp_path / "reports" / report["rollout_id"]
     assert (folder / "timeline.png").stat().st_size > 0 and json.loads((folder / "report.json").read_text())
 
