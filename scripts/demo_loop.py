@@ -256,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         set_retrain_defaults(previous_defaults)
         if not args.keep:
-            fleet.stop()
-            mosquitto.stop_mosquitto(RUN_DIR)
+            try:
+                fleet.stop()
+            finally:
+                mosquitto.stop_mosquitto(RUN_DIR)
     print("\nTimeline:\n" + "\n".join(note.events))
     print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {tracking_uri(params.mlflow)} (registry: "
           f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")

@@ -105,8 +105,10 @@ def fleet(tmp_path_factory, image_env, registry, digits):
         with devices.traffic(digits.x[1200:1500], rate_per_device_hz=8.0):
             yield devices, broker, root, settings
     finally:
-        devices.stop()
-        mosquitto.stop_mosquitto(root / "run")
+        try:
+            devices.stop()
+        finally:  # the broker goes even when a device would not stop
+            mosquitto.stop_mosquitto(root / "run")
 
 
 def _plan(settings: dict, **changes):
