@@ -254,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         versions = fleet.versions()
         note(f"devices now serve: {json.dumps({v: list(versions.values()).count(v) for v in set(versions.values())})}")
     finally:
-        set_retrain_defaults(previous_defaults)
-        if not args.keep:
-            try:
-                fleet.stop()
-            finally:
-                mosquitto.stop_mosquitto(RUN_DIR)
+        try:
+            set_retrain_defaults(previous_defaults)
+        finally:  # devices and broker go even when the Prefect server does not answer
+            if not args.keep:
+                try:
+                    fleet.stop()
+                finally:
+                    mosquitto.stop_mosquitto(RUN_DIR)
     print("\nTimeline:\n" + "\n".join(note.events))
     print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {tracking_uri(params.mlflow)} (registry: "
           f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")
