@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(number, lambda *_: stop.set())
     updater.start()
     log.info("updater for %s in group %s on %s", config.device_id, config.group, config.broker)
-    while not stop.wait(1.0):
-        pass
+    while not stop.is_set():  # woken each second so the signal handlers run promptly
+        stop.wait(1.0)
     updater.stop()
     return 0
 
