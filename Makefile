@@ -10,7 +10,13 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: demo demo-loop edge-demo down services image-services base-images image repro test lint lock clean-outputs
+.PHONY: demo demo-loop edge-demo down services image-services base-images image repro test test-fast lint lock \
+	clean-outputs system-packages
+
+# The Debian packages of setup/system-packages.txt (engine, registry, debootstrap, qemu, broker, sshd, browser, wrk):
+# installed when missing as root; otherwise the one `sudo apt-get install ...` line and what will not run.
+system-packages:
+	@setup/system-packages.sh
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,7 +53,7 @@ services: $(STAMP)
 	$(BIN)/python -m scripts.services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # The servers plus a Docker engine (ours, unless one answers) and the image registry (127.0.0.1:5050).
-image-services: $(STAMP)
+image-services: system-packages $(STAMP)
 	$(BIN)/python -m scripts.services up --images --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # Python 3.11 base images from Debian packages (debootstrap; arm64 under qemu), for hosts without Docker Hub.
@@ -69,8 +75,12 @@ down:
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-test: $(STAMP)
+test: system-packages $(STAMP)
 	$(BIN)/python -m pytest
+
+# The unit tests only (no servers, no containers): the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -71,66 +71,66 @@ def feature_names_of(input_shape: tuple[int, ...]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What :func:`features` precomputes once per sample shape, so that a call is ~25 numpy operations.
-
-    Region means (and the centre-minus-border difference) are columns of one weight matrix, so a single
-    ``flat @ region_weights`` yields them all.
-    """
+    """What :func:`features` precomputes once per sample shape, so that a call is ~30 numpy operations."""
 
     layout: tuple[int, int, int]
     size: int
-    region_weights: np.ndarray  # (size, 6 + channels): mean, centre - border, tl, tr, bl, br, channel means
+    centre: tuple[slice, slice]  # rows and cols of the central half
+    centre_size: int  # values in the central half (all channels)
+    quadrants: tuple[tuple[slice, slice], ...]  # tl, tr, bl, br; an odd middle row/col is in both halves
     percentile_below: np.ndarray  # index in the sorted values at or just below each percentile
     percentile_above: np.ndarray  # ... and the next one
     percentile_fraction: np.ndarray  # interpolation weight of the value above
     column_scale: np.ndarray  # turns the counts and sums features() collects into fractions and means
 
 
-def _mean_weights(mask: np.ndarray) -> np.ndarray:
-    return mask.reshape(-1) / mask.sum()
-
-
-def _region_weights(layout: tuple[int, int, int]) -> np.ndarray:
-    rows, cols, channels = layout
-    everything = np.ones(layout, bool)
-    centre = np.zeros(layout, bool)
-    centre[rows // 4:rows - rows // 4, cols // 4:cols - cols // 4] = True
-    centre_minus_border = _mean_weights(centre) - _mean_weights(~centre) if (~centre).any() else 0 * centre
-    columns = [_mean_weights(everything), centre_minus_border.reshape(-1)]
-    halves_rows = (slice(0, (rows + 1) // 2), slice(rows // 2, rows))
-    halves_cols = (slice(0, (cols + 1) // 2), slice(cols // 2, cols))
-    for row_half in halves_rows:
-        for col_half in halves_cols:
-            quadrant = np.zeros(layout, bool)
-            quadrant[row_half, col_half] = True
-            columns.append(_mean_weights(quadrant))
-    for channel in range(channels if channels > 1 else 0):
-        plane = np.zeros(layout, bool)
-        plane[..., channel] = True
-        columns.append(_mean_weights(plane))
-    return np.stack(columns, axis=1).astype(np.float32)
-
-
-@lru_cache(maxsize=4)  # a device serves one or two input shapes; 224x224x3 weights take 5 MB
+@lru_cache(maxsize=4)  # a device serves one or two input shapes
 def _plan(input_shape: tuple[int, ...]) -> _Plan:
     layout = sample_layout(input_shape)
-    size = layout[0] * layout[1] * layout[2]
+    rows, cols, channels = layout
+    size = rows * cols * channels
+    centre = (slice(rows // 4, rows - rows // 4), slice(cols // 4, cols - cols // 4))
+    centre_size = (rows - 2 * (rows // 4)) * (cols - 2 * (cols // 4)) * channels
+    halves_rows = (slice(0, (rows + 1) // 2), slice(rows // 2, rows))
+    halves_cols = (slice(0, (cols + 1) // 2), slice(cols // 2, cols))
+    quadrants = tuple((row_half, col_half) for row_half in halves_rows for col_half in halves_cols)
     positions = np.array(PERCENTILES) / 100.0 * (size - 1)  # linear interpolation, as np.percentile
     below = np.floor(positions).astype(np.intp)
-    region_weights = _region_weights(layout)
-    column_scale = np.ones(len(BASE_FEATURES) + region_weights.shape[1] - 6, np.float32)
+    column_scale = np.ones(len(BASE_FEATURES) + (channels if channels > 1 else 0), np.float32)
     column_scale[8:10] = 1.0 / size  # saturated values counted
-    column_scale[10] = 1.0 / max((layout[0] - 1) * layout[1] * layout[2], 1)  # squared differences summed
-    column_scale[11] = 1.0 / max(layout[0] * (layout[1] - 1) * layout[2], 1)
-    return _Plan(layout, size, region_weights, below, np.minimum(below + 1, size - 1),
+    column_scale[10] = 1.0 / max((rows - 1) * cols * channels, 1)  # squared differences summed
+    column_scale[11] = 1.0 / max(rows * (cols - 1) * channels, 1)
+    return _Plan(layout, size, centre, centre_size, quadrants, below, np.minimum(below + 1, size - 1),
                  (positions - below).astype(np.float32), column_scale)
+
+
+def _region_means(image: np.ndarray, plan: _Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 means per sample: everything, centre minus border, the four quadrants, each channel.
+
+    Summed in float64, so the float32 result does not depend on the CPU's summation order (a BLAS
+    float32 product rounded a constant 0.7 to 0.7000091 on AVX-512 and to 0.7 on AVX2): the device and
+    the control plane compute the same features on different CPUs.
+    """
+    total = image.sum(axis=(1, 2, 3), dtype=np.float64)
+    mean = total / plan.size
+    rows, cols = plan.centre
+    centre_sum = image[:, rows, cols].sum(axis=(1, 2, 3), dtype=np.float64)
+    border_size = plan.size - plan.centre_size
+    if border_size:
+        centre_minus_border = centre_sum / plan.centre_size - (total - centre_sum) / border_size
+    else:
+        centre_minus_border = np.zeros_like(mean)
+    quadrants = np.stack([image[:, r, c].mean(axis=(1, 2, 3), dtype=np.float64) for r, c in plan.quadrants], axis=1)
+    channels = image.mean(axis=(1, 2), dtype=np.float64) if plan.layout[2] > 1 else np.zeros((len(image), 0))
+    return mean, centre_minus_border, quadrants, channels
 
 
 def features(batch: np.ndarray) -> np.ndarray:
     """Float32 ``(N, F)`` features of a batch ``(N, *input_shape)``; columns as :func:`feature_names`.
 
-    Deterministic and NaN-free for finite inputs (a constant sample gives exact zeros for spread,
-    contrast and gradients); float32 throughout, so means carry ~1e-6 relative rounding. Written for
+    Deterministic and NaN-free for finite inputs (a constant sample gives its exact mean and exact zeros
+    for spread, contrast, gradients and centre minus border); region means are summed in float64, so they
+    round the same on every CPU. Written for
     the one-sample call a device makes: at that size numpy's per-call overhead is most of the cost, so
     columns are filled in place (indices as in :data:`BASE_FEATURES`) and sums scaled once at the end.
     """
@@ -140,9 +140,8 @@ def features(batch: np.ndarray) -> np.ndarray:
     image = batch.reshape(count, *plan.layout).astype(np.float32, copy=False)
     flat = image.reshape(count, plan.size)
     out = np.zeros((count, len(plan.column_scale)), np.float32)  # sums first, scaled to means at the end
-    regions = flat @ plan.region_weights
-    out[:, 0] = regions[:, 0]
-    out[:, 12:] = regions[:, 1:]
+    mean, centre_minus_border, quadrants, channel_means = _region_means(image, plan)
+    out[:, 0], out[:, 12], out[:, 13:17], out[:, 17:] = mean, centre_minus_border, quadrants, channel_means
 
     ordered = np.sort(flat, axis=1)  # numpy's vectorised sort beats np.partition with several kth
     low, high = ordered[:, 0], ordered[:, -1]
@@ -154,7 +153,7 @@ def features(batch: np.ndarray) -> np.ndarray:
     # variance around the median: exactly 0 for a constant sample, and |mean - median| <= std bounds the
     # cancellation in E[d^2] - (mean - median)^2
     from_median = flat - percentiles[:, 1:2]
-    mean_minus_median = regions[:, 0] - percentiles[:, 1]
+    mean_minus_median = (mean - percentiles[:, 1]).astype(np.float32)
     variance = np.vecdot(from_median, from_median) / plan.size - mean_minus_median * mean_minus_median
     out[:, 1] = np.sqrt(np.maximum(variance, 0.0))
 
