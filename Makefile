@@ -26,22 +26,17 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # Starts (or reuses) a Prefect server, an MLflow server, a worker, a Docker engine and the image registry,
-# deploys prefect.yaml and runs the training flow once through the worker, packaging the candidate's
-# images (amd64, and arm64 under qemu). Leaves everything running: `make down` stops it.
-demo: image-services keys/control-plane.key
-	$(PREFECT_ENV) $(BIN)/prefect --no-prompt deploy --all > .run/deploy.log
-	$(PREFECT_ENV) $(BIN)/python -m scripts.run_deployment training/nightly --parameters '{"package": true}'
-	$(BIN)/edgeloop devices --out reports/devices.csv > /dev/null
-	@echo
-	@echo "Prefect UI:        http://127.0.0.1:$(PREFECT_PORT)"
-	@echo "MLflow UI:         http://127.0.0.1:$(MLFLOW_PORT)"
-	@echo "comparison report: $(CURDIR)/reports/comparison.md"
+# creates the signing key if missing, deploys prefect.yaml and runs the training flow once through the worker,
+# packaging the candidate's images (amd64, and arm64 under qemu; skipped, with the reason, where no engine can
+# run). Outputs go to workspace/. Leaves everything running: `make down` stops it.
+demo: system-packages $(STAMP)
+	$(PREFECT_ENV) $(BIN)/python -m scripts.demo --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # The whole loop (after `make demo`): 20 simulated devices (edge service + updater each) on a Mosquitto with
 # per-device logins, drifted traffic, the drift check firing, the retrain approved, canary -> full rollout;
 # then a deliberately bad challenger approved and rolled back automatically. ARGS=--interactive: approve
 # in the Prefect UI yourself.
-demo-loop: image-services keys/control-plane.key
+demo-loop: system-packages image-services keys/control-plane.key
 	$(PREFECT_ENV) $(BIN)/prefect --no-prompt deploy --all > .run/deploy.log
 	$(PREFECT_ENV) MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/python -m scripts.demo_loop $(ARGS)
 
@@ -71,8 +66,10 @@ image: image-services keys/control-plane.key
 down:
 	@test -x $(BIN)/python && $(BIN)/python -m scripts.services down || echo "nothing to stop"
 
-# The same stages without Prefect, straight from dvc.yaml (local SQLite MLflow store).
-repro: $(STAMP)
+# The same stages without Prefect, straight from dvc.yaml (local SQLite MLflow store). The package stage needs
+# the Docker engine and the registry: started here as for the demo. Writes the repository's outputs and the
+# git-tracked experiment metrics (reports/metrics.json, train_metrics.json).
+repro: system-packages image-services keys/control-plane.key
 	$(BIN)/dvc repro
 
 test: system-packages $(STAMP)

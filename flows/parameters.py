@@ -39,6 +39,10 @@ from tasks.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_PATH = REPO_ROOT / PARAMS_FILE
 DEVICES_PATH = REPO_ROOT / DEVICES_FILE
+# Where flow runs write data/, models/ and reports/ unless a run names a workspace: not the repository root,
+# whose reports/metrics.json and train_metrics.json are git-tracked experiment metrics that only `dvc repro`
+# and `dvc exp run` write (a demo or nightly run leaves the checkout clean). Git-ignored.
+FLOW_WORKSPACE = REPO_ROOT / "workspace"
 
 # Loaded when the module is (deploy time, worker): errors are the config's own, naming the key.
 DeviceName = Literal[tuple(device.name for device in load_devices(DEVICES_PATH).devices)]  # type: ignore[misc]
@@ -105,7 +109,7 @@ def resolve(parameters: TrainingParameters, workspace: str | None = None,
     """
     if parameters.model == "keras_file" and parameters.model_path and not Path(parameters.model_path).exists():
         raise ConfigError(f"params.model_path: {parameters.model_path} does not exist")
-    return parameters.apply(load_params(params_path)), Workspace(Path(workspace) if workspace else REPO_ROOT)
+    return parameters.apply(load_params(params_path)), Workspace(Path(workspace) if workspace else FLOW_WORKSPACE)
 
 
 def overrides(parameters: TrainingParameters) -> dict[str, object]:

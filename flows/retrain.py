@@ -109,7 +109,7 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
         params: what to change for this run (defaults: params.yaml).
         drift_summary: what triggered the run (filled in by the edgeloop.drift.detected trigger).
         approval_timeout_s: how long to wait for a decision (default: retrain.approval_timeout_s).
-        workspace: folder for this run's outputs.
+        workspace: folder for this run's outputs (default: the repository's workspace/ folder).
         fleet_rollout: roll the promoted version out to the fleet (canary first) when a fleet file exists.
         rollout_plan: cohort plan and health limits of that rollout (defaults: rollout in params.yaml).
     """

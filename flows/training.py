@@ -54,7 +54,7 @@ def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | N
 
     Args:
         params: what to change for this run (defaults: params.yaml).
-        workspace: folder for this run's outputs (default: the repository's data/, models/, reports/).
+        workspace: folder for this run's outputs (default: the repository's workspace/ folder).
         package: also build, check and push the candidate's edge images (needs a Docker engine and the
             image registry of params.yaml's package section).
     """

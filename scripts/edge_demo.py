@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     from edge.errors import EdgeError
     from edge.signing import load_public_keys
     from edge.store import ModelStore
+    from flows.parameters import FLOW_WORKSPACE
     from tasks.config import load_params
     from tasks.errors import EdgeloopError
     from tasks.release.bundle import export_registered, generate_keypair
+    from tasks.workspace import Workspace
 
     keys, edge = args.run_dir / "keys", args.run_dir / "edge"
     try:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"store": edge / "models", "public_keys": keys / "demo.pub", "samples_dir": edge / "samples",
                 "cascade_threshold": 0.85, "thermal_sensor": edge / "no-sensor", "device_id": "demo-device"}
     server = services.start_edge_server(args.run_dir, args.port, {k: str(v) for k, v in settings.items()})
-    digit = np.load(REPO_ROOT / "data" / "prepared" / "test.npz")["x"][:1]
+    digit = np.load(Workspace(FLOW_WORKSPACE).split_file("test"))["x"][:1]
     request = urllib.request.Request(f"{server.url}/v1/predict", data=json.dumps({"inputs": digit.tolist()}).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:

@@ -73,10 +73,13 @@ def rng():
 
 # ---- real services (Prefect server, MLflow server, process worker) --------------------------------
 
+# Latency budgets no healthy run can miss, however loaded the host: tests assert behaviour; the latency gates'
+# own pass/fail is unit-tested (tests/unit/test_evaluate.py) and real figures come from bench/.
+GENEROUS_LATENCY_MS = 1000.0
 FAST_FLOW_PARAMETERS = {
     "epochs": 2, "strategy": "ptq", "prune": False, "variants": ["tflite_fp32", "tflite_int8"],
     "gates": {"min_accuracy": 0.8, "max_accuracy_drop_pts": 5.0, "min_weight_reduction": 3.0,
-              "max_host_latency_ms": 50.0},
+              "max_host_latency_ms": GENEROUS_LATENCY_MS},
     "platforms": ["linux/amd64"],  # arm64 images are built under qemu in tests/integration/test_package.py only
     "benchmark_devices": ["x86-gateway"],  # the local runner; the others: tests/integration/test_device_benchmark.py
 }
@@ -202,12 +205,17 @@ def stack(tmp_path_factory, image_env) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def nightly_run(stack, tmp_path_factory):
-    """One `training/nightly` deployment run through the worker, with epochs changed to 3."""
+    """One `training/nightly` deployment run through the worker, with epochs changed to 3.
+
+    The quantization strategy is params.yaml's default, ``auto`` (PTQ, QAT only when PTQ costs too much):
+    the path a user gets; the other pipeline tests pin ``ptq`` or ``qat``.
+    """
     from prefect.deployments import run_deployment
 
     workspace = tmp_path_factory.mktemp("nightly")
     flow_run = run_deployment("training/nightly", timeout=600,
-                              parameters={"params": fast_parameters(epochs=3), "workspace": str(workspace)})
+                              parameters={"params": fast_parameters(epochs=3, strategy="auto"),
+                                          "workspace": str(workspace)})
     assert flow_run.state.is_completed(), flow_run.state.message
     return flow_run
 

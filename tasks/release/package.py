@@ -167,6 +167,18 @@ def _host_reference(context: Path, manifest: Manifest) -> tuple[np.ndarray, dict
     return sample, host_outputs(load_and_check(folder, manifest), sample)
 
 
+def _tag_conflict(reference: str, held: Release | None, release: Release) -> str:
+    """Why ``reference`` cannot be (re)built, and the two ways out."""
+    what = ("is not an edgeloop model image" if held is None else
+            f"holds model {held.model_identity[:12]} built from recipe {held.recipe_sha256[:12]}, this build is "
+            f"model {release.model_identity[:12]} from recipe {release.recipe_sha256[:12]}")
+    return (f"{reference} already exists and {what}; tags are never overwritten. This happens when the registry "
+            "outlived the MLflow store or the base images its releases came from (a reset MLflow database numbers "
+            "versions from 1 again; a rebuilt base image changes the recipe): package into another repository "
+            "(package.repository in params.yaml) or start from an empty registry (the local one: `make down`, "
+            "remove .run/registry, `make demo`)")
+
+
 def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams, candidate: Candidate,
                      manifest: Manifest, semver: SemVer, labels: dict[str, str], device,
                      reference: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
@@ -178,8 +190,7 @@ def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams
     if existing is not None:
         held = Release.from_image(tag, registry.labels(settings.repository, tag))
         if held is None or (held.model_identity, held.recipe_sha256) != (release.model_identity, release.recipe_sha256):
-            raise PackagingError(f"{record.reference} already exists with another image; tags are never "
-                                 "overwritten: check the registry's history (edgeloop.* labels)")
+            raise PackagingError(_tag_conflict(record.reference, held, release))
         record.digest, record.status = existing, "already_released"
         log.info("%s is already in the registry (%s): not rebuilt", record.reference, existing)
         return

@@ -29,7 +29,8 @@ def _params(stack, **package):
     from tasks.config import load_params
 
     params = load_params(REPO_ROOT / "params.yaml")
-    settings = {"platforms": ["linux/amd64"], **package}
+    # a cold-start budget no healthy start misses on a loaded host (the gate failing: test_a_failed_gate_...)
+    settings = {"platforms": ["linux/amd64"], "max_start_s": 60.0, **package}
     return params.model_copy(update={"package": params.package.model_copy(update=settings)})
 
 
@@ -59,7 +60,7 @@ def test_the_image_is_built_checked_pushed_and_recorded(stack, images, shipped):
     assert image.status == "pushed" and image.digest.startswith("sha256:")
     assert image.reference.startswith(f"{images.registry}/edgeloop/edge:model-v{report.version}-")
     assert image.reference.endswith(f"-{report.variant.partition('_')[2].replace('_', '-')}-tflite-amd64")
-    assert 0 < image.image_mb <= 250 and 0 < image.ready_s <= 5.0  # the gates' defaults
+    assert 0 < image.image_mb <= 250 and 0 < image.ready_s <= 60.0  # the size gate default; the test start budget
     assert image.label_agreement == 1.0 and image.max_abs_score_diff <= 1e-5
     assert image.user == "10001" and not image.emulated
     assert workspace.package_file.is_file()
