@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="the Docker engine edgeloop builds with")
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
+    parser.add_argument("--only-this-run", action="store_true",
+                        help="down: stop only a dockerd that --run-dir's `up` started (never another one on our "
+                             "data-root, e.g. the demo's)")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
             print(start_docker_engine(args.run_dir))
         else:
-            print("stopped dockerd" if stop("dockerd", args.run_dir) or stop_own_engine() else
-                  "no dockerd of ours was running")
+            stopped = stop("dockerd", args.run_dir) or (not args.only_this_run and stop_own_engine())
+            print("stopped dockerd" if stopped else "no dockerd of ours was running")
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -89,8 +89,9 @@ def connect(timeout_s: float = 600.0) -> Engine:
     host = find_engine()
     if host is None:
         named = os.environ.get("DOCKER_HOST") or f"{DEFAULT_SOCKET} or {own_engine_host()}"
-        raise ServiceUnavailable(f"no Docker engine answers at {named}: start one with `python -m "
-                                 "scripts.docker_engine up` (needs Debian's docker.io) or point DOCKER_HOST at one")
+        raise ServiceUnavailable(f"no Docker engine answers at {named}: `make repro` (for dvc repro) and `make image` "
+                                 "start one with the image registry (as root, Debian's docker.io), or point "
+                                 "DOCKER_HOST at one")
     return Engine(host, docker.DockerClient(base_url=host, timeout=timeout_s))
 
 
