@@ -164,9 +164,17 @@ def register_candidate(params: Params, run: RunRecord, model_uri: str, variant: 
     try:
         client.update_model_version(name, version.version, description=f"{variant} from run {run.run_id}")
         client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
-    except Exception:  # whatever failed, a version without its alias must not stay behind
-        client.delete_model_version(name, version.version)
-        raise
+    except Exception as error:  # whatever failed, a version without its alias must not stay behind
+        failed = (f"version {version.version} of {name} could not be given its description and the alias "
+                  f"{CANDIDATE_ALIAS!r} ({type(error).__name__}: {error})")
+        kind = ServiceUnavailable if no_answer(error) else StageError
+        try:
+            client.delete_model_version(name, version.version)
+        except Exception as cleanup:
+            raise kind(f"{failed}, nor be deleted again ({type(cleanup).__name__}: {cleanup}); delete it in "
+                       "MLflow, then run the register stage again") from error
+        raise kind(f"{failed}; it was deleted again and nothing is registered: run the register stage again"
+                   ) from error
     return str(version.version)
 
 

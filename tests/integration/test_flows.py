@@ -291,16 +291,38 @@ def test_rejection_from_the_terminal_keeps_the_champion(stack, nightly_run, tmp_
     assert again.returncode == 2 and "not waiting for a decision" in again.stderr  # a decided run stays decided
 
 
+def _flow_run_states(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [state.name for state in client.read_flow_run_states(flow_run_id)]
+
+
 def test_no_decision_before_the_timeout_keeps_the_champion(stack, nightly_run, tmp_path):
+    """Both timeout paths at once (they train side by side): a deployment run suspends and the server fails
+    it when the pause expires; a local run pauses in its own process and its own timer ends it."""
+    from prefect.deployments import run_deployment
+
     champion = alias_version(stack, "champion")
-    process, tag = _local_retrain(tmp_path, timeout_s=3)
+    deployed = run_deployment("retrain/on-drift", timeout=0, parameters={
+        "params": fast_parameters(), "workspace": str(tmp_path / "deployed"), "approval_timeout_s": 5})
+    process, tag = _local_retrain(tmp_path / "local", timeout_s=3)
     try:
         output, _ = process.communicate(timeout=300)
     finally:
         process.kill()
-    final = _run_by_tag(tag)
-    assert final.state.is_failed(), output[-2000:]
-    assert "no decision within 3 s" in final.state.message and "not promoted" in final.state.message
+    local = _run_by_tag(tag)
+    assert local.state.is_failed(), output[-2000:]
+    assert "no decision within 3 s" in local.state.message and "not promoted" in local.state.message
+
+    final = wait_for(lambda: (run := read_run(deployed.id)).state.is_final() and run, 300,
+                     "the suspended retrain to time out")
+    assert final.state.is_failed(), f"{final.state.name}: {final.state.message}"
+    assert "never resumed" in final.state.message
+    assert "Suspended" in _flow_run_states(deployed.id)  # it waited for a decision holding no worker
+    (registered,) = [version for run in mlflow_runs_of(stack, deployed.id) for version in mlflow_client(stack)
+                     .search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{run.info.run_id}'")]
+    assert "approved_by" not in registered.tags  # registered as a challenger, never promoted
     assert alias_version(stack, "champion") == champion
 
 
