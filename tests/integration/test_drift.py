@@ -7,12 +7,13 @@ import io
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.stack_helpers import mlflow_client, wait_for
+from tests.stack_helpers import mlflow_client, read_run, wait_for
 
 pytestmark = pytest.mark.integration
 MODEL_NAME = "edgeloop-digits"
@@ -27,12 +28,33 @@ def _retrain_runs_for(windows: set[str]) -> list:
     return [run for run in runs if (run.parameters.get("drift_summary") or {}).get("window_id") in windows]
 
 
+def _drift_events_for(windows: set[str], since) -> list:
+    """The edgeloop.drift.detected events the Prefect server stored for these windows."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    from flows.drift_check import DRIFT_EVENT
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=EventFilter(occurred=EventOccurredFilter(since=since),
+                                                     event=EventNameFilter(name=[DRIFT_EVENT])), limit=50)
+    return [event for event in page.events if event.payload.get("window_id") in windows]
+
+
+def _final_state_of(flow_run_id):
+    state = read_run(flow_run_id).state
+    return state if state is not None and state.is_final() else None
+
+
 def _cancel(flow_run) -> None:
+    """Cancel the retrain run (don't train a full model in the test) and wait until it is in a final state."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
-    with get_client(sync_client=True) as client:  # don't train a full model in the test
+    with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run.id, Cancelled(message="test: trigger verified"), force=True)
+    final = wait_for(lambda: _final_state_of(flow_run.id), 60, f"retrain run {flow_run.id} to reach a final state")
+    assert final.is_cancelled(), f"the cancelled retrain run ended {final.type.value}: {final.message}"
 
 
 class Devices:
@@ -71,11 +93,13 @@ def _without_some_features(path: Path) -> bytes:
 
 
 def test_two_drifted_windows_fire_one_retrain_and_the_policy_holds_back_otherwise(stack, nightly_run, tmp_path):
+    from prefect.events.worker import EventsWorker
     from prefect.variables import Variable
 
     from flows.drift_check import drift_check
     from tasks.release.promotion import download_drift_reference
 
+    started = datetime.now(UTC)
     candidate = mlflow_client(stack).get_model_version_by_alias(MODEL_NAME, "candidate")
     _, reference = download_drift_reference(MODEL_NAME, "candidate", tmp_path / "reference")
     collected, reports = tmp_path / "collected", tmp_path / "reports"
@@ -119,15 +143,20 @@ def test_two_drifted_windows_fire_one_retrain_and_the_policy_holds_back_otherwis
     assert retrain.parameters["drift_summary"]["reasons"] == second["reasons"]
     # the drift goes on for two more windows, but the retrain just started: in cooldown, nothing fires
     devices.window("medium")
-    check(cooldown_h=1)
+    cooling = check(cooldown_h=1)
     devices.window("medium")
     held = check(cooldown_h=1)
     assert held["decision"]["streak"] == 2 and "in cooldown" in held["decision"]["reason"]
     assert not held["drift_detected"]
 
-    checks = [calm, first, small, invalid, second, held]
-    time.sleep(3)  # an extra trigger would have created its run by now
-    assert len(_retrain_runs_for({c["window_id"] for c in checks})) == 1
+    checks = [calm, first, small, invalid, second, cooling, held]
+    windows = {c["window_id"] for c in checks}
+    # no sleep guessing how long an extra trigger would take: every event the checks emitted (in this process)
+    # has been sent, the server stored the one that fired, and that one event made one retrain run
+    EventsWorker.instance().wait_until_empty()
+    events = wait_for(lambda: _drift_events_for(windows, started), 60, "the server to store the drift event")
+    assert [event.payload["window_id"] for event in events] == [second["window_id"]]
+    assert len(_retrain_runs_for(windows)) == 1
     # the state lives in the Prefect server; every check is an MLflow run with its Evidently report
     state = Variable.get(variable)
     statuses = [verdict["status"] for verdict in state["verdicts"]]

@@ -40,11 +40,17 @@ def test_runtime_matches_keras(variant, tiny_model, tiny_model_files, digits):
     assert outputs.shape == expected.shape and outputs.dtype == np.float32
     difference = np.abs(outputs - expected)
     if variant.endswith("fp32"):
-        assert np.max(difference) < 1e-4
+        noise = 1e-4  # another summation order than Keras': ~3e-7 measured
+        assert np.max(difference) < noise
     else:  # int8: quantization noise, small on average; a borderline sample may move more
+        noise = 0.05  # ~3x the largest int8 error measured (0.018)
         assert np.mean(difference) < 0.02
-    agreement = np.mean(outputs.argmax(1) == expected.argmax(1))
-    assert agreement > (0.999 if variant.endswith("fp32") else 0.9)
+    # The top class must agree wherever Keras' top-2 margin is clearly above that noise. A near-tie may flip
+    # with the CPU's rounding (AVX2, AVX-512), so it is not judged, but such samples must be few.
+    top_two = np.sort(expected, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * noise
+    assert np.mean(clear) > 0.8, "the reference model has too few clear samples to compare the runtimes on"
+    np.testing.assert_array_equal(outputs.argmax(1)[clear], expected.argmax(1)[clear])
 
 
 def test_int8_tflite_reports_quantized_io(tiny_model_files):

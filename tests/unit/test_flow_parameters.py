@@ -4,7 +4,7 @@
 import pytest
 from pydantic import ValidationError
 
-from flows.parameters import REPO_ROOT, TrainingParameters, default_parameters, overrides, resolve
+from flows.parameters import FLOW_WORKSPACE, REPO_ROOT, TrainingParameters, default_parameters, overrides, resolve
 from tasks.config import Params
 from tasks.contracts import Workspace
 from tasks.devices import load_devices
@@ -67,7 +67,8 @@ def test_applied_parameters_override_params_yaml_and_are_validated(tmp_path):
     assert config.train.epochs == 3 and config.quantize.strategy == "qat"
     assert config.convert.enabled_variants == ["tflite_int8"]
     assert workspace == Workspace(tmp_path)
-    assert resolve(changed)[1] == Workspace(REPO_ROOT)
+    assert resolve(changed)[1] == Workspace(FLOW_WORKSPACE)
+    assert FLOW_WORKSPACE != REPO_ROOT, "flow runs must not write into the checkout's root"
     assert overrides(changed) == {"epochs": 3, "variants": ["tflite_int8"], "strategy": "qat"}
 
 

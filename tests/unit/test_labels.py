@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tasks.data.labels import class_index, import_labels, main, read_labels_file
 from tasks.data.prepare import prepare
 from tasks.errors import DataError
 from tasks.monitoring.collected import WINDOWS
+from tests.conftest import REPO_ROOT
 from tests.unit.test_dataversion import DVC, GIT_ENV, _commits
 
 CLASSES = ["cat", "dog", "bird"]
@@ -239,7 +241,20 @@ def test_holdout_split_is_stable_as_labels_arrive(tmp_path):
     assert np.array_equal(held_after.x[:len(held.y)], held.x) and np.array_equal(train_after.x[:len(train.y)], train.x)
     assert 0.2 < len(held_after.y) / 600 < 0.4
     assert np.array_equal(load_labelled(tmp_path, digits, holdout_fraction=0.3).x, held_after.x)
-    assert is_held_out(np.array(["a1"]), 0.3)[0] == is_held_out(np.array(["a1"]), 0.3)[0]
+
+
+def test_a_sample_never_changes_side_across_processes():
+    """The README's promise: the split depends on the id alone, not on this process (e.g. its hash seed)."""
+    ids = [f"device-{k % 7}/{k}" for k in range(2000)]
+    here = is_held_out(np.array(ids), 0.3)
+    code = ("import json, sys, numpy as np; from tasks.data.labelled import is_held_out; "
+            "print(json.dumps(is_held_out(np.array(json.load(sys.stdin)), 0.3).tolist()))")
+    for seed in ("1", "2"):  # another interpreter with another str hash seed than this one
+        completed = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), cwd=REPO_ROOT,
+                                   env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True)
+        assert completed.returncode == 0, completed.stderr
+        assert json.loads(completed.stdout) == here.tolist()
+    assert 0.25 < here.mean() < 0.35  # and both sides are used
 
 
 def test_files_without_sample_ids_are_held_out_entirely(tmp_path):

@@ -13,7 +13,10 @@ from tasks.contracts import Dataset, PreparedData, Workspace
 from tasks.errors import ModelZooError, QualityFloorError
 from tasks.model import batchnorm, heads
 
-PASSING = 0.9
+# Proves the model learned: the bug left it at chance (0.1 for 10 classes). Seeded training still
+# rounds differently on another CPU (AVX2, AVX-512); over seeds 1-5 test and validation accuracy measured
+# 0.93-0.96, so 0.8 leaves room for that instead of tracking one machine's figure.
+PASSING = 0.8
 
 
 def _layers():
@@ -102,6 +105,7 @@ def test_batchnorm_reestimation_restores_inference_mode_accuracy(prepared):
     model.compile(keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
     model.fit(prepared.train.x, prepared.train.y, epochs=3, batch_size=32, verbose=0)
     lagging, training_mode = batchnorm.mode_accuracies(model, prepared.val)
+    # measured over seeds 1-5: 0.10-0.23 lagging, 0.92-0.94 in training mode; 0.3 leaves room for any CPU
     assert training_mode - lagging > 0.3, "the model was built to lag"
     assert batchnorm.mode_accuracies(model, prepared.val)[0] == lagging  # measuring changes nothing
     check = batchnorm.check_and_fix(model, "baseline", prepared.train, prepared.val, max_gap_pts=5.0)
