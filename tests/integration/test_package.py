@@ -198,6 +198,41 @@ def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tm
     assert _registry_tags(images, "edgeloop/broken") == []
 
 
+def test_a_foreign_image_under_the_release_tag_is_never_overwritten(stack, images, shipped, tmp_path):
+    """The registry holds something else under the tag this release would get: the error says how to recover."""
+    import io
+    import tarfile
+
+    import docker
+
+    from tasks.errors import PackagingError
+    from tasks.release.image_version import SemVer, image_tag
+    from tasks.release.package import package
+    from tasks.release.registry import Registry
+    from tasks.workspace import Workspace
+
+    report, _ = shipped
+    repository, tag = "edgeloop/foreign", image_tag(SemVer(1, 0, 0), report.variant, "amd64")
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:  # a one-file image with no edgeloop labels
+        content = b"not a model\n"
+        info = tarfile.TarInfo("README")
+        info.size = len(content)
+        tar.addfile(info, io.BytesIO(content))
+    client = docker.from_env()
+    client.api.import_image_from_data(layer.getvalue(), repository=f"{images.registry}/{repository}", tag=tag)
+    client.images.push(f"{images.registry}/{repository}", tag=tag)
+    held = Registry(images.registry).digest(repository, tag)
+    assert held is not None
+    with pytest.raises(PackagingError) as failure:
+        package(_params(stack, repository=repository), Workspace(tmp_path), version=report.mlflow_version)
+    message = str(failure.value)
+    assert "is not an edgeloop model image" in message and "tags are never overwritten" in message
+    assert "package.repository" in message and "remove .run/registry" in message
+    assert Registry(images.registry).digest(repository, tag) == held and _registry_tags(images, repository) == [tag]
+    assert not (tmp_path / "reports" / "package.json").exists()
+
+
 @pytest.fixture(scope="module")
 def shipped_arm64(stack, images, shipped, tmp_path_factory):
     """The same candidate packaged for arm64 (built and checked under qemu)."""
