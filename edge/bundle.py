@@ -20,9 +20,9 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.errors import BundleRefused
-from edge.manifest import MANIFEST_FILE, SAFE_NAME, SIGNATURE_FILE, Manifest, parse_manifest
+from edge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SAFE_NAME, SIGNATURE_FILE, Manifest, parse_manifest
 from edge.sidecar import sha256_file
-from edge.signing import verify_manifest
+from edge.signing import MAX_SIGNATURE_BYTES, verify_manifest
 
 MAX_MEMBERS = 64
 GZIP_MAGIC = b"\x1f\x8b"
@@ -118,6 +118,13 @@ def unpack(bundle: Path, destination: Path, max_bytes: int) -> None:
         raise BundleRefused("malformed", f"bundle {bundle} does not exist")
 
 
+def _read_at_most(path: Path, limit: int) -> bytes:
+    """``path``'s bytes, or only its first ``limit + 1`` when it is larger: enough for the parser to refuse it
+    without a huge file ever being read whole."""
+    with open(path, "rb") as stream:
+        return stream.read(limit + 1)
+
+
 def verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
     """Check the signature and every payload file of an unpacked bundle; return its manifest."""
     try:
@@ -130,8 +137,9 @@ def _verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
     manifest_path, signature_path = folder / MANIFEST_FILE, folder / SIGNATURE_FILE
     if not manifest_path.is_file():
         raise BundleRefused("malformed", f"the bundle has no {MANIFEST_FILE}")
-    manifest_bytes = manifest_path.read_bytes()
-    verify_manifest(manifest_bytes, signature_path.read_bytes() if signature_path.is_file() else None, keys)
+    manifest_bytes = _read_at_most(manifest_path, MAX_MANIFEST_BYTES)
+    verify_manifest(manifest_bytes, _read_at_most(signature_path, MAX_SIGNATURE_BYTES)
+                    if signature_path.is_file() else None, keys)
     manifest = parse_manifest(manifest_bytes)
     listed = {entry.name: entry for entry in manifest.files}
     present = {path.name for path in folder.iterdir()} - {MANIFEST_FILE, SIGNATURE_FILE}

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge.errors import ConfigError
+from edge.identity import DeviceId
 from edge.thermal import DEFAULT_SENSOR
 
 ENV_PREFIX = "EDGELOOP_"
@@ -35,8 +36,8 @@ class ServeConfig(BaseModel):
     keep_versions: int = Field(3, ge=2, le=20, description="model versions kept in the store")
     admin_token: str | None = Field(None, description="bearer token for /v1/model/{reload,rollback,install}")
     admin_token_file: Path | None = Field(None, description="file holding the admin token")
-    device_id: str = Field(os.uname().nodename, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                           description="this device's id (sample files and uploads carry it)")
+    device_id: DeviceId = Field(os.uname().nodename,
+                                description="this device's id (sample files and uploads carry it)")
     num_threads: int | None = Field(None, ge=1, le=64, description="inference threads (default: the runtime's)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body")
     max_batch: int = Field(256, ge=1, description="most samples in one request")

@@ -4,6 +4,9 @@ A bundle is ``manifest.json`` + ``manifest.sig`` (a detached Ed25519 signature o
 exact bytes, see :mod:`edge.signing`) + the payload files the manifest lists with their sha256 and
 size: the model file(s), their sidecars and a sample input for the health check. Nothing outside the
 list may be in a bundle, and nothing on the list may be missing.
+
+:func:`parse_manifest` turns any other bytes (over :data:`MAX_MANIFEST_BYTES`, not UTF-8, not JSON,
+nested, unknown fields, wrong types) into a ``malformed`` :class:`BundleRefused`, never another exception.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from edge.errors import BundleRefused
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 MANIFEST_SCHEMA = "edgeloop.manifest/1"
+MAX_MANIFEST_BYTES = 2**20  # a manifest with two models' sidecars is about 3 KB
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain file or version name: no paths, no dot-files
 ModelRole = Literal["primary", "large"]  # large: the cascade's second stage
 
@@ -106,9 +110,11 @@ class Manifest(_Record):
 
 def parse_manifest(content: bytes) -> Manifest:
     """Parse manifest bytes; anything but a valid edgeloop manifest is a ``malformed`` refusal."""
+    if len(content) > MAX_MANIFEST_BYTES:
+        raise BundleRefused("malformed", f"{MANIFEST_FILE} has {len(content)} bytes, over {MAX_MANIFEST_BYTES}")
     try:
         return Manifest.model_validate_json(content)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in item['loc']) or 'manifest'}: {item['msg']}"
+    except ValidationError as error:  # every problem of the bytes, JSON or schema (pydantic bounds the nesting)
+        problems = "; ".join(f"{'.'.join(str(p)[:64] for p in item['loc']) or 'manifest'}: {item['msg']}"
                              for item in error.errors()[:5])
         raise BundleRefused("malformed", f"{MANIFEST_FILE} is not a valid edgeloop manifest ({problems})") from error

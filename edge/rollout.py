@@ -121,9 +121,11 @@ def verify_rollout(payload: bytes, keys: dict[str, Ed25519PublicKey]) -> Rollout
         signature = envelope.get("signature")
         if not isinstance(text, str):
             raise TypeError("manifest is not a string")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        signature_bytes = None if signature is None else json.dumps(signature).encode()
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        # RecursionError: a deeply nested document (the size cap alone still lets ~30,000 levels through)
         raise BundleRefused("malformed", f"rollout message is not a manifest envelope ({error})") from None
-    verify_manifest(text.encode(), None if signature is None else json.dumps(signature).encode(), keys)
+    verify_manifest(text.encode(), signature_bytes, keys)
     try:
         return RolloutManifest.model_validate_json(text)
     except ValidationError as error:

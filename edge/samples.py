@@ -20,8 +20,9 @@ import numpy as np
 
 from edge.errors import SampleStoreError, SamplingError
 from edge.features import feature_names_of, features
+from edge.identity import DEVICE_ID_RULE, is_device_id
 from edge.sample_store import SampleStore
-from edge.segments import DEVICE_ID, SampleRows
+from edge.segments import SampleRows
 
 __all__ = ["SampleStore", "Sampler"]
 LOGGER = logging.getLogger(__name__)
@@ -56,9 +57,8 @@ class Sampler:
         if not 0.0 <= confidence_floor <= 1.0:
             raise SamplingError(f"confidence_floor {confidence_floor} must be within [0, 1] (0 keeps none "
                                 "for low confidence)")
-        if not device_id or not DEVICE_ID.fullmatch(device_id):
-            raise SamplingError(f"device_id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-', "
-                                "starting with a letter or digit")
+        if not is_device_id(device_id):
+            raise SamplingError(f"device_id {device_id!r} is not allowed: {DEVICE_ID_RULE}")
         self.store = store
         self.device_id = device_id
         self.sample_rate = sample_rate

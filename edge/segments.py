@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import struct
 import time
 import uuid
@@ -35,7 +34,6 @@ MAX_META_BYTES = 2**16 - 1
 HEADER_MAGIC, RECORD_MAGIC = b"ELSH", b"ELSR"
 FORMAT_VERSION = 1
 REASONS = ("rate", "low_confidence")
-DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # goes into file names on the receiver
 
 
 @dataclass(frozen=True)

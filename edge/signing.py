@@ -3,6 +3,10 @@
 ``manifest.sig`` is JSON: ``{"algorithm": "ed25519", "key_id": "<16 hex>", "signature": "<base64>"}``;
 the signature covers the exact bytes of ``manifest.json``. A device trusts every public key it is
 configured with (several during a key rotation) and refuses a manifest signed by any other.
+
+Whatever the bytes of ``manifest.sig`` are (too large, not UTF-8, not JSON, nested, a list, fields
+missing, unknown or of the wrong type), verifying ends in :class:`BundleRefused`, never another
+exception: a device counts it as a refusal and answers 4xx.
 """
 
 from __future__ import annotations
@@ -13,14 +17,26 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from edge.errors import BundleRefused, ConfigError
 
 PUBLIC_KEY_SUFFIXES = (".pub", ".pem")
+MAX_SIGNATURE_BYTES = 4096  # a record is about 150 bytes; anything far larger is not one
+
+
+class SignatureRecord(BaseModel):
+    """``manifest.sig``: known fields only, each a string (no coercion), of bounded length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    algorithm: Annotated[str, StringConstraints(max_length=32)]
+    key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    signature: Annotated[str, StringConstraints(max_length=256)]
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -64,18 +80,31 @@ def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> byte
     return (json.dumps(record, sort_keys=True) + "\n").encode()
 
 
-def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes | None, keys: dict[str, Ed25519PublicKey]) -> str:
-    """Check the detached signature; return the signing key's id or raise :class:`BundleRefused`."""
+def parse_signature(signature_bytes: bytes | None) -> SignatureRecord:
+    """The record in ``manifest.sig``; an ``unsigned`` :class:`BundleRefused` for anything else."""
     if signature_bytes is None:
         raise BundleRefused("unsigned", "the bundle has no manifest.sig: unsigned bundles are never installed")
+    if len(signature_bytes) > MAX_SIGNATURE_BYTES:
+        raise BundleRefused("unsigned", f"manifest.sig has {len(signature_bytes)} bytes, over {MAX_SIGNATURE_BYTES}: "
+                                        "not a signature record")
     try:
-        record = json.loads(signature_bytes)
-        algorithm, signer, signature = record["algorithm"], record["key_id"], base64.b64decode(record["signature"],
-                                                                                             validate=True)
-    except (ValueError, KeyError, TypeError, binascii.Error) as error:
-        raise BundleRefused("unsigned", f"manifest.sig is not a readable signature record ({error})") from error
-    if algorithm != "ed25519":
-        raise BundleRefused("unsigned", f"manifest.sig uses {algorithm!r}; only ed25519 is accepted")
+        return SignatureRecord.model_validate_json(signature_bytes)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'record'}: {item['msg']}"
+                             for item in error.errors()[:3])
+        raise BundleRefused("unsigned", f"manifest.sig is not a readable signature record ({problems})") from None
+
+
+def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes | None, keys: dict[str, Ed25519PublicKey]) -> str:
+    """Check the detached signature; return the signing key's id or raise :class:`BundleRefused`."""
+    record = parse_signature(signature_bytes)
+    if record.algorithm != "ed25519":
+        raise BundleRefused("unsigned", f"manifest.sig uses {record.algorithm!r}; only ed25519 is accepted")
+    signer = record.key_id
+    try:
+        signature = base64.b64decode(record.signature, validate=True)
+    except (ValueError, binascii.Error) as error:
+        raise BundleRefused("unsigned", f"manifest.sig's signature is not base64 ({error})") from None
     key = keys.get(signer)
     if key is None:
         raise BundleRefused("unknown_key", f"the manifest is signed by key {signer}, which this device does not "

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.config import ENV_PREFIX, settings_from
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
+from edge.identity import DeviceId
 from edge.rollout import GROUP, model_topic, telemetry_topic
 from edge.signing import load_public_keys
 from edge.store import ModelStore
@@ -46,14 +47,13 @@ from edge.updater_telemetry import ServiceMetrics, TelemetrySource
 
 log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGELOOP_MQTT_PASSWORD"
-DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also an MQTT topic level and client id
 
 
 class UpdaterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker: str = Field(pattern=r"^[^\s:/]+(:\d{1,5})?$", description="the MQTT broker, HOST[:PORT]")
-    device_id: str = Field(pattern=DEVICE_ID, description="this device's id: MQTT username, client id, topic level")
+    device_id: DeviceId = Field(description="this device's id: MQTT username, client id, topic level")
     group: str = Field(pattern=f"^{GROUP.pattern}$", description="the fleet group whose manifests apply")
     password_file: Path | None = Field(None, description=f"file holding the MQTT password (or {PASSWORD_ENV})")
     store: Path = Field(description="the model store folder, the one the edge service serves from")

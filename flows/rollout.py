@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.parameters import PARAMS_PATH
 from tasks.config import Params, RolloutParams, load_params
 from tasks.rollout.engine import RolloutReport, StageRecord
+from tasks.rollout.records import dropped_summary
 
 
 class RolloutPlan(BaseModel):
@@ -52,6 +53,7 @@ class RolloutPlan(BaseModel):
 def _step_markdown(report: RolloutReport) -> str:
     lines = [f"# Rollout of {report.model_name} {report.target} to group `{report.group}`", "",
              f"**{report.outcome.replace('_', ' ')}**" + (f": {report.reason}" if report.reason else ""), "",
+             *([f"Untrusted input: {dropped}.", ""] if (dropped := dropped_summary(report)) else []),
              "| step | seq | action | version | devices | installed | failed | silent | p95 (ms) | error rate | "
              "confidence | problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     steps: list[StageRecord] = [*report.stages, *([report.rollback] if report.rollback else [])]

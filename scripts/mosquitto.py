@@ -1,6 +1,9 @@
 """Mosquitto 2 for the fleet: started on loopback with the fleet's password file and ACL, persistent, and
 stopped, killed, restarted or reloaded the way the rollout's fault tests and the demo need.
 
+Its identity binding and per-client limits are :func:`tasks.rollout.broker.security_settings`, the
+same lines as the compose stack's ``docker/mosquitto.conf``.
+
 Uses :mod:`scripts.services`' pid files and logs, so ``python -m scripts.services down`` stops it too.
 """
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.services import ServiceError, listening, log_tail, pid_file, process_alive, running_pid, start, stop
+from tasks.rollout.broker import MAX_QUEUED_MESSAGES, security_settings
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,12 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
 
-MOSQUITTO_QUEUE_LIMIT = 1_000_000  # per client: a control plane that was away while 10,000 devices reported
-
-
 def start_mosquitto(run_dir: Path, port: int, password_file: Path, acl_file: Path, *,
-                    max_queued_messages: int = MOSQUITTO_QUEUE_LIMIT, autosave_interval_s: int = 1,
+                    max_queued_messages: int = MAX_QUEUED_MESSAGES, autosave_interval_s: int = 1,
                     timeout_s: float = 20.0) -> Broker:
-    """Debian's Mosquitto 2 on ``127.0.0.1:port``: no anonymous clients, the given password and ACL files,
-    and persistence under ``run_dir/mosquitto`` so retained messages and persistent sessions outlive a restart.
+    """Debian's Mosquitto 2 on ``127.0.0.1:port``: the fleet's security settings with the given password and
+    ACL files (client ids bound to user names, size, queue and in-flight limits), and persistence under
+    ``run_dir/mosquitto`` so retained messages and persistent sessions outlive a restart.
 
     The in-memory state is saved on a clean stop (SIGTERM, :func:`stop_mosquitto`) and every
     ``autosave_interval_s`` seconds, so a killed broker loses at most that window. Its log is
@@ -54,14 +56,13 @@ def start_mosquitto(run_dir: Path, port: int, password_file: Path, acl_file: Pat
     # as root Mosquitto switches to the `mosquitto` user unless told otherwise, and then cannot read
     # our 0600 password file or write under run_dir (CI runs as root)
     user = "user root\n" if os.geteuid() == 0 else ""
+    security = "\n".join(security_settings(str(Path(password_file).resolve()), str(Path(acl_file).resolve()),
+                                            max_queued_messages))
     config.write_text(f"""listener {port} 127.0.0.1
-allow_anonymous false
-password_file {Path(password_file).resolve()}
-acl_file {Path(acl_file).resolve()}
+{security}
 persistence true
 persistence_location {(root / 'data').resolve()}/
 autosave_interval {autosave_interval_s}
-max_queued_messages {max_queued_messages}
 set_tcp_nodelay true
 pid_file {(root / 'broker.pid').resolve()}
 log_dest file {(run_dir / 'mosquitto.log').resolve()}

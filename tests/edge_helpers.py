@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +14,26 @@ import httpx
 import numpy as np
 
 ADMIN_TOKEN = "test-admin-token"
+
+
+def read_members(bundle: Path) -> dict[str, bytes]:
+    """The files of a bundle archive by name."""
+    with tarfile.open(bundle) as archive:
+        return {member.name: archive.extractfile(member).read() for member in archive}
+
+
+def write_members(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    """A bundle archive of ``members`` (and symlinks ``links``), as an attacker or a broken packer would write it."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            archive.addfile(info)
+    return path
 
 
 @dataclass

@@ -3,6 +3,9 @@
 The ingest endpoint stores each upload as ``<collected_dir>/<device>--<file>.npz``. A check takes every
 pending upload and:
 
+- attributes it to a device by :func:`edge.identity.upload_owner`, the rule the ingest endpoint names
+  files by (neither part may hold ``--``, so the first ``--`` always ends the device id); a name that
+  does not follow it is quarantined;
 - validates it as a sample file of its device (:func:`tasks.monitoring.sample_files.validate_sample_file`:
   schema, dtypes, ranges, finite values, unique ids), checks its feature columns match the window's and
   that its model versions are known to the registry. A file that fails is moved to ``quarantine/`` with
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, upload_owner
 from edge.sidecar import atomic_write_bytes, atomic_write_text
 from tasks.errors import DataError
 from tasks.monitoring.sample_files import PER_ROW, load_sample_arrays, validate_sample_file
@@ -108,10 +112,11 @@ def quarantine(path: Path, reason: str) -> Path:
 
 def _check_upload(path: Path, names: tuple[str, ...] | None, known_versions: set[str] | None
                   ) -> dict[str, np.ndarray]:
-    device, separator, _ = path.name.partition("--")
-    if not separator:
-        raise DataError("file name lacks the '<device>--' prefix the ingest endpoint gives it; upload it "
-                        "through `edgeloop ingest`")
+    device = upload_owner(path.name)
+    if device is None:
+        raise DataError(f"file name is not '<device>--<upload name>' as the ingest endpoint writes it (a device id "
+                        f"is {DEVICE_ID_RULE}; an upload name is {UPLOAD_NAME_RULE}); upload it through "
+                        "`edgeloop ingest`")
     try:
         content = path.read_bytes()
     except OSError as error:

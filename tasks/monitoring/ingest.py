@@ -6,7 +6,10 @@
 ``POST /v1/ingest`` takes one ``.npz`` as the body (``edge.upload.HttpTarget`` sends it), authenticated
 per device (``Authorization: Bearer <token>`` and ``X-Edgeloop-Device``), checks it is a well-formed
 sample file of that device (:mod:`tasks.monitoring.sample_files`) and stores it atomically as
-``<collected_dir>/<device>--<file name>``, the flat folder the drift check (:mod:`tasks.monitoring.collected`) reads.
+``<collected_dir>/<device>--<file name>`` (:func:`edge.identity.stored_upload_name`), the flat folder the
+drift check (:mod:`tasks.monitoring.collected`) reads. Device ids and file names follow the rules of
+:mod:`edge.identity` (neither can hold ``--``), so one device can never write a name read as another's;
+a request that breaks them is answered 422 naming the rule.
 Re-sending a stored file is answered 200 again, so a device whose confirmation got lost can retry
 safely. The tokens file maps device ids to the sha256 of their tokens (JSON or YAML), re-read when it
 changes: ``add-device`` needs no restart.
@@ -28,8 +31,8 @@ import yaml
 from fastapi import FastAPI, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
+from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, is_device_id, is_upload_name, stored_upload_name
 from edge.requests import BadRequest, read_body
-from edge.segments import DEVICE_ID
 from edge.sidecar import atomic_write_bytes, atomic_write_text, sha256_file
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
@@ -37,7 +40,6 @@ from tasks.errors import ConfigError, DataError
 from tasks.monitoring.sample_files import validate_sample_file
 
 LOGGER = logging.getLogger(__name__)
-FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.npz")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -58,8 +60,8 @@ def load_tokens(path: Path) -> dict[str, str]:
     if not isinstance(raw, dict):
         raise ConfigError(f"tokens file {path} must map device ids to token sha256 hashes")
     for device, digest in raw.items():
-        if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
-            raise ConfigError(f"tokens file {path}: device id {device!r} must be 1-64 letters, digits, '.', '_', '-'")
+        if not is_device_id(device):
+            raise ConfigError(f"tokens file {path}: device id {device!r} is not allowed: {DEVICE_ID_RULE}")
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise ConfigError(f"tokens file {path}: device {device!r} needs a sha256 hex hash, not a token; "
                               "re-issue it with `edgeloop ingest add-device --replace`")
@@ -107,12 +109,14 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
     app = FastAPI(title="edgeloop ingest", version="1")
 
     def authenticate(request: Request) -> str:
+        claimed = request.headers.get("x-edgeloop-device", "")
+        if not is_device_id(claimed):
+            raise HTTPException(422, detail=f"X-Edgeloop-Device {claimed[:80]!r} is not a device id: {DEVICE_ID_RULE}")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         owner = tokens.device_for(token.strip()) if scheme.lower() == "bearer" else None
         if owner is None:
             raise HTTPException(401, detail="missing or unknown device token; issue one with "
                                 "`edgeloop ingest add-device`", headers={"WWW-Authenticate": "Bearer"})
-        claimed = request.headers.get("x-edgeloop-device", "")
         if claimed != owner:
             raise HTTPException(403, detail=f"X-Edgeloop-Device {claimed!r} does not match the token's device")
         return owner
@@ -132,7 +136,7 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
             rows = validate_sample_file(content, device)
         except DataError as error:
             raise HTTPException(422, detail=str(error)) from None
-        target = collected_dir / f"{device}--{file_name}"
+        target = collected_dir / stored_upload_name(device, file_name)
         if not target.is_file():
             atomic_write_bytes(target, content)
             LOGGER.info("stored %s (%d samples)", target.name, rows)
@@ -144,8 +148,9 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
     async def ingest(request: Request) -> dict[str, object]:
         device = authenticate(request)
         file_name = request.headers.get("x-edgeloop-filename", "")
-        if not FILE_NAME.fullmatch(file_name):
-            raise HTTPException(422, detail=f"X-Edgeloop-Filename {file_name!r} must be a plain name ending in .npz")
+        if not is_upload_name(file_name):
+            raise HTTPException(422, detail=f"X-Edgeloop-Filename {file_name[:160]!r} is not allowed: "
+                                f"{UPLOAD_NAME_RULE}")
         content = await read_upload(request)
         claimed_digest = request.headers.get("x-content-sha256", "")
         return await run_in_threadpool(save, content, device, file_name, claimed_digest)
@@ -159,8 +164,8 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
 
 def add_device(tokens_file: Path, device: str, replace: bool = False) -> str:
     """Issue a token for ``device`` and store only its hash (file mode 0600); returns the token."""
-    if not DEVICE_ID.fullmatch(device):
-        raise ConfigError(f"device id {device!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if not is_device_id(device):
+        raise ConfigError(f"device id {device!r} is not allowed: {DEVICE_ID_RULE}")
     hashes = load_tokens(tokens_file) if tokens_file.is_file() else {}
     if device in hashes and not replace:
         raise ConfigError(f"device {device!r} already has a token in {tokens_file}; pass --replace to issue a "
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8100, help="port (default: %(default)s)")
     serve.add_argument("--max-upload-mb", type=float, default=16.0, help="largest file accepted (default: 16)")
     add = actions.add_parser("add-device", help="issue a token for a device; prints it once")
-    add.add_argument("device", help="device id (letters, digits, '.', '_', '-')")
+    add.add_argument("device", help=f"device id: {DEVICE_ID_RULE}")
     add.add_argument("--tokens", type=Path, required=True, help="token hashes file (created if missing)")
     add.add_argument("--replace", action="store_true", help="issue a new token for a known device")
     return parser

@@ -36,8 +36,9 @@ from scipy import ndimage
 
 from edge.errors import SidecarError
 from edge.features import feature_names, features, sample_layout
+from edge.identity import DEVICE_ID_RULE, is_device_id, stored_upload_name
 from edge.runtime import EdgeModel
-from edge.segments import DEVICE_ID, ParsedSegment, segment_npz_bytes
+from edge.segments import ParsedSegment, segment_npz_bytes
 from edge.sidecar import atomic_write_bytes, read_sidecar, sha256_file
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
@@ -208,12 +209,13 @@ def sample_file_bytes(window: Window, rows: np.ndarray, device_id: str, model_ve
 def write_uploads(window: Window, out_dir: Path, devices: Sequence[str], model_version: str, window_index: int,
                   severity: str, run_id: str, raw: bool = True) -> list[Path]:
     """One sample file per device (rows dealt round-robin, so each spans the window), written atomically as
-    ``<device>--sim-<window>-<severity>-<run>.npz``, the name ``edgeloop ingest`` stores an upload under."""
+    ``<device>--sim-<window>-<severity>-<run>.npz``, the name ``edgeloop ingest`` stores an upload under
+    (:func:`edge.identity.stored_upload_name`)."""
     written = []
     for position, device_id in enumerate(devices):
         rows = np.arange(position, len(window.timestamps), len(devices))
         if len(rows):
-            path = Path(out_dir) / f"{device_id}--sim-{window_index:03d}-{severity}-{run_id}.npz"
+            path = Path(out_dir) / stored_upload_name(device_id, f"sim-{window_index:03d}-{severity}-{run_id}.npz")
             atomic_write_bytes(path, sample_file_bytes(window, rows, device_id, model_version, raw))
             written.append(path)
     return written
@@ -279,9 +281,9 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--samples ({args.samples}) must be at least --devices ({args.devices}): every "
                           "device uploads a file per window")
     devices = [f"{args.device_prefix}-{index:02d}" for index in range(args.devices)]
-    if not all(DEVICE_ID.fullmatch(device) for device in devices):
+    if not all(is_device_id(device) for device in devices):
         raise ConfigError(f"--device-prefix {args.device_prefix!r} makes invalid device ids like {devices[0]!r}; "
-                          "use letters, digits, '.', '_' or '-' (1-60 characters)")
+                          f"a device id is {DEVICE_ID_RULE}")
     return devices
 
 

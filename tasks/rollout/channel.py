@@ -9,10 +9,17 @@ A broker that goes away pauses the rollout: paho reconnects with backoff, a mani
 PUBACK (``publish_timeout_s``; published again after each reconnect), and statuses and telemetry resume
 arriving on reconnect (a persistent session keeps the control plane's subscriptions and queued QoS 1
 messages).
+
+Every status and summary is untrusted input (:mod:`tasks.rollout.messages`): a message that is too large,
+not JSON, off its schema or about another device is dropped and counted per device and reason
+(:meth:`MqttChannel.dropped_messages`), and nothing a device publishes, retained or not, can raise out
+of paho's callbacks: an unexpected error is logged and counted too, and the network thread keeps serving
+the other devices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -23,6 +30,7 @@ from typing import Any
 from edge.errors import BundleRefused
 from edge.rollout import model_topic, verify_rollout
 from tasks.errors import ServiceUnavailable
+from tasks.rollout.messages import DropCounts, MessageRefused, parse_device_message
 
 log = logging.getLogger(__name__)
 KEEP_SUMMARIES = 20       # telemetry summaries kept per device: 10 min at the updater's default 30 s
@@ -48,6 +56,7 @@ class MqttChannel:
         self._subscribed = threading.Event()
         self._connected = threading.Event()
         self.messages = 0
+        self.drops = DropCounts()
         host, _, port = broker.rpartition(":")
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.username_pw_set(username, password)
@@ -55,6 +64,7 @@ class MqttChannel:
             client.tls_set(ca_certs=tls_ca)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_queued_messages_set(0)
+        client.suppress_exceptions = True  # a second line behind _on_message's own: paho goes on
         client.on_connect, client.on_message = self._on_connect, self._on_message
         client.on_subscribe, client.on_disconnect = self._on_subscribe, self._on_disconnect
         properties = Properties(PacketTypes.CONNECT)
@@ -92,27 +102,43 @@ class MqttChannel:
             log.warning("MQTT broker connection lost (%s): the rollout pauses until it is back", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        self.messages += 1
-        parts = message.topic.split("/")
+        """Store one device message or drop it; never raises (paho would end its network thread)."""
+        topic = "?"
         try:
-            if message.topic == model_topic(self.group):
-                self._note_manifest(message.payload)
-            elif len(parts) == 4 and parts[2] in ("status", "telemetry"):
-                record = json.loads(message.payload)
-                if not isinstance(record, dict) or record.get("device") != parts[3]:
-                    raise ValueError(f"names device {record.get('device') if isinstance(record, dict) else '?'}")
-                with self._lock:
-                    if parts[2] == "status":
-                        self._statuses[parts[3]] = record
-                    else:
-                        self._telemetry[parts[3]].append({**record, "received_at": time.time()})
-        except (ValueError, BundleRefused) as error:
-            log.warning("ignored a message on %s: %s", message.topic, error)
+            self.messages += 1
+            topic = message.topic  # paho decodes it as UTF-8 (the broker checks that too)
+            self._receive(topic, message.payload)
+        except Exception as error:  # a bug here must not cost the rollout its channel
+            with contextlib.suppress(Exception):  # nor may the reporting of it
+                log.exception("handling a message on %s failed", topic[:200])
+                parts = topic.split("/")
+                self.drops.add(parts[3] if len(parts) == 4 else "", "error", f"{type(error).__name__}: {error}",
+                               topic)
+
+    def _receive(self, topic: str, payload: bytes) -> None:
+        if topic == model_topic(self.group):
+            self._note_manifest(payload)
+            return
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[:2] != ["fleet", self.group] or parts[2] not in ("status", "telemetry"):
+            log.warning("ignored a message on unexpected topic %s", topic[:200])
+            return
+        kind, device = parts[2], parts[3]
+        try:
+            record = parse_device_message(kind, device, payload)
+        except MessageRefused as refused:
+            self.drops.add(device, refused.reason, str(refused), topic)
+            return
+        with self._lock:
+            if kind == "status":
+                self._statuses[device] = record
+            else:
+                self._telemetry[device].append({**record, "received_at": time.time()})
 
     def _note_manifest(self, payload: bytes) -> None:
         try:
             manifest = verify_rollout(payload, self.public_keys)
-        except BundleRefused as error:
+        except (BundleRefused, ValueError, RecursionError) as error:
             log.error("the retained manifest on %s does not verify (%s): was it published by someone else?",
                       model_topic(self.group), error)
             return
@@ -156,6 +182,15 @@ class MqttChannel:
         with self._lock:
             return [summary for summaries in self._telemetry.values() for summary in summaries
                     if summary["received_at"] >= since]
+
+    def dropped_messages(self) -> dict[str, dict[str, int]]:
+        """Device -> reason -> messages dropped since this channel connected."""
+        return self.drops.as_dict()
+
+    def network_alive(self) -> bool:
+        """Whether paho's network thread still runs (it would end on an exception out of a callback)."""
+        thread = getattr(self.client, "_thread", None)  # paho keeps no public handle on it
+        return thread is not None and thread.is_alive()
 
     def close(self) -> None:
         self.client.loop_stop()

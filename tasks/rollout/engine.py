@@ -9,17 +9,26 @@ an in-memory fleet in the unit tests). For each stage of ``rollout.stages`` (can
 3. wait up to ``ack_timeout_s`` for every cohort device's status for that sequence: a ``failed`` or
    ``refused`` install rolls back at once; devices still silent at the deadline are named, and more of
    them than ``max_missing_fraction`` rolls back;
-4. watch the cohort's telemetry on the new version for ``stage_window_s``: any health problem
-   (:func:`tasks.rollout.health.problems`) rolls back at once, and so does a stage whose devices served
-   traffic before but report none on the new version by ``ack_timeout_s`` after the window.
+4. watch the cohort's telemetry on the new version for ``stage_window_s``: a health problem
+   (:func:`tasks.rollout.health.problems`) rolls back as soon as three of the updated devices (all, if
+   fewer) have reported, and so does a stage whose devices served traffic before but report none on the
+   new version by ``ack_timeout_s`` after the window.
 
 A rollback publishes a manifest signed as ``action: rollback`` to the previous version for the whole group
 (devices that never updated acknowledge it as already active) and waits for the updated devices to come
-back. The returned :class:`RolloutReport` holds every step with its time, for the flow's records.
+back. The returned :class:`RolloutReport` holds every step with its time, for the flow's records, and the
+device messages the channel dropped (per device and reason).
+
+**Fail safe.** :meth:`Rollout.run` never leaves a rollout ``in_progress``: any error while it evaluates a
+stage (the channel, the acknowledgements, the health figures, a bug) rolls the stage back, the error
+recorded as the reason, and the rollback waits for every device the published stages reached, since
+any of them may have installed. Only a rollback that cannot be published ends otherwise: ``failed``,
+with the reason saying so and naming the devices that may still run the new version.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -32,7 +41,9 @@ from edge.rollout import RolloutManifest, cohort_cutoff, cohort_position, sign_r
 from tasks.config import DriftParams, RolloutParams
 from tasks.rollout.health import Figures, pool, problems
 
+log = logging.getLogger(__name__)
 FAILED_STATES = ("failed", "refused")
+MAX_REASON_CHARS = 1000  # of a rollback manifest's reason: devices keep it in their state file
 
 
 class Channel(Protocol):
@@ -40,6 +51,7 @@ class Channel(Protocol):
     def publish_manifest(self, payload: bytes) -> None: ...
     def statuses(self) -> dict[str, dict[str, Any]]: ...
     def telemetry_since(self, since: float) -> list[dict[str, Any]]: ...
+    def dropped_messages(self) -> dict[str, dict[str, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class RolloutReport:
     reason: str = ""
     stages: list[StageRecord] = field(default_factory=list)
     rollback: StageRecord | None = None
+    dropped_messages: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> reason -> count
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,33 +117,63 @@ class Rollout:
         self.channel, self.devices, self.key, self.params, self.drift = channel, sorted(devices), key, params, drift
         self.target, self.previous, self.clock, self.sleep, self.poll_s = target, previous, clock, sleep, poll_s
         self.on_step = on_step or (lambda record: None)
+        self._last_sequence = 0  # the highest sequence this rollout tried to publish
         self.report = RolloutReport(f"{model_name}-{target.version}-{uuid.uuid4().hex[:8]}", params.group,
                                     model_name, target.version, previous.version if previous else None)
 
     # ---- the stages -------------------------------------------------------------------------------
 
     def run(self) -> RolloutReport:
+        """Drive the stages to ``completed``, ``rolled_back`` or (no rollback possible) ``failed``; never raises."""
         updated: list[str] = []
-        for index, percent in enumerate(self.params.stages):
-            name = "canary" if index == 0 else f"{percent:g}%"
-            cutoff = cohort_cutoff(self.report.rollout_id, self.devices, percent)
-            cohort = [d for d in self.devices if cohort_position(self.report.rollout_id, d) <= cutoff]
-            record = StageRecord(name, percent, "install", self.target.version, devices=cohort)
-            self.report.stages.append(record)
-            record.baseline = self._baseline(cohort)
-            record.sequence = self._publish("install", self.target, cutoff, name)
-            record.started_at = self.clock()
+        reached: set[str] = set()  # devices of every stage whose manifest went out (or may have)
+        try:
+            for index, percent in enumerate(self.params.stages):
+                name = "canary" if index == 0 else f"{percent:g}%"
+                cutoff = cohort_cutoff(self.report.rollout_id, self.devices, percent)
+                cohort = [d for d in self.devices if cohort_position(self.report.rollout_id, d) <= cutoff]
+                record = StageRecord(name, percent, "install", self.target.version, devices=cohort)
+                self.report.stages.append(record)
+                reason = self._stage(record, cutoff, reached)
+                updated = sorted(set(updated) | set(record.installed))
+                if reason:
+                    return self._roll_back(reason, updated)
+            self.report.outcome = "completed"
+            return self.report
+        except Exception as error:  # fail safe: whatever broke, the stage goes back
+            problem = f"evaluation error ({type(error).__name__}: {error})"
+            name = self.report.stages[-1].name if self.report.stages else "rollout"
+            log.exception("rollout %s: evaluating %s failed; rolling back", self.report.rollout_id, name)
+            if self.report.stages:
+                self.report.stages[-1].problems.append(problem)
+                self.report.stages[-1].ended_at = self.report.stages[-1].ended_at or self.clock()
+            return self._roll_back(f"{name}: {problem}; fail safe: roll back", sorted(reached | set(updated)))
+        finally:
+            try:
+                self.report.dropped_messages = self.channel.dropped_messages()
+            except Exception:
+                log.exception("could not read the channel's dropped-message counts")
+
+    def _stage(self, record: StageRecord, cutoff: float, reached: set[str]) -> str:
+        """Publish one stage, wait for its acknowledgements, watch its health; the reason to roll back, or ''."""
+        record.baseline = self._baseline(record.devices)
+        reached.update(record.devices)
+        record.sequence = self._publish("install", self.target, cutoff, record.name)
+        record.started_at = self.clock()
+        self._step(record)
+        reason = self._await_acks(record, self.target.version)
+        if not reason:
+            reason = self._watch(record)
+        record.ended_at = self.clock()
+        self._step(record)
+        return reason
+
+    def _step(self, record: StageRecord) -> None:
+        """Tell the caller about a step; its records failing must not steer the fleet."""
+        try:
             self.on_step(record)
-            reason = self._await_acks(record, self.target.version)
-            updated = sorted(set(updated) | set(record.installed))
-            if not reason:
-                reason = self._watch(record)
-            record.ended_at = self.clock()
-            self.on_step(record)
-            if reason:
-                return self._roll_back(reason, updated)
-        self.report.outcome = "completed"
-        return self.report
+        except Exception:
+            log.exception("recording step %s of rollout %s failed", record.name, self.report.rollout_id)
 
     def _baseline(self, cohort: list[str]) -> Figures | None:
         if self.previous is None:
@@ -141,7 +184,8 @@ class Rollout:
 
     def _publish(self, action: Literal["install", "rollback"], release: Release, cutoff: float, stage: str,
                  reason: str = "") -> int:
-        sequence = self.channel.current_sequence() + 1
+        sequence = max(self.channel.current_sequence(), self._last_sequence) + 1  # after one that may have gone out
+        self._last_sequence = sequence
         manifest = RolloutManifest(
             rollout_id=self.report.rollout_id, group=self.params.group, sequence=sequence, action=action,
             model_name=self.report.model_name, version=release.version, bundle_url=release.bundle_url,
@@ -189,34 +233,45 @@ class Rollout:
     def _watch(self, record: StageRecord) -> str:
         """Watch the stage's health for the stage window; the reason to roll back, or ''.
 
+        A health problem rolls back at once when at least three of the updated devices (all of them, if
+        fewer) have reported traffic, so the first device to report never decides for the others; with fewer
+        reporting, the problem stands only once the window is over and no more came within ``ack_timeout_s``.
         Devices that served traffic on the previous version must show some on the new one before the stage
-        passes: the window is extended by up to ``ack_timeout_s`` for that (a broker outage delays
-        telemetry), and a stage still without evidence then rolls back, health unknown.
+        passes (two of them when two or more served before, so one device's figures alone are no evidence):
+        the window is extended by up to ``ack_timeout_s`` for that (a broker outage delays telemetry), and a
+        stage still without evidence then rolls back, health unknown.
         """
         started = record.acked_at or self.clock()
         end = started + self.params.stage_window_s
         give_up = end + self.params.ack_timeout_s
         devices = set(record.installed)
-        served_before = record.baseline.requests if record.baseline is not None else 0
+        before = record.baseline.by_device if record.baseline is not None else {}
+        served = sorted(d for d in devices if d in before and before[d].requests > 0)
+        needed, quorum = min(2, len(served)), min(3, len(devices))
         while True:
             summaries = _summaries_of(self.channel.telemetry_since(started), devices, self.target.version)
             record.figures = pool(summaries)
             record.problems = problems(record.figures, record.baseline, self.params, self.drift)
-            if record.problems:
+            now, reporting = self.clock(), record.figures.reporting()
+            if record.problems and (reporting >= quorum or now >= give_up):
                 return f"{record.name} unhealthy: " + "; ".join(record.problems)
-            now = self.clock()
-            if now >= end and (record.figures.requests > 0 or not devices or not served_before):
+            if now >= end and not record.problems and (reporting >= needed or not devices):
                 return ""
             if now >= give_up:
+                previous = self.previous.version if self.previous else "the previous version"
                 record.problems = [f"no requests reported on {self.target.version} by the {len(devices)} updated "
-                                   f"device(s) within {give_up - started:g} s (they served {served_before} on "
-                                   f"{self.previous.version if self.previous else 'the previous version'})"]
+                                   f"device(s) within {give_up - started:g} s (they served "
+                                   f"{sum(before[d].requests for d in served)} on {previous})" if not reporting else
+                                   f"requests on {self.target.version} reported by {reporting} of the {len(devices)} "
+                                   f"updated device(s) within {give_up - started:g} s; {needed} of the {len(served)} "
+                                   f"that served {previous} must report"]
                 return f"{record.name}: health unknown: {record.problems[0]}"
             self.sleep(min(self.poll_s, max(0.0, (end if now < end else give_up) - now)))
 
     # ---- rollback ---------------------------------------------------------------------------------
 
     def _roll_back(self, reason: str, updated: list[str]) -> RolloutReport:
+        """Publish the signed rollback to the previous version and wait for ``updated`` to acknowledge it."""
         self.report.reason = reason
         if self.previous is None:
             self.report.outcome = "failed"
@@ -224,14 +279,30 @@ class Rollout:
             return self.report
         record = StageRecord("rollback", 100.0, "rollback", self.previous.version, devices=updated)
         self.report.rollback = record
-        record.sequence = self._publish("rollback", self.previous, 1.0, "rollback", reason)
-        record.started_at = self.clock()
-        self.on_step(record)
-        if updated:
-            self._await_acks(record, self.previous.version)
-        else:
-            record.acked_at = self.clock()
-        record.ended_at = self.clock()
-        self.on_step(record)
+        try:
+            record.sequence = self._publish("rollback", self.previous, 1.0, "rollback", reason[:MAX_REASON_CHARS])
+        except Exception as error:
+            log.exception("rollout %s: publishing the rollback failed", self.report.rollout_id)
+            shown = ", ".join(updated[:10]) + (" ..." if len(updated) > 10 else "")
+            record.problems.append(f"not published ({type(error).__name__}: {error})")
+            self.report.outcome = "failed"
+            self.report.reason += (f"; the rollback to {self.previous.version} was NOT published "
+                                   f"({type(error).__name__}: {error}): the group is half-installed, "
+                                   f"{len(updated)} device(s) may still run {self.target.version}"
+                                   f"{': ' + shown if shown else ''}")
+            return self.report
         self.report.outcome = "rolled_back"
+        record.started_at = self.clock()
+        self._step(record)
+        try:
+            if updated:
+                self._await_acks(record, self.previous.version)
+            else:
+                record.acked_at = self.clock()
+        except Exception as error:  # published: the devices roll back; only our tracking of it broke
+            log.exception("rollout %s: tracking the rollback's acknowledgements failed", self.report.rollout_id)
+            record.problems.append(f"acknowledgements not tracked ({type(error).__name__}: {error})")
+            self.report.reason += f"; the rollback was published, its acknowledgements could not be tracked ({error})"
+        record.ended_at = self.clock()
+        self._step(record)
         return self.report

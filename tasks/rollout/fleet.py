@@ -21,11 +21,7 @@ Signal a running broker (``scripts.mosquitto.reload_mosquitto``) after a change.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import hmac
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,26 +30,30 @@ from typing import Annotated
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from edge.identity import DEVICE_ID_RULE, is_device_id
 from edge.rollout import GROUP, model_topic, status_topic, telemetry_topic
-from edge.segments import DEVICE_ID
 from edge.sidecar import atomic_write_text
 from tasks.config import PARAMS_FILE, format_validation_error, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError
+from tasks.rollout.broker import (  # re-exported: the fleet's broker files are named and written from here
+    ACL_FILE,
+    DEFAULT_ITERATIONS,
+    PASSWORD_FILE,
+    hash_password,
+    read_password_file,
+    verify_password,
+)
 
 LOGGER = logging.getLogger(__name__)
 CONTROL_PLANE_USER = "control-plane"
-PASSWORD_FILE = "mosquitto.passwd"
-ACL_FILE = "mosquitto.acl"
 CONTROL_PLANE_PASSWORD_FILE = "control-plane.password"
-DEFAULT_ITERATIONS = 101  # what mosquitto_passwd 2.0 uses; simulated fleets may pass fewer
-SALT_BYTES = 12           # as mosquitto_passwd
 
 
 def _device_id(device: str) -> str:
-    if not DEVICE_ID.fullmatch(device):
-        raise ValueError("a device id is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
-                         "(it is an MQTT topic level and the device's broker user name)")
+    if not is_device_id(device):
+        raise ValueError(f"not allowed: a device id is {DEVICE_ID_RULE} (it is an MQTT topic level, the device's "
+                         "broker user name and client id)")
     if device == CONTROL_PLANE_USER:
         raise ValueError(f"{CONTROL_PLANE_USER!r} is the control plane's broker user, not a device id")
     return device
@@ -127,44 +127,6 @@ def save_fleet(fleet: Fleet, path: Path) -> None:
     atomic_write_text(path, yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
                                       default_flow_style=None, sort_keys=True))
     path.chmod(0o644)  # an inventory, not a secret: services running as other users read it
-
-
-def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS) -> str:
-    """Mosquitto 2's PBKDF2-SHA512 entry, ``$7$<iterations>$<salt b64>$<hash b64>``, as mosquitto_passwd writes it
-    (the same hash in Python: thousands per second instead of one process per device)."""
-    if iterations < 1:
-        raise ConfigError(f"PBKDF2 iterations must be at least 1, got {iterations}")
-    salt = os.urandom(SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def verify_password(password: str, hashed: str) -> bool:
-    """True when ``hashed`` (a ``$7$`` entry) is the hash of ``password``."""
-    try:
-        _, kind, iterations, salt, digest = hashed.split("$")
-        expected = base64.b64decode(digest, validate=True)
-        actual = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt, validate=True),
-                                     int(iterations))
-    except ValueError:
-        return False
-    return kind == "7" and hmac.compare_digest(expected, actual)
-
-
-def read_password_file(path: Path) -> dict[str, str]:
-    """User -> hash from a Mosquitto password file; empty when there is none yet."""
-    if not path.is_file():
-        return {}
-    hashes = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        user, _, hashed = line.partition(":")
-        if not line.strip():
-            continue
-        if not user or not hashed.startswith("$"):
-            raise ConfigError(f"{path} line {number} is not 'user:$hash'; regenerate it with `edgeloop fleet "
-                              "broker-files` after re-issuing the broken device's password")
-        hashes[user] = hashed
-    return hashes
 
 
 def acl_text(fleet: Fleet) -> str:
@@ -283,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "credentials (Mosquitto password file and ACL)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser("add-device", help="add a device to a group; prints its broker password once")
-    add.add_argument("device", help="device id (letters, digits, '.', '_', '-')")
+    add.add_argument("device", help=f"device id: {DEVICE_ID_RULE}")
     add.add_argument("--group", required=True, help="the device's rollout group")
     add.add_argument("--replace", action="store_true", help="re-issue the password of a known device")
     remove = actions.add_parser("remove-device", help="take a device out of the fleet and the broker files")

@@ -3,8 +3,10 @@
 - :func:`release_of`: a registered version as a :class:`~tasks.rollout.engine.Release`: its signed bundle
   (exported once into ``rollout.bundle_dir`` and reused, so every device installs the same bytes), the
   bundle's sha256, the URL devices fetch it from and the version's pinned image, when it was packaged.
-- :func:`record_outcome`: model-version tags (``rollout``, ``rollout.reason``, ``rollout.id``) and, after a
-  rollback of the champion, the ``champion`` alias back on the previous version.
+- :func:`record_outcome`: model-version tags (``rollout``, ``rollout.reason``, ``rollout.id`` and, when the
+  channel dropped device messages, ``rollout.dropped``) and, after a rollback of the champion, the
+  ``champion`` alias back on the previous version.
+- :func:`log_rollout_run`: the MLflow run of a rollout, with the dropped messages per reason as metrics.
 - :func:`timeline_chart`: cohort size, version and health per step, as a PNG.
 """
 
@@ -69,6 +71,8 @@ def record_outcome(params: Params, report: RolloutReport) -> None:
     client.set_model_version_tag(name, target, "rollout.id", report.rollout_id)
     if report.reason:
         client.set_model_version_tag(name, target, "rollout.reason", report.reason[:4900])
+    if dropped := dropped_summary(report):
+        client.set_model_version_tag(name, target, "rollout.dropped", dropped[:4900])
     if report.outcome != "rolled_back" or report.previous is None:
         return
     champion = client.get_model_version_by_alias(name, CHAMPION) if _has_alias(client, name, CHAMPION) else None
@@ -77,6 +81,26 @@ def record_outcome(params: Params, report: RolloutReport) -> None:
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.delete_registered_model_alias(name, PREVIOUS)
         log.warning("champion alias moved back from version %s to %s: %s", target, previous, report.reason)
+
+
+def dropped_by_reason(report: RolloutReport) -> dict[str, int]:
+    """The device messages the channel dropped during ``report``'s rollout, per reason (all devices)."""
+    totals: dict[str, int] = {}
+    for reasons in report.dropped_messages.values():
+        for reason, count in reasons.items():
+            totals[reason] = totals.get(reason, 0) + count
+    return dict(sorted(totals.items()))
+
+
+def dropped_summary(report: RolloutReport) -> str:
+    """One line on the dropped device messages ('' when none): how many, from which devices, why."""
+    totals = dropped_by_reason(report)
+    if not totals:
+        return ""
+    devices = sorted(report.dropped_messages)
+    return (f"{sum(totals.values())} device message(s) dropped ("
+            + ", ".join(f"{reason} {count}" for reason, count in totals.items())
+            + f") from {len(devices)} device(s): {', '.join(devices[:10])}{' ...' if len(devices) > 10 else ''}")
 
 
 def step_tag(step) -> str:
@@ -110,8 +134,11 @@ def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) ->
         mlflow.set_tags({"edgeloop.stage": "rollout", "rollout.outcome": report.outcome,
                          "rollout.target": report.target, "rollout.previous": str(report.previous),
                          "rollout.group": report.group})
+        dropped = dropped_by_reason(report)
         mlflow.log_metrics({"stages": len(report.stages), "devices": len(report.stages[-1].devices)
-                            if report.stages else 0, "rolled_back": int(report.outcome == "rolled_back")})
+                            if report.stages else 0, "rolled_back": int(report.outcome == "rolled_back"),
+                            "dropped_messages": sum(dropped.values()),
+                            **{f"dropped_messages.{reason}": count for reason, count in dropped.items()}})
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="rollout")
     url = tracking.run_url(uri, experiment, run.info.run_id)

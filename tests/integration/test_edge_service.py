@@ -10,11 +10,12 @@ import sys
 import numpy as np
 import pytest
 
+from edge.manifest import SIGNATURE_FILE
 from edge.runtime import EdgeModel
 from edge.signing import load_public_keys
 from edge.store import ModelStore
 from tests.conftest import REPO_ROOT
-from tests.edge_helpers import ADMIN_TOKEN, running_edge_server
+from tests.edge_helpers import ADMIN_TOKEN, read_members, running_edge_server, write_members
 from tests.stack_helpers import wait_for
 
 OPENAPI_FILE = REPO_ROOT / "edge" / "openapi.json"
@@ -127,6 +128,23 @@ def test_admin_endpoints_need_the_bearer_token(server):
     garbage = server.admin("/v1/model/install", content=b"not a bundle")
     assert garbage.status_code == 422 and garbage.json()["error"] == "truncated"
     assert server.metric("edgeloop_store_refusals_total", reason="truncated") == refused_before + 1
+
+
+def test_a_malformed_signature_record_is_a_counted_refusal_not_a_server_error(server, bundle_kit, tmp_path):
+    """A ``manifest.sig`` whose key id is a list once made ``/v1/model/install`` answer 500."""
+    members = read_members(bundle_kit.bundle("v9", name="key-id-list.tar.gz"))
+    record = json.loads(members[SIGNATURE_FILE])
+    members[SIGNATURE_FILE] = json.dumps({**record, "key_id": [record["key_id"]]}).encode()
+    bundle = write_members(tmp_path / "key-id-list.tar.gz", members)
+    before = server.metric("edgeloop_store_refusals_total", reason="unsigned")
+    with server.client() as client:
+        active = client.get("/v1/model").json()["active"]
+    answer = server.admin("/v1/model/install", content=bundle.read_bytes())
+    assert answer.status_code == 422 and answer.json()["error"] == "unsigned", answer.text
+    assert "manifest.sig is not a readable signature record" in answer.json()["detail"]
+    assert server.metric("edgeloop_store_refusals_total", reason="unsigned") == before + 1
+    with server.client() as client:
+        assert client.get("/v1/model").json()["active"] == active  # still serving what it served
 
 
 def test_sampled_features_reach_the_outbox_without_raw_inputs(server, digits):

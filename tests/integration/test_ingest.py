@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from edge.errors import UploadError
+from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, upload_owner
 from edge.samples import Sampler, SampleStore
 from edge.upload import HttpTarget, Uploader
 from scripts import services
@@ -204,6 +205,21 @@ def test_refuses_unauthenticated_oversized_and_malformed_uploads(ingest, tmp_pat
         assert response.status_code == 422 and problem in response.json()["detail"], (problem, response.text)
     assert _post(ingest, valid, name="../escape.npz").status_code == 422
     assert not list(ingest.collected_dir.glob("*0000000001-x.npz"))
+
+
+def test_device_ids_and_file_names_outside_the_one_rule_are_refused(ingest, tmp_path):
+    """Device ``site`` could write ``site--a--1.npz`` (read as device ``site--a``'s) if either part could hold
+    ``--``: both are refused with the rule, before the token is even looked at, and nothing is stored."""
+    valid = _sample_file(tmp_path)
+    for device in ("dev-1--a", "dev/1", "dev+1", "-dev-1", "dev-1.", "", "d" * 65):
+        response = _post(ingest, valid, device=device)
+        assert response.status_code == 422 and DEVICE_ID_RULE in response.json()["detail"], (device, response.text)
+    for name in ("a--1.npz", "../escape.npz", ".hidden.npz", "a/b.npz", "a..npz", "x.npz.part", "x" * 130 + ".npz"):
+        response = _post(ingest, valid, name=name)
+        assert response.status_code == 422 and UPLOAD_NAME_RULE in response.json()["detail"], (name, response.text)
+    assert not [path.name for path in ingest.collected_dir.glob("*.npz") if upload_owner(path.name) is None]
+    accepted = _post(ingest, valid, name="0000000009-a-1.npz")
+    assert accepted.status_code == 200 and upload_owner(accepted.json()["stored"]) == "dev-1"
 
 
 def test_http_target_tells_refused_files_from_transient_failures(ingest, tmp_path):

@@ -1,5 +1,9 @@
-"""The fleet's broker security, against a real Mosquitto started by scripts/services.py with the password
-file and ACL of tasks/rollout/fleet.py, through real paho-mqtt clients (MQTT v5).
+"""The fleet's broker security, against a real Mosquitto started by scripts/mosquitto.py with the password
+file and ACL of tasks/rollout/fleet.py and the settings of tasks/rollout/broker.py, through real
+paho-mqtt clients (MQTT v5).
+
+The broker replaces every client id with the login's user name, so one login holds one connection: a
+test never opens a second connection as a login another connection of the module still uses.
 
 Negative checks ("the control plane never saw it", "the device never got it") are synchronised by a
 barrier message: the same sender's next, allowed message on the same path. The broker keeps one
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.integration
 TIMEOUT_S = 10.0
 NOT_AUTHORIZED = 135  # MQTT v5 reason code Mosquitto 2 answers a refused CONNECT and a refused PUBLISH with
 NO_MATCHING_SUBSCRIBERS = 16  # PUBACK: accepted, and nobody subscribes to it (yet)
+PACKET_TOO_LARGE = 149  # DISCONNECT reason for a packet over max_packet_size
 GROUP_A, GROUP_B = "group-a", "group-b"
 
 
@@ -40,12 +45,14 @@ class Peer:
         self.connack = None
         self.session_present = False
         self.messages: list = []
+        self.disconnects: list = []  # reason codes of every disconnection the client did not ask for
         self._acks: dict[int, object] = {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"peer-{user}",
                                   protocol=mqtt.MQTTv5, reconnect_on_failure=False)
         if user is not None:
             self.client.username_pw_set(user, password)
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda _c, _u, _flags, code, _p: self._record(self.disconnects, None, code)
         self.client.on_publish = self._on_ack
         self.client.on_subscribe = lambda _c, _u, mid, codes, _p: self._record(self._acks, mid, codes)
         self.client.on_message = lambda _c, _u, message: self._record(self.messages, None, message)
@@ -89,10 +96,10 @@ class Peer:
         self.wait(lambda: mid in self._acks, f"SUBACK for {topic}")
         return self._acks.pop(mid)[0].value
 
-    def received(self, topic: str, payload: bytes):
-        """Wait for ``payload`` on ``topic``; the message."""
+    def received(self, topic: str, payload: bytes, since: int = 0):
+        """Wait for ``payload`` on ``topic`` (among the messages from index ``since`` on); the message."""
         def found():
-            return next((m for m in self.messages if m.topic == topic and m.payload == payload), None)
+            return next((m for m in self.messages[since:] if m.topic == topic and m.payload == payload), None)
 
         self.wait(lambda: found() is not None, f"{payload!r} on {topic}")
         return found()
@@ -102,6 +109,7 @@ class Peer:
             return {message.topic for message in self.messages}
 
     def close(self) -> None:
+        self.client.on_disconnect = None  # asked for: not one to record
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -167,8 +175,8 @@ def broker(fleet, tmp_path_factory) -> Iterator[BrokerUnderTest]:
 
 @pytest.fixture(scope="module")
 def control_plane(broker) -> Iterator[Peer]:
-    """The control plane, subscribed to everything under ``fleet/``."""
-    peer = broker.peer("control-plane")
+    """The control plane, subscribed to everything under ``fleet/``, with the rollout channel's client id."""
+    peer = broker.peer("control-plane", client_id="edgeloop-control-plane")
     assert peer.connack.value == 0
     assert peer.subscribe("fleet/#") == 1
     yield peer
@@ -222,14 +230,12 @@ def test_a_device_cannot_publish_outside_its_own_topics(broker, control_plane, t
         assert not [m for m in control_plane.messages if m.payload == forged]
     finally:
         peer.close()
-    late = broker.peer("control-plane", client_id="late-reader")  # and nothing was retained for later readers
-    try:
-        late.subscribe(topic)
-        late.subscribe(f"fleet/{GROUP_A}/status/sim-0")
-        late.received(f"fleet/{GROUP_A}/status/sim-0", barrier)
-        assert not [m for m in late.messages if m.payload == forged]
-    finally:
-        late.close()
+    # and nothing was retained for later readers: subscribing again sends the retained messages again
+    since = len(control_plane.messages)
+    control_plane.subscribe(topic)
+    control_plane.subscribe(f"fleet/{GROUP_A}/status/sim-0")
+    assert control_plane.received(f"fleet/{GROUP_A}/status/sim-0", barrier, since).retain
+    assert not [m for m in control_plane.messages[since:] if m.payload == forged]
 
 
 def test_a_device_cannot_read_another_groups_model(broker, control_plane):
@@ -245,6 +251,63 @@ def test_a_device_cannot_read_another_groups_model(broker, control_plane):
     finally:
         peer.close()
     assert control_plane.received(f"fleet/{GROUP_B}/model", secret)  # it was there to be read
+
+
+@pytest.mark.parametrize("taken", ["edgeloop-control-plane", "control-plane", "sim-2"],
+                         ids=["channel-client-id", "control-plane-user", "device-id"])
+def test_a_device_taking_another_client_id_disconnects_nobody(broker, control_plane, taken):
+    """sim-0 connects with the control plane's or sim-2's client id: the broker gives it its own user name as
+    client id instead, so the control plane and sim-2 stay connected and keep talking, and the attacker
+    gets no more than sim-0 may do (not sim-2's topics)."""
+    victim = broker.peer("sim-2", client_id="sim-2")  # as its updater connects
+    attacker = broker.peer("sim-0", client_id=taken)
+    try:
+        assert attacker.connack.value == 0  # admitted as itself, whatever id it asked for
+        assert attacker.publish(f"fleet/{GROUP_A}/status/sim-2", b"forged", retain=True) == NOT_AUTHORIZED
+        assert attacker.publish(f"fleet/{GROUP_A}/status/sim-0", f"attack as {taken}".encode()) == 0
+        control_plane.received(f"fleet/{GROUP_A}/status/sim-0", f"attack as {taken}".encode())
+        after = f"sim-2 still here after {taken}".encode()
+        assert victim.publish(f"fleet/{GROUP_A}/telemetry/sim-2", after) == 0  # on the same connection as before
+        control_plane.received(f"fleet/{GROUP_A}/telemetry/sim-2", after)
+        assert control_plane.publish(f"fleet/{GROUP_A}/model", after, retain=True) == 0  # the control plane too
+        assert victim.subscribe(f"fleet/{GROUP_A}/model") == 1
+        victim.received(f"fleet/{GROUP_A}/model", after)
+        assert victim.disconnects == [] and control_plane.disconnects == [] and attacker.disconnects == []
+        assert victim.client.is_connected() and control_plane.client.is_connected()
+    finally:
+        attacker.close()
+        victim.close()
+
+
+def test_a_packet_over_the_size_limit_is_dropped_with_its_senders_connection(broker, control_plane):
+    """The largest fleet message (a signed manifest's payload limit) passes; one byte over the packet limit
+    costs the sender its connection, and the message is neither forwarded nor retained."""
+    from edge.rollout import MAX_MESSAGE_BYTES
+    from tasks.rollout.broker import MAX_PACKET_BYTES
+
+    topic = f"fleet/{GROUP_A}/status/cam-9"
+    largest, oversized = b"l" * MAX_MESSAGE_BYTES, b"o" * MAX_PACKET_BYTES
+    peer = broker.peer("cam-9")
+    try:
+        assert peer.publish(topic, largest) == 0
+        control_plane.received(topic, largest)
+        peer.client.publish(topic, oversized, qos=1, retain=True)
+        peer.wait(lambda: peer.disconnects, "the broker to disconnect the sender")
+        assert [code.value for code in peer.disconnects] == [PACKET_TOO_LARGE]
+    finally:
+        peer.close()
+    again = broker.peer("cam-9")  # the device itself may come back, with messages of a sane size
+    try:
+        assert again.publish(topic, b"barrier after the oversized one", retain=True) == 0
+        control_plane.received(topic, b"barrier after the oversized one")
+    finally:
+        again.close()
+    assert not [m for m in control_plane.messages if m.payload == oversized]
+    assert control_plane.disconnects == [] and control_plane.client.is_connected()
+    since = len(control_plane.messages)
+    control_plane.subscribe(topic)  # the retained copy is the barrier, not the oversized message
+    assert control_plane.received(topic, b"barrier after the oversized one", since).retain
+    assert not [m for m in control_plane.messages[since:] if len(m.payload) > MAX_MESSAGE_BYTES]
 
 
 def test_a_reloaded_broker_admits_added_and_refuses_removed_devices(broker):

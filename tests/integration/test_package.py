@@ -120,6 +120,12 @@ def test_the_pulled_image_serves_on_a_device_profile(stack, images, shipped, bun
         store = "/var/lib/edgeloop/models/versions"
         assert "Permission denied" in container.container.exec_run(
             ["sh", "-c", f"echo x >> {store}/v{report.mlflow_version}/manifest.json"]).output.decode()
+        # the trusted keys decide what installs: root's and read-only, so the service user cannot add its own
+        keys = "/etc/edgeloop/keys"
+        owners = container.exec("sh", "-c", f"stat -c '%u %a %n' {keys} {keys}/*").splitlines()
+        assert len(owners) >= 2 and all(line.startswith(("0 555 ", "0 444 ")) for line in owners), owners
+        for attempt in (f"echo x > {keys}/planted.pub", f"echo x >> {keys}/$(ls {keys} | head -n 1)"):
+            assert "Permission denied" in container.container.exec_run(["sh", "-c", attempt]).output.decode()
 
 
 def test_packaging_again_reuses_the_release_without_rebuilding(stack, images, shipped, tmp_path):
@@ -204,7 +210,6 @@ def test_a_foreign_image_under_the_release_tag_is_never_overwritten(stack, image
     import tarfile
 
     import docker
-
     from tasks.errors import PackagingError
     from tasks.release.image_version import SemVer, image_tag
     from tasks.release.package import package

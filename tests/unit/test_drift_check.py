@@ -90,9 +90,24 @@ def test_malformed_uploads_are_quarantined_with_their_reason(tmp_path, digits):
     assert "NaN" in reasons["dev-1--nan.npz"]
     assert "['v99'] are not registered" in reasons["dev-1--old.npz"]
     assert "differ from the window's" in reasons["dev-1--renamed.npz"]
-    assert "'<device>--' prefix" in reasons["noprefix.npz"]
+    assert "'<device>--<upload name>'" in reasons["noprefix.npz"]
     for name in reasons:  # kept byte for byte, beside its reason
         assert (tmp_path / "quarantine" / name).is_file()
+
+
+def test_a_name_that_could_belong_to_two_devices_is_quarantined_never_attributed(tmp_path, digits):
+    """``site--a--1.npz`` could be device ``site``'s ``a--1.npz`` or ``site--a``'s ``1.npz``: neither id nor upload
+    name may hold ``--``, so it is nobody's; ``site--a-1.npz`` is ``site``'s and checked against its rows."""
+    x, y = digits
+    upload(tmp_path, "a-1.npz", sample_arrays(x[:10], y[:10], device="site"))
+    (tmp_path / "site--a--1.npz").write_bytes((tmp_path / "site--a-1.npz").read_bytes())
+    (tmp_path / "site--a-2.npz").write_bytes(
+        (upload(tmp_path / "elsewhere", "x.npz", sample_arrays(x[:5], y[:5], device="a"))).read_bytes())
+    window = collected.consolidate(tmp_path)
+    assert window.files == ["site--a-1.npz"] and window.rows == 10
+    assert set(window.quarantined) == {"site--a--1.npz", "site--a-2.npz"}
+    assert "no two in a row" in window.quarantined["site--a--1.npz"]
+    assert "device_id column names ['a']" in window.quarantined["site--a-2.npz"]
 
 
 def test_resent_rows_are_dropped_as_duplicates_even_after_a_crash(tmp_path, digits):

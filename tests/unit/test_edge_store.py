@@ -6,33 +6,15 @@ import io
 import json
 import stat
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge.errors import BundleRefused, StoreError
-from edge.manifest import MANIFEST_FILE, SIGNATURE_FILE, parse_manifest
+from edge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, parse_manifest
 from edge.signing import sign_manifest
 from edge.store import ModelStore
-
-
-def read_members(bundle: Path) -> dict[str, bytes]:
-    with tarfile.open(bundle) as archive:
-        return {member.name: archive.extractfile(member).read() for member in archive}
-
-
-def write_members(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for name, content in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            archive.addfile(info, io.BytesIO(content))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            archive.addfile(info)
-    return path
+from tests.edge_helpers import read_members, write_members
 
 
 @pytest.fixture
@@ -131,8 +113,22 @@ def _garbage_signature(members):
     members[SIGNATURE_FILE] = b"not json"
 
 
+def _key_id_list(members):  # was a TypeError (a 500 from /v1/model/install), not a refusal
+    record = json.loads(members[SIGNATURE_FILE])
+    members[SIGNATURE_FILE] = json.dumps({**record, "key_id": [record["key_id"]]}).encode()
+
+
+def _huge_signature(members):
+    members[SIGNATURE_FILE] = b"[" * 10**6 + b"]" * 10**6
+
+
+def _huge_manifest(members):  # read no further than the limit: the signature cannot match the first bytes
+    members[MANIFEST_FILE] = members[MANIFEST_FILE] + b" " * (2 * MAX_MANIFEST_BYTES)
+
+
 @pytest.mark.parametrize("damage, reason", [
-    (_unsigned, "unsigned"), (_garbage_signature, "unsigned"), (_altered_manifest, "bad_signature"),
+    (_unsigned, "unsigned"), (_garbage_signature, "unsigned"), (_key_id_list, "unsigned"),
+    (_huge_signature, "unsigned"), (_huge_manifest, "bad_signature"), (_altered_manifest, "bad_signature"),
     (_tampered_model, "tampered"), (_truncated_model, "truncated"), (_missing_sample, "truncated"),
     (_extra_file, "unexpected_file"),
 ])

@@ -11,6 +11,7 @@ import stat
 import pytest
 import yaml
 
+from edge.identity import DEVICE_ID_RULE
 from tasks.errors import ConfigError
 from tasks.rollout import fleet as fleet_module
 from tasks.rollout.fleet import (
@@ -141,12 +142,22 @@ def test_a_known_device_needs_replace_which_issues_a_new_password(tmp_path):
 @pytest.mark.parametrize(("device", "group", "expected"), [
     ("cam/1", "north", "device id 'cam/1'"), ("cam+1", "north", "device id"), ("cam-1", "no rth", "group 'no rth'"),
     ("control-plane", "north", "control plane's broker user"), ("cam-1", "", "group ''"),
+    ("site--a", "north", "device id 'site--a'"), ("-cam", "north", "no two in a row, none first or last"),
+    ("cam.", "north", "device id 'cam.'"), ("cam#1", "north", "device id"), ("c" * 65, "north", "1-64 letters"),
 ])
 def test_add_device_refuses_ids_that_are_not_topic_levels(tmp_path, device, group, expected):
     with pytest.raises(ConfigError, match="1-64 letters|control plane") as caught:
         add_device(tmp_path / "fleet.yaml", tmp_path / "credentials", device, group)
     assert expected in str(caught.value)
     assert not (tmp_path / "fleet.yaml").exists()
+
+
+def test_a_fleet_file_with_an_ambiguous_device_id_is_refused(tmp_path):
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("devices:\n  site--a: {group: north}\n")
+    with pytest.raises(ConfigError, match="site--a") as caught:
+        load_fleet(fleet_file)
+    assert DEVICE_ID_RULE in str(caught.value)
 
 
 def test_remove_device_drops_it_everywhere(tmp_path):

@@ -13,9 +13,9 @@ import pytest
 from scipy import stats
 
 from edge.features import feature_names, features
+from edge.identity import is_upload_name, upload_owner
 from edge.sidecar import write_sidecar
 from tasks.monitoring import simulate_drift
-from tasks.monitoring.ingest import FILE_NAME
 from tasks.monitoring.sample_files import load_sample_arrays, validate_sample_file
 from tasks.workspace import Workspace, save_arrays
 
@@ -131,10 +131,10 @@ def test_uploads_are_sample_files_the_ingest_endpoint_accepts(digits, split, tmp
                                             np.random.default_rng(0), 50, 1000.0, 4600.0)
     devices = ["sim-00", "sim-01", "sim-02"]
     paths = simulate_drift.write_uploads(window, tmp_path, devices, "v7", 0, "medium", "abcd1234")
-    assert [path.name.split("--")[0] for path in paths] == devices
+    assert [upload_owner(path.name) for path in paths] == devices
     rows = 0
     for path, device in zip(paths, devices):
-        assert FILE_NAME.fullmatch(path.name.split("--", 1)[1])
+        assert is_upload_name(path.name.split("--", 1)[1])
         rows += validate_sample_file(path.read_bytes(), device)
         arrays = load_sample_arrays(path.read_bytes())
         assert arrays["x"].shape[1:] == x.shape[1:] and arrays["x"].dtype == np.float32
