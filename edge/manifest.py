@@ -23,6 +23,7 @@ SIGNATURE_FILE = "manifest.sig"
 MANIFEST_SCHEMA = "edgeloop.manifest/1"
 MAX_MANIFEST_BYTES = 2**20  # a manifest with two models' sidecars is about 3 KB
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain file or version name: no paths, no dot-files
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a bundle version: v12, 1.4.2, 2026-05-01.rc1
 ModelRole = Literal["primary", "large"]  # large: the cascade's second stage
 
 
@@ -62,7 +63,7 @@ class SampleCheck(_Record):
 
 class Manifest(_Record):
     schema_id: Literal["edgeloop.manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")
-    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    version: str = Field(pattern=VERSION_PATTERN)
     model_name: str
     mlflow_version: str
     alias: str | None = None

@@ -28,7 +28,8 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import from_json
 
-from edge.identity import DEVICE_ID_MAX_LENGTH, DEVICE_ID_PATTERN, is_device_id
+from edge.identity import DeviceId, is_device_id
+from edge.manifest import VERSION_PATTERN
 from edge.rollout import GROUP
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,7 @@ DropReason = Literal["too_large", "not_json", "invalid", "device_mismatch", "bad
 DROP_REASONS: tuple[DropReason, ...] = ("too_large", "not_json", "invalid", "device_mismatch", "bad_device_id",
                                         "error")
 
-DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN, max_length=DEVICE_ID_MAX_LENGTH)]
-# a bundle version as edge/manifest.py allows it (v12, 1.4.2, 2026-05-01.rc1)
-Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]  # a bundle version, as edge/manifest.py allows
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 LatencyMs = Annotated[float, Field(ge=0.0, le=MAX_LATENCY_MS)]
