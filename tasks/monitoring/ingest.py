@@ -13,6 +13,11 @@ a request that breaks them is answered 422 naming the rule.
 Re-sending a stored file is answered 200 again, so a device whose confirmation got lost can retry
 safely. The tokens file maps device ids to the sha256 of their tokens (JSON or YAML), re-read when it
 changes: ``add-device`` needs no restart.
+
+Every refusal is counted in ``GET /metrics`` (Prometheus) as ``edgeloop_ingest_refused_total{device,reason}``
+and every stored file as ``edgeloop_ingest_stored_total{device}``. A request that has not proven its device
+with a valid token is counted as device ``unauthenticated``: labels never take a value a client chose, so a
+flood of made-up ids cannot grow the metrics without bound.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from pathlib import Path
 
 import yaml
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, is_device_id, is_upload_name, stored_upload_name
@@ -41,6 +48,7 @@ from tasks.monitoring.sample_files import validate_sample_file
 
 LOGGER = logging.getLogger(__name__)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+UNAUTHENTICATED = "unauthenticated"  # the device label of a request without a valid token
 
 
 def hash_token(token: str) -> str:
@@ -107,41 +115,54 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
     collected_dir = Path(collected_dir)
     tokens = TokenRegistry(Path(tokens_file))
     app = FastAPI(title="edgeloop ingest", version="1")
+    metrics = CollectorRegistry()  # per app: a test process may create several
+    refused = Counter("edgeloop_ingest_refused", "uploads refused, per device (unauthenticated: no valid token) "
+                      "and reason", ["device", "reason"], registry=metrics)
+    stored = Counter("edgeloop_ingest_stored", "uploads stored, per device", ["device"], registry=metrics)
+
+    def refuse(status: int, reason: str, detail: str, device: str = UNAUTHENTICATED,
+               headers: dict[str, str] | None = None) -> HTTPException:
+        refused.labels(device=device, reason=reason).inc()
+        return HTTPException(status, detail=detail, headers=headers)
 
     def authenticate(request: Request) -> str:
         claimed = request.headers.get("x-edgeloop-device", "")
         if not is_device_id(claimed):
-            raise HTTPException(422, detail=f"X-Edgeloop-Device {claimed[:80]!r} is not a device id: {DEVICE_ID_RULE}")
+            raise refuse(422, "bad_device_id", f"X-Edgeloop-Device {claimed[:80]!r} is not a device id: "
+                         f"{DEVICE_ID_RULE}")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         owner = tokens.device_for(token.strip()) if scheme.lower() == "bearer" else None
         if owner is None:
-            raise HTTPException(401, detail="missing or unknown device token; issue one with "
-                                "`edgeloop ingest add-device`", headers={"WWW-Authenticate": "Bearer"})
+            raise refuse(401, "unauthorized", "missing or unknown device token; issue one with "
+                         "`edgeloop ingest add-device`", headers={"WWW-Authenticate": "Bearer"})
         if claimed != owner:
-            raise HTTPException(403, detail=f"X-Edgeloop-Device {claimed!r} does not match the token's device")
+            raise refuse(403, "device_mismatch", f"X-Edgeloop-Device {claimed!r} does not match the token's device",
+                         device=owner)
         return owner
 
-    async def read_upload(request: Request) -> bytes:
+    async def read_upload(request: Request, device: str) -> bytes:
         try:
             return await read_body(request, max_upload_bytes)
         except BadRequest as error:
-            raise HTTPException(error.status, detail=f"upload refused: {error}") from None
+            reason = "too_large" if error.status == 413 else "bad_body"
+            raise refuse(error.status, reason, f"upload refused: {error}", device) from None
 
     def save(content: bytes, device: str, file_name: str, claimed_digest: str) -> dict[str, object]:
         digest = hashlib.sha256(content).hexdigest()
         if claimed_digest and claimed_digest.lower() != digest:
-            raise HTTPException(400, detail=f"body sha256 {digest} differs from X-Content-SHA256: damaged in "
-                                "transit, send it again")
+            raise refuse(400, "damaged", f"body sha256 {digest} differs from X-Content-SHA256: damaged in "
+                         "transit, send it again", device)
         try:
             rows = validate_sample_file(content, device)
         except DataError as error:
-            raise HTTPException(422, detail=str(error)) from None
+            raise refuse(422, "invalid_samples", str(error), device) from None
         target = collected_dir / stored_upload_name(device, file_name)
         if not target.is_file():
             atomic_write_bytes(target, content)
+            stored.labels(device=device).inc()
             LOGGER.info("stored %s (%d samples)", target.name, rows)
         elif sha256_file(target) != digest:  # same bytes again is a retry whose answer got lost: fine
-            raise HTTPException(409, detail=f"a different file is already stored as {target.name}")
+            raise refuse(409, "conflict", f"a different file is already stored as {target.name}", device)
         return {"sha256": digest, "stored": target.name, "samples": rows}
 
     @app.post("/v1/ingest")
@@ -149,15 +170,19 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
         device = authenticate(request)
         file_name = request.headers.get("x-edgeloop-filename", "")
         if not is_upload_name(file_name):
-            raise HTTPException(422, detail=f"X-Edgeloop-Filename {file_name[:160]!r} is not allowed: "
-                                f"{UPLOAD_NAME_RULE}")
-        content = await read_upload(request)
+            raise refuse(422, "bad_file_name", f"X-Edgeloop-Filename {file_name[:160]!r} is not allowed: "
+                         f"{UPLOAD_NAME_RULE}", device)
+        content = await read_upload(request, device)
         claimed_digest = request.headers.get("x-content-sha256", "")
         return await run_in_threadpool(save, content, device, file_name, claimed_digest)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

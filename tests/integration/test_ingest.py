@@ -267,3 +267,39 @@ def test_add_device_prints_a_token_once_and_keeps_only_its_hash(tmp_path, capsys
     assert capsys.readouterr().out.strip() != token
     assert main(["serve", "--tokens", str(tmp_path / "missing.json"), "--collected-dir", str(tmp_path)]) == 2
     assert "add-device" in capsys.readouterr().err
+
+
+def _ingest_counts(ingest: Ingest) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{ingest.url}/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name in ("edgeloop_ingest_refused_total", "edgeloop_ingest_stored_total")}
+
+
+def test_every_refusal_is_counted_per_device_and_reason_and_made_up_ids_stay_unauthenticated(ingest, tmp_path):
+    before = _ingest_counts(ingest)
+    valid = _sample_file(tmp_path)
+    made_up = [f"attacker-{number}" for number in range(5)]
+    for device in made_up:  # valid ids without a token: counted, but never as a label of their own
+        assert _post(ingest, valid, device=device, token="").status_code == 401
+    assert _post(ingest, valid, device="dev-1--a").status_code == 422
+    assert _post(ingest, valid, token=ingest.tokens["dev-2"]).status_code == 403
+    assert _post(ingest, valid, name="a--1.npz").status_code == 422
+    assert _post(ingest, b"garbage", name="0000000011-m.npz").status_code == 422
+    assert _post(ingest, valid, name="0000000012-s.npz").status_code == 200
+    after = _ingest_counts(ingest)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    refused = "edgeloop_ingest_refused_total"
+    assert grew(refused, device="unauthenticated", reason="unauthorized") == 5
+    assert grew(refused, device="unauthenticated", reason="bad_device_id") == 1
+    assert grew(refused, device="dev-2", reason="device_mismatch") == 1
+    assert grew(refused, device="dev-1", reason="bad_file_name") == 1
+    assert grew(refused, device="dev-1", reason="invalid_samples") == 1
+    assert grew("edgeloop_ingest_stored_total", device="dev-1") == 1
+    assert not [key for key in after if any(value in made_up for _, value in key[1])]
