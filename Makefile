@@ -84,9 +84,9 @@ test: system-packages $(STAMP)
 	  $(BIN)/python -m scripts.docker_engine down --run-dir $(WARMUP) --only-this-run > /dev/null; fi; \
 	exit $$status
 
-# The unit tests only (no servers, no containers): the edit-test loop.
+# The unit tests only (no servers, no containers), spread over every core by pytest-xdist: the edit-test loop.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest -n auto tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
