@@ -38,6 +38,7 @@ from edge.signing import sign_manifest, verify_manifest
 SCHEMA = "edgeloop.rollout/1"
 GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # MQTT topic level: no '/', '+' or '#'
 HEX64 = re.compile(r"[0-9a-f]{64}")
+ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_MESSAGE_BYTES = 64 * 1024
 
 
@@ -75,7 +76,7 @@ class RolloutManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_id: Literal["edgeloop.rollout/1"] = Field(SCHEMA, alias="schema")
-    rollout_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    rollout_id: str = Field(pattern=ROLLOUT_ID_PATTERN)
     group: str = Field(pattern=GROUP.pattern)
     sequence: int = Field(ge=1)                 # per group, increasing with every manifest published
     action: Literal["install", "rollback"]

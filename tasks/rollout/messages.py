@@ -30,7 +30,7 @@ from pydantic_core import from_json
 
 from edge.identity import DeviceId, is_device_id
 from edge.manifest import VERSION_PATTERN
-from edge.rollout import GROUP
+from edge.rollout import GROUP, ROLLOUT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 8 * 1024      # a status or a summary is ~300 bytes; room for long versions and reasons
@@ -60,7 +60,7 @@ class DeviceStatus(_DeviceMessage):
     """An install outcome (``edge/updater_apply.py``); rollout fields are null for a message it could not trust."""
 
     group: Annotated[str, StringConstraints(pattern=f"^{GROUP.pattern}$")]
-    rollout_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None
+    rollout_id: Annotated[str, StringConstraints(pattern=ROLLOUT_ID_PATTERN)] | None
     sequence: Annotated[int, Field(ge=1, le=MAX_SEQUENCE)] | None
     state: Literal["installed", "failed", "refused"]
     version: Version | None
