@@ -35,7 +35,7 @@ class RolloutPlan(BaseModel):
     max_p95_ratio: float | None = Field(None, gt=1)
     min_p95_increase_ms: float | None = Field(None, ge=0)
     max_confidence_drop: float | None = Field(None, ge=0, le=1)
-    max_missing_fraction: float | None = Field(None, ge=0, le=1, description="silent devices tolerated per stage")
+    max_missing_fraction: float | None = Field(None, ge=0, le=1, description="silent or failed share per stage")
     baseline_window_s: float | None = Field(None, gt=0, description="previous version's telemetry this recent")
     broker: str | None = Field(None, description="MQTT broker HOST:PORT (default: EDGELOOP_BROKER, rollout.broker)")
     fleet_file: str | None = Field(None, description="fleet file naming the group's devices")

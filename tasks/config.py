@@ -292,7 +292,7 @@ class RolloutParams(_Section):
     stages: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0])  # cohort % per stage, ascending
     stage_window_s: float = Field(600.0, ge=0.0)      # health watched this long after a stage's devices acked
     ack_timeout_s: float = Field(300.0, gt=0.0)       # devices silent this long are reported by name
-    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0)  # more silent devices than this: roll back
+    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0)  # more silent or failed devices than this: roll back
     jitter_s: float = Field(30.0, ge=0.0, le=3600.0)  # devices spread their fetches over this many seconds
     baseline_window_s: float = Field(600.0, gt=0.0)   # the previous version's figures: telemetry this recent
     max_error_rate_increase: float = Field(0.02, ge=0.0, le=1.0)  # absolute, over the previous version's

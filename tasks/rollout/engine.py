@@ -6,9 +6,10 @@ an in-memory fleet in the unit tests). For each stage of ``rollout.stages`` (can
 1. pool the cohort's telemetry on the previous version from the last ``baseline_window_s`` (the baseline);
 2. publish a signed manifest (next sequence, retained) whose cutoff puts exactly the stage's devices in
    the cohort; devices of earlier stages stay in it;
-3. wait up to ``ack_timeout_s`` for every cohort device's status for that sequence: a ``failed`` or
-   ``refused`` install rolls back at once; devices still silent at the deadline are named, and more of
-   them than ``max_missing_fraction`` rolls back;
+3. wait up to ``ack_timeout_s`` for every cohort device's status for that sequence: ``failed`` or
+   ``refused`` installs on two devices (the one device of a single-device stage) roll back at once; a lone
+   failure counts like a silent device: devices still silent at the deadline are named, and more failed
+   and silent devices together than ``max_missing_fraction`` of the stage rolls back;
 4. watch the cohort's telemetry on the new version for ``stage_window_s``: a health problem
    (:func:`tasks.rollout.health.problems`) rolls back as soon as three of the updated devices (all, if
    fewer) have reported, and so does a stage whose devices served traffic before but report none on the
@@ -196,39 +197,59 @@ class Rollout:
         return sequence
 
     def _await_acks(self, record: StageRecord, version: str) -> str:
-        """Wait for the stage's acknowledgements; the reason to roll back, or ''."""
+        """Wait for the stage's acknowledgements; the reason to roll back, or ''.
+
+        Install failures roll back at once when two devices report one (the device, in a stage of one), so
+        a single device, hostile or broken, cannot veto a stage by itself: a lone failure counts with the
+        silent devices against ``max_missing_fraction`` once every other device has answered or the
+        deadline has passed.
+        """
         deadline = record.started_at + self.params.ack_timeout_s
         waiting = set(record.devices)
+        failures_needed = min(2, len(record.devices))
         while True:
-            statuses = self.channel.statuses()
-            for device in list(waiting):
-                status = statuses.get(device)
-                if status is None or status.get("sequence") != record.sequence:
-                    continue
-                waiting.discard(device)
-                if status.get("state") == "installed" and status.get("version") == version:
-                    record.installed.append(device)
-                elif status.get("state") in FAILED_STATES:
-                    record.failed[device] = f"{status.get('state')}: {status.get('reason') or 'no reason given'}"
-                else:
-                    record.failed[device] = f"reports {status.get('state')} on {status.get('version')}"
-            if record.failed and record.action == "install":
+            self._collect_acks(record, waiting, version)
+            if record.action == "install" and len(record.failed) >= failures_needed:
                 record.missing = sorted(waiting)
-                first = next(iter(sorted(record.failed.items())))
-                return f"{len(record.failed)} device(s) failed to install {version} (e.g. {first[0]}: {first[1]})"
-            if not waiting:
-                record.acked_at = self.clock()
-                return ""
-            if self.clock() >= deadline:
-                record.missing = sorted(waiting)
-                record.acked_at = self.clock()
-                shown = ", ".join(record.missing[:10]) + (" ..." if len(record.missing) > 10 else "")
-                share = len(record.missing) / len(record.devices)
-                if record.action == "install" and share > self.params.max_missing_fraction:
-                    return (f"{len(record.missing)} of {len(record.devices)} device(s) did not acknowledge within "
-                            f"{self.params.ack_timeout_s:g} s: {shown}")
-                return ""
-            self.sleep(self.poll_s)
+                return self._install_failures(record, version)
+            if waiting and self.clock() < deadline:
+                self.sleep(self.poll_s)
+                continue
+            record.missing = sorted(waiting)
+            record.acked_at = self.clock()
+            unanswered = len(record.missing) + len(record.failed)
+            if record.action == "install" and unanswered / len(record.devices) > self.params.max_missing_fraction:
+                return "; ".join(filter(None, [self._install_failures(record, version), self._silent(record)]))
+            return ""
+
+    def _collect_acks(self, record: StageRecord, waiting: set[str], version: str) -> None:
+        """Move every device whose status answers the stage's sequence from ``waiting`` to installed or failed."""
+        statuses = self.channel.statuses()
+        for device in sorted(waiting):
+            status = statuses.get(device)
+            if status is None or status.get("sequence") != record.sequence:
+                continue
+            waiting.discard(device)
+            if status.get("state") == "installed" and status.get("version") == version:
+                record.installed.append(device)
+            elif status.get("state") in FAILED_STATES:
+                record.failed[device] = f"{status.get('state')}: {status.get('reason') or 'no reason given'}"
+            else:
+                record.failed[device] = f"reports {status.get('state')} on {status.get('version')}"
+
+    @staticmethod
+    def _install_failures(record: StageRecord, version: str) -> str:
+        if not record.failed:
+            return ""
+        first = next(iter(sorted(record.failed.items())))
+        return f"{len(record.failed)} device(s) failed to install {version} (e.g. {first[0]}: {first[1]})"
+
+    def _silent(self, record: StageRecord) -> str:
+        if not record.missing:
+            return ""
+        shown = ", ".join(record.missing[:10]) + (" ..." if len(record.missing) > 10 else "")
+        return (f"{len(record.missing)} of {len(record.devices)} device(s) did not acknowledge within "
+                f"{self.params.ack_timeout_s:g} s: {shown}")
 
     def _watch(self, record: StageRecord) -> str:
         """Watch the stage's health for the stage window; the reason to roll back, or ''.

@@ -9,6 +9,8 @@ attacker, who publishes with its own credentials on its own status and telemetry
    device's figures move.
 2. The attacker leaves a nested document retained on its status topic: a new channel receives it on subscribe,
    drops it, and the next rollout completes.
+3. The attacker acknowledges the next rollout's manifest as a failed install: one failure is not a veto, the
+   stage counts it like a silent device (within ``max_missing_fraction``) and the honest devices update.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def hostile_fleet(tmp_path_factory, bundle_kit, digits):
     broker = mosquitto.start_mosquitto(root / "run", services.free_port(), credentials / PASSWORD_FILE,
                                        credentials / ACL_FILE)
     releases = {version: _release(bundle_kit.bundle(version, name=f"hostile-{version}.tar.gz"), version)
-                for version in ("v1", "v2", "v3")}
+                for version in ("v1", "v2", "v3", "v4")}
     address = f"127.0.0.1:{broker.port}"
     devices = DeviceFleet(root / "devices", address, GROUP, bundle_kit.public_dir)
     try:
@@ -85,6 +87,7 @@ class Attacker:
     def __init__(self, address: str, password: str) -> None:
         host, _, port = address.rpartition(":")
         self.manifest: dict | None = None
+        self.ack_state = "installed"  # what it claims for every manifest: "failed" to try a veto
         self.sabotage: list[dict] = []  # the summaries it sent as its own, valid by the schema
         self.stopping = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=ATTACKER, protocol=mqtt.MQTTv5)
@@ -102,11 +105,13 @@ class Attacker:
         self.ack()
 
     def ack(self) -> None:
-        """A valid status saying the last manifest is installed (nothing was)."""
+        """A valid status claiming ``ack_state`` for the last manifest (nothing was installed either way)."""
         if (manifest := self.manifest) is not None:
+            installed = self.ack_state == "installed"
             status = {"device": ATTACKER, "group": GROUP, "rollout_id": manifest["rollout_id"],
-                      "sequence": manifest["sequence"], "state": "installed", "version": manifest["version"],
-                      "target": manifest["version"], "reason": "", "at": time.time()}
+                      "sequence": manifest["sequence"], "state": self.ack_state,
+                      "version": manifest["version"] if installed else "v1", "target": manifest["version"],
+                      "reason": "" if installed else "health_check", "at": time.time()}
             self.client.publish(f"fleet/{GROUP}/status/{ATTACKER}", json.dumps(status).encode(), qos=1)
 
     def _sabotage(self) -> None:
@@ -284,10 +289,23 @@ def test_a_hostile_device_cannot_stop_steer_or_hide_a_rollout(hostile_fleet, bun
             assert channel.network_alive() and second.dropped_messages[ATTACKER]["not_json"] >= 1
             _check_stages(second, devices)
         wait_for(lambda: set(devices.versions().values()) == {"v3"}, 30, "every honest device to serve v3")
+
+        # ---- 3: a false 'failed' acknowledgement is one device that did not update, not a veto -----------
+        attacker.ack_state = "failed"
+        with MqttChannel(address, GROUP, CONTROL_PLANE_USER, control_password, keys) as channel:
+            wait_for(lambda: all(any(s["device"] == d and s["version"] == "v3" and s["requests"] > 0
+                                     for s in channel.telemetry_since(0.0)) for d in HONEST),
+                     30, "v3 telemetry from every honest device")
+            third = _rollout(channel, bundle_kit.private_key, releases, "v4", "v3", [100]).run()
+            assert third.outcome == "completed", third.reason
+            assert list(third.stages[-1].failed) == [ATTACKER] and not third.stages[-1].missing, third.stages[-1]
+            assert sorted(third.stages[-1].installed) == HONEST
+        wait_for(lambda: set(devices.versions().values()) == {"v4"}, 30, "every honest device to serve v4")
     finally:
         attacker.close()
     with capsys.disabled():
         print(f"\nhostile device: {FUZZ_CASES} fuzz cases during rollout 1, {sum(expected.values())} dropped by "
               f"reason {dict(sorted(expected.items()))}, {len(accepted)} valid summaries kept as its own, "
               f"{len(attacker.sabotage)} sabotage summaries outvoted; rollout 1 {first.outcome}; after the retained "
-              f"poison, rollout 2 {second.outcome} (dropped {second.dropped_messages})")
+              f"poison, rollout 2 {second.outcome} (dropped {second.dropped_messages}); with a false 'failed' "
+              f"acknowledgement, rollout 3 {third.outcome}")

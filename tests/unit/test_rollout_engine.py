@@ -109,17 +109,63 @@ def test_a_small_group_still_gets_a_canary_of_one(key):
     assert [len(stage.devices) for stage in report.stages] == [1, 1, 3]
 
 
-def test_a_failed_install_rolls_every_updated_device_back(key):
+def test_failed_installs_on_two_devices_roll_every_updated_device_back_at_once(key):
     clock = Clock()
     fleet = Fleet(key, 40, clock)
     rollout = _rollout(fleet, key, clock)
     fleet.failing = set(fleet.devices) - _canary(rollout, fleet)  # the canary installs, the next stage fails
+    started = clock.now
     report = rollout.run()
-    assert report.outcome == "rolled_back" and "failed to install v2" in report.reason
+    assert report.outcome == "rolled_back" and "8 device(s) failed to install v2" in report.reason
     assert report.stages[-1].name == "25%" and report.rollback.version == "v1"
+    assert clock.now - started < 30  # at once: two failures are enough, nobody waits for the deadline
     assert set(fleet.active.values()) == {"v1"}  # the canary came back
     assert fleet.published[-1].action == "rollback" and fleet.published[-1].cohort_cutoff == 1.0
     assert sorted(report.rollback.installed) == sorted(report.rollback.devices)
+
+
+def test_one_failed_install_counts_like_a_silent_device_not_as_a_veto(key):
+    """One device, hostile or broken, reporting a failure cannot roll a stage back by itself: it is one of the
+    devices that did not take the update, tolerated up to ``max_missing_fraction`` like a silent one."""
+    clock = Clock()
+    fleet = Fleet(key, 40, clock)
+    rollout = _rollout(fleet, key, clock, max_missing_fraction=0.1)
+    liar = sorted(set(fleet.devices) - _canary(rollout, fleet, 25))[0]  # in the last stage only
+    fleet.failing = {liar}
+    report = rollout.run()
+    assert report.outcome == "completed", report.reason
+    assert list(report.stages[-1].failed) == [liar] and liar not in report.stages[-1].installed
+    assert fleet.active[liar] == "v1" and set(fleet.active.values()) == {"v1", "v2"}
+
+    strict = Fleet(key, 40, clock)  # no tolerance (the default): the stage rolls back once the others answered
+    rollout = _rollout(strict, key, clock)
+    strict.failing = {sorted(_canary(rollout, strict))[0]}
+    report = rollout.run()
+    assert report.outcome == "rolled_back" and "1 device(s) failed to install v2" in report.reason
+    assert report.stages[0].installed and report.stages[0].acked_at is not None  # the others were heard first
+    assert set(strict.active.values()) == {"v1"}
+
+
+def test_in_a_stage_of_one_device_its_failure_rolls_back_at_once(key):
+    clock = Clock()
+    fleet = Fleet(key, 3, clock)
+    rollout = _rollout(fleet, key, clock, max_missing_fraction=0.5)
+    fleet.failing = _canary(rollout, fleet)
+    assert len(fleet.failing) == 1
+    report = rollout.run()
+    assert report.outcome == "rolled_back" and len(report.stages) == 1 and "failed to install v2" in report.reason
+
+
+def test_silence_and_a_failure_together_are_held_against_the_tolerance(key):
+    clock = Clock()
+    fleet = Fleet(key, 40, clock)
+    rollout = _rollout(fleet, key, clock, max_missing_fraction=0.05)  # 2 of 40 tolerated, 3 are not
+    late = sorted(set(fleet.devices) - _canary(rollout, fleet, 25))
+    fleet.failing, fleet.silent = {late[0]}, {late[1], late[2]}
+    report = rollout.run()
+    assert report.outcome == "rolled_back" and report.stages[-1].name == "100%"
+    assert f"1 device(s) failed to install v2 (e.g. {late[0]}" in report.reason
+    assert "2 of 40 device(s) did not acknowledge within 30 s" in report.reason
 
 
 def _canary(rollout: Rollout, fleet: Fleet, percent: float = 5) -> set[str]:
