@@ -45,15 +45,15 @@ edge-demo: services
 	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/python -m scripts.edge_demo
 
 services: $(STAMP)
-	$(BIN)/python -m scripts.services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+	$(BIN)/edgeloop services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # The servers plus a Docker engine (ours, unless one answers) and the image registry (127.0.0.1:5050).
 image-services: system-packages $(STAMP)
-	$(BIN)/python -m scripts.services up --images --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+	$(BIN)/edgeloop services up --images --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # Python 3.11 base images from Debian packages (debootstrap; arm64 under qemu), for hosts without Docker Hub.
 base-images: $(STAMP)
-	$(BIN)/python -m scripts.base_images
+	$(BIN)/edgeloop base-images
 
 # The signing key pair bundles are signed with (the private key never leaves the control plane).
 keys/control-plane.key: | $(STAMP)
@@ -64,7 +64,7 @@ image: image-services keys/control-plane.key
 	MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) $(BIN)/edgeloop package $(if $(VERSION),--version $(VERSION))
 
 down:
-	@test -x $(BIN)/python && $(BIN)/python -m scripts.services down || echo "nothing to stop"
+	@test -x $(BIN)/python && $(BIN)/edgeloop services down || echo "nothing to stop"
 
 # The same stages without Prefect, straight from dvc.yaml (local SQLite MLflow store). The package stage needs
 # the Docker engine and the registry: started here as for the demo. Writes the repository's outputs and the
@@ -78,10 +78,10 @@ repro: system-packages image-services keys/control-plane.key
 WARMUP := .run/test-warmup
 test: system-packages $(STAMP)
 	@mkdir -p $(WARMUP); warm=; \
-	if [ "$$(id -u)" = 0 ]; then $(BIN)/python -m scripts.base_images --run-dir $(WARMUP) > $(WARMUP)/log 2>&1 & warm=$$!; fi; \
+	if [ "$$(id -u)" = 0 ]; then $(BIN)/edgeloop base-images --run-dir $(WARMUP) > $(WARMUP)/log 2>&1 & warm=$$!; fi; \
 	status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ -n "$$warm" ]; then wait $$warm || { echo "base image warm-up failed:"; tail -20 $(WARMUP)/log; }; \
-	  $(BIN)/python -m scripts.docker_engine down --run-dir $(WARMUP) --only-this-run > /dev/null; fi; \
+	  $(BIN)/edgeloop engine down --run-dir $(WARMUP) --only-this-run > /dev/null; fi; \
 	exit $$status
 
 # The unit tests only (no servers, no containers), spread over every core by pytest-xdist: the edit-test loop.

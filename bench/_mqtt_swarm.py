@@ -4,7 +4,7 @@ paho's threaded loop tops out at a few hundred clients per process (select()), s
 client over asyncio streams: CONNECT with the device's user name and password, SUBSCRIBE QoS 1 to the
 group's model topic, PUBLISH QoS 1 both ways with PUBACK, PINGREQ as keepalive.
 
-Each device does what ``edge.updater_apply.RolloutHandler`` does with a manifest, minus the download and
+Each device does what ``edge.updater.apply.RolloutHandler`` does with a manifest, minus the download and
 the model store: it verifies the signature itself (:func:`edge.rollout.verify_rollout`, once per device:
 no result is shared between devices, so the fleet's verification cost is real), checks the group,
 applies :func:`edge.rollout.judge` with its own last sequence and active version, waits a uniform jitter
@@ -37,7 +37,7 @@ from typing import Any
 from edge.errors import BundleRefused
 from edge.rollout import RolloutManifest, judge, model_topic, status_topic, telemetry_topic, verify_rollout
 from edge.signing import load_public_keys
-from edge.updater_apply import json_bytes
+from edge.updater.apply import json_bytes
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
 KEEPALIVE_S = 60

@@ -23,14 +23,14 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from serve import build_int8_model  # noqa: E402  (bench/serve.py, beside this script)
+from tasks.release import engine as docker_engine  # noqa: E402
 
 from scripts import services  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 from tasks.devices import load_devices  # noqa: E402
-from tasks.release import engine as docker_engine  # noqa: E402
-from tasks.release.engine import CACHE_DIR  # noqa: E402
-from tasks.release.image_build import REPO_ROOT, build_context, resolve_base_image  # noqa: E402
-from tasks.release.registry import Registry  # noqa: E402
+from tasks.packaging.docker_client import CACHE_DIR  # noqa: E402
+from tasks.packaging.image_build import REPO_ROOT, build_context, resolve_base_image  # noqa: E402
+from tasks.packaging.oci_registry import Registry  # noqa: E402
 
 PLATFORM = "linux/amd64"
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from sklearn.datasets import load_digits
 
-    from tasks.release.bundle import bundle_from_files, generate_keypair, load_private_key
+    from tasks.registry.bundle import bundle_from_files, generate_keypair, load_private_key
 
     settings = load_params(REPO_ROOT / "params.yaml").package
     device = load_devices(REPO_ROOT / "devices.yaml").get(settings.check_device)

@@ -3,7 +3,7 @@
 Both run the same steps (prepare -> train -> convert -> evaluate -> register) on the bundled data with
 params.yaml, each in a fresh Python process (imports included), each into its own scratch workspace and
 a scratch MLflow SQLite store. The flow run talks to a real Prefect server started for the benchmark by
-scripts/services.py. Target: ``prefect_overhead_ratio`` (flow wall time / direct wall time) <= 1.15.
+tasks/stack/services.py. Target: ``prefect_overhead_ratio`` (flow wall time / direct wall time) <= 1.15.
 
     .venv/bin/python bench/orchestration_overhead.py
 
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts import services
+from tasks.stack import services
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,8 @@ from tasks.data.prepare import prepare
 from tasks.evaluation.evaluate import evaluate
 from tasks.model.convert import convert_all
 from tasks.model.train import train
-from tasks.release.register import register
-from tasks.release.tracking import configure
+from tasks.registry.register import register
+from tasks.registry.tracking import configure
 config, workspace = resolve(DEFAULT_PARAMETERS, {workspace!r})
 configure(config.mlflow)
 prepare(config.data, config.seed, workspace)

@@ -1,6 +1,6 @@
 """Rollout benchmark: the real control plane rolling a release out to, and back from, N simulated devices.
 
-For each N (default 100, 1,000 and 10,000) on a fresh Mosquitto 2 (``scripts.mosquitto``, the fleet's
+For each N (default 100, 1,000 and 10,000) on a fresh Mosquitto 2 (``tasks.stack.mosquitto``, the fleet's
 per-device passwords and ACL from :func:`tasks.rollout.fleet.simulated_fleet`, 1 PBKDF2 iteration):
 
 - the control plane is its own process: :class:`tasks.rollout.channel.MqttChannel` (paho, MQTT v5) driving
@@ -50,14 +50,14 @@ from _mqtt_swarm import SwarmConfig, run_worker  # bench/_mqtt_swarm.py, beside 
 
 from edge.errors import EdgeError
 from edge.signing import load_public_keys
-from scripts.mosquitto import start_mosquitto, stop_mosquitto
-from scripts.services import ServiceError, free_port
 from tasks.config import DriftParams, RolloutParams
 from tasks.errors import EdgeloopError
-from tasks.release.bundle import generate_keypair, load_private_key
+from tasks.registry.bundle import generate_keypair, load_private_key
 from tasks.rollout.channel import MqttChannel
 from tasks.rollout.engine import Release, Rollout, StageRecord
 from tasks.rollout.fleet import ACL_FILE, CONTROL_PLANE_USER, PASSWORD_FILE, ensure_control_plane, simulated_fleet
+from tasks.stack.mosquitto import start_mosquitto, stop_mosquitto
+from tasks.stack.services import ServiceError, free_port
 
 GROUP, MODEL = "bench", "digits_cnn"
 SPAWN = multiprocessing.get_context("spawn")  # the control plane's peak RSS must be its own, not a fork's

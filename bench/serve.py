@@ -2,9 +2,9 @@
 
 For the default int8 model (``digits_cnn``, 8x8x1) and a ``resnet8``-sized int8 model (32x32x3):
 - ``EdgeModel.predict`` in-process, one sample, p50 (the floor);
-- ``edge.serve`` over loopback HTTP with ``wrk`` (Debian ``wrk``; a JSON POST of one sample) at
+- ``edge.serving.serve`` over loopback HTTP with ``wrk`` (Debian ``wrk``; a JSON POST of one sample) at
   concurrency 1 and 8: p50 and requests/s;
-- the same model as the MLflow pyfunc (``tasks/release/edge_pyfunc.py``) served by
+- the same model as the MLflow pyfunc (``tasks/registry/edge_pyfunc.py``) served by
   ``mlflow models serve --env-manager local`` under the same load;
 - the server's RSS with the int8 model loaded, after the load.
 The default model is ``digits_cnn`` trained for a few epochs on the bundled digits and sent real
@@ -37,10 +37,10 @@ import numpy as np
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from edge.measure import measure_latency  # noqa: E402
+from edge.bench.measure import measure_latency  # noqa: E402
 from edge.runtime import EdgeModel  # noqa: E402
 from edge.signing import load_public_keys  # noqa: E402
-from edge.store import ModelStore  # noqa: E402
+from edge.store.model_store import ModelStore  # noqa: E402
 from scripts import services  # noqa: E402
 
 MODELS = {"digits_cnn": (8, 8, 1), "resnet8": (32, 32, 3)}
@@ -94,7 +94,7 @@ def rss_mb(pid: int) -> float:
 
 
 def serve_edgeloop(model_file: Path, sample: np.ndarray, scratch: Path) -> services.Service:
-    from tasks.release.bundle import bundle_from_files, generate_keypair, load_private_key
+    from tasks.registry.bundle import bundle_from_files, generate_keypair, load_private_key
 
     private_path, public_path = generate_keypair(scratch / "keys", "bench")
     bundle = bundle_from_files(scratch / "bundle.tar.gz", "v1", "bench", "1", None, {"primary": model_file},
@@ -109,7 +109,7 @@ def serve_mlflow(model_file: Path, scratch: Path) -> services.Service:
     import mlflow
 
     from edge.sidecar import sidecar_path
-    from tasks.release.register import EDGE_PACKAGE, PYFUNC_FILE
+    from tasks.registry.register import EDGE_PACKAGE, PYFUNC_FILE
 
     variant = scratch / "variant"
     variant.mkdir()

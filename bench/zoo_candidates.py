@@ -27,7 +27,7 @@ from tasks.evaluation.evaluate import evaluate
 from tasks.model.convert import convert_all
 from tasks.model.train import train
 from tasks.model.zoo import ZOO_MODELS
-from tasks.release.register import register
+from tasks.registry.register import register
 
 
 def run_model(model: str, params_path: Path, root: Path) -> dict[str, object]:

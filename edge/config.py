@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edge.errors import ConfigError
 from edge.identity import DeviceId
-from edge.thermal import DEFAULT_SENSOR
+from edge.serving.thermal import DEFAULT_SENSOR
 
 ENV_PREFIX = "EDGELOOP_"
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
@@ -87,7 +87,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(prog: str = "edge.serve") -> argparse.ArgumentParser:
+def build_parser(prog: str = "edge.serving.serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="edgeloop edge inference service", epilog=(
         f"Every option can also be set as an environment variable: {ENV_PREFIX}<OPTION> (e.g. "
         f"{ENV_PREFIX}PUBLIC_KEYS=/etc/edgeloop/keys)."))

@@ -43,7 +43,7 @@ DeviceId = Annotated[str, AfterValidator(check_device_id), WithJsonSchema(
     {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": DEVICE_ID_MAX_LENGTH})]
 
 
-UPLOAD_NAME_MAX_LENGTH = 132  # what edge.segments.file_name makes is 47 characters
+UPLOAD_NAME_MAX_LENGTH = 132  # what edge.sampling.segments.file_name makes is 47 characters
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\.npz$")
 UPLOAD_NAME_RULE = (f"at most {UPLOAD_NAME_MAX_LENGTH} characters: letters and digits, optionally joined by single "
                     "'.', '_' or '-', ending in '.npz' (no '/', '..' or '--')")

@@ -7,7 +7,7 @@ from typing import Any
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.contracts import BenchmarkSummary, Evaluation, Registration, Workspace
-from tasks.release.tracking import run_url
+from tasks.registry.tracking import run_url
 
 TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "weight_reduction",
                  "sparsity", "latency_p95_ms", "gates_passed")

@@ -24,8 +24,8 @@ from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
 from flows.rollout import RolloutPlan, rollout
 from flows.training import build_candidate
 from tasks.evaluation.compare import comparison_markdown
-from tasks.release.promotion import ApprovalRecord
-from tasks.release.tracking import run_url
+from tasks.registry.promotion import ApprovalRecord
+from tasks.registry.tracking import run_url
 
 log = logging.getLogger(__name__)
 TIMEOUT_REVIEWER = "edgeloop-timeout"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.errors import EdgeloopError, ServiceUnavailable
-from tasks.release.tracking import no_answer
+from tasks.registry.tracking import no_answer
 
 
 def is_transient(error: BaseException) -> bool:

@@ -72,8 +72,8 @@ def _step_markdown(report: RolloutReport) -> str:
 @task(name="roll-out", cache_policy=NO_CACHE)
 def roll_out(params: Params, version: str | None) -> RolloutReport:
     from edge.signing import load_public_keys
-    from tasks.release import tracking
-    from tasks.release.bundle import load_private_key
+    from tasks.registry import tracking
+    from tasks.registry.bundle import load_private_key
     from tasks.rollout import fleet as fleet_files
     from tasks.rollout import records
     from tasks.rollout.channel import MqttChannel
@@ -118,7 +118,7 @@ def rollout(version: str | None = None, plan: RolloutPlan | None = None,
         plan: cohort plan and health limits for this rollout (defaults: rollout in params.yaml).
         report_dir: where the timeline chart and the JSON report go.
     """
-    from tasks.release.package import with_environment
+    from tasks.packaging.package import with_environment
     from tasks.rollout.records import log_rollout_run, timeline_chart
 
     params = load_params(PARAMS_PATH)

@@ -37,8 +37,9 @@ from tasks.evaluation import gates
 from tasks.model import convert as convert_stage
 from tasks.model import train as train_stage
 from tasks.monitoring import check as drift_check
-from tasks.release import challenge, package, promotion, tracking
-from tasks.release import register as register_stage
+from tasks.packaging import package
+from tasks.registry import challenge, promotion, tracking
+from tasks.registry import register as register_stage
 
 
 def per_run_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

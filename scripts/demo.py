@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts import services
 from scripts.run_deployment import main as run_deployment
+from tasks.stack import services
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{args.prefect_port}/api"
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.parameters import FLOW_WORKSPACE
-    from tasks.release.bundle import generate_keypair
+    from tasks.registry.bundle import generate_keypair
     from tasks.workspace import Workspace
 
     try:

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 
 from flows.parameters import PARAMS_PATH, default_parameters
-from scripts import mosquitto
 from scripts.device_fleet import DeviceFleet
-from scripts.services import REPO_ROOT, ServiceError
 from tasks.config import Params, load_params
 from tasks.errors import EdgeloopError
+from tasks.stack import mosquitto
+from tasks.stack.services import REPO_ROOT, ServiceError
 
 RUN_DIR = REPO_ROOT / ".run" / "demo-loop"
 PREFIX = "demo"
@@ -70,8 +70,8 @@ def _ui(path: str) -> str:
 
 def ensure_champion(params: Params, note: Timeline) -> str:
     """The champion's version; without one, ``make demo``'s candidate becomes it with a recorded bootstrap."""
-    from tasks.release import tracking
-    from tasks.release.promotion import ApprovalRecord, promote, version_by_alias
+    from tasks.registry import tracking
+    from tasks.registry.promotion import ApprovalRecord, promote, version_by_alias
 
     tracking.configure(params.mlflow)
     name = params.mlflow.registered_model
@@ -181,7 +181,7 @@ def drift_until_retrain(note: Timeline, started_after: float, timeout_s: float =
 def decide_and_wait(run, interactive: bool, note: Timeline, comment: str):
     from prefect.client.orchestration import get_client
 
-    from flows.approval import decide
+    from tasks.approval import decide
 
     with get_client(sync_client=True) as client:
         while (state := client.read_flow_run(run.id).state).name not in ("Suspended", "Paused") and \
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.rollout import RolloutPlan
     from tasks.data.sources import load_sklearn_digits
     from tasks.monitoring.simulate_drift import DEFAULT_KINDS, shift_all
-    from tasks.release.package import with_environment
-    from tasks.release.tracking import tracking_uri
+    from tasks.packaging.package import with_environment
+    from tasks.registry.tracking import tracking_uri
     from tasks.rollout.records import release_of
 
     note = Timeline()

@@ -1,6 +1,6 @@
 """Simulated devices on this host, for the rollout tests and ``make demo-loop``.
 
-Each device is what a real one runs: the edge service (``python -m edge.serve``) on its own loopback port
+Each device is what a real one runs: the edge service (``python -m edge.serving.serve``) on its own loopback port
 and model store, and the updater (``python -m edge.updater``) beside it with the device's own broker
 login, reporting telemetry from the service's ``/metrics``. A device is provisioned with a signed bundle
 before it starts, as a factory image would be. :meth:`DeviceFleet.traffic` sends each device requests
@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from scripts import services
-from scripts.services import REPO_ROOT
+from tasks.stack import services
+from tasks.stack.services import REPO_ROOT
 
 
 @dataclass
@@ -70,7 +70,7 @@ class DeviceFleet:
     def start(self, device_id: str, password: str, bundle: Path | None = None, **settings: object) -> SimulatedDevice:
         """Provision ``device_id`` with ``bundle`` (installed into its store) and start its service and updater."""
         from edge.signing import load_public_keys
-        from edge.store import ModelStore
+        from edge.store.model_store import ModelStore
 
         root = self.root / device_id
         (root / "run").mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Generates a demo signing key (``.run/keys``) once, exports the ``candidate`` alias from the MLflow
 server ``make demo`` started (with ``tflite_fp32`` as the cascade's second stage), installs the bundle
-into ``.run/edge/models``, starts ``edge.serve`` on loopback and sends it one real test digit.
+into ``.run/edge/models``, starts ``edge.serving.serve`` on loopback and sends it one real test digit.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from scripts import services
+from tasks.stack import services
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge.errors import EdgeError
     from edge.signing import load_public_keys
-    from edge.store import ModelStore
+    from edge.store.model_store import ModelStore
     from flows.parameters import FLOW_WORKSPACE
     from tasks.config import load_params
     from tasks.errors import EdgeloopError
-    from tasks.release.bundle import export_registered, generate_keypair
+    from tasks.registry.bundle import export_registered, generate_keypair
     from tasks.workspace import Workspace
 
     keys, edge = args.run_dir / "keys", args.run_dir / "edge"

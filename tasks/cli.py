@@ -15,6 +15,9 @@
     edgeloop simulate-drift --severity low|medium|high ...                         shifted device uploads
     edgeloop labels import LABELS.csv                                              labelled samples -> data version
     edgeloop fleet add-device ID --group G                                         a device's broker login and ACL
+    edgeloop services up|down|status [--images]                                    the local service stack
+    edgeloop engine up|down                                                        a Docker engine (dockerd)
+    edgeloop base-images [--arch amd64 arm64]                                      the images' Python bases
 
 The stages are the same functions ``dvc repro`` and the Prefect flows call. ``approve`` and
 ``reject`` do what the Resume form in the Prefect UI does (PREFECT_API_URL names the server).
@@ -34,23 +37,26 @@ STAGES = {
     "convert": ("tasks.model.convert", "build every enabled TFLite / ONNX variant with its sidecar"),
     "evaluate": ("tasks.evaluation.evaluate", "measure every variant in its device runtime, apply the gates"),
     "benchmark": ("tasks.benchmark.stage", "measure every candidate on every device through its runner"),
-    "register": ("tasks.release.register", "log the run to MLflow and register the recommended variant"),
+    "register": ("tasks.registry.register", "log the run to MLflow and register the recommended variant"),
 }
 
 
 # commands that own their options: (module, what it does)
 PASSTHROUGH = {
-    "keys": ("tasks.release.bundle", "generate an Ed25519 key pair for signing bundles"),
-    "bundle": ("tasks.release.bundle", "export a registered model version as a signed bundle"),
+    "keys": ("tasks.registry.bundle", "generate an Ed25519 key pair for signing bundles"),
+    "bundle": ("tasks.registry.bundle", "export a registered model version as a signed bundle"),
     "bench": ("edge.bench", "benchmark model files on this device (python -m edge.bench)"),
-    "serve": ("edge.serve", "run the edge inference service (python -m edge.serve)"),
-    "store": ("edge.storectl", "install, roll back or inspect a device's model store"),
+    "serve": ("edge.serving.serve", "run the edge inference service (python -m edge.serving.serve)"),
+    "store": ("edge.store.storectl", "install, roll back or inspect a device's model store"),
     "ingest": ("tasks.monitoring.ingest", "run the control plane's sample ingest endpoint"),
-    "package": ("tasks.release.package", "build, check and push the edge images of a registered model version"),
+    "package": ("tasks.packaging.package", "build, check and push the edge images of a registered model version"),
     "drift-check": ("tasks.monitoring.check", "run one drift check on the collected uploads now (no Prefect)"),
     "simulate-drift": ("tasks.monitoring.simulate_drift", "write realistically shifted device uploads (demos, tests)"),
     "labels": ("tasks.data.labels", "join arriving labels with collected samples into a new DVC data version"),
     "fleet": ("tasks.rollout.fleet", "the device fleet and its MQTT broker credentials and ACLs"),
+    "services": ("tasks.stack.services", "start, stop or list the local services: Prefect, MLflow, worker, registry"),
+    "engine": ("tasks.stack.dockerd", "start or stop the Docker engine packaging and the tests use"),
+    "base-images": ("tasks.stack.base_images", "build the Debian-built Python base images (amd64, arm64)"),
 }
 
 
@@ -75,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _waiting() -> None:
-    from flows.approval import waiting_runs
+    from tasks.approval import waiting_runs
 
     runs = waiting_runs()
     for run in runs:
@@ -85,7 +91,7 @@ def _waiting() -> None:
 
 
 def _decide(args: argparse.Namespace) -> None:
-    from flows.approval import decide
+    from tasks.approval import decide
 
     run = decide(args.run, args.command == "approve", args.reviewer, args.comment)
     verdict = "approved" if args.command == "approve" else "rejected"

@@ -226,12 +226,12 @@ Platforms = Annotated[list[Platform], Field(min_length=1, description=(
 
 
 class PackageParams(_Section):
-    """Container images of a registered model version (``edgeloop package``, tasks/release/package.py)."""
+    """Container images of a registered model version (``edgeloop package``, tasks/packaging/package.py)."""
 
     registry: str = Field("127.0.0.1:5050", pattern=r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$")  # EDGELOOP_REGISTRY overrides
     repository: str = Field("edgeloop/edge", pattern=r"^[a-z0-9]+([._\-/][a-z0-9]+)*$")
     # null: the official python:3.11-slim when the engine has it or can pull it, else the Debian-built base
-    # (scripts/base_images.py, `make base-images`)
+    # (tasks/stack/base_images.py, `make base-images`)
     base_image: str | None = None
     platforms: Platforms = Field(default_factory=lambda: ["linux/amd64", "linux/arm64"])
     signing_key: Path = Path("keys/control-plane.key")  # private Ed25519 key (PEM) that signs the bundle

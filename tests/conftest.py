@@ -142,8 +142,8 @@ class ImageEnv:
 @pytest.fixture(scope="session")
 def image_env(tmp_path_factory) -> ImageEnv:
     """A registry port and signing keys for this session (nothing started: see ``images``)."""
-    from scripts.services import free_port
-    from tasks.release.bundle import generate_keypair
+    from tasks.registry.bundle import generate_keypair
+    from tasks.stack.services import free_port
 
     keys = tmp_path_factory.mktemp("package-keys")
     private, public = generate_keypair(keys / "private", "ci-control-plane")
@@ -154,9 +154,8 @@ def image_env(tmp_path_factory) -> ImageEnv:
 
 @pytest.fixture(scope="session")
 def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
-    """A Docker engine (ours unless one answers) and a registry of this session, via scripts/services.py."""
-    from scripts import services
-
+    """A Docker engine (ours unless one answers) and a registry of this session, via tasks/stack/services.py."""
+    from tasks.stack import services
     require_system_tools("dockerd", "docker", "docker-registry", "debootstrap", "qemu-aarch64-static",
                          packages="docker.io docker-registry debootstrap qemu-user-static binfmt-support")
     run_dir = tmp_path_factory.mktemp("image-services")
@@ -174,13 +173,12 @@ def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, image_env) -> Iterator[Stack]:
-    """Prefect + MLflow servers and a worker, started by scripts/services.py; deployments applied.
+    """Prefect + MLflow servers and a worker, started by tasks/stack/services.py; deployments applied.
 
     The worker gets the packaging settings of ``image_env`` (registry, keys); the tests that package
     also ask for ``images``, which starts the engine and the registry.
     """
-    from scripts import services
-
+    from tasks.stack import services
     run_dir = tmp_path_factory.mktemp("services")
     prefect_port, mlflow_port = services.free_port(), services.free_port()
     api_url = f"http://127.0.0.1:{prefect_port}/api"
@@ -234,7 +232,7 @@ class BundleKit:
 
     def bundle(self, version: str, primary: str = "tflite_int8", large: str | None = None,
                name: str | None = None) -> Path:
-        from tasks.release.bundle import bundle_from_files
+        from tasks.registry.bundle import bundle_from_files
 
         files = {"primary": self.model_files[primary]}
         if large is not None:
@@ -255,7 +253,7 @@ def bundle_kit(tiny_model_files, digits, tmp_path_factory) -> BundleKit:
 
     from edge.runtime import EdgeModel
     from edge.sidecar import write_sidecar
-    from tasks.release.bundle import generate_keypair, load_private_key
+    from tasks.registry.bundle import generate_keypair, load_private_key
 
     root = tmp_path_factory.mktemp("bundle_kit")
     private_path, _ = generate_keypair(root / "keys" / "private", "test-signer")

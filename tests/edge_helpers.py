@@ -1,4 +1,4 @@
-"""Helpers for the tests that run the real edge inference service (``python -m edge.serve``) on loopback."""
+"""Helpers for the tests that run the real edge inference service (``python -m edge.serving.serve``) on loopback."""
 
 from __future__ import annotations
 
@@ -84,8 +84,7 @@ def settings_for(root: Path, public_dir: Path, **overrides: object) -> dict[str,
 @contextmanager
 def running_edge_server(root: Path, public_dir: Path, **overrides: object) -> Iterator[EdgeServer]:
     """Start the service with its own store, samples, outbox and a writable fake thermal sensor."""
-    from scripts import services
-
+    from tasks.stack import services
     root.mkdir(parents=True, exist_ok=True)
     sensor = root / "temp"
     if not sensor.exists():

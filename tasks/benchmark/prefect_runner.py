@@ -1,6 +1,6 @@
 """The ``prefect`` runner: the benchmark as a flow run on the device's own Prefect worker.
 
-The ``device-benchmark`` flow (:mod:`flows.device_benchmark`) is deployed once per device to the work
+The ``device-benchmark`` flow (:mod:`edge.bench.prefect_flow`) is deployed once per device to the work
 pool ``edge-<device>`` (created as a process pool when missing); a worker on the device polls it
 (``prefect worker start --pool edge-<device>``). For each run this host serves the staged files over
 HTTP on ``benchmark.serve_address`` under an unguessable path (the device checks each file's sha256)
@@ -27,7 +27,7 @@ from tasks.devices import DeviceSpec
 
 log = logging.getLogger(__name__)
 FLOW_NAME = "device-benchmark"
-ENTRYPOINT = "flows/device_benchmark.py:device_benchmark"
+ENTRYPOINT = "edge/bench/prefect_flow.py:device_benchmark"
 MAX_RESULT_BYTES = 20 * 1024 * 1024
 
 

@@ -1,5 +1,5 @@
 """Benchmark reports: per-device tables (Markdown, CSV) and the latency-accuracy chart per device with the
-Pareto front marked (the MLflow metrics are :func:`tasks.release.tracking.device_metrics`)."""
+Pareto front marked (the MLflow metrics are :func:`tasks.registry.tracking.device_metrics`)."""
 
 from __future__ import annotations
 

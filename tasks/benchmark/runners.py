@@ -124,7 +124,7 @@ def _untar_file(chunks, name: str) -> bytes:
 
 def newest_image(registry_address: str, repository: str, platform: str) -> str | None:
     """The newest packaged edge image for ``platform`` in the registry (by its ``created`` label), or None."""
-    from tasks.release.registry import Registry
+    from tasks.packaging.oci_registry import Registry
 
     registry = Registry(registry_address)
     newest: tuple[str, str] | None = None
@@ -162,8 +162,7 @@ class DockerRunner:
 
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]:
         import docker
-        from tasks.release import engine as docker_engine
-
+        from tasks.packaging import docker_client as docker_engine
         platform = device.runner.platform or f"linux/{HOST_ARCH}"
         image = self.image_for(platform)
         emulated = platform.split("/")[1] != HOST_ARCH

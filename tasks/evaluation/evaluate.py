@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.measure import measure_latency, memory_footprint_in_fresh_process
+from edge.bench.measure import measure_latency, memory_footprint_in_fresh_process
 from edge.runtime import EdgeModel
 from edge.sidecar import read_sidecar
 from tasks.config import EvaluateParams, Params

@@ -78,7 +78,7 @@ def load_check_reference(params: Params, scratch: Path) -> tuple[str, Reference]
         if not path.is_file():
             raise ConfigError(f"drift.reference {path} is not a file; give a reference .npz or 'champion'")
         return str(path), read_reference(path)
-    from tasks.release.promotion import download_drift_reference
+    from tasks.registry.promotion import download_drift_reference
 
     found = download_drift_reference(params.mlflow.registered_model, CHAMPION, scratch)
     if found is None:
@@ -91,8 +91,7 @@ def load_check_reference(params: Params, scratch: Path) -> tuple[str, Reference]
 def run_check(params: Params, report_root: Path, consume: bool = True, check_versions: bool = True) -> CheckOutcome:
     """Consolidate the pending uploads into a window and analyse it; reports under ``report_root/<window>``."""
     if check_versions or params.drift.reference == CHAMPION:
-        from tasks.release import tracking
-
+        from tasks.registry import tracking
         tracking.configure(params.mlflow)  # once: the champion's reference and the registered versions
     with tempfile.TemporaryDirectory(prefix="edgeloop-drift-") as scratch:
         label, reference = load_check_reference(params, Path(scratch))
@@ -149,8 +148,7 @@ def log_check(params: Params, outcome: CheckOutcome) -> None:
     """A run per check in the ``drift.experiment`` MLflow experiment: figures, tests, HTML and JSON reports."""
     import mlflow
 
-    from tasks.release import tracking
-
+    from tasks.registry import tracking
     uri = tracking.configure(params.mlflow)
     experiment_id = tracking.ensure_experiment(params.mlflow.model_copy(update={"experiment": params.drift.experiment}))
     analysis = outcome.analysis

@@ -3,7 +3,7 @@
     edgeloop ingest add-device DEVICE --tokens FILE     issue a device token (printed once; only its hash is kept)
     edgeloop ingest serve --tokens FILE [--collected-dir DIR] [--host H] [--port P] [--max-upload-mb MB]
 
-``POST /v1/ingest`` takes one ``.npz`` as the body (``edge.upload.HttpTarget`` sends it), authenticated
+``POST /v1/ingest`` takes one ``.npz`` as the body (``edge.sampling.upload.HttpTarget`` sends it), authenticated
 per device (``Authorization: Bearer <token>`` and ``X-Edgeloop-Device``), checks it is a well-formed
 sample file of that device (:mod:`tasks.monitoring.sample_files`) and stores it atomically as
 ``<collected_dir>/<device>--<file name>`` (:func:`edge.identity.stored_upload_name`), the flat folder the
@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.concurrency import run_in_threadpool
 
 from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, is_device_id, is_upload_name, stored_upload_name
-from edge.requests import BadRequest, read_body
+from edge.serving.requests import BadRequest, read_body
 from edge.sidecar import atomic_write_bytes, atomic_write_text, sha256_file
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging

@@ -1,6 +1,6 @@
 """What a device sample file must be before the control plane stores it: the checks ``edgeloop ingest`` runs.
 
-A sample file is the ``.npz`` that ``edge.sample_store`` closes (``edge.segments.segment_npz_bytes``
+A sample file is the ``.npz`` that ``edge.sampling.store`` closes (``edge.sampling.segments.segment_npz_bytes``
 writes it): per-row arrays of equal length, derived ``features`` with their names, and raw ``x`` only
 when the device stores raw inputs. Anything else is refused with a :class:`DataError` naming the
 array and the problem, before a byte of it reaches ``drift.collected_dir``.
@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 
-from edge.segments import REASONS
+from edge.sampling.segments import REASONS
 from tasks.errors import DataError
 
 PER_ROW = {"confidence": "float32", "predicted": "int32", "latency_ms": "float32", "model_version": "U",
@@ -40,7 +40,7 @@ def load_sample_arrays(content: bytes) -> dict[str, np.ndarray]:
     try:
         archive = np.load(io.BytesIO(content), allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-        raise DataError("body is not a readable .npz file (send the file edge.sample_store closed)") from None
+        raise DataError("body is not a readable .npz file (send the file edge.sampling.store closed)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError("body is a single .npy array, not an .npz archive of sample arrays")
     with archive:
@@ -61,7 +61,7 @@ def _check_layout(arrays: dict[str, np.ndarray]) -> int:
     """Required arrays present, with the right dtypes and one row per sample; returns the rows."""
     missing = sorted({"features", "feature_names", *PER_ROW} - set(arrays))
     if missing:
-        raise DataError(f"missing arrays {missing}; expected a file closed by edge.sample_store")
+        raise DataError(f"missing arrays {missing}; expected a file closed by edge.sampling.store")
     features = arrays["features"]
     if features.dtype != np.float32 or features.ndim != 2 or len(features) == 0:
         raise DataError(f"features must be non-empty float32 (N, F), got {features.dtype} {features.shape}")

@@ -7,7 +7,7 @@
 Each window draws ``--samples`` rows of the test split, shifts them (:func:`shift_all`), runs the edge model
 on every row alone, as a device serves a request, and writes one sample file per device into ``--out``
 (default ``drift.collected_dir``) as ``<device>--sim-<window>-<severity>-<run>.npz``: the name ``edgeloop
-ingest`` stores an upload under, with the content ``edge.segments.segment_npz_bytes`` closes. ``latency_ms``
+ingest`` stores an upload under, with the content ``edge.sampling.segments.segment_npz_bytes`` closes. ``latency_ms``
 is timed on this host (one ``predict`` call per row), not on a device. Windows are ``--window-minutes``
 apart and the last one ends now.
 
@@ -38,7 +38,7 @@ from edge.errors import SidecarError
 from edge.features import feature_names, features, sample_layout
 from edge.identity import DEVICE_ID_RULE, is_device_id, stored_upload_name
 from edge.runtime import EdgeModel
-from edge.segments import ParsedSegment, segment_npz_bytes
+from edge.sampling.segments import ParsedSegment, segment_npz_bytes
 from edge.sidecar import atomic_write_bytes, read_sidecar, sha256_file
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging

@@ -1,7 +1,7 @@
 """What the fleet's Mosquitto broker reads: its configuration, one text for every broker the project runs,
 and its password file format (:mod:`tasks.rollout.fleet` writes the files for the fleet).
 
-The local broker (:func:`scripts.mosquitto.start_mosquitto`: tests, the demo, the benchmark) and the
+The local broker (:func:`tasks.stack.mosquitto.start_mosquitto`: tests, the demo, the benchmark) and the
 compose stack's (``docker/mosquitto.conf``, checked against :func:`compose_config` by a unit test) share
 :func:`security_settings`, so they cannot drift apart. Those settings
 

@@ -15,7 +15,7 @@ A device's password is printed once by ``add-device``; only its hash is kept.
 
 The ACL gives each device exactly the topics of :mod:`edge.rollout`: it reads its group's model topic
 and writes its own status and telemetry topics. Only the ``control-plane`` user may publish manifests.
-Signal a running broker (``scripts.mosquitto.reload_mosquitto``) after a change.
+Signal a running broker (``tasks.stack.mosquitto.reload_mosquitto``) after a change.
 """
 
 from __future__ import annotations

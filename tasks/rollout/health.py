@@ -1,6 +1,6 @@
 """Is a rollout stage healthy? Each device's telemetry on the new version against its own before, then the fleet.
 
-Devices publish summaries (``edge/updater.py``, validated by :mod:`tasks.rollout.messages`): requests,
+Devices publish summaries (``edge/updater/daemon.py``, validated by :mod:`tasks.rollout.messages`): requests,
 errors, p50/p95 latency and mean confidence over an interval. A stage's figures use every summary its
 devices sent about the version since the stage's acknowledgements; the baseline is the same devices'
 figures on the previous version from the ``rollout.baseline_window_s`` before the stage started.

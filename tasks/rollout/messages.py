@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic_core import from_json
 
 from edge.identity import DeviceId, is_device_id
-from edge.manifest import VERSION_PATTERN
 from edge.rollout import GROUP, ROLLOUT_ID_PATTERN
+from edge.store.manifest import VERSION_PATTERN
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 8 * 1024      # a status or a summary is ~300 bytes; room for long versions and reasons
@@ -44,7 +44,7 @@ DropReason = Literal["too_large", "not_json", "invalid", "device_mismatch", "bad
 DROP_REASONS: tuple[DropReason, ...] = ("too_large", "not_json", "invalid", "device_mismatch", "bad_device_id",
                                         "error")
 
-Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]  # a bundle version, as edge/manifest.py allows
+Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]  # a bundle version, as the manifest allows
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 LatencyMs = Annotated[float, Field(ge=0.0, le=MAX_LATENCY_MS)]
@@ -57,7 +57,7 @@ class _DeviceMessage(BaseModel):
 
 
 class DeviceStatus(_DeviceMessage):
-    """An install outcome (``edge/updater_apply.py``); rollout fields are null for a message it could not trust."""
+    """An install outcome (``edge/updater/apply.py``); rollout fields are null for a message it could not trust."""
 
     group: Annotated[str, StringConstraints(pattern=f"^{GROUP.pattern}$")]
     rollout_id: Annotated[str, StringConstraints(pattern=ROLLOUT_ID_PATTERN)] | None
@@ -70,7 +70,7 @@ class DeviceStatus(_DeviceMessage):
 
 
 class TelemetrySummary(_DeviceMessage):
-    """One interval's figures (``edge/updater_telemetry.py``); ``at`` is the device's clock, never trusted."""
+    """One interval's figures (``edge/updater/telemetry.py``); ``at`` is the device's clock, never trusted."""
 
     version: Version | None
     window_s: Annotated[float, Field(ge=0.0, le=MAX_TIMESTAMP)]

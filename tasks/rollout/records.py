@@ -32,7 +32,7 @@ def release_of(params: Params, version: str) -> Release:
     """The signed bundle of registered ``version`` (exported on first use) as devices will fetch it."""
     import mlflow
 
-    from tasks.release.bundle import export_registered
+    from tasks.registry.bundle import export_registered
 
     name = params.mlflow.registered_model
     bundle = params.rollout.bundle_dir / f"{name}-v{version}.tar.gz"
@@ -45,7 +45,7 @@ def release_of(params: Params, version: str) -> Release:
 
 def versions_to_roll(params: Params, version: str | None) -> tuple[str, str | None]:
     """(target, previous): ``version`` (default: the champion) and the version the devices run now."""
-    from tasks.release.promotion import version_by_alias
+    from tasks.registry.promotion import version_by_alias
 
     name = params.mlflow.registered_model
     champion = version_by_alias(name, CHAMPION)
@@ -126,8 +126,7 @@ def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) ->
     """
     import mlflow
 
-    from tasks.release import tracking
-
+    from tasks.registry import tracking
     uri = tracking.configure(params.mlflow)
     experiment = tracking.ensure_experiment(params.mlflow.model_copy(update={"experiment": "edgeloop-rollout"}))
     with mlflow.start_run(experiment_id=experiment, run_name=report.rollout_id) as run:

@@ -93,7 +93,7 @@ def test_a_model_too_big_for_the_memory_limit_is_an_error_row_not_a_hang(activat
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    from scripts import services
+    from tasks.stack import services
     from tests.conftest import require_system_tools
 
     require_system_tools("sshd", "ssh-keygen", packages="openssh-server")
@@ -181,9 +181,9 @@ def test_the_stage_goes_on_past_an_unreachable_device_and_gates_the_others(stack
 
 
 def test_the_prefect_runner_runs_on_the_devices_own_worker(stack, bundle_kit, digits, tmp_path):
-    from scripts import services
     from tasks.benchmark.prefect_runner import PrefectRunner, ensure_deployment, pool_name
     from tasks.benchmark.runners import RunnerError
+    from tasks.stack import services
 
     device = _device("fleet-board", kind="prefect")
     inputs = _staged(tmp_path, device, {"tflite_int8": bundle_kit.model_files["tflite_int8"]}, digits.x[:30],

@@ -97,7 +97,7 @@ def test_two_drifted_windows_fire_one_retrain_and_the_policy_holds_back_otherwis
     from prefect.variables import Variable
 
     from flows.drift_check import drift_check
-    from tasks.release.promotion import download_drift_reference
+    from tasks.registry.promotion import download_drift_reference
 
     started = datetime.now(UTC)
     candidate = mlflow_client(stack).get_model_version_by_alias(MODEL_NAME, "candidate")

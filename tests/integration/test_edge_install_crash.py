@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from edge.signing import load_public_keys
-from edge.store import INSTALL_STEPS, PAUSE_ENV, ModelStore
+from edge.store.model_store import INSTALL_STEPS, PAUSE_ENV, ModelStore
 from tests.conftest import REPO_ROOT
 from tests.edge_helpers import running_edge_server
 from tests.stack_helpers import wait_for
@@ -28,7 +28,7 @@ def test_killing_the_installer_at_every_step(tmp_path, bundle_kit, digits):
         for number, step in enumerate(INSTALL_STEPS, start=2):
             version = f"v{number}"
             installer = subprocess.Popen(
-                [sys.executable, "-m", "edge.storectl", "--store", str(server.store), "--public-keys",
+                [sys.executable, "-m", "edge.store.storectl", "--store", str(server.store), "--public-keys",
                  str(bundle_kit.public_dir), "install", str(bundle_kit.bundle(version))],
                 cwd=REPO_ROOT, env={**os.environ, PAUSE_ENV: step}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:

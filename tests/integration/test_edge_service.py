@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from edge.manifest import SIGNATURE_FILE
 from edge.runtime import EdgeModel
 from edge.signing import load_public_keys
-from edge.store import ModelStore
+from edge.store.manifest import SIGNATURE_FILE
+from edge.store.model_store import ModelStore
 from tests.conftest import REPO_ROOT
 from tests.edge_helpers import ADMIN_TOKEN, read_members, running_edge_server, write_members
 from tests.stack_helpers import wait_for
@@ -162,7 +162,8 @@ def test_openapi_document_is_checked_in_and_current(server):
     with server.client() as client:
         served = client.get("/openapi.json").json()
     assert served == json.loads(OPENAPI_FILE.read_text()), (
-        "edge/openapi.json is stale: regenerate it with `python -m edge.openapi > edge/openapi.json`")
+        "edge/serving/openapi.json is stale: regenerate it with "
+        "`python -m edge.serving.openapi > edge/serving/openapi.json`")
     assert {"application/json", "application/x-npy"} <= set(
         served["paths"]["/v1/predict"]["post"]["requestBody"]["content"])
 
@@ -258,16 +259,16 @@ def test_a_watched_store_switch_is_picked_up_without_a_restart(tmp_path, bundle_
 
 
 def test_bad_settings_fail_fast_with_one_line(tmp_path, bundle_kit):
-    completed = subprocess.run([sys.executable, "-m", "edge.serve", "--public-keys", str(tmp_path / "nope.pub"),
+    completed = subprocess.run([sys.executable, "-m", "edge.serving.serve", "--public-keys", str(tmp_path / "nope.pub"),
                                 "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=60,
                                cwd=REPO_ROOT)
     assert completed.returncode == 2 and "public key path" in completed.stderr and "Traceback" not in completed.stderr
-    completed = subprocess.run([sys.executable, "-m", "edge.serve", "--port", "70000", "--public-keys",
+    completed = subprocess.run([sys.executable, "-m", "edge.serving.serve", "--port", "70000", "--public-keys",
                                 str(bundle_kit.public_dir)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert completed.returncode == 2 and "--port (EDGELOOP_PORT)" in completed.stderr
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    completed = subprocess.run([sys.executable, "-m", "edge.serve", "--store", str(blocked / "store"),
+    completed = subprocess.run([sys.executable, "-m", "edge.serving.serve", "--store", str(blocked / "store"),
                                 "--public-keys", str(bundle_kit.public_dir)], capture_output=True, text=True,
                                timeout=60, cwd=REPO_ROOT)
     assert completed.returncode == 2 and "is not usable" in completed.stderr and "Traceback" not in completed.stderr

@@ -94,7 +94,7 @@ def test_the_registered_candidate_loads_as_an_mlflow_pyfunc_and_predicts_like_th
 def test_the_candidate_exports_as_a_signed_bundle_that_a_device_installs(stack, nightly_run, tmp_path):
     from edge.runtime import EdgeModel
     from edge.signing import load_public_keys
-    from edge.store import ModelStore
+    from edge.store.model_store import ModelStore
     from tasks.contracts import Workspace, read_prepared, read_registration
 
     workspace = Workspace(Path(nightly_run.parameters["workspace"]))
@@ -134,9 +134,9 @@ def test_the_candidate_exports_as_a_signed_bundle_that_a_device_installs(stack, 
 def test_mlflow_models_serve_answers_with_the_champion(stack, nightly_run):
     import urllib.request
 
-    from scripts.services import free_port
     from tasks.contracts import Workspace, read_prepared
-    from tasks.release.promotion import ApprovalRecord, promote
+    from tasks.registry.promotion import ApprovalRecord, promote
+    from tasks.stack.services import free_port
 
     if alias_version(stack, "champion") is None:
         promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
@@ -220,7 +220,7 @@ def _retrain_via_deployment(stack, workspace: Path):
 def test_approval_through_the_client_promotes_with_audit_trail(stack, nightly_run, images, tmp_path):
     from prefect import resume_flow_run
 
-    from tasks.release.promotion import ApprovalRecord, promote
+    from tasks.registry.promotion import ApprovalRecord, promote
 
     if alias_version(stack, "champion") is None:  # make sure there is a champion to demote
         promote(MODEL_NAME, alias_version(stack, "candidate"), ApprovalRecord.from_decision(True, "setup", ""))
@@ -340,7 +340,7 @@ def test_the_approval_timer_only_notes_a_run_someone_already_decided(stack, nigh
 
 
 def test_promotion_refuses_without_an_approving_record(stack, nightly_run):
-    from tasks.release.promotion import ApprovalRecord, PromotionRefused, promote
+    from tasks.registry.promotion import ApprovalRecord, PromotionRefused, promote
 
     candidate = alias_version(stack, "candidate")
     champion = alias_version(stack, "champion")

@@ -22,11 +22,11 @@ import pytest
 
 from edge.errors import UploadError
 from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, upload_owner
-from edge.samples import Sampler, SampleStore
-from edge.upload import HttpTarget, Uploader
-from scripts import services
+from edge.sampling.sampler import Sampler, SampleStore
+from edge.sampling.upload import HttpTarget, Uploader
 from tasks.monitoring.collected import consolidate
 from tasks.monitoring.ingest import add_device, main
+from tasks.stack import services
 from tests.stack_helpers import wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The fleet's broker security, against a real Mosquitto started by scripts/mosquitto.py with the password
+"""The fleet's broker security, against a real Mosquitto started by tasks/stack/mosquitto.py with the password
 file and ACL of tasks/rollout/fleet.py and the settings of tasks/rollout/broker.py, through real
 paho-mqtt clients (MQTT v5).
 
@@ -124,7 +124,7 @@ class Fleet:
 @dataclass(frozen=True)
 class BrokerUnderTest:
     run_dir: Path
-    broker: object  # scripts.mosquitto.Broker
+    broker: object  # tasks.stack.mosquitto.Broker
     fleet: Fleet
 
     @property
@@ -153,8 +153,8 @@ def fleet(tmp_path_factory) -> Fleet:
 
 
 def _start(run_dir: Path, fleet: Fleet) -> BrokerUnderTest:
-    from scripts import mosquitto, services
     from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE
+    from tasks.stack import mosquitto, services
 
     broker = mosquitto.start_mosquitto(run_dir, services.free_port(), fleet.credentials / PASSWORD_FILE,
                                       fleet.credentials / ACL_FILE)
@@ -163,8 +163,7 @@ def _start(run_dir: Path, fleet: Fleet) -> BrokerUnderTest:
 
 @pytest.fixture(scope="module")
 def broker(fleet, tmp_path_factory) -> Iterator[BrokerUnderTest]:
-    from scripts import mosquitto
-
+    from tasks.stack import mosquitto
     require_system_tools("mosquitto", packages="mosquitto")
     run_dir = tmp_path_factory.mktemp("mosquitto")
     try:
@@ -311,8 +310,8 @@ def test_a_packet_over_the_size_limit_is_dropped_with_its_senders_connection(bro
 
 
 def test_a_reloaded_broker_admits_added_and_refuses_removed_devices(broker):
-    from scripts import mosquitto
     from tasks.rollout.fleet import add_device, remove_device
+    from tasks.stack import mosquitto
 
     password = add_device(broker.fleet.fleet_file, broker.fleet.credentials, "cam-new", GROUP_B)
     # sim-3 is used by no other test of this module
@@ -338,8 +337,7 @@ def _wait_for_autosave(database: Path, payloads: list[bytes]) -> None:
 
 @pytest.mark.parametrize("hard", [False, True], ids=["stopped", "killed"])
 def test_retained_manifests_and_queued_messages_survive_a_broker_restart(fleet, tmp_path, hard):
-    from scripts import mosquitto
-
+    from tasks.stack import mosquitto
     require_system_tools("mosquitto", packages="mosquitto")
     started = _start(tmp_path / "run", fleet)
     retained, queued = f"retained manifest {hard}".encode(), f"queued while offline {hard}".encode()

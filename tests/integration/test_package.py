@@ -1,7 +1,7 @@
 """Container packaging against a real Docker engine, a real registry and a real MLflow server (no mocks).
 
 The registered version is the nightly run's candidate (tests/conftest.py ``nightly_run``). The engine is
-Debian's dockerd started by scripts/services.py (unless one answers); base images come from
+Debian's dockerd started by tasks/stack/services.py (unless one answers); base images come from
 debootstrap and are cached in ``~/.cache/edgeloop`` with the wheelhouses, so only a machine's first
 run pays for them. arm64 runs under qemu user emulation: only its labels are compared.
 """
@@ -39,7 +39,7 @@ def _candidate(stack) -> str:
 
 
 def _registry_tags(images, repository: str = "edgeloop/edge") -> list[str]:
-    from tasks.release.registry import Registry
+    from tasks.packaging.oci_registry import Registry
 
     return Registry(images.registry).tags(repository)
 
@@ -47,7 +47,7 @@ def _registry_tags(images, repository: str = "edgeloop/edge") -> list[str]:
 @pytest.fixture(scope="module")
 def shipped(stack, nightly_run, images, tmp_path_factory):
     """The candidate packaged for amd64: (report, workspace)."""
-    from tasks.release.package import package
+    from tasks.packaging.package import package
     from tasks.workspace import Workspace
 
     workspace = Workspace(tmp_path_factory.mktemp("package"))
@@ -100,7 +100,7 @@ def test_docker_inspect_alone_says_what_runs_and_where_it_came_from(stack, image
 def test_the_pulled_image_serves_on_a_device_profile(stack, images, shipped, bundle_kit):
     import docker
     from tasks.devices import load_devices
-    from tasks.release.engine import running
+    from tasks.packaging.docker_client import running
 
     report, _ = shipped
     (image,) = report.images
@@ -129,7 +129,7 @@ def test_the_pulled_image_serves_on_a_device_profile(stack, images, shipped, bun
 
 
 def test_packaging_again_reuses_the_release_without_rebuilding(stack, images, shipped, tmp_path):
-    from tasks.release.package import package
+    from tasks.packaging.package import package
     from tasks.workspace import Workspace
 
     report, _ = shipped
@@ -140,7 +140,7 @@ def test_packaging_again_reuses_the_release_without_rebuilding(stack, images, sh
 
 def test_a_failed_gate_pushes_nothing_and_records_the_figures(stack, images, shipped, tmp_path):
     from tasks.errors import PackagingError
-    from tasks.release.package import package
+    from tasks.packaging.package import package
     from tasks.workspace import Workspace
 
     report, _ = shipped
@@ -161,7 +161,7 @@ def test_a_failed_gate_pushes_nothing_and_records_the_figures(stack, images, shi
 
 @pytest.mark.parametrize("case", ["registry", "engine", "signing_key", "trusted_keys", "version"])
 def test_bad_input_names_the_problem_and_ships_nothing(stack, images, shipped, tmp_path, case, bundle_kit):
-    from scripts.services import free_port
+    from tasks.stack.services import free_port
 
     report, _ = shipped
     env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url}
@@ -188,8 +188,8 @@ def test_bad_input_names_the_problem_and_ships_nothing(stack, images, shipped, t
 
 def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tmp_path, monkeypatch):
     from tasks.errors import PackagingError
-    from tasks.release import image_build
-    from tasks.release import package as package_module
+    from tasks.packaging import image_build
+    from tasks.packaging import package as package_module
     from tasks.workspace import Workspace
 
     report, _ = shipped
@@ -211,9 +211,9 @@ def test_a_foreign_image_under_the_release_tag_is_never_overwritten(stack, image
 
     import docker
     from tasks.errors import PackagingError
-    from tasks.release.image_version import SemVer, image_tag
-    from tasks.release.package import package
-    from tasks.release.registry import Registry
+    from tasks.packaging.image_version import SemVer, image_tag
+    from tasks.packaging.oci_registry import Registry
+    from tasks.packaging.package import package
     from tasks.workspace import Workspace
 
     report, _ = shipped
@@ -241,7 +241,7 @@ def test_a_foreign_image_under_the_release_tag_is_never_overwritten(stack, image
 @pytest.fixture(scope="module")
 def shipped_arm64(stack, images, shipped, tmp_path_factory):
     """The same candidate packaged for arm64 (built and checked under qemu)."""
-    from tasks.release.package import package
+    from tasks.packaging.package import package
     from tasks.workspace import Workspace
 
     report, _ = shipped
@@ -251,7 +251,7 @@ def shipped_arm64(stack, images, shipped, tmp_path_factory):
 
 def test_the_arm64_image_answers_under_emulation(stack, images, shipped, shipped_arm64, bundle_kit):
     import docker
-    from tasks.release.engine import running
+    from tasks.packaging.docker_client import running
 
     report, _ = shipped
     (image,) = shipped_arm64.images
@@ -331,7 +331,7 @@ def test_the_control_plane_compose_file_is_valid(images):
 
 
 def test_the_edge_stack_comes_up_from_the_pushed_image(images, shipped, tmp_path):
-    from scripts.services import free_port
+    from tasks.stack.services import free_port
 
     report, _ = shipped
     token = tmp_path / "admin_token"

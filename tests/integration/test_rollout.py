@@ -50,7 +50,7 @@ def registry(tmp_path_factory, tiny_model, tiny_model_files, digits):
     from tasks.config import Params
     from tasks.contracts import Workspace
     from tasks.model import exporters
-    from tasks.release.register import register
+    from tasks.registry.register import register
 
     root = tmp_path_factory.mktemp("rollout-registry")
     saved = os.environ.get("MLFLOW_TRACKING_URI")
@@ -79,10 +79,10 @@ def registry(tmp_path_factory, tiny_model, tiny_model_files, digits):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, image_env, registry, digits):
     """The broker with the fleet's files and four running devices provisioned with version 1."""
-    from scripts import mosquitto, services
     from scripts.device_fleet import DeviceFleet
     from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, simulated_fleet
     from tasks.rollout.records import release_of
+    from tasks.stack import mosquitto, services
 
     require_system_tools("mosquitto", packages="mosquitto")
     root = tmp_path_factory.mktemp("rollout-fleet")
@@ -157,8 +157,7 @@ def test_healthy_rollout_rides_out_a_broker_stop_then_a_bad_challenger_is_rolled
     import mlflow
 
     from flows.rollout import rollout
-    from scripts import mosquitto
-
+    from tasks.stack import mosquitto
     devices, broker, root, settings = fleet
     client, name = mlflow.MlflowClient(), registry.mlflow.registered_model
     wait_for(lambda: all(d.requests > 20 for d in devices.devices.values()), 30, "baseline traffic on v1")

@@ -45,9 +45,9 @@ def _release(bundle: Path, version: str):
 @pytest.fixture(scope="module")
 def hostile_fleet(tmp_path_factory, bundle_kit, digits):
     """The broker, the three honest devices on v1 serving traffic, and the attacker's broker password."""
-    from scripts import mosquitto, services
     from scripts.device_fleet import DeviceFleet
     from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, simulated_fleet
+    from tasks.stack import mosquitto, services
 
     require_system_tools("mosquitto", packages="mosquitto")
     root = tmp_path_factory.mktemp("hostile-fleet")

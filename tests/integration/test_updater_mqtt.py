@@ -25,8 +25,8 @@ import pytest
 
 from edge.rollout import RolloutManifest, model_topic, sign_rollout
 from edge.sidecar import sha256_file
-from edge.store import PAUSE_ENV, ModelStore
-from scripts.services import free_port
+from edge.store.model_store import PAUSE_ENV, ModelStore
+from tasks.stack.services import free_port
 from tests.conftest import REPO_ROOT, require_system_tools
 from tests.edge_helpers import running_edge_server
 from tests.stack_helpers import wait_for

@@ -40,7 +40,7 @@ def test_zoo_model_learns_and_is_registered(model, prepared_workspace, tmp_path,
     from tasks.evaluation.evaluate import evaluate
     from tasks.model.convert import convert_all
     from tasks.model.train import train
-    from tasks.release.register import register
+    from tasks.registry.register import register
 
     workspace = Workspace(tmp_path)
     (tmp_path / "data").symlink_to(prepared_workspace.root / "data", target_is_directory=True)

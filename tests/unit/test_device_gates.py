@@ -20,7 +20,7 @@ from tasks.devices import MB, DeviceInventory, DeviceSpec
 from tasks.evaluation.gates import apply_device_gates, recommend_on_device
 from tests.conftest import REPO_ROOT
 
-SCHEMA = json.loads((REPO_ROOT / "edge" / "bench.schema.json").read_text())
+SCHEMA = json.loads((REPO_ROOT / "edge" / "bench" / "schema.json").read_text())
 INVENTORY = DeviceInventory.model_validate({"devices": [
     {"name": "board-256mb", "cpu_arch": "armv7l", "cores": 2, "ram_mb": 256, "storage_mb": 4, "power_budget_w": 3.0,
      "thermal_limit_c": 85.0, "preferred_runtime": "tflite", "latency_budget_ms": 10.0, "runner": {"kind": "local"}},

@@ -39,7 +39,7 @@ def measured(tiny_model_files, digits, tmp_path_factory):
 def test_the_document_follows_its_json_schema(measured):
     import jsonschema
 
-    schema = json.loads((REPO_ROOT / "edge" / "bench.schema.json").read_text())
+    schema = json.loads((REPO_ROOT / "edge" / "bench" / "schema.json").read_text())
     jsonschema.validate(measured, schema)
     assert measured["environment"]["arch"] == os.uname().machine and measured["environment"]["emulated"] is False
     assert [row["status"] for row in measured["results"]] == ["ok", "ok"]
@@ -86,7 +86,7 @@ def test_energy_comes_from_the_sensor_and_the_sweep_is_reported(measured):
 
 
 def test_the_rate_sweep_paces_calls_and_never_runs_faster_than_asked():
-    from edge.bench import BenchJob, _rate_sweep
+    from edge.bench.benchmark import BenchJob, _rate_sweep
 
     calls: list[float] = []
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.engine import InferenceEngine, ModelUnavailable
-from edge.store import ModelStore
-from edge.telemetry import Metrics
-from edge.thermal import ThermalMonitor
+from edge.serving.engine import InferenceEngine, ModelUnavailable
+from edge.serving.metrics import Metrics
+from edge.serving.thermal import ThermalMonitor
+from edge.store.model_store import ModelStore
 
 
 class Broken:

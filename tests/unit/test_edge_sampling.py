@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edge.sample_store
-import edge.samples
+import edge.sampling.sampler
+import edge.sampling.store
 from edge.errors import SampleStoreError, SamplingError, UploadError
 from edge.features import BASE_FEATURES, feature_names, features
-from edge.samples import Sampler, SampleStore
-from edge.segments import SampleRows, encode_rows
-from edge.upload import FolderTarget, Uploader
+from edge.sampling.sampler import Sampler, SampleStore
+from edge.sampling.segments import SampleRows, encode_rows
+from edge.sampling.upload import FolderTarget, Uploader
 from tests.conftest import REPO_ROOT
 from tests.stack_helpers import wait_for
 
@@ -145,7 +145,7 @@ def test_low_confidence_rows_are_always_kept_with_their_reason(tmp_path, rng):
 
 
 def test_non_kept_rows_cost_no_features(tmp_path, rng, monkeypatch):
-    monkeypatch.setattr(edge.samples, "features", lambda batch: pytest.fail("features of a row not kept"))
+    monkeypatch.setattr(edge.sampling.sampler, "features", lambda batch: pytest.fail("features of a row not kept"))
     sampler = Sampler(SampleStore(tmp_path), "dev-1", sample_rate=0.0)
     assert sampler.offer(rng.random((50, 8, 8, 1)), _confident(50), 1.0, "v1") == 0
 
@@ -205,13 +205,13 @@ def test_segments_rotate_by_count_age_and_schema(tmp_path):
 def test_disk_use_never_exceeds_the_budget_and_the_oldest_go_first(tmp_path, monkeypatch):
     budget = 32 * 1024
     peaks = []
-    real_write = edge.sample_store.atomic_write_bytes
+    real_write = edge.sampling.store.atomic_write_bytes
 
     def write_and_measure(path, content):  # the temp file and the segment coexist right before the rename
         peaks.append(_disk_bytes(tmp_path) + len(content))
         real_write(path, content)
 
-    monkeypatch.setattr(edge.sample_store, "atomic_write_bytes", write_and_measure)
+    monkeypatch.setattr(edge.sampling.store, "atomic_write_bytes", write_and_measure)
     store = SampleStore(tmp_path, budget_bytes=budget, records_per_file=16)
     for start in range(0, 3000, 7):
         store.append(_rows(start, 7))
@@ -254,7 +254,7 @@ def test_a_torn_tail_is_dropped_and_every_whole_record_recovered(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from edge.samples import SampleStore
+    from edge.sampling.sampler import SampleStore
     from tests.unit.test_edge_sampling import _rows
     store = SampleStore(Path(sys.argv[1]), records_per_file=64)
     for index in range(10**7):
@@ -384,7 +384,7 @@ def test_uploader_thread_ships_traffic_and_stops(tmp_path, rng):
 
 
 def test_device_modules_import_nothing_heavy():
-    code = ("import sys, edge.features, edge.samples, edge.segments, edge.upload; "
+    code = ("import sys, edge.features, edge.sampling.sampler, edge.sampling.segments, edge.sampling.upload; "
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('tensorflow', 'tf_keras', 'prefect', 'mlflow', 'tasks', 'fastapi', 'prometheus_client')]; "
             "print(bad); sys.exit(1 if bad else 0)")

@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 
-from edge.samples import Sampler, SampleStore
-from edge.sampling_worker import SamplingWorker
+from edge.sampling.sampler import Sampler, SampleStore
+from edge.sampling.worker import SamplingWorker
 
 
 def unsure(rows: int) -> np.ndarray:

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.bundle import verify_folder
 from edge.errors import BundleRefused
-from edge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, Manifest, parse_manifest
 from edge.signing import MAX_SIGNATURE_BYTES, sign_manifest, verify_manifest
+from edge.store.bundle import verify_folder
+from edge.store.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, Manifest, parse_manifest
 from tests.edge_helpers import read_members
 
 EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],

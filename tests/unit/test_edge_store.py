@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from edge.errors import BundleRefused, StoreError
-from edge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, parse_manifest
 from edge.signing import sign_manifest
-from edge.store import ModelStore
+from edge.store.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, parse_manifest
+from edge.store.model_store import ModelStore
 from tests.edge_helpers import read_members, write_members
 
 
@@ -69,7 +69,7 @@ def test_rollback_and_pruning_keep_active_and_previous(store, bundle_kit):
 
 
 def test_an_untrusted_key_is_refused(tmp_path, store, bundle_kit):
-    from tasks.release.bundle import generate_keypair, load_private_key
+    from tasks.registry.bundle import generate_keypair, load_private_key
 
     private_path, _ = generate_keypair(tmp_path / "other", "stranger")
     members = read_members(bundle_kit.bundle("v1"))
@@ -185,7 +185,7 @@ def test_a_version_is_immutable(tmp_path, store, bundle_kit):
 
 def test_a_version_failing_its_health_check_is_rolled_back(tmp_path, store, bundle_kit, events):
     """Signed, intact, but its sample does not give the labels the control plane saw: never activated."""
-    from tasks.release.bundle import write_bundle
+    from tasks.registry.bundle import write_bundle
 
     store.install(bundle_kit.bundle("v1"))
     members = read_members(bundle_kit.bundle("v2"))

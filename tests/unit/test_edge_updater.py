@@ -13,14 +13,14 @@ from prometheus_client import generate_latest
 
 from edge.errors import ConfigError, StoreError
 from edge.rollout import RolloutManifest, cohort_position, sign_rollout
+from edge.serving.metrics import Metrics
 from edge.sidecar import sha256_file
-from edge.store import ModelStore
-from edge.telemetry import Metrics
-from edge.updater import load_config, main
-from edge.updater_apply import DOWNLOAD_PREFIX, RolloutHandler
-from edge.updater_fetch import RolloutFailed, fetch_bundle
-from edge.updater_state import STATE_FILE, hold_lock, load_state
-from edge.updater_telemetry import bucket_quantile, parse_metrics, summarize
+from edge.store.model_store import ModelStore
+from edge.updater.apply import DOWNLOAD_PREFIX, RolloutHandler
+from edge.updater.daemon import load_config, main
+from edge.updater.fetch import RolloutFailed, fetch_bundle
+from edge.updater.state import STATE_FILE, hold_lock, load_state
+from edge.updater.telemetry import bucket_quantile, parse_metrics, summarize
 
 DEVICE, GROUP = "device-1", "lab"
 STATUS_TOPIC = f"fleet/{GROUP}/status/{DEVICE}"

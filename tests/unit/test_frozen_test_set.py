@@ -18,9 +18,9 @@ from tasks.errors import StageError
 from tasks.evaluation.compare import CURRENT_SET, FROZEN_SET
 from tasks.lineage import file_md5
 from tasks.monitoring.reference import read_reference
-from tasks.release import promotion
-from tasks.release.challenge import compare_with_champion, evaluation_sets
-from tasks.release.register import register
+from tasks.registry import promotion
+from tasks.registry.challenge import compare_with_champion, evaluation_sets
+from tasks.registry.register import register
 from tests.conftest import REPO_ROOT
 from tests.registry_helpers import NEWER_TEST, TEST, TRAIN, prepare_run, split
 
@@ -70,7 +70,7 @@ def _full_disk(workspace, monkeypatch):
     def write_reference(path, reference):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("tasks.release.register.write_reference", write_reference)
+    monkeypatch.setattr("tasks.registry.register.write_reference", write_reference)
 
 
 @pytest.mark.parametrize(("fault", "message"), [

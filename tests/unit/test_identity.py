@@ -22,9 +22,9 @@ from edge.identity import (
     stored_upload_name,
     upload_owner,
 )
-from edge.samples import Sampler, SampleStore
-from edge.segments import file_name
-from edge.updater import load_config as load_updater_config
+from edge.sampling.sampler import Sampler, SampleStore
+from edge.sampling.segments import file_name
+from edge.updater.daemon import load_config as load_updater_config
 from tasks.errors import ConfigError
 from tasks.monitoring import ingest, simulate_drift
 from tasks.rollout import fleet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.release.image_version import TAG_PATTERN, Release, SemVer, image_tag, next_version
+from tasks.packaging.image_version import TAG_PATTERN, Release, SemVer, image_tag, next_version
 
 
 def release(version: str | None = "1.0.0", arch: str = "amd64", model: str = "m1", recipe: str = "r1",

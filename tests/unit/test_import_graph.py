@@ -14,14 +14,14 @@ from tests.conftest import REPO_ROOT
 PACKAGES = ("tasks", "edge", "flows", "scripts")
 STAGE_MODULES = {"prepare": "tasks/data/prepare.py", "train": "tasks/model/train.py",
                  "convert": "tasks/model/convert.py", "evaluate": "tasks/evaluation/evaluate.py",
-                 "benchmark": "tasks/benchmark/stage.py", "register": "tasks/release/register.py",
-                 "package": "tasks/release/package.py"}
+                 "benchmark": "tasks/benchmark/stage.py", "register": "tasks/registry/register.py",
+                 "package": "tasks/packaging/package.py"}
 # in a stage's command path or packaged by it, though the stage module does not import them
 EXTRA_DEPS = {stage: {"tasks/cli.py"} for stage in STAGE_MODULES}
-EXTRA_DEPS["register"] |= {"tasks/release/edge_pyfunc.py", "edge/runtime.py"}
+EXTRA_DEPS["register"] |= {"tasks/registry/edge_pyfunc.py", "edge/runtime.py"}
 EXTRA_DEPS["package"] |= {path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "edge").rglob("*.py")}
 # the runners ship the whole device package (ssh) or run it (local), and the prefect runner deploys its flow
-EXTRA_DEPS["benchmark"] |= EXTRA_DEPS["package"] - {"tasks/cli.py"} | {"flows/device_benchmark.py"}
+EXTRA_DEPS["benchmark"] |= EXTRA_DEPS["package"] - {"tasks/cli.py"} | {"edge/bench/prefect_flow.py"}
 
 
 def project_imports(path: Path) -> set[str]:
@@ -95,7 +95,7 @@ def test_stage_deps_are_exactly_its_import_closure(stage):
 
 
 def test_register_depends_on_registry_code_contracts_config_and_errors_only():
-    allowed_prefixes = ("tasks/release/", "edge/sidecar.py", "edge/errors.py", "edge/runtime.py")
+    allowed_prefixes = ("tasks/registry/", "edge/sidecar.py", "edge/errors.py", "edge/runtime.py")
     allowed = {"tasks/contracts.py", "tasks/workspace.py", "tasks/config.py", "tasks/errors.py", "tasks/variants.py",
                "tasks/entrypoint.py", "tasks/lineage.py",
                "tasks/monitoring/reference.py",  # the drift reference logged with every version

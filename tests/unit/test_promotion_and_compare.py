@@ -17,7 +17,7 @@ from tasks.evaluation.compare import (
     comparison_markdown,
     score_model,
 )
-from tasks.release.promotion import ApprovalRecord, promote, version_by_alias
+from tasks.registry.promotion import ApprovalRecord, promote, version_by_alias
 from tests.conftest import REPO_ROOT
 
 NAME = "unit-model"

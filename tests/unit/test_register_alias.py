@@ -15,8 +15,8 @@ from edge.errors import EXIT_USER_ERROR
 from tasks.config import Params
 from tasks.entrypoint import report_user_errors
 from tasks.errors import EdgeloopError, ServiceUnavailable, StageError
-from tasks.release.register import CANDIDATE_ALIAS, register_candidate
-from tasks.release.tracking import RunRecord
+from tasks.registry.register import CANDIDATE_ALIAS, register_candidate
+from tasks.registry.tracking import RunRecord
 
 VARIANT = "tflite_int8"
 

@@ -40,7 +40,7 @@ def test_bugs_bad_input_and_refusals_are_not_retried(error):
 
 def test_an_mlflow_server_that_does_not_answer_is_transient_and_named(monkeypatch):
     from tasks.config import MlflowParams
-    from tasks.release.tracking import configure
+    from tasks.registry.tracking import configure
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -51,7 +51,7 @@ def test_an_mlflow_server_that_does_not_answer_is_transient_and_named(monkeypatc
 def test_an_unusable_tracking_store_is_not_retried(monkeypatch, tmp_path):
     from tasks.config import MlflowParams
     from tasks.errors import StageError
-    from tasks.release.tracking import configure
+    from tasks.registry.tracking import configure
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "store.db").write_text("this is not a SQLite database")

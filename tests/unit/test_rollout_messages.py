@@ -1,7 +1,7 @@
 """Every status and telemetry message from a device is untrusted: each hostile class is refused with its reason.
 
-The valid messages are what the device side really publishes (``edge.updater_telemetry.summarize`` and the
-status fields of ``edge.updater_apply``), so a schema that drifted from the devices would fail here too.
+The valid messages are what the device side really publishes (``edge.updater.telemetry.summarize`` and the
+status fields of ``edge.updater.apply``), so a schema that drifted from the devices would fail here too.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 import pytest
 from prometheus_client import REGISTRY
 
-from edge.updater_apply import json_bytes
-from edge.updater_telemetry import Scrape, summarize
+from edge.updater.apply import json_bytes
+from edge.updater.telemetry import Scrape, summarize
 from tasks.rollout.messages import (
     INVALID_DEVICE,
     MAX_COUNT,

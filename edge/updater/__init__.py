@@ -1,0 +1,1 @@
+"""The device updater: a separate process that follows the fleet's rollout manifests."""

@@ -1,0 +1,5 @@
+"""``python -m edge.updater``."""
+
+from edge.updater.daemon import main
+
+raise SystemExit(main())

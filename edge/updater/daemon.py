@@ -1,0 +1,268 @@
+"""``python -m edge.updater``: the device updater, a separate process beside ``edgeloop serve``.
+
+    python -m edge.updater --broker HOST:PORT --device ID --group G --password-file F \\
+        --store DIR --public-keys K [--service-url URL] [--telemetry-interval-s 30] [--tls-ca CA]
+
+It holds an MQTT v5 session with the broker under its own credentials (the device id is the username
+and the client id; the password comes from ``--password-file`` or ``EDGELOOP_MQTT_PASSWORD``), a
+persistent one (``clean_start`` off, a week's session expiry) so QoS 1 manifests published while the
+device was offline still arrive, and reconnects with exponential backoff and full jitter while the
+broker is away. Manifests on ``fleet/<group>/model`` are applied one at a time by a worker thread
+(:mod:`edge.updater.apply`), outcomes go to ``fleet/<group>/status/<device>``. With ``--service-url``,
+summaries of the local service's ``/metrics`` go to ``fleet/<group>/telemetry/<device>`` every
+``--telemetry-interval-s`` (:mod:`edge.updater.telemetry`).
+
+The service notices a version the updater activated by itself: it watches the store's ``state.json``
+(``--watch-interval-s``) and loads the new active version. Every option is also an ``EDGELOOP_*``
+variable; a bad setting is one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edge.config import ENV_PREFIX, settings_from
+from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
+from edge.identity import DeviceId
+from edge.rollout import GROUP, model_topic, telemetry_topic
+from edge.signing import load_public_keys
+from edge.store.model_store import ModelStore
+from edge.updater.apply import RolloutHandler, json_bytes
+from edge.updater.fetch import backoff_delay, fetch_bundle
+from edge.updater.state import hold_lock
+from edge.updater.telemetry import ServiceMetrics, TelemetrySource
+
+log = logging.getLogger(__name__)
+PASSWORD_ENV = "EDGELOOP_MQTT_PASSWORD"
+
+
+class UpdaterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker: str = Field(pattern=r"^[^\s:/]+(:\d{1,5})?$", description="the MQTT broker, HOST[:PORT]")
+    device_id: DeviceId = Field(description="this device's id: MQTT username, client id, topic level")
+    group: str = Field(pattern=f"^{GROUP.pattern}$", description="the fleet group whose manifests apply")
+    password_file: Path | None = Field(None, description=f"file holding the MQTT password (or {PASSWORD_ENV})")
+    store: Path = Field(description="the model store folder, the one the edge service serves from")
+    public_keys: list[Path] = Field(min_length=1, description="trusted Ed25519 public key files or folders")
+    keep_versions: int = Field(3, ge=2, le=20, description="model versions kept in the store")
+    service_url: str | None = Field(None, pattern=r"^https?://", description="the local edge service, for telemetry")
+    telemetry_interval_s: float = Field(30.0, ge=1.0, le=86400.0, description="seconds between telemetry summaries")
+    tls_ca: Path | None = Field(None, description="CA certificate: connect with TLS and verify the broker")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    session_expiry_s: int = Field(7 * 86400, ge=0, description="how long the broker keeps this device's session")
+    max_backoff_s: float = Field(60.0, ge=1.0, description="longest wait between reconnect or fetch attempts")
+    fetch_timeout_s: float = Field(30.0, gt=0.0, description="timeout of each bundle download request")
+    fetch_attempts: int = Field(4, ge=1, le=20, description="bundle download attempts before the rollout fails")
+    max_bundle_mb: float = Field(256.0, gt=0.0, description="largest bundle accepted")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
+
+    @field_validator("broker")
+    @classmethod
+    def _port_in_range(cls, broker: str) -> str:
+        port = broker.partition(":")[2]
+        if port and not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port} is not in 1..65535")
+        return broker
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.broker.partition(":")
+        return host, int(port) if port else (8883 if self.tls_ca else 1883)
+
+    def password(self) -> str:
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as error:
+                raise ConfigError(f"--password-file {self.password_file}: {error}") from error
+        if os.environ.get(PASSWORD_ENV):
+            return os.environ[PASSWORD_ENV]
+        raise ConfigError(f"no MQTT password: give --password-file (or {PASSWORD_ENV})")
+
+
+FLAGS = {"device_id": ("--device", "--device-id")}  # the rest: --<name-with-dashes>
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> UpdaterConfig:
+    """Settings from flags, then ``EDGELOOP_*`` variables (``EDGELOOP_PUBLIC_KEYS`` ':'-separated)."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="edge.updater", description="edgeloop device updater (fleet rollouts)")
+    for name, info in UpdaterConfig.model_fields.items():
+        flags = FLAGS.get(name, ("--" + name.replace("_", "-"),))
+        parser.add_argument(*flags, dest=name, default=None, nargs="+" if name == "public_keys" else None,
+                            help=f"{info.description} [{ENV_PREFIX}{name.upper()}]")
+    config = settings_from(UpdaterConfig, vars(parser.parse_args(argv)), environ, "updater",
+                           {name: names[0] for name, names in FLAGS.items()})
+    if config.tls_ca is not None and not config.tls_ca.is_file():
+        raise ConfigError(f"--tls-ca {config.tls_ca} does not exist")
+    return config
+
+
+class Updater:
+    """The MQTT session, the manifest worker and the telemetry loop of one device."""
+
+    def __init__(self, config: UpdaterConfig, store: ModelStore, keys: dict[str, Ed25519PublicKey], password: str,
+                 telemetry: TelemetrySource | None = None) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.config, self.telemetry = config, telemetry
+        self._store_lock = hold_lock(store.root)  # before the state is read: one updater per store
+        self.handler = RolloutHandler(config.device_id, config.group, store, keys, self.publish, self._fetch)
+        self.stopping = self.handler.stopping
+        self._messages: queue.Queue[bytes] = queue.Queue(maxsize=64)
+        self._rng = random.Random()
+        self._failures = 0
+        self._threads: list[threading.Thread] = []
+        self.client = client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.device_id,
+                                           protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        client.username_pw_set(config.device_id, password)
+        if config.tls_ca is not None:
+            try:
+                client.tls_set(ca_certs=str(config.tls_ca))
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"--tls-ca {config.tls_ca} is not a usable CA certificate ({error})") from error
+        client.on_connect, client.on_disconnect, client.on_message = self._connected, self._lost, self._received
+        self._connect_properties = Properties(PacketTypes.CONNECT)
+        self._connect_properties.SessionExpiryInterval = config.session_expiry_s
+        self._subscribe_options = mqtt.SubscribeOptions(qos=1)
+
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        """QoS 1; while disconnected paho keeps the message and sends it after the reconnect."""
+        self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def _fetch(self, url: str, destination: Path, max_bytes: int) -> str:
+        return fetch_bundle(url, destination, max_bytes, self.config.fetch_timeout_s, self.config.fetch_attempts,
+                            max_backoff_s=self.config.max_backoff_s, sleep=self.stopping.wait)
+
+    def start(self) -> None:
+        for target, name in ((self._network, "mqtt"), (self._work, "rollouts"), (self._report_telemetry, "telemetry")):
+            if name != "telemetry" or self.telemetry is not None:
+                thread = threading.Thread(target=target, name=f"updater-{name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.stopping.set()
+        self.client.disconnect()
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    # ---- the MQTT session (network thread) ---------------------------------------------------------
+
+    def _network(self) -> None:
+        """Connect, run the session until it drops, wait a jittered backoff, again, until stopped."""
+        host, port = self.config.host_port
+        while not self.stopping.is_set():
+            try:
+                self.client.connect(host, port, keepalive=self.config.keepalive_s, clean_start=False,
+                                    properties=self._connect_properties)
+                self.client.loop_forever()
+            except (OSError, ValueError) as error:  # refused, unreachable, TLS failure
+                if not self._failures:
+                    log.warning("broker %s:%d unreachable (%s); retrying with backoff", host, port, error)
+            if self.stopping.is_set():
+                break
+            self._failures += 1
+            self.stopping.wait(backoff_delay(self._failures, 1.0, self.config.max_backoff_s, self._rng))
+
+    def _connected(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s (check this device's credentials)", reason_code)
+            return
+        log.info("connected to the broker (session %s)", "resumed" if flags.session_present else "new")
+        self._failures = 0
+        client.subscribe(model_topic(self.config.group), options=self._subscribe_options)  # retained copy arrives
+        if (status := self.handler.last_status()) is not None:  # in case the last one was lost with the process
+            self.publish(self.handler.topic, json_bytes(status), True)
+
+    def _lost(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self.stopping.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _received(self, client, userdata, message) -> None:
+        try:
+            self._messages.put_nowait(message.payload)
+        except queue.Full:  # a flood: the retained manifest arrives again on the next subscribe
+            log.warning("manifest queue full; dropped a message on %s", message.topic)
+
+    # ---- the worker threads ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                payload = self._messages.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.handler.handle(payload)
+            except Exception:  # a bug or a full disk must not end the updater; the next message may succeed
+                log.exception("handling a rollout message failed")
+
+    def _report_telemetry(self) -> None:
+        topic = telemetry_topic(self.config.group, self.config.device_id)
+        self._read_telemetry()  # the baseline
+        while not self.stopping.wait(self.config.telemetry_interval_s):
+            if not self.client.is_connected():
+                continue  # not read: the next summary covers the outage, nothing queues up in memory
+            figures = self._read_telemetry()
+            if figures is not None:
+                version = figures.pop("version", None) or self.handler.active_version()
+                self.publish(topic, json_bytes({"device": self.config.device_id, "version": version, **figures,
+                                                "at": time.time()}), False)
+
+    def _read_telemetry(self) -> dict[str, Any] | None:
+        assert self.telemetry is not None
+        try:
+            return self.telemetry()
+        except Exception:  # a pluggable source: its bug must not end the reports
+            log.exception("telemetry source failed")
+            return None
+
+
+def build(config: UpdaterConfig) -> Updater:
+    """The updater for ``config``, its store opened and its state loaded; :class:`EdgeError` when unusable."""
+    keys = load_public_keys(config.public_keys)
+    password = config.password()
+    store = ModelStore(config.store, keys, config.keep_versions, int(config.max_bundle_mb * 2**20))
+    telemetry = ServiceMetrics(config.service_url) if config.service_url else None
+    return Updater(config, store, keys, password, telemetry)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per /metrics read
+        updater = build(config)
+    except EdgeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    updater.start()
+    log.info("updater for %s in group %s on %s", config.device_id, config.group, config.broker)
+    while not stop.is_set():  # woken each second so the signal handlers run promptly
+        stop.wait(1.0)
+    updater.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

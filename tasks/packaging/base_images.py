@@ -1,0 +1,152 @@
+"""Python 3.11 base images built from Debian packages, for when no image registry is reachable.
+
+The Dockerfile's default base is the official ``python:3.11-slim``; where images cannot be pulled
+(this project's test machines), ``debootstrap --variant=minbase --include=python3`` builds a bookworm
+root file system (Python 3.11, matching the cp311 wheels) that ``docker import`` turns into
+``edgeloop/python-base:bookworm-<arch>``. arm64 is bootstrapped in two stages under qemu user
+emulation (``qemu-user-static`` + binfmt). Root file systems are cached as tarballs in the cache folder
+(``EDGELOOP_CACHE``, default ``~/.cache/edgeloop``); an image already in the engine is kept while its
+recipe label matches.
+
+What the edge service never uses is left out at import (:data:`EXCLUDED`): documentation, locales,
+time zones, glibc's iconv modules (Python has its own codecs), Perl (only dpkg's maintainer scripts
+need it: nothing installs Debian packages into these images) and Python's test, IDLE, Tk, 2to3,
+ensurepip and pydoc data.
+
+    make base-images        # edgeloop base-images [--arch amd64 arm64]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from tasks.errors import ServiceUnavailable
+from tasks.packaging.docker_client import CACHE_DIR, Engine, cache_lock
+
+MIRROR = os.environ.get("EDGELOOP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SUITE = "bookworm"
+REPOSITORY = "edgeloop/python-base"
+PLATFORMS = {"amd64": "linux/amd64", "arm64": "linux/arm64"}
+QEMU = {"arm64": "qemu-aarch64-static"}
+TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "var/cache/apt/archives",
+        "var/lib/apt/lists")
+
+
+# left out of the image (paths inside the root, without the leading "./"; "*" is the multiarch triplet)
+EXCLUDED = ("usr/share/zoneinfo", "usr/lib/*/gconv", "usr/lib/*/perl-base", "usr/bin/perl", "usr/bin/perl5.36.0",
+            "usr/share/perl5", *(f"usr/lib/python3.11/{name}" for name in
+                                 ("test", "idlelib", "tkinter", "lib2to3", "ensurepip", "pydoc_data")))
+RECIPE = hashlib.sha256(repr((SUITE, TRIM, EXCLUDED)).encode()).hexdigest()[:16]
+RECIPE_LABEL = "edgeloop.base-recipe"
+
+
+def image_tag(arch: str) -> str:
+    return f"{REPOSITORY}:{SUITE}-{arch}"
+
+
+def _run(command: list[str], what: str, **kwargs) -> None:
+    completed = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if completed.returncode != 0:
+        raise ServiceUnavailable(f"{what} failed (exit {completed.returncode}):\n{completed.stderr[-2000:]}")
+
+
+def _host_arch() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def enable_emulation(arch: str) -> None:
+    """qemu user emulation for ``arch`` binaries (needed to finish a foreign debootstrap and run its images)."""
+    emulator = shutil.which(QEMU[arch])
+    if emulator is None:
+        raise ServiceUnavailable(f"{QEMU[arch]} is missing: apt-get install qemu-user-static binfmt-support")
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "status").exists():
+        _run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], "mounting binfmt_misc")
+    name = QEMU[arch].removesuffix("-static").removeprefix("qemu-")
+    if not (binfmt / f"qemu-{name}").exists():
+        _run(["update-binfmts", "--enable", f"qemu-{name}"], f"enabling qemu-{name} in binfmt_misc")
+
+
+def bootstrap_rootfs(arch: str, cache_dir: Path = CACHE_DIR) -> Path:
+    """A cached tarball of a minimal bookworm root with python3 for ``arch`` (one process builds it)."""
+    tarball = cache_dir / "rootfs" / f"{SUITE}-python3-{arch}.tar"
+    with cache_lock(f"rootfs-{arch}", cache_dir):
+        if not tarball.is_file():
+            _bootstrap(arch, tarball)
+    return tarball
+
+
+def _bootstrap(arch: str, tarball: Path) -> None:
+    if shutil.which("debootstrap") is None:
+        raise ServiceUnavailable("debootstrap is missing: apt-get install debootstrap")
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"edgeloop-rootfs-{arch}-", dir=tarball.parent) as scratch:
+        root = Path(scratch) / "root"
+        common = ["--variant=minbase", "--include=python3", f"--arch={arch}"]
+        if arch == _host_arch():
+            _run(["debootstrap", *common, SUITE, str(root), MIRROR], f"debootstrap {arch}")
+        else:
+            enable_emulation(arch)
+            _run(["debootstrap", "--foreign", *common, SUITE, str(root), MIRROR], f"debootstrap {arch} (first stage)")
+            shutil.copy(shutil.which(QEMU[arch]), root / "usr" / "bin")
+            _run(["chroot", str(root), "/debootstrap/debootstrap", "--second-stage"], f"debootstrap {arch} (second)")
+            (root / "usr" / "bin" / QEMU[arch]).unlink()
+        for folder in TRIM:
+            shutil.rmtree(root / folder, ignore_errors=True)
+        partial = tarball.with_suffix(".partial")
+        _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."], f"packing the {arch} root")
+        partial.rename(tarball)  # the cache never holds half a root file system
+
+
+def _excluded(name: str) -> bool:
+    parts = name.removeprefix("./").split("/")
+    for pattern in EXCLUDED:
+        wanted = pattern.split("/")
+        if len(parts) >= len(wanted) and all(w in ("*", p) for w, p in zip(wanted, parts)):
+            return True
+    return False
+
+
+def _filtered(tarball: Path, out: Path) -> None:
+    """Copy ``tarball`` to ``out`` without the :data:`EXCLUDED` paths."""
+    with tarfile.open(tarball) as source, tarfile.open(out, "w") as target:
+        for member in source:
+            if _excluded(member.name):
+                continue
+            target.addfile(member, source.extractfile(member) if member.isfile() else None)
+
+
+def ensure_base_image(arch: str, engine: Engine, cache_dir: Path = CACHE_DIR) -> str:
+    """``edgeloop/python-base:bookworm-<arch>`` in ``engine``, built when missing; returns its tag."""
+    with cache_lock(f"base-image-{arch}", cache_dir):  # concurrent packagers import it once
+        if not _current(engine, image_tag(arch)):
+            _import(arch, engine, cache_dir)
+    return image_tag(arch)
+
+
+def _current(engine: Engine, tag: str) -> bool:
+    import docker
+
+    try:
+        return engine.client.images.get(tag).labels.get(RECIPE_LABEL) == RECIPE
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def _import(arch: str, engine: Engine, cache_dir: Path) -> None:
+    tarball = bootstrap_rootfs(arch, cache_dir)
+    docker_cli = shutil.which("docker")
+    if docker_cli is None:
+        raise ServiceUnavailable("the docker command is missing: apt-get install docker.io")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-import-", dir=tarball.parent) as scratch:
+        slim = Path(scratch) / "root.tar"
+        _filtered(tarball, slim)
+        _run([docker_cli, "import", "--platform", PLATFORMS[arch], "--change", 'CMD ["python3"]',
+              "--change", f"LABEL {RECIPE_LABEL}={RECIPE}", str(slim), image_tag(arch)],
+             f"docker import of the {arch} root", env=engine.cli_env())

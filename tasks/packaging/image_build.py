@@ -1,0 +1,171 @@
+"""What an edge image is built from: the build context (:func:`build_context`) and the base image.
+
+Build context::
+
+    wheelhouse/   the edge stack's wheels for the target platform, resolved on the host with
+                  ``pip download --only-binary=:all: --platform ...`` against requirements.lock,
+                  plus ``pip.whl`` and ``requirements.txt`` (the build needs no network)
+    edge/         the device package, as it is in the repository
+    keys/         the trusted public keys (never a private key)
+    store/        a model store with the signed bundle installed and verified on the host
+    Dockerfile    docker/Dockerfile
+
+Wheelhouses are cached per (platform, runtimes, lock hash) in the cache folder (``EDGELOOP_CACHE``).
+The base image (:func:`resolve_base_image`) is the configured one, else the official slim Python,
+else the Debian-built one (:mod:`tasks.packaging.base_images`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+
+from edge.signing import load_public_keys
+from edge.store.manifest import Manifest
+from edge.store.model_store import ModelStore
+from tasks.errors import ConfigError
+from tasks.packaging import docker_client as docker_engine
+from tasks.packaging.base_images import RECIPE_LABEL, ensure_base_image
+from tasks.packaging.docker_client import Engine, cache_lock
+from tasks.packaging.oci_registry import Registry
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_BASE = "python:3.11-slim"
+PULL_TIMEOUT_S = 60
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCK_FILE = REPO_ROOT / "requirements.lock"
+EDGE_PACKAGE = REPO_ROOT / "edge"
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+# what edge/ imports at run time, besides the runtime itself; versions come from requirements.lock
+EDGE_REQUIREMENTS = ("numpy", "fastapi", "uvicorn", "httptools", "uvloop", "prometheus-client", "cryptography",
+                     "orjson", "httpx", "paho-mqtt")  # paho-mqtt: the updater (python -m edge.updater)
+RUNTIME_REQUIREMENTS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
+PIP_PLATFORMS = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
+MANYLINUX = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")
+
+
+def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
+    """A folder of wheels for an edge image with ``runtimes`` on ``platform`` (cached; resolved offline-ready)."""
+    if platform not in PIP_PLATFORMS:
+        raise ConfigError(f"platform {platform!r} is not supported; use one of {sorted(PIP_PLATFORMS)}")
+    unknown = sorted(set(runtimes) - set(RUNTIME_REQUIREMENTS))
+    if unknown:
+        raise ConfigError(f"runtime {unknown} is not supported; use one of {sorted(RUNTIME_REQUIREMENTS)}")
+    lock_hash = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()[:12]
+    target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{lock_hash}"
+    with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
+        if not (target / "requirements.txt").is_file():
+            _download_wheels(platform, runtimes, target)
+    return target
+
+
+def _download_wheels(platform: str, runtimes: list[str], target: Path) -> None:
+    requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
+    machine = PIP_PLATFORMS[platform]
+    platforms = [flag for tag in MANYLINUX for flag in ("--platform", f"{tag}_{machine}")]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    try:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
+                   "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+                   "--abi", "none", "--dest", str(scratch), "--constraint", str(LOCK_FILE), *requirements, "pip"]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise ConfigError(f"could not resolve the {'+'.join(runtimes)} wheels for {platform} (is the package index "
+                              f"reachable?):\n{completed.stderr[-1500:]}")
+        next(scratch.glob("pip-*.whl")).rename(scratch / "pip.whl")  # the Dockerfile runs pip from its wheel
+        (scratch / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        scratch.rename(target)  # complete or absent: never half a wheelhouse in the cache
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def runtimes_of(manifest: Manifest) -> list[str]:
+    """The runtimes ``manifest``'s models need (a cascade may mix LiteRT and ONNX Runtime)."""
+    return sorted({entry.runtime for entry in manifest.models})
+
+
+def build_context(bundle: Path, public_keys: list[Path], platform: str, cache_dir: Path,
+                  destination: Path) -> Manifest:
+    """Assemble the image build context for ``bundle`` in the empty folder ``destination``; its manifest."""
+    keys = load_public_keys(public_keys)
+    manifest = ModelStore(destination / "store", keys).install(bundle)  # verified and health-checked first
+    shutil.copytree(wheelhouse(platform, runtimes_of(manifest), cache_dir), destination / "wheelhouse")
+    shutil.copytree(EDGE_PACKAGE, destination / "edge", ignore=shutil.ignore_patterns("__pycache__", "openapi.json"))
+    (destination / "keys").mkdir()
+    for path in public_keys:
+        sources = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        for source in sources:
+            shutil.copy(source, destination / "keys" / source.name)
+    shutil.copy(DOCKERFILE, destination / "Dockerfile")
+    (destination / ".dockerignore").write_text("**/__pycache__\n")
+    return manifest
+
+
+def recipe_sha256(context: Path, base: str) -> str:
+    """sha256 over what decides an image besides the model, the same for every platform of one build:
+    Dockerfile, edge code, the pinned requirements and the base image's recipe."""
+    digest = hashlib.sha256(f"{base}\n".encode())
+    for path in sorted((context / "edge").rglob("*")):
+        if path.is_file():
+            digest.update(f"{path.relative_to(context)}\n".encode() + hashlib.sha256(path.read_bytes()).digest())
+    digest.update((context / "wheelhouse" / "requirements.txt").read_bytes())
+    digest.update(LOCK_FILE.read_bytes())
+    digest.update((context / "Dockerfile").read_bytes())
+    return digest.hexdigest()
+
+
+def base_recipe(engine: Engine, base: str) -> str:
+    """What the base image is, independent of its platform: its recipe label, else its repo digest, else its id."""
+    import docker
+
+    try:
+        image = engine.client.images.get(base)
+    except docker.errors.ImageNotFound:
+        return base  # pulled by BuildKit at build time: its reference is all that is known here
+    return image.labels.get(RECIPE_LABEL) or next(iter(image.attrs.get("RepoDigests") or []), image.id)
+
+
+def resolve_base_image(engine: Engine, configured: str | None, arch: str, registry: Registry) -> str:
+    """The base image reference for ``arch``: the configured one, else the official slim Python when the
+    engine has or can pull it, else the Debian-built one (pushed to ``registry``, where BuildKit finds it)."""
+    import docker
+
+    platform = f"linux/{arch}"
+    for reference in [configured] if configured else [OFFICIAL_BASE]:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            if engine.client.images.get(reference).attrs.get("Architecture") == arch:
+                return reference
+        puller = docker.DockerClient(base_url=engine.host, timeout=PULL_TIMEOUT_S)  # a silent network fails fast
+        try:
+            puller.images.pull(reference, platform=platform)
+            return reference
+        except requests.exceptions.RequestException as error:
+            if configured:
+                raise ConfigError(f"pulling package.base_image {configured!r} timed out ({error})") from error
+            log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error)
+        except docker.errors.APIError as error:
+            if configured:
+                raise ConfigError(f"package.base_image {configured!r} for {platform} is neither in the engine nor "
+                                  f"pullable ({error.explanation}); set package.base_image: null to build one "
+                                  "from Debian packages") from error
+            log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error.explanation)
+        finally:
+            puller.close()
+    local = ensure_base_image(arch, engine)
+    repository, tag = local.rsplit(":", 1)
+    held = registry.labels(repository, tag) if registry.digest(repository, tag) else {}
+    if held.get(RECIPE_LABEL) != engine.client.images.get(local).labels.get(RECIPE_LABEL):
+        engine.client.images.get(local).tag(f"{registry.address}/{repository}", tag)
+        docker_engine.push(engine.client, f"{registry.address}/{repository}", tag)
+    return f"{registry.address}/{local}"

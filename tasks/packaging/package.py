@@ -1,0 +1,363 @@
+"""``edgeloop package``: container images of a registered model version, gated, pushed, recorded.
+
+For each platform in ``package.platforms`` (the runtime follows the registered variant: LiteRT for
+``.tflite``, ONNX Runtime for ``.onnx``):
+
+1. the version is exported as a signed bundle and installed into a model store on the host (signature,
+   files and health check verified before anything is built);
+2. a build context is assembled (:func:`build_context`) and built from ``docker/Dockerfile`` through the
+   Engine API, with OCI and ``edgeloop.*`` labels, tagged
+   ``<registry>/<repository>:model-v<semver>-<optimisation>-<runtime>-<arch>``; the version follows
+   the rules in :mod:`tasks.packaging.image_version`, read from the registry's history;
+3. gates on the built image: size at most ``package.max_image_mb``; a container started with the
+   ``package.check_device``'s cpus and memory answers ``/readyz`` within ``package.max_start_s`` (an over-budget
+   start is measured again, up to ``package.start_attempts`` starts; the fastest is gated)
+   (amd64; arm64 runs under qemu: its timings are emulated and not gated); its ``/v1/predict`` answers
+   the bundle's sample exactly as the host runtime does (amd64; arm64: the same labels);
+4. only when every image of the run passed, all are pushed; the digests are tagged on the MLflow model
+   version (``image.<arch>``), and a ``package`` run in MLflow records every figure, also for a run
+   that failed a gate.
+
+The build context and base image: :mod:`tasks.packaging.image_build`; the gates: :mod:`tasks.packaging.image_checks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge.sidecar import atomic_write_text
+from edge.store.health import load_and_check, read_sample
+from edge.store.manifest import MANIFEST_FILE, Manifest
+from tasks.config import PARAMS_FILE, PackageParams, Params, format_validation_error, load_params
+from tasks.devices import DEVICES_FILE, load_devices
+from tasks.entrypoint import report_user_errors, setup_logging
+from tasks.errors import ConfigError, PackagingError
+from tasks.lineage import git_commit, utc_now
+from tasks.packaging import docker_client as docker_engine
+from tasks.packaging.base_images import enable_emulation
+from tasks.packaging.docker_client import CACHE_DIR, Engine
+from tasks.packaging.image_build import REPO_ROOT, base_recipe, build_context, recipe_sha256, resolve_base_image
+from tasks.packaging.image_checks import ImageRecord, check_image, host_outputs
+from tasks.packaging.image_version import Release, SemVer, image_tag, next_version
+from tasks.packaging.oci_registry import Registry
+from tasks.registry.bundle import export_registered
+from tasks.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# ---- what a package run produces ------------------------------------------------------------------
+ARCHES = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
+REPORT_SCHEMA = "edgeloop.package/1"
+
+
+class PackageReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    schema_id: str = REPORT_SCHEMA
+    model_name: str
+    mlflow_version: str
+    variant: str
+    version: str
+    version_reason: str
+    created_at: str
+    images: list[ImageRecord]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A built-but-unchecked image of one platform."""
+
+    record: ImageRecord
+    release: Release
+    context: Path
+
+
+# ---- the stage ----------------------------------------------------------------------------------------
+ENVIRONMENT = {"EDGELOOP_REGISTRY": "registry", "EDGELOOP_SIGNING_KEY": "signing_key",
+               "EDGELOOP_TRUSTED_KEYS": "public_keys"}
+
+
+def with_environment(settings: PackageParams) -> PackageParams:
+    """``settings`` with the deployment-specific values the environment overrides (registry, keys)."""
+    updates = {field: os.environ[variable] for variable, field in ENVIRONMENT.items() if os.environ.get(variable)}
+    if not updates:
+        return settings
+    try:
+        return PackageParams.model_validate({**settings.model_dump(), **updates})
+    except ValidationError as error:
+        names = ", ".join(variable for variable in ENVIRONMENT if os.environ.get(variable))
+        raise ConfigError(format_validation_error(error, f"the environment ({names})")) from None
+
+
+def _which_version(workspace: Workspace, version: str | None, alias: str | None) -> tuple[str | None, str | None]:
+    """The version asked for (number or alias), else the one the register stage registered."""
+    if version is not None or alias is not None:
+        return version, alias
+    from tasks.contracts import read_registration
+
+    return read_registration(workspace).version, None
+
+
+def _source_run(manifest: Manifest) -> tuple[str, str]:
+    """The MLflow run id of the registered version and its zoo model (part of the architecture)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version(manifest.model_name, manifest.mlflow_version).run_id
+    return run_id, client.get_run(run_id).data.params.get("train.model", "unknown")
+
+
+def _host_arch() -> str:
+    import platform
+
+    machine = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bundle: Path, platform: str,
+               scratch: Path) -> tuple[Candidate, Manifest]:
+    """Context, base image and release identity of ``bundle`` on ``platform`` (nothing built yet)."""
+    arch = ARCHES[platform]
+    if arch != _host_arch():
+        enable_emulation(arch)  # qemu user emulation runs the foreign build steps and the checked container
+    context = scratch / arch
+    context.mkdir()
+    manifest = build_context(bundle, [settings.public_keys], platform, CACHE_DIR, context)
+    base = resolve_base_image(engine, settings.base_image, arch, registry)
+    recipe = recipe_sha256(context, base_recipe(engine, base))
+    release = Release(None, arch, _model_identity(manifest), recipe, "", manifest.data_version, manifest.params_hash)
+    primary = next(entry for entry in manifest.models if entry.role == "primary")
+    record = ImageRecord(platform=platform, arch=arch, runtime=primary.runtime, reference="", base_image=base,
+                         emulated=arch != _host_arch())
+    return Candidate(record, release, context), manifest
+
+
+def _architecture(zoo_model: str, manifest: Manifest) -> str:
+    """What a major version follows: the zoo model, the input shape and the class labels."""
+    labels_digest = hashlib.sha256(json.dumps(manifest.labels).encode()).hexdigest()[:12]
+    return f"{zoo_model}:{'x'.join(map(str, manifest.input_shape))}:{labels_digest}"
+
+
+def _model_identity(manifest: Manifest) -> str:
+    """sha256 over the registered version and every model file's sha256, by role.
+
+    Two registered versions with byte-identical models (a seeded retrain on the same data) are two
+    releases: each image's labels and store must name the version MLflow records it under.
+    """
+    by_name = {entry.name: entry.sha256 for entry in manifest.files}
+    text = f"{manifest.model_name}\n{manifest.mlflow_version}\n" + "".join(
+        f"{entry.role}:{by_name[entry.file]}\n" for entry in sorted(manifest.models, key=lambda e: e.role))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _host_reference(context: Path, manifest: Manifest) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The bundle's sample and what the host runtime answers for it (the same for every platform)."""
+    folder = context / "store" / "versions" / manifest.version
+    sample = read_sample(folder, manifest)
+    return sample, host_outputs(load_and_check(folder, manifest), sample)
+
+
+def _tag_conflict(reference: str, held: Release | None, release: Release) -> str:
+    """Why ``reference`` cannot be (re)built, and the two ways out."""
+    what = ("is not an edgeloop model image" if held is None else
+            f"holds model {held.model_identity[:12]} built from recipe {held.recipe_sha256[:12]}, this build is "
+            f"model {release.model_identity[:12]} from recipe {release.recipe_sha256[:12]}")
+    return (f"{reference} already exists and {what}; tags are never overwritten. This happens when the registry "
+            "outlived the MLflow store or the base images its releases came from (a reset MLflow database numbers "
+            "versions from 1 again; a rebuilt base image changes the recipe): package into another repository "
+            "(package.repository in params.yaml) or start from an empty registry (the local one: `make down`, "
+            "remove .run/registry, `make demo`)")
+
+
+def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams, candidate: Candidate,
+                     manifest: Manifest, semver: SemVer, labels: dict[str, str], device,
+                     reference: tuple[np.ndarray, dict[str, np.ndarray]]) -> None:
+    """Build ``candidate``'s image (unless the registry already holds it) and apply the gates."""
+    record, release = candidate.record, candidate.release
+    tag = image_tag(semver, manifest.variant, record.arch)
+    record.reference = f"{registry.address}/{settings.repository}:{tag}"
+    existing = registry.digest(settings.repository, tag)
+    if existing is not None:
+        held = Release.from_image(tag, registry.labels(settings.repository, tag))
+        if held is None or (held.model_identity, held.recipe_sha256) != (release.model_identity, release.recipe_sha256):
+            raise PackagingError(_tag_conflict(record.reference, held, release))
+        record.digest, record.status = existing, "already_released"
+        log.info("%s is already in the registry (%s): not rebuilt", record.reference, existing)
+        return
+    log.info("building %s on %s", record.reference, record.base_image)
+    docker_engine.build(engine.client, candidate.context, record.reference, record.platform, record.base_image,
+                        {**labels, **release.labels(), "edgeloop.platform": record.platform,
+                         "edgeloop.runtime": record.runtime, "org.opencontainers.image.base.name": record.base_image})
+    check_image(engine, record, settings, device.runner.cpus, device.runner.memory_mb, *reference)
+
+
+def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: str,
+                   manifest_sha256: str) -> dict[str, str]:
+    return {
+        "org.opencontainers.image.title": f"{manifest.model_name} edge service",
+        "org.opencontainers.image.description": f"{manifest.model_name} version {manifest.mlflow_version} "
+                                                f"({manifest.variant}) served by edge.serving.serve",
+        "org.opencontainers.image.version": str(semver),
+        "org.opencontainers.image.created": utc_now(),
+        "org.opencontainers.image.revision": manifest.git_commit,
+        "edgeloop.model-name": manifest.model_name,
+        "edgeloop.mlflow-version": manifest.mlflow_version,
+        "edgeloop.mlflow-run-id": run_id,
+        "edgeloop.variant": manifest.variant,
+        "edgeloop.zoo-model": zoo_model,
+        "edgeloop.manifest-sha256": manifest_sha256,
+        "edgeloop.package-commit": git_commit(REPO_ROOT),
+    }
+
+
+def package(params: Params, workspace: Workspace, version: str | None = None, alias: str | None = None,
+            devices_path: Path = DEVICES_FILE) -> PackageReport:
+    """Build, check, push and record the images of a registered model version (see the module doc).
+
+    Raises :class:`PackagingError` when an image fails a gate (nothing pushed; the figures are recorded
+    in a failed MLflow run and the report) and ``ServiceUnavailable`` when the registry, the engine or
+    MLflow does not answer.
+    """
+    from tasks.registry.tracking import configure
+
+    settings = with_environment(params.package)
+    registry = Registry(settings.registry)
+    registry.check()  # before a long build, not after it
+    try:
+        device = load_devices(devices_path).get(settings.check_device)
+    except KeyError as error:
+        raise ConfigError(f"package.check_device: {error.args[0]} (in {devices_path})") from None
+    configure(params.mlflow)
+    version, alias = _which_version(workspace, version, alias)
+    engine = docker_engine.connect()
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeloop-package-") as scratch:
+            bundle = export_registered(params, Path(scratch), settings.signing_key, alias=alias, version=version,
+                                       large_variant=settings.large_variant)
+            prepared = [_candidate(engine, settings, registry, bundle, platform, Path(scratch))
+                        for platform in settings.platforms]
+            manifest = prepared[0][1]
+            run_id, zoo_model = _source_run(manifest)
+            candidates = [replace(candidate, release=replace(candidate.release,
+                                                             architecture=_architecture(zoo_model, manifest)))
+                          for candidate, _ in prepared]
+            semver, reason = next_version(registry.releases(settings.repository), [c.release for c in candidates])
+            log.info("packaging %s version %s (%s) as %s: %s", manifest.model_name, manifest.mlflow_version,
+                     manifest.variant, semver, reason)
+            manifest_sha256 = hashlib.sha256((candidates[0].context / "store" / "versions" / manifest.version /
+                                              MANIFEST_FILE).read_bytes()).hexdigest()
+            labels = _common_labels(manifest, semver, run_id, zoo_model, manifest_sha256)
+            reference = _host_reference(candidates[0].context, manifest)
+            for candidate in candidates:
+                _build_and_check(engine, registry, settings, candidate, manifest, semver, labels, device, reference)
+            records = [candidate.record for candidate in candidates]
+            failed = [record for record in records if record.failures]
+            if not failed:  # all or nothing: no release with one architecture missing
+                for record in records:
+                    if record.status == "not_pushed":
+                        repository, tag = record.reference.rsplit(":", 1)
+                        record.digest = docker_engine.push(engine.client, repository, tag)
+                        record.status = "pushed"
+    finally:
+        engine.close()
+    report = PackageReport(model_name=manifest.model_name, mlflow_version=manifest.mlflow_version,
+                           variant=manifest.variant, version=str(semver), version_reason=reason,
+                           created_at=utc_now(), images=records)
+    record_in_mlflow(params, report, run_id)
+    write_report(workspace, report)
+    if failed:
+        problems = "; ".join(f"{record.arch}: {' / '.join(record.failures)}" for record in failed)
+        raise PackagingError(f"{manifest.model_name} version {manifest.mlflow_version} was not shipped, nothing "
+                             f"was pushed: {problems}")
+    return report
+
+
+def record_in_mlflow(params: Params, report: PackageReport, source_run_id: str) -> None:
+    """A ``package`` run with every figure (FAILED when a gate failed); image tags on the model version if shipped."""
+    import mlflow
+
+    from tasks.registry.tracking import ensure_experiment
+
+    shipped = all(record.digest for record in report.images)
+    experiment_id = ensure_experiment(params.mlflow)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-v{report.version}") as run:
+        mlflow.set_tags({"edgeloop.stage": "package", "source_run_id": source_run_id,
+                         "registered_model": report.model_name, "model_version": report.mlflow_version,
+                         "image.version": report.version, "image.version_reason": report.version_reason})
+        mlflow.log_params({"package.max_image_mb": params.package.max_image_mb,
+                           "package.max_start_s": params.package.max_start_s,
+                           "package.check_device": params.package.check_device,
+                           "package.platforms": ",".join(params.package.platforms)})
+        for record in report.images:
+            figures = {"mb": record.image_mb, "ready_s": record.ready_s,
+                       "max_abs_score_diff": record.max_abs_score_diff, "label_agreement": record.label_agreement}
+            mlflow.log_metrics({f"image.{record.arch}.{name}": value for name, value in figures.items()
+                                if value is not None})
+            mlflow.set_tag(f"image.{record.arch}", record.pinned or f"{record.reference} ({record.status})")
+            mlflow.set_tag(f"image.{record.arch}.emulated", str(record.emulated).lower())
+        mlflow.log_dict(report.model_dump(mode="json"), "package.json")
+        if not shipped:
+            mlflow.end_run(status="FAILED")
+            return
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(report.model_name, report.mlflow_version, "image.version", report.version)
+        client.set_model_version_tag(report.model_name, report.mlflow_version, "image.package_run_id",
+                                     run.info.run_id)
+        for record in report.images:
+            client.set_model_version_tag(report.model_name, report.mlflow_version, f"image.{record.arch}",
+                                         record.pinned)
+
+
+def write_report(workspace: Workspace, report: PackageReport) -> Path:
+    path = workspace.package_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+def _describe(report: PackageReport) -> str:
+    lines = [f"{report.model_name} version {report.mlflow_version} ({report.variant}) -> {report.version} "
+             f"({report.version_reason})"]
+    for record in report.images:
+        timing = f"ready {record.ready_s:.2f} s" if record.ready_s is not None else "not started"
+        emulated = " (emulated)" if record.emulated else ""
+        size = f"{record.image_mb:.1f} MB" if record.image_mb is not None else "size n/a"
+        lines.append(f"  {record.status:16s} {record.pinned or record.reference}  {size}, {timing}{emulated}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``edgeloop package``: build, check and push the images of a registered model version."""
+    parser = argparse.ArgumentParser(prog="edgeloop package", description=main.__doc__.split(": ", 1)[1])
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--version", help="registered model version number (default: the register stage's)")
+    chosen.add_argument("--alias", help="registered model alias, e.g. champion")
+    parser.add_argument("--platform", action="append", choices=sorted(ARCHES),
+                        help="build only this platform (repeatable; default: package.platforms)")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
+    parser.add_argument("--workspace", type=Path, default=Path("."), help="where reports/package.json goes")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    def action() -> None:
+        params = load_params(args.params)
+        if args.platform:
+            params = params.model_copy(update={"package": params.package.model_copy(
+                update={"platforms": args.platform})})
+        print(_describe(package(params, Workspace(args.workspace), args.version, args.alias)))
+
+    return report_user_errors(action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The MLflow side of a release: tracking, registration, promotion, challenge, pyfunc and bundles."""

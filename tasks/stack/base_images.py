@@ -1,0 +1,38 @@
+"""``make base-images``: the Debian-built Python base images (tasks/packaging/base_images.py), with an engine.
+
+    edgeloop base-images [--arch amd64 arm64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tasks.errors import EdgeloopError
+from tasks.packaging.base_images import PLATFORMS, ensure_base_image
+from tasks.packaging.docker_client import connect
+from tasks.stack.services import REPO_ROOT, ServiceError, start_docker_engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(PLATFORMS), choices=PLATFORMS)
+    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
+    args = parser.parse_args(argv)
+    try:
+        start_docker_engine(args.run_dir)
+        engine = connect()
+        try:
+            for arch in args.arch:
+                print(ensure_base_image(arch, engine))
+        finally:
+            engine.close()
+    except (ServiceError, EdgeloopError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
