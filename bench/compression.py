@@ -33,7 +33,7 @@ def run_pipeline(params_path: Path, workspace: Workspace) -> tuple[Evaluation, i
     prepare(params.data, params.seed, workspace)
     summary = train(params, read_prepared(workspace), workspace)
     conversions = convert_all(params, read_prepared(workspace), summary, workspace)
-    return evaluate(params, workspace, conversions, params_path.parent / DEVICES_FILE), summary.params_count
+    return evaluate(params.evaluate, workspace, conversions, params_path.parent / DEVICES_FILE), summary.params_count
 
 
 def main() -> int:

@@ -23,14 +23,14 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from serve import build_int8_model  # noqa: E402  (bench/serve.py, beside this script)
-from tasks.release import engine as docker_engine  # noqa: E402
 
-from scripts import services  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 from tasks.devices import load_devices  # noqa: E402
+from tasks.packaging import docker_client as docker_engine  # noqa: E402
 from tasks.packaging.docker_client import CACHE_DIR  # noqa: E402
 from tasks.packaging.image_build import REPO_ROOT, build_context, resolve_base_image  # noqa: E402
 from tasks.packaging.oci_registry import Registry  # noqa: E402
+from tasks.stack import services  # noqa: E402
 
 PLATFORM = "linux/amd64"
 

@@ -41,7 +41,7 @@ configure(config.mlflow)
 prepare(config.data, config.seed, workspace)
 summary = train(config, read_prepared(workspace), workspace)
 conversions = convert_all(config, read_prepared(workspace), summary, workspace)
-register(config, workspace, evaluate(config, workspace, conversions, DEVICES_PATH), summary)
+register(config, workspace, evaluate(config.evaluate, workspace, conversions, DEVICES_PATH), summary)
 """
 
 FLOW = """

@@ -41,7 +41,7 @@ from edge.bench.measure import measure_latency  # noqa: E402
 from edge.runtime import EdgeModel  # noqa: E402
 from edge.signing import load_public_keys  # noqa: E402
 from edge.store.model_store import ModelStore  # noqa: E402
-from scripts import services  # noqa: E402
+from tasks.stack import services  # noqa: E402
 
 MODELS = {"digits_cnn": (8, 8, 1), "resnet8": (32, 32, 3)}
 

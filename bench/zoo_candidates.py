@@ -14,7 +14,6 @@ Last line: ``registered=<n>/<models> min_baseline_test_accuracy=<x> <model>_accu
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +31,13 @@ from tasks.registry.register import register
 
 def run_model(model: str, params_path: Path, root: Path) -> dict[str, object]:
     base = load_params(params_path)
-    params = base.model_copy(update={"train": base.train.model_copy(update={"model": model})})
+    store = base.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{root / model / 'mlflow.db'}"})
+    params = base.model_copy(update={"train": base.train.model_copy(update={"model": model}), "mlflow": store})
     workspace = Workspace(root / model)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / model / 'mlflow.db'}"
     started = time.perf_counter()
     prepare(params.data, params.seed, workspace)
     summary = train(params, read_prepared(workspace), workspace)
-    evaluation = evaluate(params, workspace, convert_all(params, read_prepared(workspace), summary, workspace))
+    evaluation = evaluate(params.evaluate, workspace, convert_all(params, read_prepared(workspace), summary, workspace))
     result: dict[str, object] = {"baseline_test_accuracy": summary.baseline.test_accuracy,
                                  "recommended": evaluation.recommended}
     try:

@@ -6,61 +6,17 @@ dtypes, quantization parameters, labels, lineage and the file's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from edge.errors import SidecarError
+from edge.files import atomic_write_text, sha256_file
 
 
 def sidecar_path(model_path: Path) -> Path:
     """Where the sidecar of ``model_path`` lives."""
     return model_path.with_name(model_path.name + ".json")
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large models do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary handle whose content replaces ``path`` only when the block ends without an error.
-
-    A temp file in the same folder, flushed to disk, then renamed over the target (atomic on POSIX);
-    a crash leaves at most a hidden ``.<name>.*.tmp`` behind, never a truncated file under the real name.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Write a file so readers see the old content or the new one, never half of it."""
-    with atomic_writer(path) as handle:
-        handle.write(content)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_sidecar(model_path: Path, metadata: dict[str, Any]) -> Path:

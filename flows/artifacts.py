@@ -7,6 +7,7 @@ from typing import Any
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.contracts import BenchmarkSummary, Evaluation, Registration, Workspace
+from tasks.monitoring.figures import labelled
 from tasks.registry.tracking import run_url
 
 TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "weight_reduction",
@@ -44,9 +45,7 @@ def publish_drift_check(summary: dict[str, Any]) -> None:
              f"{summary['files']} upload(s) of {summary.get('devices', 0)} device(s), against {summary['reference']}.",
              "", f"Trigger: **{'fired' if decision.get('fire') else 'not fired'}**: {decision.get('reason', '-')}", ""]
     lines += [f"- {reason}" for reason in summary["reasons"]] or ["- within every threshold"]
-    figures = [("mean confidence", summary.get("mean_confidence")), ("latency p95 (ms)", summary.get("latency_p95_ms")),
-               ("share of features drifted", summary.get("drift_share"))]
-    lines += ["", " · ".join(f"{name}: {value:.3f}" for name, value in figures if value is not None)]
+    lines += ["", " · ".join(f"{label}: {value:.3f}" for label, value in labelled(summary))]
     features = summary.get("features") or {}
     if features:
         lines += ["", "| feature | test | score | threshold | drifted |", "|---|---|---|---|---|"]

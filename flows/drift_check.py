@@ -12,30 +12,32 @@ from prefect.events import emit_event
 from flows import steps
 from flows.artifacts import publish_drift_check
 from flows.drift_state import last_retrain_started, load_state, save_state
-from flows.parameters import PARAMS_PATH
+from flows.parameters import PARAMS_PATH, apply_override, overrides_of
 from tasks.config import DriftParams, load_params
+from tasks.monitoring.figures import event_payload
 from tasks.monitoring.policy import Verdict, decide
 
 DRIFT_EVENT = "edgeloop.drift.detected"
 EVENT_RESOURCE = "edgeloop.collected-data"
-PAYLOAD_KEYS = ("window_id", "status", "reasons", "rows", "drift_share", "drifted_features", "mean_confidence",
-                "latency_p95_ms", "reference", "decision", "window_file", "mlflow_run")
+# What a person may change for one check: every field of ``drift`` in params.yaml, optional (unset: its value
+# there); generated from DriftParams, so fields, bounds and descriptions are its own.
+DriftSettings = overrides_of(DriftParams, "DriftSettings", module=__name__)
 
 
 @flow(name="drift-check", log_prints=True, persist_result=True)
-def drift_check(collected_dir: str | None = None, settings: dict[str, Any] | None = None,
+def drift_check(collected_dir: str | None = None, settings: DriftSettings | None = None,
                 report_dir: str = "reports/drift") -> dict[str, Any]:
     """Analyse the uploads since the last check; emit edgeloop.drift.detected when the trigger policy fires.
 
     Args:
         collected_dir: where devices upload samples (default: drift.collected_dir in params.yaml).
-        settings: other drift parameters to change for this check, e.g. {"cooldown_h": 6}.
+        settings: drift parameters to change for this check, e.g. {"cooldown_h": 6} (unset: params.yaml's).
         report_dir: folder for each window's Evidently HTML report and JSON summary.
     """
     logger = get_run_logger()
     params = load_params(PARAMS_PATH)
-    update = {**(settings or {}), **({"collected_dir": collected_dir} if collected_dir else {})}
-    drift = DriftParams.model_validate({**params.drift.model_dump(), **update})
+    drift = apply_override(params.drift, settings, "the drift check's settings")
+    drift = apply_override(drift, {"collected_dir": collected_dir}, "the drift check's collected_dir")
     params = params.model_copy(update={"drift": drift})
     outcome = steps.analyse_collected(params, Path(report_dir))
     analysis = outcome.analysis
@@ -48,7 +50,7 @@ def drift_check(collected_dir: str | None = None, settings: dict[str, Any] | Non
     logger.info("window %s: %s (%s); %s", analysis.window_id, analysis.status, "; ".join(analysis.reasons) or
                 "within thresholds", outcome.decision.reason)
     if outcome.decision.fire:
-        payload = {key: summary[key] for key in PAYLOAD_KEYS} | {"collected_dir": str(drift.collected_dir)}
+        payload = event_payload(summary) | {"collected_dir": str(drift.collected_dir)}
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": EVENT_RESOURCE}, payload=payload)
         logger.info("emitted %s", DRIFT_EVENT)
     save_state(drift.state_variable, state.recorded(verdict, outcome.decision.fire))

@@ -2,6 +2,8 @@
 
 Every field's type, bounds, choices and description come from :mod:`tasks.config` (the shared
 annotated types), so nothing is written twice; device names are choices read from ``devices.yaml``.
+A run's overrides of a whole section (the rollout plan, the drift check's settings) are models generated
+from the section (:func:`overrides_of`): the same fields, bounds and descriptions, each optional.
 Defaults are the repository's ``params.yaml`` when the flow module is loaded (at ``prefect deploy`` and
 on the worker): a broken ``params.yaml`` or ``devices.yaml`` fails the deploy with the config's message.
 The values a run was given are applied on top of ``params.yaml`` and validated by the same config as
@@ -10,10 +12,12 @@ the DVC stages.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from copy import copy
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tasks.config import (
     PARAMS_FILE,
@@ -29,6 +33,7 @@ from tasks.config import (
     Strategy,
     TargetSparsities,
     VariantName,
+    format_validation_error,
     load_params,
     parse_params,
 )
@@ -116,3 +121,40 @@ def overrides(parameters: TrainingParameters) -> dict[str, object]:
     """The run parameters that differ from params.yaml, as recorded in MLflow."""
     defaults = DEFAULT_PARAMETERS.model_dump(mode="json")
     return {k: v for k, v in parameters.model_dump(mode="json").items() if defaults.get(k) != v}
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def overrides_of(section: type[BaseModel], name: str, exclude: Iterable[str] = (), module: str = __name__
+                 ) -> type[BaseModel]:
+    """A model of ``section``'s fields, each optional (default None: keep the config's value), for a run's overrides.
+
+    Annotations, bounds, choices and descriptions are the section's own ``model_fields``, so nothing is
+    written twice; what cross-checks the fields (validators) runs when the override is applied
+    (:func:`apply_override`). ``exclude``: fields a run must not change.
+    """
+    fields: dict[str, Any] = {}
+    for key, field in section.model_fields.items():
+        if key not in exclude:
+            optional = copy(field)
+            optional.default, optional.default_factory = None, None
+            fields[key] = (field.annotation | None, optional)
+    return create_model(name, __config__=ConfigDict(extra="forbid", protected_namespaces=()),
+                        __doc__=f"What a run may change of {section.__name__} (unset: its value in params.yaml).",
+                        __module__=module, **fields)
+
+
+def apply_override(settings: Section, override: BaseModel | Mapping[str, Any] | None, source: str) -> Section:
+    """``settings`` with the override's set (not None) values over them, validated again by the section's model.
+
+    Errors are the config's own, naming the key, the value and what is allowed (``source`` says whose values).
+    """
+    items = override.__dict__.items() if isinstance(override, BaseModel) else (override or {}).items()
+    changes = {key: value for key, value in items if value is not None}
+    if not changes:
+        return settings
+    try:
+        return type(settings).model_validate({**settings.model_dump(), **changes})
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None

@@ -20,7 +20,7 @@ from pydantic import Field
 from flows import steps
 from flows.artifacts import publish_images
 from flows.locking import exclusive_outputs
-from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, resolve
+from flows.parameters import DEFAULT_PARAMETERS, TrainingParameters, apply_override, resolve
 from flows.rollout import RolloutPlan, rollout
 from flows.training import build_candidate
 from tasks.evaluation.compare import comparison_markdown
@@ -141,5 +141,5 @@ def retrain(params: TrainingParameters = DEFAULT_PARAMETERS, drift_summary: dict
     # ---- promotion (refuses without the approval record) --------------------------------
     promoted = steps.promote(config, version, approval)
     # ---- the fleet: canary, wider stages, rolled back (champion too) when it hurts --------
-    fleet_file = (rollout_plan or RolloutPlan()).applied_to(config.rollout).fleet_file
+    fleet_file = apply_override(config.rollout, rollout_plan, "the rollout plan").fleet_file
     return roll_out_promoted(fleet_file, version, rollout_plan, fleet_rollout, promoted)

@@ -7,47 +7,21 @@ run it after an approval. Each step is an MLflow tag on the version and a Prefec
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
-from flows.parameters import PARAMS_PATH
+from flows.parameters import PARAMS_PATH, apply_override, overrides_of
 from tasks.config import Params, RolloutParams, load_params
 from tasks.rollout.engine import RolloutReport, StageRecord
 from tasks.rollout.records import dropped_summary
 
-
-class RolloutPlan(BaseModel):
-    """What a person may change for one rollout (the rest: ``rollout`` in params.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-    group: str | None = Field(None, description="device group (default: rollout.group)")
-    stages: list[float] | None = Field(None, description="cohort % per stage, ascending, ending at 100")
-    stage_window_s: float | None = Field(None, ge=0, description="health watched this long per stage")
-    ack_timeout_s: float | None = Field(None, gt=0, description="devices silent this long are named")
-    jitter_s: float | None = Field(None, ge=0, description="devices spread their fetches over this long")
-    max_error_rate_increase: float | None = Field(None, ge=0, le=1)
-    max_p95_ratio: float | None = Field(None, gt=1)
-    min_p95_increase_ms: float | None = Field(None, ge=0)
-    max_confidence_drop: float | None = Field(None, ge=0, le=1)
-    max_missing_fraction: float | None = Field(None, ge=0, le=1, description="silent or failed share per stage")
-    baseline_window_s: float | None = Field(None, gt=0, description="previous version's telemetry this recent")
-    broker: str | None = Field(None, description="MQTT broker HOST:PORT (default: EDGELOOP_BROKER, rollout.broker)")
-    fleet_file: str | None = Field(None, description="fleet file naming the group's devices")
-    credentials_dir: str | None = Field(None, description="folder of the broker files and control-plane login")
-    bundle_dir: str | None = Field(None, description="where the signed bundles devices fetch are exported")
-    bundle_base_url: str | None = Field(None, description="URL devices fetch bundle_dir's files from")
-
-    def applied_to(self, params: RolloutParams) -> RolloutParams:
-        """``params`` with ``EDGELOOP_BROKER`` and then this plan's values over them (validated again)."""
-        environment = {"broker": os.environ["EDGELOOP_BROKER"]} if os.environ.get("EDGELOOP_BROKER") else {}
-        changes = {key: value for key, value in self.model_dump().items() if value is not None}
-        return RolloutParams.model_validate({**params.model_dump(), **environment, **changes})
+# What a person may change for one rollout: every field of ``rollout`` in params.yaml, optional (unset: its value
+# there, after EDGELOOP_BROKER); generated from RolloutParams, so fields, bounds and descriptions are its own.
+RolloutPlan = overrides_of(RolloutParams, "RolloutPlan", module=__name__)
 
 
 def _step_markdown(report: RolloutReport) -> str:
@@ -82,7 +56,7 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
     logger = get_run_logger()
     tracking.configure(params.mlflow)
     settings = params.rollout
-    target_version, previous_version = records.versions_to_roll(params, version)
+    target_version, previous_version = records.versions_to_roll(params.mlflow, version)
     target = records.release_of(params, target_version)
     previous = records.release_of(params, previous_version) if previous_version else None
     devices = fleet_files.load_fleet(settings.fleet_file).groups().get(settings.group, [])
@@ -91,7 +65,7 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
     with MqttChannel(settings.broker, settings.group, fleet_files.CONTROL_PLANE_USER, password, keys) as channel:
         def on_step(step: StageRecord) -> None:
             try:
-                records.tag_step(params, target.version, step)
+                records.tag_step(params.mlflow, target.version, step)
                 create_markdown_artifact(key="rollout-progress", markdown=_step_markdown(rollout.report),
                                          description=f"{target.version}: {step.name} {step.action}")
             except Exception as error:  # a server away: the devices must not be left mid-rollout for a record
@@ -104,7 +78,7 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
         rollout = Rollout(channel, devices, load_private_key(params.package.signing_key), settings, params.drift,
                           params.mlflow.registered_model, target, previous, on_step=on_step)
         report = rollout.run()
-    records.record_outcome(params, report)
+    records.record_outcome(params.mlflow, report)
     return report
 
 
@@ -118,18 +92,16 @@ def rollout(version: str | None = None, plan: RolloutPlan | None = None,
         plan: cohort plan and health limits for this rollout (defaults: rollout in params.yaml).
         report_dir: where the timeline chart and the JSON report go.
     """
-    from tasks.packaging.package import with_environment
     from tasks.rollout.records import log_rollout_run, timeline_chart
 
-    params = load_params(PARAMS_PATH)
-    params = params.model_copy(update={"rollout": (plan or RolloutPlan()).applied_to(params.rollout),
-                                       "package": with_environment(params.package)})  # the signing keys
+    params = load_params(PARAMS_PATH)  # with the environment's overrides (EDGELOOP_BROKER, the signing keys)
+    params = params.model_copy(update={"rollout": apply_override(params.rollout, plan, "the rollout plan")})
     report = roll_out(params, version)
     folder = Path(report_dir) / report.rollout_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
     chart = timeline_chart(report, folder / "timeline.png")
-    url, chart_url = log_rollout_run(params, report, [folder / "report.json", chart])
+    url, chart_url = log_rollout_run(params.mlflow, report, [folder / "report.json", chart])
     markdown = _step_markdown(report) + (f"\n![rollout timeline]({chart_url})\n" if chart_url else "") + \
         f"\nTimeline chart and report: {f'[MLflow run]({url})' if url else chart}\n"
     create_markdown_artifact(key="rollout", markdown=markdown, description=f"{report.target}: {report.outcome}")

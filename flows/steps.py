@@ -81,7 +81,7 @@ def convert_variants(params: Params, workspace: Workspace, summary: TrainSummary
 
 @task(name="evaluate", timeout_seconds=3600, **PERSISTED)
 def evaluate_variants(params: Params, workspace: Workspace, conversions: list[ConversionResult]) -> Evaluation:
-    return evaluate_stage.evaluate(params, workspace, conversions, DEVICES_PATH)
+    return evaluate_stage.evaluate(params.evaluate, workspace, conversions, DEVICES_PATH)
 
 
 @task(name="benchmark-on-devices", timeout_seconds=4 * 3600, **PERSISTED)
@@ -123,11 +123,11 @@ def package_images(params: Params, workspace: Workspace, version: str) -> dict[s
 @task(name="analyse-collected-data", timeout_seconds=1800, cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def analyse_collected(params: Params, report_dir: Path) -> drift_check.CheckOutcome:
     """The pending uploads as a window (malformed ones quarantined), analysed against the champion's reference."""
-    return drift_check.run_check(params, report_dir)
+    return drift_check.run_check(params.drift, params.mlflow, report_dir, seed=params.seed)
 
 
 @task(name="record-drift-check", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def record_drift_check(params: Params, outcome: drift_check.CheckOutcome) -> None:
     """The check as an MLflow run (HTML report, JSON summary), and its figures for Prometheus."""
-    drift_check.log_check(params, outcome)
+    drift_check.log_check(params.drift, params.mlflow, outcome)
     drift_check.write_prometheus(outcome, params.drift.metrics_file)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.parameters import PARAMS_PATH, default_parameters
+from flows.parameters import PARAMS_PATH, apply_override, default_parameters
 from scripts.device_fleet import DeviceFleet
 from tasks.config import Params, load_params
 from tasks.errors import EdgeloopError
@@ -201,61 +201,101 @@ def decide_and_wait(run, interactive: bool, note: Timeline, comment: str):
     return state
 
 
+def demo_params() -> Params:
+    """``params.yaml`` with the environment's overrides and the demo's rollout plan (its own fleet and broker)."""
+    from flows.rollout import RolloutPlan
+
+    params = load_params(PARAMS_PATH)  # with the environment's overrides (registry, keys, broker, MLflow)
+    return params.model_copy(update={"rollout": apply_override(params.rollout, RolloutPlan.model_validate(DEMO_PLAN),
+                                                               "the demo's rollout plan")})
+
+
+def demo_traffic() -> tuple[np.ndarray, np.ndarray]:
+    """The devices' inputs: calm (digits the model did not train on) and the same drifted at ``high``."""
+    from tasks.data.sources import load_sklearn_digits
+    from tasks.monitoring.simulate_drift import DEFAULT_KINDS, shift_all
+
+    digits = load_sklearn_digits()
+    calm = digits.x[1200:]
+    drifted, _ = shift_all(calm, digits.y[1200:], DEFAULT_KINDS, "high", np.random.default_rng(0))
+    return calm, drifted
+
+
+def roll_out_retrain(retrain, interactive: bool, note: Timeline) -> tuple[str, bool]:
+    """Run one's end: the drift retrain approved and rolled out to every device."""
+    since = time.time()
+    final = decide_and_wait(retrain, interactive, note, "retrained after the drift alarm")
+    note(f"retrain {retrain.name}: {final.name} {final.message or ''}")
+    note_rollout(note, since)
+    return "the retrained version rolled out to every device", final.is_completed() and final.name == "Completed"
+
+
+def roll_back_bad_challenger(training: dict[str, Any], interactive: bool, note: Timeline) -> tuple[str, bool]:
+    """Run two: a bad challenger, approved, rolled back by the canary's health."""
+    bad = run_deployment("retrain/on-drift", {"params": {**training, **BAD_TRAINING, "gates": {
+        **training["gates"], "min_accuracy": 0.3, "max_accuracy_drop_pts": 60.0}}}, 0)
+    note(f"a deliberately bad challenger (1 epoch, gates lowered): retrain {bad.name}")
+    since = time.time()
+    final = decide_and_wait(bad, interactive, note, "approved on purpose: the canary must catch it")
+    note(f"retrain {bad.name}: {final.name} {final.message or ''}")
+    note_rollout(note, since)
+    return "the bad challenger rolled back automatically", final.name == "Rolled back"
+
+
+def both_runs(fleet: DeviceFleet, traffic: tuple[np.ndarray, np.ndarray], training: dict[str, Any],
+              interactive: bool, note: Timeline) -> list[tuple[str, bool]]:
+    """Drift -> retrain -> approval -> canary -> everyone, then a bad challenger rolled back; what happened.
+
+    ``traffic`` is :func:`demo_traffic`'s calm and drifted inputs.
+    """
+    calm, drifted = traffic
+    with fleet.traffic(drifted, rate_per_device_hz=2.0):
+        note("traffic drifts (noise, blur, brightness: high); devices sample and upload it")
+        retrain = drift_until_retrain(note, time.time())
+    note(f"edgeloop.drift.detected -> retrain {retrain.name}: {_ui(f'/runs/flow-run/{retrain.id}')}")
+    with fleet.traffic(calm, rate_per_device_hz=2.0):  # the cause is fixed on site; the fleet serves on
+        note("traffic back to normal while the retrain runs (the rollout's baseline: the champion on it)")
+        outcomes = [roll_out_retrain(retrain, interactive, note)]
+        outcomes.append(roll_back_bad_challenger(training, interactive, note))
+    versions = fleet.versions()
+    note(f"devices now serve: {json.dumps({v: list(versions.values()).count(v) for v in set(versions.values())})}")
+    return outcomes
+
+
+def report(note: Timeline, params: Params, outcomes: list[tuple[str, bool]]) -> int:
+    """Print the timeline, where to look and each expected outcome; the exit code."""
+    print("\nTimeline:\n" + "\n".join(note.events))
+    print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {params.mlflow.tracking_uri} (registry: "
+          f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")
+    print(f"Rollout reports and timeline charts: {REPO_ROOT / 'reports' / 'rollout'}")
+    for what, happened in outcomes:
+        print(f"{'ok' if happened else 'NOT AS EXPECTED'}: {what}")
+    return 0 if all(happened for _, happened in outcomes) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--interactive", action="store_true", help="approve in the Prefect UI yourself")
     parser.add_argument("--keep", action="store_true", help="leave the devices and the broker running")
     args = parser.parse_args(argv)
-    from flows.rollout import RolloutPlan
-    from tasks.data.sources import load_sklearn_digits
-    from tasks.monitoring.simulate_drift import DEFAULT_KINDS, shift_all
-    from tasks.packaging.package import with_environment
-    from tasks.registry.tracking import tracking_uri
     from tasks.rollout.records import release_of
 
     note = Timeline()
-    params = load_params(PARAMS_PATH)
-    params = params.model_copy(update={"package": with_environment(params.package),
-                                       "rollout": RolloutPlan.model_validate(DEMO_PLAN).applied_to(params.rollout)})
+    params = demo_params()
     champion = ensure_champion(params, note)
     bundle = Path(release_of(params, champion).bundle_url.removeprefix("file://"))
     # telemetry every 5 s, 2 requests/s per device: 20 devices leave this machine room for the retrain and
     # the packaging gates (an image's cold start is measured on the same cores)
     fleet = DeviceFleet(RUN_DIR / "devices", params.rollout.broker, params.rollout.group, params.package.public_keys,
                         telemetry_interval_s=5.0)
-    digits = load_sklearn_digits()
-    calm = digits.x[1200:]
-    drifted, _ = shift_all(calm, digits.y[1200:], DEFAULT_KINDS, "high", np.random.default_rng(0))
+    traffic = demo_traffic()
     training = default_parameters().model_dump(mode="json")
     previous_defaults = set_retrain_defaults({"params": {**training, **FAST_TRAINING}, "rollout_plan": DEMO_PLAN})
     try:
         start_fleet(fleet, params, args.devices, bundle, note)
         note(f"{len(fleet.devices)} devices serve champion v{champion} (updater + edge service each)")
-        # ---- run one: drift -> retrain -> approval -> canary -> everyone -----------------------------
-        with fleet.traffic(drifted, rate_per_device_hz=2.0):
-            note("traffic drifts (noise, blur, brightness: high); devices sample and upload it")
-            retrain = drift_until_retrain(note, time.time())
-        note(f"edgeloop.drift.detected -> retrain {retrain.name}: {_ui(f'/runs/flow-run/{retrain.id}')}")
-        with fleet.traffic(calm, rate_per_device_hz=2.0):  # the cause is fixed on site; the fleet serves on
-            note("traffic back to normal while the retrain runs (the rollout's baseline: the champion on it)")
-            since = time.time()
-            final = decide_and_wait(retrain, args.interactive, note, "retrained after the drift alarm")
-            outcomes = [("the retrained version rolled out to every device", final.is_completed()
-                         and final.name == "Completed")]
-            note(f"retrain {retrain.name}: {final.name} {final.message or ''}")
-            note_rollout(note, since)
-            # ---- run two: a bad challenger, approved, rolled back by the canary's health -------------
-            bad = run_deployment("retrain/on-drift", {"params": {**training, **BAD_TRAINING, "gates": {
-                **training["gates"], "min_accuracy": 0.3, "max_accuracy_drop_pts": 60.0}}}, 0)
-            note(f"a deliberately bad challenger (1 epoch, gates lowered): retrain {bad.name}")
-            since = time.time()
-            final = decide_and_wait(bad, args.interactive, note, "approved on purpose: the canary must catch it")
-            note(f"retrain {bad.name}: {final.name} {final.message or ''}")
-            outcomes.append(("the bad challenger rolled back automatically", final.name == "Rolled back"))
-            note_rollout(note, since)
-        versions = fleet.versions()
-        note(f"devices now serve: {json.dumps({v: list(versions.values()).count(v) for v in set(versions.values())})}")
+        outcomes = both_runs(fleet, traffic, training, args.interactive, note)
     finally:
         try:
             set_retrain_defaults(previous_defaults)
@@ -265,13 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                     fleet.stop()
                 finally:
                     mosquitto.stop_mosquitto(RUN_DIR)
-    print("\nTimeline:\n" + "\n".join(note.events))
-    print(f"\nPrefect UI: {_ui('/runs')}\nMLflow UI:  {tracking_uri(params.mlflow)} (registry: "
-          f"{params.mlflow.registered_model}; rollout runs in experiment edgeloop-rollout)")
-    print(f"Rollout reports and timeline charts: {REPO_ROOT / 'reports' / 'rollout'}")
-    for what, happened in outcomes:
-        print(f"{'ok' if happened else 'NOT AS EXPECTED'}: {what}")
-    return 0 if all(happened for _, happened in outcomes) else 1
+    return report(note, params, outcomes)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,17 @@
-"""The one typed configuration of the pipeline, loaded from ``params.yaml``.
+"""The one typed configuration of the pipeline, loaded from ``params.yaml``; every stage receives only its section.
 
-Every stage receives only its own section. Validation happens at load: unknown keys, wrong
-types and out-of-range values raise :class:`ConfigError` naming the key, the value and what is
-allowed, so a typo never silently falls back to a default.
-
-Fields a person may change per run (the Prefect Run form) are declared once here as annotated types
-(bounds, choices, description) and reused by the form, so nothing is written twice. Where outputs
-go is not configuration: :mod:`tasks.workspace` owns every path under one workspace root.
+Validation happens at load: unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming
+the key, the value and what is allowed. Each field is declared once here (bounds, choices, description); the Run
+forms and a run's overrides reuse them (``flows/parameters.py``). The environment's overrides (:data:`ENVIRONMENT`)
+are applied once, by :func:`load_params`. Where outputs go is not configuration: :mod:`tasks.workspace`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,16 +22,8 @@ from tasks.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
 
-VariantName = Literal[
-    "tflite_fp32",
-    "tflite_fp16",
-    "tflite_dynamic",
-    "tflite_int8",
-    "tflite_int8_qat",
-    "tflite_int8_pruned",
-    "onnx_fp32",
-    "onnx_int8",
-]
+VariantName = Literal["tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",
+                      "tflite_int8_pruned", "onnx_fp32", "onnx_int8"]
 ZooModel = Literal["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "keras_file"]
 MODEL_SHAPING_SECTIONS = ("seed", "data", "train", "quantize", "prune", "convert")
 
@@ -81,11 +72,10 @@ class TrainParams(_Section):
     epochs: Epochs = 25
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
-    # the float32 baseline must cover this share of the way from the majority-class rate to 100% on the
-    # validation set, or the stage stops before QAT and pruning (a model that did not learn)
-    min_gain_over_chance: float = Field(0.2, ge=0.0, lt=1.0)
-    # re-estimate BatchNorm statistics when inference-mode accuracy lags training mode by more than this
-    batchnorm_max_gap_pts: float = Field(5.0, ge=0.0, le=100.0)
+    min_gain_over_chance: float = Field(0.2, ge=0.0, lt=1.0, description=(  # else: stops before QAT and pruning
+        "share of the way from the majority-class rate to 100% the float32 baseline must cover on validation"))
+    batchnorm_max_gap_pts: float = Field(5.0, ge=0.0, le=100.0, description=(
+        "re-estimate BatchNorm statistics when inference-mode accuracy lags training mode by more than this"))
 
     @model_validator(mode="after")
     def _model_path_for_keras_file(self) -> TrainParams:
@@ -161,7 +151,7 @@ class EvaluateParams(_Section):
 
 
 class MlflowParams(_Section):
-    tracking_uri: str = "sqlite:///mlruns.db"
+    tracking_uri: str = Field("sqlite:///mlruns.db", description="MLflow store (MLFLOW_TRACKING_URI overrides)")
     experiment: str = Field("edgeloop", min_length=1)
     registered_model: str = Field("edgeloop-digits", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     hardware_targets: list[str] = Field(default_factory=list)
@@ -169,11 +159,10 @@ class MlflowParams(_Section):
 
 class RetrainParams(_Section):
     labelled_dir: Path = Path("data/labelled")  # newly labelled device samples (.npz with x, y), optional
-    # share of the labelled samples (by a stable hash of the sample id) held out to score challenger and
-    # champion on; the rest joins the training split
-    labelled_holdout_fraction: float = Field(0.3, gt=0.0, lt=1.0)
-    # the approval gate flags (red) a challenger that loses more than this on the champion's frozen test set
-    max_frozen_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
+    labelled_holdout_fraction: float = Field(0.3, gt=0.0, lt=1.0, description=(  # the rest joins the training split
+        "share of the labelled samples (stable hash of the sample id) held out to score challenger and champion"))
+    max_frozen_drop_pts: float = Field(1.0, ge=0.0, le=100.0, description=(
+        "the approval gate flags (red) a challenger losing more than this on the champion's frozen test set"))
     approval_timeout_s: int = Field(86_400, ge=1, le=30 * 86_400)
 
 
@@ -192,24 +181,23 @@ class ColumnTest(_Section):
 class DriftParams(_Section):
     """The drift check (``flows/drift_check.py``, :mod:`tasks.monitoring`): data, tests and trigger policy."""
 
-    collected_dir: Path = Path("data/collected")  # device uploads (ingest); windows/, quarantine/ live inside
-    # the reference the window is compared with: "champion" (the drift reference logged with the champion's
-    # MLflow version) or the path of a reference .npz (tasks.monitoring.reference)
-    reference: str = Field("champion", min_length=1)
-    reference_rows: int = Field(2000, ge=100)      # training samples in a model's drift reference
-    min_samples: int = Field(50, ge=1)              # a smaller window gets no verdict
-    max_rows: int = Field(10_000, ge=1000)          # a larger window is sampled (uniformly) for the tests
-    min_mean_confidence: float = Field(0.85, gt=0.0, le=1.0)
-    max_latency_p95_ms: float = Field(200.0, gt=0.0)
-    feature_test: ColumnTest = ColumnTest(method="wasserstein", threshold=0.1)  # every feature column ...
-    column_tests: dict[str, ColumnTest] = Field(default_factory=dict)         # ... unless named here
-    drift_share: float = Field(0.5, gt=0.0, le=1.0)  # dataset drift: at least this share of features drifted
-    prediction_test: ColumnTest = ColumnTest(method="jensenshannon", threshold=0.1)  # predicted-class drift
-    consecutive_windows: int = Field(2, ge=1, le=12)  # thresholds exceeded this many windows in a row ...
-    cooldown_h: float = Field(24.0, ge=0.0)           # ... and this long since the last retrain started
-    state_variable: str = Field("edgeloop-drift-state", pattern=r"^[a-z0-9_\-]{1,255}$")  # Prefect variable
-    experiment: str = Field("edgeloop-drift", min_length=1)  # MLflow experiment: one run per check
-    metrics_file: Path = Path("reports/drift/drift.prom")    # headline figures, Prometheus text format
+    collected_dir: Path = Field(Path("data/collected"), description="device uploads; windows/, quarantine/ inside")
+    reference: str = Field("champion", min_length=1, description=(
+        "what a window is compared with: champion (its logged drift reference) or a reference .npz path"))
+    reference_rows: int = Field(2000, ge=100, description="training samples in a model's drift reference")
+    min_samples: int = Field(50, ge=1, description="a smaller window gets no verdict")
+    max_rows: int = Field(10_000, ge=1000, description="a larger window is sampled (uniformly) for the tests")
+    min_mean_confidence: float = Field(0.85, gt=0.0, le=1.0, description="mean confidence below this: drift")
+    max_latency_p95_ms: float = Field(200.0, gt=0.0, description="device p95 latency above this: drift")
+    feature_test: ColumnTest = Field(ColumnTest(method="wasserstein", threshold=0.1), description="other columns")
+    column_tests: dict[str, ColumnTest] = Field(default_factory=dict, description="feature column -> its own test")
+    drift_share: float = Field(0.5, gt=0.0, le=1.0, description="dataset drift: at least this share drifted")
+    prediction_test: ColumnTest = Field(ColumnTest(method="jensenshannon", threshold=0.1), description="predictions")
+    consecutive_windows: int = Field(2, ge=1, le=12, description="fire after this many drifted windows in a row ...")
+    cooldown_h: float = Field(24.0, ge=0.0, description="... and this long since the last retrain started")
+    state_variable: str = Field("edgeloop-drift-state", pattern=r"^[a-z0-9_\-]{1,255}$", description="Prefect variable")
+    experiment: str = Field("edgeloop-drift", min_length=1, description="MLflow experiment: one run per check")
+    metrics_file: Path = Field(Path("reports/drift/drift.prom"), description="headline figures, Prometheus text")
 
     @field_validator("column_tests")
     @classmethod
@@ -230,9 +218,7 @@ class PackageParams(_Section):
 
     registry: str = Field("127.0.0.1:5050", pattern=r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$")  # EDGELOOP_REGISTRY overrides
     repository: str = Field("edgeloop/edge", pattern=r"^[a-z0-9]+([._\-/][a-z0-9]+)*$")
-    # null: the official python:3.11-slim when the engine has it or can pull it, else the Debian-built base
-    # (tasks/stack/base_images.py, `make base-images`)
-    base_image: str | None = None
+    base_image: str | None = None  # null: python:3.11-slim if the engine has or pulls it, else `make base-images`
     platforms: Platforms = Field(default_factory=lambda: ["linux/amd64", "linux/arm64"])
     signing_key: Path = Path("keys/control-plane.key")  # private Ed25519 key (PEM) that signs the bundle
     public_keys: Path = Path("keys")                     # .pub file or folder of them the image trusts
@@ -285,22 +271,23 @@ class BenchmarkParams(_Section):
 class RolloutParams(_Section):
     """Canary rollout over MQTT (``flows/rollout.py``, :mod:`tasks.rollout`): cohorts, health, timings."""
 
-    broker: str = Field("127.0.0.1:1883", pattern=r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$")  # EDGELOOP_BROKER overrides
-    fleet_file: Path = Path("fleet.yaml")            # device ids and groups (edgeloop fleet add-device)
-    credentials_dir: Path = Path(".secrets/mqtt")    # broker password/ACL files and the control plane's login
-    group: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    stages: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0])  # cohort % per stage, ascending
-    stage_window_s: float = Field(600.0, ge=0.0)      # health watched this long after a stage's devices acked
-    ack_timeout_s: float = Field(300.0, gt=0.0)       # devices silent this long are reported by name
-    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0)  # more silent or failed devices than this: roll back
-    jitter_s: float = Field(30.0, ge=0.0, le=3600.0)  # devices spread their fetches over this many seconds
-    baseline_window_s: float = Field(600.0, gt=0.0)   # the previous version's figures: telemetry this recent
-    max_error_rate_increase: float = Field(0.02, ge=0.0, le=1.0)  # absolute, over the previous version's
-    max_p95_ratio: float = Field(1.5, gt=1.0)         # p95 latency at most this many times the previous version's
-    min_p95_increase_ms: float = Field(5.0, ge=0.0)   # ... unless it rose less than this (sub-ms noise is no slowdown)
-    max_confidence_drop: float = Field(0.05, ge=0.0, le=1.0)     # mean confidence at most this much lower
-    bundle_dir: Path = Path("reports/rollout/bundles")  # signed bundles published for devices to fetch
-    bundle_base_url: str | None = None                # where devices fetch bundle_dir's files; null: file:// URLs
+    broker: str = Field("127.0.0.1:1883", pattern=r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$",
+                        description="MQTT broker HOST:PORT (EDGELOOP_BROKER overrides)")
+    fleet_file: Path = Field(Path("fleet.yaml"), description="fleet file naming the groups' devices")
+    credentials_dir: Path = Field(Path(".secrets/mqtt"), description="broker password/ACL files, control-plane login")
+    group: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="device group")
+    stages: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0], description="cohort % per stage, to 100")
+    stage_window_s: float = Field(600.0, ge=0.0, description="health watched this long after a stage's devices acked")
+    ack_timeout_s: float = Field(300.0, gt=0.0, description="devices silent this long are reported by name")
+    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0, description="silent or failed share per stage, at most")
+    jitter_s: float = Field(30.0, ge=0.0, le=3600.0, description="devices spread their fetches over this long")
+    baseline_window_s: float = Field(600.0, gt=0.0, description="the previous version's telemetry this recent")
+    max_error_rate_increase: float = Field(0.02, ge=0.0, le=1.0, description="absolute, over the previous version's")
+    max_p95_ratio: float = Field(1.5, gt=1.0, description="p95 latency at most this many times the previous version's")
+    min_p95_increase_ms: float = Field(5.0, ge=0.0, description="... unless it rose less (sub-ms noise is no slowdown)")
+    max_confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="mean confidence at most this much lower")
+    bundle_dir: Path = Field(Path("reports/rollout/bundles"), description="where the signed bundles are exported")
+    bundle_base_url: str | None = Field(None, description="URL devices fetch bundle_dir's files from; null: file://")
 
     @field_validator("stages")
     @classmethod
@@ -330,11 +317,8 @@ class Params(_Section):
     rollout: RolloutParams = RolloutParams()
 
     def params_hash(self) -> str:
-        """sha256 of the parameters that shape a model file, recorded in every sidecar.
-
-        Covers seed, data, train, quantize, prune and convert (the convert stage's DVC params). Output
-        paths are not parameters, so the same model built in another workspace has the same hash.
-        """
+        """sha256 of the parameters that shape a model file (:data:`MODEL_SHAPING_SECTIONS`, the convert stage's
+        DVC params), recorded in every sidecar; output paths are not parameters (same model, same hash anywhere)."""
         shaping = self.model_dump(mode="json", include=set(MODEL_SHAPING_SECTIONS))
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
@@ -355,11 +339,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: the dotted key, the offending value and what is allowed."""
+def format_validation_error(error: ValidationError, source: str, names: dict[str, str] | None = None) -> str:
+    """One line per problem: the dotted key (or its name in ``names``), the offending value and what is allowed."""
     lines = [f"invalid parameters in {source}:"]
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        key = (names or {}).get(key, key)
         if problem["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key (check the spelling; allowed keys are listed in params.yaml)")
             continue
@@ -382,8 +367,28 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
         raise ConfigError(format_validation_error(error, source)) from None
 
 
+# The environment's overrides, read once with params.yaml (load_params): a variable that is set and not empty
+# wins over params.yaml; a run's own parameters (the rollout plan) win over it.
+ENVIRONMENT = {"MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"), "EDGELOOP_REGISTRY": ("package", "registry"),
+               "EDGELOOP_SIGNING_KEY": ("package", "signing_key"), "EDGELOOP_TRUSTED_KEYS": ("package", "public_keys"),
+               "EDGELOOP_BROKER": ("rollout", "broker")}
+
+
+def apply_environment(params: Params, environ: Mapping[str, str] = os.environ) -> Params:
+    """``params`` with the :data:`ENVIRONMENT` variables set in ``environ`` over their fields, validated again."""
+    found = {variable: environ[variable] for variable in ENVIRONMENT if environ.get(variable)}
+    raw = params.model_dump()
+    for variable, value in found.items():
+        raw[ENVIRONMENT[variable][0]][ENVIRONMENT[variable][1]] = value
+    try:
+        return Params.model_validate(raw) if found else params
+    except ValidationError as error:
+        names = {".".join(key): f"{variable} ({'.'.join(key)})" for variable, key in ENVIRONMENT.items()}
+        raise ConfigError(format_validation_error(error, f"the environment ({', '.join(found)})", names)) from None
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Load and validate ``params.yaml``."""
+    """Load and validate ``params.yaml``, with the environment's overrides (:data:`ENVIRONMENT`) applied."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameter file {path} not found; run from the repository root or pass --params")
@@ -391,4 +396,4 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return parse_params(raw, str(path))
+    return apply_environment(parse_params(raw, str(path)))

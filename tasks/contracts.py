@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.sidecar import atomic_write_text
+from edge.files import atomic_write_text
 from tasks.errors import StageError
 from tasks.workspace import SPLITS, Workspace, clear_stage_outputs, load_arrays, require, save_arrays
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.sidecar import atomic_write_bytes, sidecar_path
+from edge.files import atomic_write_bytes
+from edge.sidecar import sidecar_path
 from tasks.errors import StageError
 from tasks.variants import VARIANTS
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import SampleStoreError
+from edge.files import atomic_write_bytes
 from edge.sampling.segments import (
     ParsedSegment,
     SampleRows,
@@ -30,7 +31,6 @@ from edge.sampling.segments import (
     read_segment,
     segment_npz_bytes,
 )
-from edge.sidecar import atomic_write_bytes
 
 LOGGER = logging.getLogger(__name__)
 MIN_BUDGET_BYTES = 16 * 1024

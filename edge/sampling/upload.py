@@ -20,8 +20,9 @@ from typing import Protocol
 import httpx
 
 from edge.errors import SampleStoreError, UploadError
+from edge.files import atomic_write_bytes, sha256_file
+from edge.retry import backoff_delay
 from edge.sampling.store import SampleStore
-from edge.sidecar import atomic_write_bytes, sha256_file
 
 LOGGER = logging.getLogger(__name__)
 # the file itself is refused (too large, malformed, its name taken by other bytes): resending cannot succeed
@@ -173,9 +174,7 @@ class Uploader:
         """
         if not self.consecutive_failures:
             return self.poll_interval_s
-        doublings = min(self.consecutive_failures - 1, 60)  # days of outage must not overflow a float
-        cap = min(self.max_backoff_s, self.initial_backoff_s * 2**doublings)
-        return self._rng.uniform(0.0, cap)
+        return backoff_delay(self.consecutive_failures, self.initial_backoff_s, self.max_backoff_s, self._rng)
 
     def run_once(self) -> float:
         """Rotate an old segment, upload what is pending; returns the delay before the next pass."""

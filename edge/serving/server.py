@@ -1,6 +1,6 @@
 """Everything one edge server owns, built from its config: store, engine, sampling, uploads, telemetry.
 
-The HTTP routes (:mod:`edge.serving.app`) only call into this. ``start``/``stop`` run the background work:
+The HTTP routes (:mod:`edge.serving.routers`) only call into this. ``start``/``stop`` run the background work:
 the sampling worker, the uploader (when ``upload_to`` is set) and ``watch``, which reloads when
 ``state.json`` changes and closes sample files that reached their age.
 """

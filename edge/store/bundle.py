@@ -20,7 +20,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.errors import BundleRefused
-from edge.sidecar import sha256_file
+from edge.files import sha256_file
 from edge.signing import MAX_SIGNATURE_BYTES, verify_manifest
 from edge.store.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SAFE_NAME, SIGNATURE_FILE, Manifest, parse_manifest
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.errors import BundleRefused, StoreError
-from edge.sidecar import atomic_write_text
+from edge.files import atomic_write_text
 from edge.store.bundle import unpack, verify_folder
 from edge.store.health import LoadedVersion, load_and_check
 from edge.store.manifest import MANIFEST_FILE, Manifest

@@ -37,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from edge.config import ENV_PREFIX, settings_from
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.identity import DeviceId
+from edge.retry import backoff_delay
 from edge.rollout import GROUP, model_topic, telemetry_topic
 from edge.signing import load_public_keys
 from edge.store.model_store import ModelStore
 from edge.updater.apply import RolloutHandler, json_bytes
-from edge.updater.fetch import backoff_delay, fetch_bundle
+from edge.updater.fetch import fetch_bundle
 from edge.updater.state import hold_lock
 from edge.updater.telemetry import ServiceMetrics, TelemetrySource
 

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from edge.errors import EdgeError
+from edge.retry import backoff_delay
 
 log = logging.getLogger(__name__)
 RETRYABLE_HTTP_STATUSES = (408, 425, 429, 500, 502, 503, 504)
@@ -35,12 +36,6 @@ class RolloutFailed(EdgeError):
 
 class _Retryable(Exception):
     """A fetch failure worth another attempt (timeout, 408/425/429, 5xx)."""
-
-
-def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Full-jitter backoff after ``attempt`` consecutive failures: uniform below a cap that doubles each time."""
-    cap = min(max_s, initial_s * 2 ** min(max(attempt - 1, 0), 60))
-    return rng.uniform(0.0, cap)
 
 
 def _copy_stream(chunks: BinaryIO | httpx.Response, target: BinaryIO, max_bytes: int, url: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from edge.errors import ConfigError, StoreError
-from edge.sidecar import atomic_write_text
+from edge.files import atomic_write_text
 
 STATE_FILE = "updater.json"
 LOCK_FILE = ".updater.lock"

@@ -7,7 +7,7 @@ import csv
 import io
 import math
 
-from edge.sidecar import atomic_write_bytes, atomic_write_text
+from edge.files import atomic_write_bytes, atomic_write_text
 from tasks.contracts import BenchmarkSummary, DeviceBenchRow, Evaluation, Workspace, write_benchmark
 from tasks.evaluation.report import pareto_front
 

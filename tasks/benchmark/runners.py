@@ -150,7 +150,7 @@ class DockerRunner:
     def image_for(self, platform: str) -> str:
         if platform in self.params.images:
             return self.params.images[platform]
-        registry = os.environ.get("EDGELOOP_REGISTRY", self.package.registry)
+        registry = self.package.registry  # EDGELOOP_REGISTRY is applied when the config loads
         try:
             image = newest_image(registry, self.package.repository, platform)
         except Exception as error:  # the registry is down or answers nonsense

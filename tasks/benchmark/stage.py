@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from edge.files import atomic_write_text
 from edge.runtime import EdgeModel
-from edge.sidecar import atomic_write_text
 from tasks.benchmark.dispatch import run_with_retries, runner_for
 from tasks.benchmark.report import write_benchmark_reports
 from tasks.benchmark.runners import RunnerError
 from tasks.benchmark.staging import Candidate, stage_inputs
-from tasks.config import Params
+from tasks.config import BenchmarkParams, PackageParams, Params
 from tasks.contracts import (
     BenchmarkSummary,
     DeviceBenchRow,
@@ -50,9 +50,10 @@ from tasks.evaluation.gates import apply_device_gates, recommend_on_device
 log = logging.getLogger(__name__)
 
 
-def select_devices(params: Params, devices_path: Path, names: list[str] | None) -> list[DeviceSpec]:
+def select_devices(params: BenchmarkParams, devices_path: Path, names: list[str] | None) -> list[DeviceSpec]:
+    """The inventory's devices named by ``names`` (the CLI), else by ``benchmark.devices``, else all of them."""
     inventory = load_devices(devices_path)
-    wanted = names or params.benchmark.devices
+    wanted = names or params.devices
     unknown = sorted(set(wanted) - {device.name for device in inventory.devices})
     if unknown:
         raise ConfigError(f"benchmark.devices names unknown device(s) {', '.join(unknown)}; "
@@ -96,15 +97,14 @@ def error_rows(device: DeviceSpec, variants: list[str], message: str) -> list[De
                            error=message) for variant in variants]
 
 
-def benchmark_device(params: Params, device: DeviceSpec, candidates: list[Candidate], eval_x: np.ndarray,
-                     eval_y: np.ndarray, workspace: Workspace) -> tuple[dict[str, Any] | None, str]:
+def benchmark_device(params: BenchmarkParams, package: PackageParams, device: DeviceSpec, candidates: list[Candidate],
+                     eval_x: np.ndarray, eval_y: np.ndarray,
+                     workspace: Workspace) -> tuple[dict[str, Any] | None, str]:
     """The device's ``edge.bench`` document (also saved under reports/benchmark/), or None and the error."""
     with tempfile.TemporaryDirectory(prefix=f"edgeloop-bench-{device.name}-") as scratch:
-        inputs = stage_inputs(candidates, eval_x, eval_y, device, params.benchmark, Path(scratch) / "inputs",
-                              params.benchmark.timeout_s)
+        inputs = stage_inputs(candidates, eval_x, eval_y, device, params, Path(scratch) / "inputs", params.timeout_s)
         try:
-            document = run_with_retries(runner_for(device, params.benchmark, params.package), device, inputs,
-                                        params.benchmark)
+            document = run_with_retries(runner_for(device, params, package), device, inputs, params)
         except RunnerError as error:
             log.warning("%s (%s runner): %s", device.name, device.runner.kind, error)
             return None, str(error)
@@ -123,7 +123,7 @@ def host_labels(workspace: Workspace, candidates: list[Candidate], eval_x: np.nd
 def benchmark(params: Params, workspace: Workspace, devices_path: Path = DEVICES_FILE,
               device_names: list[str] | None = None, evaluation: Evaluation | None = None) -> BenchmarkSummary:
     """Run the stage; returns the summary (also written to reports/benchmark/summary.json)."""
-    devices = select_devices(params, devices_path, device_names)
+    devices = select_devices(params.benchmark, devices_path, device_names)
     evaluation = evaluation or read_evaluation(workspace)
     candidates = [Candidate(row.variant, workspace.variant_file(row.variant)) for row in evaluation.rows
                   if row.status == "ok"]
@@ -141,7 +141,8 @@ def benchmark(params: Params, workspace: Workspace, devices_path: Path = DEVICES
     file_to_variant = {c.path.name: c.variant for c in candidates}
 
     def one(device: DeviceSpec) -> tuple[DeviceOutcome, list[DeviceBenchRow]]:
-        document, error = benchmark_device(params, device, candidates, eval_x, eval_y, workspace)
+        document, error = benchmark_device(params.benchmark, params.package, device, candidates, eval_x, eval_y,
+                                           workspace)
         if document is None:
             return (DeviceOutcome(device=device.name, runner=device.runner.kind, status="error", error=error),
                     error_rows(device, [c.variant for c in candidates], error))

@@ -1,1 +1,1 @@
-"""Evaluation phase: the evaluate stage, gates, reports, challenger scoring (device benchmarks go here)."""
+"""Evaluation phase: the evaluate stage, the gates, the comparison reports, challenger scoring."""

@@ -68,7 +68,7 @@ def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_
     }
 
 
-def evaluate_variants(params: Params, workspace: Workspace, conversions: list[ConversionResult], test: Dataset,
+def evaluate_variants(params: EvaluateParams, workspace: Workspace, conversions: list[ConversionResult], test: Dataset,
                       inventory: DeviceInventory) -> list[VariantRow]:
     """One :class:`VariantRow` per conversion result, measured, gated and checked against each device."""
     reference = read_reference_outputs(workspace)
@@ -80,7 +80,7 @@ def evaluate_variants(params: Params, workspace: Workspace, conversions: list[Co
         if result.status == "ok":
             try:
                 measured = measure_variant(workspace.variant_file(result.variant), test, reference,
-                                           reference_accuracy, params.evaluate)
+                                           reference_accuracy, params)
                 row = row.model_copy(update=measured)
             except Exception as error:  # runtimes raise anything on a broken file: the row carries it
                 row.status, row.error = "failed", f"evaluation: {type(error).__name__}: {error}"[:500]
@@ -95,22 +95,22 @@ def evaluate_variants(params: Params, workspace: Workspace, conversions: list[Co
             row.size_reduction = reference_size / row.size_bytes
         if row.weight_bytes:
             row.weight_reduction = reference_weights / row.weight_bytes
-        apply_gates(row, params.evaluate.gates)
+        apply_gates(row, params.gates)
         mark_devices(row, inventory)
     return rows
 
 
-def evaluate(params: Params, workspace: Workspace, conversions: list[ConversionResult],
+def evaluate(params: EvaluateParams, workspace: Workspace, conversions: list[ConversionResult],
              devices_path: Path = DEVICES_FILE) -> Evaluation:
     """Run the stage: rows, recommendation and reports (also when nothing passes: ``failure`` says why)."""
     inventory = load_devices(devices_path)
     clear_stage_outputs(workspace, "evaluate")
     prepared = read_prepared(workspace)
     rows = evaluate_variants(params, workspace, conversions, prepared.test, inventory)
-    best = recommend(rows, params.evaluate.recommend_by)
-    evaluation = Evaluation(recommended=best.variant if best else None, recommend_by=params.evaluate.recommend_by,
-                            gates=params.evaluate.gates.model_dump(), rows=rows,
-                            failure="" if best else gate_failure_message(rows, params.evaluate.gates))
+    best = recommend(rows, params.recommend_by)
+    evaluation = Evaluation(recommended=best.variant if best else None, recommend_by=params.recommend_by,
+                            gates=params.gates.model_dump(), rows=rows,
+                            failure="" if best else gate_failure_message(rows, params.gates))
     write_reports(evaluation, workspace)
     return evaluation
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def stage(params: Params, workspace: Workspace) -> None:
-        evaluation = evaluate(params, workspace, read_conversion(workspace), args.devices)
+        evaluation = evaluate(params.evaluate, workspace, read_conversion(workspace), args.devices)
         print(workspace.comparison_file("md").read_text())
         print(f"recommended variant: {evaluation.recommended}" if evaluation.recommended else evaluation.failure)
 

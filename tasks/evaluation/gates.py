@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from tasks.config import GateParams
 from tasks.contracts import DeviceBenchRow, VariantRow
 from tasks.devices import MB, DeviceInventory, DeviceSpec, device_fit
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate: a measured figure held against a limit, and how its failure reads.
+
+    ``limit`` None is a gate switched off. ``digits`` are the decimals of the figure and the margin;
+    ``limit_digits`` those of the limit (None: the limit as configured).
+    """
+
+    name: str
+    value: float | None
+    limit: float | None
+    unit: str = ""
+    kind: Literal["min", "max"] = "max"
+    digits: int = 2
+    limit_digits: int | None = None
+
+    def failure(self) -> str | None:
+        """Why the figure fails the gate (the figure, the limit and the margin), or None when it passes."""
+        if self.limit is None:
+            return None
+        if self.value is None:
+            return f"{self.name}: not measured"
+        failed = self.value > self.limit if self.kind == "max" else self.value < self.limit
+        if not failed:
+            return None
+        sign, margin = (">", "over by") if self.kind == "max" else ("<", "short by")
+        limit = f"{self.limit}" if self.limit_digits is None else f"{self.limit:.{self.limit_digits}f}"
+        return (f"{self.name} {self.value:.{self.digits}f}{self.unit} {sign} {self.kind} {limit}{self.unit} "
+                f"({margin} {abs(self.value - self.limit):.{self.digits}f}{self.unit})")
+
+
+def judge(row: VariantRow | DeviceBenchRow, gates: Iterable[Gate]) -> None:
+    """Record every failing gate on ``row`` (one failure never hides another) and whether all passed."""
+    row.gate_failures.extend(failure for gate in gates if (failure := gate.failure()) is not None)
+    row.gates_passed = not row.gate_failures
 
 
 def apply_gates(row: VariantRow, gates: GateParams) -> None:
@@ -15,25 +53,13 @@ def apply_gates(row: VariantRow, gates: GateParams) -> None:
     if row.status != "ok":
         row.gate_failures = [f"not evaluated ({row.status})"]
         return
-    checks = [
-        ("accuracy", row.accuracy, gates.min_accuracy, "", "min"),
-        ("accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts", "max"),
-        ("weight reduction", row.weight_reduction, gates.min_weight_reduction, "x", "min"),
-        ("size reduction", row.size_reduction, gates.min_size_reduction, "x", "min"),
-        ("host p95 latency", row.latency_p95_ms, gates.max_host_latency_ms, "ms", "max"),
-    ]
-    for name, value, limit, unit, kind in checks:
-        if limit is None:  # an optional gate that is switched off
-            continue
-        if value is None:
-            row.gate_failures.append(f"{name}: not measured")
-        elif kind == "max" and value > limit:
-            margin = f"over by {value - limit:.2f}{unit}"
-            row.gate_failures.append(f"{name} {value:.2f}{unit} > max {limit}{unit} ({margin})")
-        elif kind == "min" and value < limit:
-            margin = f"short by {limit - value:.2f}{unit}"
-            row.gate_failures.append(f"{name} {value:.2f}{unit} < min {limit}{unit} ({margin})")
-    row.gates_passed = not row.gate_failures
+    judge(row, [
+        Gate("accuracy", row.accuracy, gates.min_accuracy, kind="min"),
+        Gate("accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts"),
+        Gate("weight reduction", row.weight_reduction, gates.min_weight_reduction, "x", "min"),
+        Gate("size reduction", row.size_reduction, gates.min_size_reduction, "x", "min"),
+        Gate("host p95 latency", row.latency_p95_ms, gates.max_host_latency_ms, "ms"),
+    ])
 
 
 def mark_devices(row: VariantRow, inventory: DeviceInventory) -> None:
@@ -97,26 +123,17 @@ def apply_device_gates(row: DeviceBenchRow, device: DeviceSpec, gates: GateParam
     if row.status != "ok":
         row.gate_failures = [f"not measured: {row.error}"]
         return
-    rss_limit = max_rss_fraction * device.ram_mb * MB
-    checks: list[tuple[str, float | None, float, str, str]] = [
-        ("peak RSS", _mb(row.peak_rss_bytes), rss_limit / MB, "MB", "max"),
-        ("model size", _mb(row.size_bytes), float(device.storage_mb), "MB", "max"),
-        ("on-device accuracy", row.accuracy, gates.min_accuracy, "", "min"),
-        ("on-device accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts", "max"),
+    checks = [
+        Gate("peak RSS", _mb(row.peak_rss_bytes), max_rss_fraction * device.ram_mb, "MB", limit_digits=2),
+        Gate("model size", _mb(row.size_bytes), float(device.storage_mb), "MB", limit_digits=2),
+        Gate("on-device accuracy", row.accuracy, gates.min_accuracy, kind="min", digits=3),
+        Gate("on-device accuracy drop", row.accuracy_drop_pts, gates.max_accuracy_drop_pts, "pts", limit_digits=2),
     ]
     if row.emulated:
         row.gate_notes.append(f"p95 latency not gated: measured under emulation ({row.arch}), not a device timing")
     else:
-        checks.insert(0, ("device p95 latency", row.p95_ms, device.latency_budget_ms, "ms", "max"))
-    for name, value, limit, unit, kind in checks:
-        if value is None:
-            row.gate_failures.append(f"{name}: not measured")
-        elif kind == "max" and value > limit:
-            row.gate_failures.append(
-                f"{name} {value:.2f}{unit} > max {limit:.2f}{unit} (over by {value - limit:.2f}{unit})")
-        elif kind == "min" and value < limit:
-            row.gate_failures.append(f"{name} {value:.3f} < min {limit}{unit} (short by {limit - value:.3f}{unit})")
-    row.gates_passed = not row.gate_failures
+        checks.insert(0, Gate("device p95 latency", row.p95_ms, device.latency_budget_ms, "ms", limit_digits=2))
+    judge(row, checks)
 
 
 def _mb(value: int | None) -> float | None:

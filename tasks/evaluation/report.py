@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edge.sidecar import atomic_write_bytes, atomic_write_text
+from edge.files import atomic_write_bytes, atomic_write_text
 from tasks.contracts import Evaluation, VariantRow, Workspace, write_evaluation
 
 COLUMNS = [

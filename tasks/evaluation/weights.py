@@ -10,31 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_BUFFERS_FIELD = 4  # tflite schema: table Model { version, operator_codes, subgraphs, description, buffers }
-BUFFER_DATA_FIELD, BUFFER_SIZE_FIELD = 0, 2  # table Buffer { data: [ubyte], offset: ulong, size: ulong }
-
-
-def _field_offset(field_index: int) -> int:
-    return 4 + 2 * field_index  # a flatbuffer vtable: two uint16 headers, then one uint16 per field
-
 
 def tflite_weight_bytes(content: bytes) -> int:
-    """Sum of the data of every buffer in a ``.tflite`` flatbuffer (large models: the size field)."""
-    from flatbuffers import encode, number_types
-    from flatbuffers.table import Table
+    """Sum of the data of every buffer in a ``.tflite`` flatbuffer (large models: the size field).
 
-    model = Table(bytearray(content), encode.Get(number_types.UOffsetTFlags.packer_type, content, 0))
-    buffers = model.Offset(_field_offset(MODEL_BUFFERS_FIELD))
-    if not buffers:
-        return 0
-    total, start = 0, model.Vector(buffers)
-    for index in range(model.VectorLen(buffers)):
-        buffer = Table(model.Bytes, model.Indirect(start + 4 * index))
-        data = buffer.Offset(_field_offset(BUFFER_DATA_FIELD))
-        if data:
-            total += buffer.VectorLen(data)
-        elif size := buffer.Offset(_field_offset(BUFFER_SIZE_FIELD)):
-            total += buffer.Get(number_types.Uint64Flags, size + buffer.Pos)
+    Read through the schema LiteRT generates (a light import, unlike TensorFlow's copy of it). A model
+    over 2 GB keeps its buffers after the flatbuffer: such a buffer has no data, only its offset and size.
+    """
+    from ai_edge_litert.schema_py_generated import Model
+
+    model = Model.GetRootAs(content, 0)
+    total = 0
+    for index in range(model.BuffersLength()):
+        buffer = model.Buffers(index)
+        total += buffer.Size() if buffer.DataIsNone() else buffer.DataLength()
     return total
 
 

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.files import atomic_write_bytes
 from edge.runtime import EdgeModel
-from edge.sidecar import atomic_write_bytes, sidecar_path, write_sidecar
-from tasks.config import Params
+from edge.sidecar import sidecar_path, write_sidecar
+from tasks.config import ConvertParams, Params
 from tasks.contracts import (
     ConversionResult,
     PreparedData,
@@ -61,12 +62,12 @@ def resolve_sources(summary: TrainSummary, workspace: Workspace) -> dict[str, So
     return sources
 
 
-def export_bytes(variant: Variant, model: Any, params: Params, prepared: PreparedData,
+def export_bytes(variant: Variant, model: Any, params: ConvertParams, prepared: PreparedData,
                  onnx_cache: dict[str, bytes]) -> bytes:
     if variant.runtime == "tflite":
         return exporters.tflite_bytes(model, variant.precision, prepared.representative)
     if "fp32" not in onnx_cache:
-        onnx_cache["fp32"] = exporters.onnx_bytes(model, params.convert.onnx_opset)
+        onnx_cache["fp32"] = exporters.onnx_bytes(model, params.onnx_opset)
     if variant.precision == "fp32":
         return onnx_cache["fp32"]
     return exporters.onnx_int8_bytes(onnx_cache["fp32"], prepared.representative)
@@ -87,7 +88,7 @@ def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, li
     }
 
 
-def convert_variant(variant: Variant, source: SourceModel, params: Params, prepared: PreparedData,
+def convert_variant(variant: Variant, source: SourceModel, params: ConvertParams, prepared: PreparedData,
                     workspace: Workspace, lineage: dict[str, Any], loaded: dict[Path, Any],
                     onnx_cache: dict[str, bytes], trained_head: heads.OutputKind = "probabilities") -> ConversionResult:
     """Build one variant; any failure becomes the row's error and leaves no file behind."""
@@ -113,10 +114,11 @@ def convert_variant(variant: Variant, source: SourceModel, params: Params, prepa
                             seconds=time.perf_counter() - started)
 
 
-def lineage_record(params: Params, workspace: Workspace, labels: list[str]) -> dict[str, Any]:
+def lineage_record(params_hash: str, zoo_model: str, workspace: Workspace, labels: list[str]) -> dict[str, Any]:
+    """What every sidecar records of where its model came from: data, code, parameters and zoo entry."""
     return {"labels": labels, "data_version": directory_md5(workspace.prepared_dir),
-            "git_commit": git_commit(), "params_hash": params.params_hash(), "created_at": utc_now(),
-            "zoo_model": params.train.model}
+            "git_commit": git_commit(), "params_hash": params_hash, "created_at": utc_now(),
+            "zoo_model": zoo_model}
 
 
 def convert_all(params: Params, prepared: PreparedData, summary: TrainSummary,
@@ -125,11 +127,11 @@ def convert_all(params: Params, prepared: PreparedData, summary: TrainSummary,
     clear_stage_outputs(workspace, "convert")  # e.g. variants switched off since the last run
     workspace.variants_dir.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(summary, workspace)
-    lineage = lineage_record(params, workspace, prepared.train.labels)
+    lineage = lineage_record(params.params_hash(), params.train.model, workspace, prepared.train.labels)
     loaded: dict[Path, Any] = {}
     onnx_cache: dict[str, bytes] = {}
-    results = [convert_variant(VARIANTS[name], sources[VARIANTS[name].source], params, prepared, workspace, lineage,
-                               loaded, onnx_cache, summary.output) for name in params.convert.enabled_variants]
+    results = [convert_variant(VARIANTS[name], sources[VARIANTS[name].source], params.convert, prepared, workspace,
+                               lineage, loaded, onnx_cache, summary.output) for name in params.convert.enabled_variants]
     write_conversion(workspace, results)
     return results
 

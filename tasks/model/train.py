@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import Params
+from tasks.config import Params, PruneParams, QuantizeParams, TrainParams
 from tasks.contracts import (
     BaselineSummary,
     PreparedData,
@@ -39,37 +39,36 @@ from tasks.model.tfsetup import set_seeds
 log = logging.getLogger(__name__)
 
 
-def build_baseline(params: Params, prepared: PreparedData) -> Any:
+def build_baseline(params: TrainParams, prepared: PreparedData) -> Any:
     """The untrained (or pretrained, for ``keras_file``) float32 model for this data."""
     from tasks.model import zoo  # imports TensorFlow: only when a model is built (keeps --help instant)
 
     input_shape, num_classes = prepared.train.input_shape, len(prepared.train.labels)
-    if params.train.model == "keras_file":
-        loaded = zoo.load_keras_model(Path(params.train.model_path))
+    if params.model == "keras_file":
+        loaded = zoo.load_keras_model(Path(params.model_path))
         return zoo.adapt_model(loaded, input_shape, num_classes)
-    return zoo.build_model(params.train.model, input_shape, num_classes)
+    return zoo.build_model(params.model, input_shape, num_classes)
 
 
-def fine_tuning(params: Params, prepared: PreparedData, output: heads.OutputKind) -> optimize.FineTuning:
-    return optimize.FineTuning(prepared.train, prepared.val, params.train.batch_size, output,
-                               params.train.batchnorm_max_gap_pts)
+def fine_tuning(params: TrainParams, prepared: PreparedData, output: heads.OutputKind) -> optimize.FineTuning:
+    return optimize.FineTuning(prepared.train, prepared.val, params.batch_size, output, params.batchnorm_max_gap_pts)
 
 
-def train_baseline(params: Params, prepared: PreparedData) -> tuple[Any, optimize.FineTuning]:
+def train_baseline(params: TrainParams, prepared: PreparedData) -> tuple[Any, optimize.FineTuning]:
     """Build the model, read what its head emits, train it with the matching loss and settle its BatchNorm."""
     model = build_baseline(params, prepared)
     tuning = fine_tuning(params, prepared, heads.output_kind(model))
-    tuning.fit(model, params.train.learning_rate, params.train.epochs, "baseline")
+    tuning.fit(model, params.learning_rate, params.epochs, "baseline")
     return model, tuning
 
 
-def quality_floor(params: Params, val_accuracy: float, labels: np.ndarray, num_classes: int) -> QualityFloor:
+def quality_floor(params: TrainParams, val_accuracy: float, labels: np.ndarray, num_classes: int) -> QualityFloor:
     majority_rate = float(np.bincount(labels, minlength=num_classes).max() / len(labels))
-    floor = majority_rate + params.train.min_gain_over_chance * (1.0 - majority_rate)
+    floor = majority_rate + params.min_gain_over_chance * (1.0 - majority_rate)
     return QualityFloor(val_accuracy=val_accuracy, majority_rate=majority_rate, floor=floor)
 
 
-def check_learned(params: Params, quality: QualityFloor, model: Any, tuning: optimize.FineTuning) -> None:
+def check_learned(params: TrainParams, quality: QualityFloor, model: Any, tuning: optimize.FineTuning) -> None:
     """Stop the stage (before QAT and pruning spend time) when the baseline did not beat chance by the margin."""
     if quality.val_accuracy >= quality.floor:
         return
@@ -85,12 +84,12 @@ def check_learned(params: Params, quality: QualityFloor, model: Any, tuning: opt
     raise QualityFloorError(
         f"the float32 baseline did not learn: validation accuracy {quality.val_accuracy:.3f} is below the floor "
         f"{quality.floor:.3f} (majority-class rate {quality.majority_rate:.3f} + train.min_gain_over_chance "
-        f"{params.train.min_gain_over_chance} of the rest); nothing is optimised or registered. Checked:\n"
+        f"{params.min_gain_over_chance} of the rest); nothing is optimised or registered. Checked:\n"
         f"  - output activation: the head emits {tuning.output}, trained with "
         f"{'from_logits=True' if tuning.output == 'logits' else 'cross-entropy on probabilities'}\n"
         f"  - BatchNorm statistics: {bn_text}\n"
         f"  - training accuracy {train_accuracy:.3f}: {fit_text}\n"
-        f"  - train.learning_rate {params.train.learning_rate}, train.epochs {params.train.epochs}: try more "
+        f"  - train.learning_rate {params.learning_rate}, train.epochs {params.epochs}: try more "
         "epochs or a learning rate 10x smaller or larger\n"
         "  - the labels: are y and the images paired correctly (data.path)?")
 
@@ -106,10 +105,10 @@ def needs_qat(strategy: str, ptq_drop_pts: float, max_drop_pts: float) -> tuple[
     return False, f"PTQ drop {ptq_drop_pts:.2f} pts <= {max_drop_pts} pts; QAT not needed"
 
 
-def run_qat(model: Any, params: Params, tuning: optimize.FineTuning) -> optimize.QatOutcome:
+def run_qat(model: Any, params: QuantizeParams, tuning: optimize.FineTuning) -> optimize.QatOutcome:
     outcome = optimize.quantize_aware(optimize.copy_model(model))
     if outcome.model is not None:
-        tuning.fit(outcome.model, params.quantize.qat_learning_rate, params.quantize.qat_epochs, "qat")
+        tuning.fit(outcome.model, params.qat_learning_rate, params.qat_epochs, "qat")
     return outcome
 
 
@@ -120,23 +119,23 @@ def pruned_int8_method(strategy: str) -> tuple[bool, str]:
     return True, f"strategy {strategy}: pruning-preserving QAT (PQAT) keeps the zeros through quantization"
 
 
-def run_pruning(model: Any, baseline_val: float, params: Params, tuning: optimize.FineTuning,
-                workspace: Workspace) -> PruningSummary:
+def run_pruning(model: Any, baseline_val: float, prune: PruneParams, quantize: QuantizeParams,
+                tuning: optimize.FineTuning, workspace: Workspace) -> PruningSummary:
     """Sparsity search, then PQAT (or PTQ) for the pruned + int8 variant; saves the models it keeps.
 
     A model tfmot cannot prune is reported, not a crashed stage: the pruned variant is then skipped.
     """
     try:
-        pruned, trials, within_budget = optimize.search_sparsity(model, baseline_val, params.prune, tuning)
+        pruned, trials, within_budget = optimize.search_sparsity(model, baseline_val, prune, tuning)
     except optimize.TfmotRefused as error:
         log.warning("pruning failed: %s", error)
         return PruningSummary(error=str(error), unsupported_layers=optimize.unsupported_layers(model, "prune"))
     pruned.save(workspace.keras_model("pruned"))
-    use_pqat, reason = pruned_int8_method(params.quantize.strategy)
+    use_pqat, reason = pruned_int8_method(quantize.strategy)
     source, method = workspace.keras_model("pruned").name, "ptq"
     if use_pqat:
         try:
-            pqat = optimize.prune_preserving_qat(pruned, params.quantize, tuning)
+            pqat = optimize.prune_preserving_qat(pruned, quantize, tuning)
             pqat.save(workspace.keras_model("pruned_qat"))
             source, method = workspace.keras_model("pruned_qat").name, "pqat"
         except optimize.TfmotRefused as error:  # layers PQAT cannot quantize: PTQ of the pruned model instead
@@ -147,12 +146,12 @@ def run_pruning(model: Any, baseline_val: float, params: Params, tuning: optimiz
                           int8=PrunedInt8(method=method, reason=reason, file=source))
 
 
-def check_qat(model: Any, baseline_val: float, params: Params, prepared: PreparedData, tuning: optimize.FineTuning,
-              workspace: Workspace) -> tuple[PtqCheck, QatSummary]:
+def check_qat(model: Any, baseline_val: float, params: QuantizeParams, prepared: PreparedData,
+              tuning: optimize.FineTuning, workspace: Workspace) -> tuple[PtqCheck, QatSummary]:
     """Measure full-integer PTQ in LiteRT; train QAT when the strategy (or the drop) asks for it."""
     ptq_val = optimize.ptq_accuracy(model, tuning.output, prepared.representative, prepared.val)
     ptq = PtqCheck(val_accuracy=ptq_val, drop_pts=100.0 * (baseline_val - ptq_val))
-    want_qat, reason = needs_qat(params.quantize.strategy, ptq.drop_pts, params.quantize.max_ptq_drop_pts)
+    want_qat, reason = needs_qat(params.strategy, ptq.drop_pts, params.max_ptq_drop_pts)
     if not want_qat:
         return ptq, QatSummary(reason=reason, unsupported_layers=optimize.unsupported_layers(model, "quantize"))
     outcome = run_qat(model, params, tuning)
@@ -170,10 +169,10 @@ def train(params: Params, prepared: PreparedData, workspace: Workspace) -> Train
     set_seeds(params.seed)
     clear_stage_outputs(workspace, "train")  # a run that stops (the chance floor) leaves nothing stale
     workspace.keras_dir.mkdir(parents=True, exist_ok=True)
-    model, tuning = train_baseline(params, prepared)
+    model, tuning = train_baseline(params.train, prepared)
     baseline_val = optimize.keras_accuracy(model, prepared.val)
-    quality = quality_floor(params, baseline_val, prepared.val.y, len(prepared.val.labels))
-    check_learned(params, quality, model, tuning)
+    quality = quality_floor(params.train, baseline_val, prepared.val.y, len(prepared.val.labels))
+    check_learned(params.train, quality, model, tuning)
     model.save(workspace.keras_model("baseline"))
     test_probabilities = heads.with_probabilities(model, tuning.output).predict(prepared.test.x, batch_size=256,
                                                                                  verbose=0)
@@ -181,8 +180,9 @@ def train(params: Params, prepared: PreparedData, workspace: Workspace) -> Train
     write_reference_outputs(workspace, test_probabilities, prepared.test.y)
     log.info("baseline %s (%s head): val %.4f, test %.4f", params.train.model, tuning.output, baseline_val,
              test_accuracy)
-    ptq, qat = check_qat(model, baseline_val, params, prepared, tuning, workspace)
-    pruning = run_pruning(model, baseline_val, params, tuning, workspace) if params.prune.enabled else None
+    ptq, qat = check_qat(model, baseline_val, params.quantize, prepared, tuning, workspace)
+    pruning = (run_pruning(model, baseline_val, params.prune, params.quantize, tuning, workspace)
+               if params.prune.enabled else None)
     summary = TrainSummary(
         model=params.train.model, params_count=int(model.count_params()),
         input_shape=list(prepared.train.input_shape), labels=prepared.train.labels, output=tuning.output,

@@ -25,6 +25,7 @@ import numpy as np
 
 from tasks.config import P_VALUE_TESTS, ColumnTest, DriftParams
 from tasks.monitoring.reference import Reference
+from tasks.monitoring.sample_files import column_names
 
 Status = Literal["drift", "ok", "too_small", "invalid"]
 PREDICTED = "predicted"
@@ -82,7 +83,7 @@ def is_drifted(test: ColumnTest, score: float) -> bool:
 
 
 def _validity(arrays: dict[str, np.ndarray], reference: Reference) -> str | None:
-    names = [str(name) for name in arrays.get("feature_names", ())]
+    names = column_names(arrays)
     missing = [name for name in reference.feature_names if name not in names]
     if missing:
         return f"feature columns {missing} are missing (the reference has {len(reference.feature_names)})"
@@ -96,7 +97,7 @@ def _validity(arrays: dict[str, np.ndarray], reference: Reference) -> str | None
 def _frames(arrays: dict[str, np.ndarray], reference: Reference, rows: np.ndarray):
     import pandas as pd
 
-    names = [str(name) for name in arrays["feature_names"]]
+    names = column_names(arrays)
     columns = [names.index(name) for name in reference.feature_names]
     current = pd.DataFrame(arrays["features"][rows][:, columns], columns=list(reference.feature_names))
     current[PREDICTED] = arrays["predicted"][rows].astype(np.int64)

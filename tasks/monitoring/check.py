@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.sidecar import atomic_write_text
-from tasks.config import PARAMS_FILE, Params, load_params
+from edge.files import atomic_write_text
+from tasks.config import PARAMS_FILE, DriftParams, MlflowParams, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, StageError
 from tasks.monitoring.analysis import WindowAnalysis, analyse
 from tasks.monitoring.collected import Window, consolidate
+from tasks.monitoring.figures import mlflow_metrics, prometheus_text
 from tasks.monitoring.policy import Decision
 from tasks.monitoring.reference import Reference, read_reference
 
@@ -59,48 +60,54 @@ class CheckOutcome:
         }
 
 
-def registered_versions(params: Params) -> set[str]:
+def registered_versions(registered_model: str) -> set[str]:
     """Every way a device may name a registered version: ``3``, ``v3`` and its image semver (MLflow configured)."""
     import mlflow
 
     names: set[str] = set()
-    for version in mlflow.MlflowClient().search_model_versions(f"name='{params.mlflow.registered_model}'"):
+    for version in mlflow.MlflowClient().search_model_versions(f"name='{registered_model}'"):
         names |= {str(version.version), f"v{version.version}"}
         if version.tags.get("image.version"):
             names.add(version.tags["image.version"])
     return names
 
 
-def load_check_reference(params: Params, scratch: Path) -> tuple[str, Reference]:
+def load_check_reference(reference: str, registered_model: str, scratch: Path) -> tuple[str, Reference]:
     """The reference of ``drift.reference``: the champion's (from MLflow, configured) or a file; with a label."""
-    if params.drift.reference != CHAMPION:
-        path = Path(params.drift.reference)
+    if reference != CHAMPION:
+        path = Path(reference)
         if not path.is_file():
             raise ConfigError(f"drift.reference {path} is not a file; give a reference .npz or 'champion'")
         return str(path), read_reference(path)
     from tasks.registry.promotion import download_drift_reference
 
-    found = download_drift_reference(params.mlflow.registered_model, CHAMPION, scratch)
+    found = download_drift_reference(registered_model, CHAMPION, scratch)
     if found is None:
-        raise StageError(f"{params.mlflow.registered_model} has no champion yet, so there is no reference to "
+        raise StageError(f"{registered_model} has no champion yet, so there is no reference to "
                          "compare with; approve a retrain (or set drift.reference to a reference .npz)")
     version, path = found
     return f"champion v{version}", read_reference(path)
 
 
-def run_check(params: Params, report_root: Path, consume: bool = True, check_versions: bool = True) -> CheckOutcome:
-    """Consolidate the pending uploads into a window and analyse it; reports under ``report_root/<window>``."""
-    if check_versions or params.drift.reference == CHAMPION:
+def run_check(drift: DriftParams, mlflow_params: MlflowParams, report_root: Path, *, seed: int,
+              consume: bool = True, check_versions: bool = True) -> CheckOutcome:
+    """Consolidate the pending uploads into a window and analyse it; reports under ``report_root/<window>``.
+
+    Args:
+        drift: the ``drift`` section (uploads, reference, tests, rules).
+        mlflow_params: the ``mlflow`` section: the registry holding the champion's reference and the versions.
+        seed: seed of the sampling of windows above ``drift.max_rows``.
+    """
+    if check_versions or drift.reference == CHAMPION:
         from tasks.registry import tracking
-        tracking.configure(params.mlflow)  # once: the champion's reference and the registered versions
+        tracking.configure(mlflow_params)  # once: the champion's reference and the registered versions
     with tempfile.TemporaryDirectory(prefix="edgeloop-drift-") as scratch:
-        label, reference = load_check_reference(params, Path(scratch))
-    known = registered_versions(params) if check_versions else None
-    window = consolidate(params.drift.collected_dir, known, consume=consume)
+        label, reference = load_check_reference(drift.reference, mlflow_params.registered_model, Path(scratch))
+    known = registered_versions(mlflow_params.registered_model) if check_versions else None
+    window = consolidate(drift.collected_dir, known, consume=consume)
     report_dir = Path(report_root) / window.window_id
     report_dir.mkdir(parents=True, exist_ok=True)
-    analysis = analyse(window.window_id, window.arrays, reference, params.drift, seed=params.seed,
-                       html=report_dir / "report.html")
+    analysis = analyse(window.window_id, window.arrays, reference, drift, seed=seed, html=report_dir / "report.html")
     analysis.reference = label
     if window.quarantined:
         analysis.reasons.append(f"{len(window.quarantined)} upload(s) quarantined: "
@@ -116,63 +123,30 @@ def write_summary(outcome: CheckOutcome) -> Path:
     return path
 
 
-def prometheus_text(outcome: CheckOutcome) -> str:
-    """The headline figures in Prometheus' text format (for node_exporter's textfile collector)."""
-    analysis, decision = outcome.analysis, outcome.decision
-    figures = {
-        "edgeloop_drift_window_rows": (analysis.rows, "rows in the newest window"),
-        "edgeloop_drift_share": (analysis.drift_share, "share of feature columns drifted"),
-        "edgeloop_drift_dataset_drift": (int(analysis.dataset_drift), "1 when the dataset drifted"),
-        "edgeloop_drift_prediction_score": (analysis.prediction.score if analysis.prediction else None,
-                                            "predicted-class drift score"),
-        "edgeloop_drift_mean_confidence": (analysis.mean_confidence, "mean top-class confidence"),
-        "edgeloop_drift_latency_p95_ms": (analysis.latency_p95_ms, "device latency p95 (ms)"),
-        "edgeloop_drift_exceeded": (int(analysis.exceeded), "1 when the window exceeded the thresholds"),
-        "edgeloop_drift_invalid": (int(analysis.status == "invalid"), "1 when the window was invalid"),
-        "edgeloop_drift_streak": (decision.streak if decision else None, "consecutive exceeded windows"),
-        "edgeloop_drift_triggered": (int(bool(decision and decision.fire)), "1 when this check started a retrain"),
-        "edgeloop_drift_quarantined_files": (len(outcome.window.quarantined), "uploads quarantined by this check"),
-    }
-    lines = []
-    for name, (value, meaning) in figures.items():
-        if value is not None:
-            lines += [f"# HELP {name} {meaning}", f"# TYPE {name} gauge", f"{name} {float(value):.6g}"]
-    return "\n".join(lines) + "\n"
-
-
 def write_prometheus(outcome: CheckOutcome, path: Path) -> None:
-    atomic_write_text(Path(path), prometheus_text(outcome))
+    """The headline figures (:mod:`tasks.monitoring.figures`) for node_exporter's textfile collector."""
+    atomic_write_text(Path(path), prometheus_text(outcome.summary()))
 
 
-def log_check(params: Params, outcome: CheckOutcome) -> None:
+def log_check(drift: DriftParams, mlflow_params: MlflowParams, outcome: CheckOutcome) -> None:
     """A run per check in the ``drift.experiment`` MLflow experiment: figures, tests, HTML and JSON reports."""
     import mlflow
 
     from tasks.registry import tracking
-    uri = tracking.configure(params.mlflow)
-    experiment_id = tracking.ensure_experiment(params.mlflow.model_copy(update={"experiment": params.drift.experiment}))
+    uri = tracking.configure(mlflow_params)
+    experiment_id = tracking.ensure_experiment(mlflow_params.model_copy(update={"experiment": drift.experiment}))
     analysis = outcome.analysis
-    metrics = {"rows": analysis.rows, "drifted_features": len(analysis.drifted_features),
-               "exceeded": int(analysis.exceeded), "quarantined_files": len(outcome.window.quarantined),
-               "duplicates": outcome.window.duplicates}
-    for key in ("drift_share", "mean_confidence", "latency_p95_ms"):
-        if getattr(analysis, key) is not None:
-            metrics[key] = getattr(analysis, key)
-    if analysis.prediction is not None:
-        metrics["prediction_score"] = analysis.prediction.score
-    metrics |= {f"feature.{name}": score.score for name, score in analysis.features.items()}
-    if outcome.decision is not None:
-        metrics |= {"streak": outcome.decision.streak, "triggered": int(outcome.decision.fire)}
+    summary = outcome.summary()
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"drift-{analysis.window_id}") as run:
-        mlflow.log_params({"feature_test": params.drift.feature_test.model_dump_json(),
-                           "prediction_test": params.drift.prediction_test.model_dump_json(),
-                           "drift_share": params.drift.drift_share, "min_samples": params.drift.min_samples,
-                           "consecutive_windows": params.drift.consecutive_windows,
-                           "cooldown_h": params.drift.cooldown_h, "reference": analysis.reference})
-        mlflow.log_metrics(metrics)
+        mlflow.log_params({"feature_test": drift.feature_test.model_dump_json(),
+                           "prediction_test": drift.prediction_test.model_dump_json(),
+                           "drift_share": drift.drift_share, "min_samples": drift.min_samples,
+                           "consecutive_windows": drift.consecutive_windows,
+                           "cooldown_h": drift.cooldown_h, "reference": analysis.reference})
+        mlflow.log_metrics(mlflow_metrics(summary))
         mlflow.set_tags({"edgeloop.stage": "drift-check", "drift.status": analysis.status,
                          "drift.window": analysis.window_id, "drift.reference": analysis.reference,
-                         "drift.triggered": str(bool(outcome.decision and outcome.decision.fire)).lower()})
+                         "drift.triggered": str(summary["drift_detected"]).lower()})
         outcome.mlflow_run_id = run.info.run_id
         outcome.mlflow_run_url = tracking.run_url(uri, experiment_id, run.info.run_id)
         write_summary(outcome)
@@ -202,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         update = {key: value for key, value in (("collected_dir", args.collected_dir),
                                                  ("reference", args.reference)) if value}
-        params = params.model_copy(update={"drift": params.drift.model_copy(update=update)})
-        outcome = run_check(params, args.out, consume=args.consume, check_versions=not args.no_version_check)
+        outcome = run_check(params.drift.model_copy(update=update), params.mlflow, args.out, seed=params.seed,
+                            consume=args.consume, check_versions=not args.no_version_check)
         analysis = outcome.analysis
         print(f"window {analysis.window_id}: {analysis.rows} rows from {len(outcome.window.files)} file(s), "
               f"status {analysis.status}, reference {analysis.reference}")

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.files import atomic_write_bytes, atomic_write_text
 from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, upload_owner
-from edge.sidecar import atomic_write_bytes, atomic_write_text
 from tasks.errors import DataError
-from tasks.monitoring.sample_files import PER_ROW, load_sample_arrays, validate_sample_file
+from tasks.monitoring.sample_files import PER_ROW, column_names, load_sample_arrays, validate_sample_file
 
 log = logging.getLogger(__name__)
 WINDOWS, PROCESSED, QUARANTINE = "windows", "processed", "quarantine"
@@ -63,7 +63,7 @@ class Window:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return tuple(str(name) for name in self.arrays.get("feature_names", ()))
+        return column_names(self.arrays)
 
 
 def new_window_id(now: float | None = None) -> str:
@@ -123,7 +123,7 @@ def _check_upload(path: Path, names: tuple[str, ...] | None, known_versions: set
         raise DataError(f"unreadable: {error}") from None
     validate_sample_file(content, device)
     arrays = load_sample_arrays(content)
-    file_names = tuple(str(name) for name in arrays["feature_names"])
+    file_names = column_names(arrays)
     if names is not None and file_names != names:
         raise DataError(f"feature columns {list(file_names)} differ from the window's {list(names)} (a device "
                         "with another feature function version?)")
@@ -178,7 +178,7 @@ def consolidate(collected_dir: Path, known_versions: set[str] | None = None, con
             window.quarantined[path.name] = str(error)
             quarantine(path, str(error))
             continue
-        names = tuple(str(name) for name in arrays["feature_names"])
+        names = column_names(arrays)
         arrays, dropped = _drop_seen(arrays, seen)
         window.duplicates += dropped
         window.files.append(path.name)

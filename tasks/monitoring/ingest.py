@@ -38,9 +38,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from edge.files import atomic_write_bytes, atomic_write_text, sha256_file
 from edge.identity import DEVICE_ID_RULE, UPLOAD_NAME_RULE, is_device_id, is_upload_name, stored_upload_name
 from edge.serving.requests import BadRequest, read_body
-from edge.sidecar import atomic_write_bytes, atomic_write_text, sha256_file
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, DataError
@@ -110,71 +110,86 @@ class TokenRegistry:
         return owners[0] if token and owners else None
 
 
-def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) -> FastAPI:
-    """The ingest service: ``POST /v1/ingest`` (see the module docstring) and ``GET /healthz``."""
-    collected_dir = Path(collected_dir)
-    tokens = TokenRegistry(Path(tokens_file))
-    app = FastAPI(title="edgeloop ingest", version="1")
-    metrics = CollectorRegistry()  # per app: a test process may create several
-    refused = Counter("edgeloop_ingest_refused", "uploads refused, per device (unauthenticated: no valid token) "
-                      "and reason", ["device", "reason"], registry=metrics)
-    stored = Counter("edgeloop_ingest_stored", "uploads stored, per device", ["device"], registry=metrics)
+class IngestService:
+    """What the ingest routes share: where files go, the device tokens, the upload limit and the metrics."""
 
-    def refuse(status: int, reason: str, detail: str, device: str = UNAUTHENTICATED,
+    def __init__(self, collected_dir: Path, tokens_file: Path, max_upload_bytes: int) -> None:
+        self.collected_dir = Path(collected_dir)
+        self.tokens = TokenRegistry(Path(tokens_file))
+        self.max_upload_bytes = max_upload_bytes
+        self.metrics = metrics = CollectorRegistry()  # per app: a test process may create several
+        self.refused = Counter("edgeloop_ingest_refused", "uploads refused, per device (unauthenticated: no valid "
+                               "token) and reason", ["device", "reason"], registry=metrics)
+        self.stored = Counter("edgeloop_ingest_stored", "uploads stored, per device", ["device"], registry=metrics)
+
+    def refuse(self, status: int, reason: str, detail: str, device: str = UNAUTHENTICATED,
                headers: dict[str, str] | None = None) -> HTTPException:
-        refused.labels(device=device, reason=reason).inc()
+        """The refusal to raise, counted under ``device`` (a proven one, or ``unauthenticated``)."""
+        self.refused.labels(device=device, reason=reason).inc()
         return HTTPException(status, detail=detail, headers=headers)
 
-    def authenticate(request: Request) -> str:
+    def authenticate(self, request: Request) -> str:
+        """The device that sent ``request``: its claimed id, proven by that device's token."""
         claimed = request.headers.get("x-edgeloop-device", "")
         if not is_device_id(claimed):
-            raise refuse(422, "bad_device_id", f"X-Edgeloop-Device {claimed[:80]!r} is not a device id: "
-                         f"{DEVICE_ID_RULE}")
+            raise self.refuse(422, "bad_device_id", f"X-Edgeloop-Device {claimed[:80]!r} is not a device id: "
+                              f"{DEVICE_ID_RULE}")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        owner = tokens.device_for(token.strip()) if scheme.lower() == "bearer" else None
+        owner = self.tokens.device_for(token.strip()) if scheme.lower() == "bearer" else None
         if owner is None:
-            raise refuse(401, "unauthorized", "missing or unknown device token; issue one with "
-                         "`edgeloop ingest add-device`", headers={"WWW-Authenticate": "Bearer"})
+            raise self.refuse(401, "unauthorized", "missing or unknown device token; issue one with "
+                              "`edgeloop ingest add-device`", headers={"WWW-Authenticate": "Bearer"})
         if claimed != owner:
-            raise refuse(403, "device_mismatch", f"X-Edgeloop-Device {claimed!r} does not match the token's device",
-                         device=owner)
+            raise self.refuse(403, "device_mismatch", f"X-Edgeloop-Device {claimed!r} does not match the token's "
+                              "device", device=owner)
         return owner
 
-    async def read_upload(request: Request, device: str) -> bytes:
+    async def read_upload(self, request: Request, device: str) -> bytes:
         try:
-            return await read_body(request, max_upload_bytes)
+            return await read_body(request, self.max_upload_bytes)
         except BadRequest as error:
             reason = "too_large" if error.status == 413 else "bad_body"
-            raise refuse(error.status, reason, f"upload refused: {error}", device) from None
+            raise self.refuse(error.status, reason, f"upload refused: {error}", device) from None
 
-    def save(content: bytes, device: str, file_name: str, claimed_digest: str) -> dict[str, object]:
+    def save(self, content: bytes, device: str, file_name: str, claimed_digest: str) -> dict[str, object]:
+        """Check the file and store it atomically; the same bytes again is a retry whose answer got lost."""
         digest = hashlib.sha256(content).hexdigest()
         if claimed_digest and claimed_digest.lower() != digest:
-            raise refuse(400, "damaged", f"body sha256 {digest} differs from X-Content-SHA256: damaged in "
-                         "transit, send it again", device)
+            raise self.refuse(400, "damaged", f"body sha256 {digest} differs from X-Content-SHA256: damaged in "
+                              "transit, send it again", device)
         try:
             rows = validate_sample_file(content, device)
         except DataError as error:
-            raise refuse(422, "invalid_samples", str(error), device) from None
-        target = collected_dir / stored_upload_name(device, file_name)
+            raise self.refuse(422, "invalid_samples", str(error), device) from None
+        target = self.collected_dir / stored_upload_name(device, file_name)
         if not target.is_file():
             atomic_write_bytes(target, content)
-            stored.labels(device=device).inc()
+            self.stored.labels(device=device).inc()
             LOGGER.info("stored %s (%d samples)", target.name, rows)
         elif sha256_file(target) != digest:  # same bytes again is a retry whose answer got lost: fine
-            raise refuse(409, "conflict", f"a different file is already stored as {target.name}", device)
+            raise self.refuse(409, "conflict", f"a different file is already stored as {target.name}", device)
         return {"sha256": digest, "stored": target.name, "samples": rows}
+
+    async def ingest(self, request: Request) -> dict[str, object]:
+        """``POST /v1/ingest``: authenticate, check the name, read the body, save it (off the event loop)."""
+        device = self.authenticate(request)
+        file_name = request.headers.get("x-edgeloop-filename", "")
+        if not is_upload_name(file_name):
+            raise self.refuse(422, "bad_file_name", f"X-Edgeloop-Filename {file_name[:160]!r} is not allowed: "
+                              f"{UPLOAD_NAME_RULE}", device)
+        content = await self.read_upload(request, device)
+        claimed_digest = request.headers.get("x-content-sha256", "")
+        return await run_in_threadpool(self.save, content, device, file_name, claimed_digest)
+
+
+def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) -> FastAPI:
+    """The ingest service: ``POST /v1/ingest`` (see the module docstring), ``GET /healthz`` and ``GET /metrics``."""
+    service = IngestService(collected_dir, tokens_file, max_upload_bytes)
+    app = FastAPI(title="edgeloop ingest", version="1")
 
     @app.post("/v1/ingest")
     async def ingest(request: Request) -> dict[str, object]:
-        device = authenticate(request)
-        file_name = request.headers.get("x-edgeloop-filename", "")
-        if not is_upload_name(file_name):
-            raise refuse(422, "bad_file_name", f"X-Edgeloop-Filename {file_name[:160]!r} is not allowed: "
-                         f"{UPLOAD_NAME_RULE}", device)
-        content = await read_upload(request, device)
-        claimed_digest = request.headers.get("x-content-sha256", "")
-        return await run_in_threadpool(save, content, device, file_name, claimed_digest)
+        return await service.ingest(request)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -182,7 +197,7 @@ def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) ->
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

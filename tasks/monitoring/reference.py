@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.features import feature_names, features
-from edge.sidecar import atomic_write_bytes
+from edge.files import atomic_write_bytes
 from tasks.errors import DataError
 
 REFERENCE_ARTIFACT = "drift/reference.npz"  # path of the reference in the model version's MLflow run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -20,6 +21,11 @@ PER_ROW = {"confidence": "float32", "predicted": "int32", "latency_ms": "float32
            "timestamp": "float64", "sample_id": "U", "reason": "U", "device_id": "U"}
 FINITE = ("features", "confidence", "latency_ms", "timestamp", "x")
 MAX_EXPANSION = 16  # arrays may declare at most this many times the upload's bytes: no zip bombs
+
+
+def column_names(arrays: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """The feature column names of a sample file, window or reference (``feature_names``), as strings."""
+    return tuple(str(name) for name in arrays.get("feature_names", ()))
 
 
 def _declared_bytes(archive: zipfile.ZipFile) -> int:

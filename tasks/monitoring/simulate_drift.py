@@ -36,10 +36,11 @@ from scipy import ndimage
 
 from edge.errors import SidecarError
 from edge.features import feature_names, features, sample_layout
+from edge.files import atomic_write_bytes, sha256_file
 from edge.identity import DEVICE_ID_RULE, is_device_id, stored_upload_name
 from edge.runtime import EdgeModel
 from edge.sampling.segments import ParsedSegment, segment_npz_bytes
-from edge.sidecar import atomic_write_bytes, read_sidecar, sha256_file
+from edge.sidecar import read_sidecar
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, StageError

@@ -27,19 +27,18 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from edge.sidecar import atomic_write_text
+from edge.files import atomic_write_text
 from edge.store.health import load_and_check, read_sample
 from edge.store.manifest import MANIFEST_FILE, Manifest
-from tasks.config import PARAMS_FILE, PackageParams, Params, format_validation_error, load_params
+from tasks.config import PARAMS_FILE, MlflowParams, PackageParams, Params, load_params
 from tasks.devices import DEVICES_FILE, load_devices
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
@@ -83,20 +82,8 @@ class Candidate:
 
 
 # ---- the stage ----------------------------------------------------------------------------------------
-ENVIRONMENT = {"EDGELOOP_REGISTRY": "registry", "EDGELOOP_SIGNING_KEY": "signing_key",
-               "EDGELOOP_TRUSTED_KEYS": "public_keys"}
-
-
-def with_environment(settings: PackageParams) -> PackageParams:
-    """``settings`` with the deployment-specific values the environment overrides (registry, keys)."""
-    updates = {field: os.environ[variable] for variable, field in ENVIRONMENT.items() if os.environ.get(variable)}
-    if not updates:
-        return settings
-    try:
-        return PackageParams.model_validate({**settings.model_dump(), **updates})
-    except ValidationError as error:
-        names = ", ".join(variable for variable in ENVIRONMENT if os.environ.get(variable))
-        raise ConfigError(format_validation_error(error, f"the environment ({names})")) from None
+# The registry and the keys: package in params.yaml, with EDGELOOP_REGISTRY, EDGELOOP_SIGNING_KEY and
+# EDGELOOP_TRUSTED_KEYS over it (applied by tasks.config.load_params).
 
 
 def _which_version(workspace: Workspace, version: str | None, alias: str | None) -> tuple[str | None, str | None]:
@@ -230,7 +217,7 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     """
     from tasks.registry.tracking import configure
 
-    settings = with_environment(params.package)
+    settings = params.package
     registry = Registry(settings.registry)
     registry.check()  # before a long build, not after it
     try:
@@ -242,7 +229,7 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     engine = docker_engine.connect()
     try:
         with tempfile.TemporaryDirectory(prefix="edgeloop-package-") as scratch:
-            bundle = export_registered(params, Path(scratch), settings.signing_key, alias=alias, version=version,
+            bundle = export_registered(params.mlflow, Path(scratch), settings.signing_key, alias=alias, version=version,
                                        large_variant=settings.large_variant)
             prepared = [_candidate(engine, settings, registry, bundle, platform, Path(scratch))
                         for platform in settings.platforms]
@@ -273,7 +260,7 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     report = PackageReport(model_name=manifest.model_name, mlflow_version=manifest.mlflow_version,
                            variant=manifest.variant, version=str(semver), version_reason=reason,
                            created_at=utc_now(), images=records)
-    record_in_mlflow(params, report, run_id)
+    record_in_mlflow(params.mlflow, settings, report, run_id)
     write_report(workspace, report)
     if failed:
         problems = "; ".join(f"{record.arch}: {' / '.join(record.failures)}" for record in failed)
@@ -282,22 +269,22 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     return report
 
 
-def record_in_mlflow(params: Params, report: PackageReport, source_run_id: str) -> None:
+def record_in_mlflow(mlflow_settings: MlflowParams, settings: PackageParams, report: PackageReport,
+                     source_run_id: str) -> None:
     """A ``package`` run with every figure (FAILED when a gate failed); image tags on the model version if shipped."""
     import mlflow
 
     from tasks.registry.tracking import ensure_experiment
 
     shipped = all(record.digest for record in report.images)
-    experiment_id = ensure_experiment(params.mlflow)
+    experiment_id = ensure_experiment(mlflow_settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-v{report.version}") as run:
         mlflow.set_tags({"edgeloop.stage": "package", "source_run_id": source_run_id,
                          "registered_model": report.model_name, "model_version": report.mlflow_version,
                          "image.version": report.version, "image.version_reason": report.version_reason})
-        mlflow.log_params({"package.max_image_mb": params.package.max_image_mb,
-                           "package.max_start_s": params.package.max_start_s,
-                           "package.check_device": params.package.check_device,
-                           "package.platforms": ",".join(params.package.platforms)})
+        mlflow.log_params({"package.max_image_mb": settings.max_image_mb, "package.max_start_s": settings.max_start_s,
+                           "package.check_device": settings.check_device,
+                           "package.platforms": ",".join(settings.platforms)})
         for record in report.images:
             figures = {"mb": record.image_mb, "ready_s": record.ready_s,
                        "max_abs_score_diff": record.max_abs_score_diff, "label_agreement": record.label_agreement}

@@ -23,11 +23,12 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge.files import atomic_writer, sha256_file
 from edge.runtime import RUNTIME_BY_SUFFIX, EdgeModel
-from edge.sidecar import atomic_writer, read_sidecar, sha256_file, sidecar_path
+from edge.sidecar import read_sidecar, sidecar_path
 from edge.signing import key_id, sign_manifest
 from edge.store.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, ModelEntry, PayloadFile, SampleCheck
-from tasks.config import PARAMS_FILE, Params, load_params
+from tasks.config import PARAMS_FILE, MlflowParams, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError
 from tasks.registry.tracking import configure
@@ -134,7 +135,7 @@ def _model_file(folder: Path) -> Path:
     return files[0]
 
 
-def export_registered(params: Params, out_dir: Path, private_key_path: Path, alias: str | None = "champion",
+def export_registered(settings: MlflowParams, out_dir: Path, private_key_path: Path, alias: str | None = "champion",
                       version: str | None = None, large_variant: str | None = None) -> Path:
     """A signed bundle of a registered model version (by ``alias``, or by ``version`` number) in ``out_dir``.
 
@@ -146,8 +147,8 @@ def export_registered(params: Params, out_dir: Path, private_key_path: Path, ali
     from mlflow.models import Model
 
     private_key = load_private_key(private_key_path)
-    configure(params.mlflow)
-    client, name = mlflow.MlflowClient(), params.mlflow.registered_model
+    configure(settings)
+    client, name = mlflow.MlflowClient(), settings.registered_model
     try:
         model_version = (client.get_model_version(name, version) if version is not None
                          else client.get_model_version_by_alias(name, alias))
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"private key: {private_path} (keep it on the control plane only)\npublic key:  {public_path}")
         else:
             alias = None if args.version else args.alias
-            print(export_registered(load_params(args.params), args.out, args.key, alias, args.version,
+            print(export_registered(load_params(args.params).mlflow, args.out, args.key, alias, args.version,
                                     args.large_variant))
 
     return report_user_errors(action)

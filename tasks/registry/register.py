@@ -25,7 +25,7 @@ from typing import Any
 from edge.errors import EdgeError
 from edge.runtime import EdgeModel
 from edge.sidecar import read_sidecar, sidecar_path
-from tasks.config import Params
+from tasks.config import DriftParams, MlflowParams, Params
 from tasks.contracts import (
     BenchmarkSummary,
     Evaluation,
@@ -102,14 +102,14 @@ def log_variant_model(workspace: Workspace, variant: str, summary: TrainSummary)
     return info.model_uri
 
 
-def log_drift_reference(params: Params, workspace: Workspace, variant: str) -> None:
+def log_drift_reference(drift: DriftParams, seed: int, workspace: Workspace, variant: str) -> None:
     """Log ``variant``'s drift reference (seeded training samples, their features, its outputs) to the active run."""
     import mlflow
     import numpy as np
 
     x_train = np.asarray(load_arrays(workspace.split_file("train"), "prepare")["x"], np.float32)
     probabilities = EdgeModel.load(workspace.variant_file(variant)).predict(x_train)
-    reference = build_reference(x_train, probabilities, max_rows=params.drift.reference_rows, seed=params.seed)
+    reference = build_reference(x_train, probabilities, max_rows=drift.reference_rows, seed=seed)
     folder, _, file_name = REFERENCE_ARTIFACT.rpartition("/")
     with tempfile.TemporaryDirectory(prefix="edgeloop-reference-") as scratch:
         write_reference(Path(scratch) / file_name, reference)
@@ -132,7 +132,7 @@ def log_frozen_test_set(workspace: Workspace, labels: list[str], data_version: s
     return md5
 
 
-def log_version_evidence(params: Params, workspace: Workspace, variant: str, summary: TrainSummary,
+def log_version_evidence(drift: DriftParams, seed: int, workspace: Workspace, variant: str, summary: TrainSummary,
                          data_version: str) -> dict[str, str]:
     """Drift reference and frozen test set into the active run; the model version tags that point at them.
 
@@ -140,7 +140,7 @@ def log_version_evidence(params: Params, workspace: Workspace, variant: str, sum
     """
     require(workspace.split_file("test"), "prepare")  # a clear "run prepare" error before any upload
     try:
-        log_drift_reference(params, workspace, variant)
+        log_drift_reference(drift, seed, workspace, variant)
         md5 = log_frozen_test_set(workspace, summary.labels, data_version)
     except (EdgeloopError, EdgeError):
         raise
@@ -152,12 +152,13 @@ def log_version_evidence(params: Params, workspace: Workspace, variant: str, sum
     return {FROZEN_TEST_SET_TAG: md5}
 
 
-def register_candidate(params: Params, run: RunRecord, model_uri: str, variant: str, tags: dict[str, str]) -> str:
+def register_candidate(settings: MlflowParams, run: RunRecord, model_uri: str, variant: str, tags: dict[str, str]
+                       ) -> str:
     """Create a model version from ``model_uri`` and point ``candidate`` at it (or leave no version)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    name = params.mlflow.registered_model
+    name = settings.registered_model
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="edgeloop edge model; aliases: candidate, champion")
     version = mlflow.register_model(model_uri, name, tags=tags)
@@ -211,10 +212,11 @@ def register(params: Params, workspace: Workspace, evaluation: Evaluation, summa
             mlflow.set_tag("edgeloop.outcome", "rejected by the quality gates")
             raise GateFailure(evaluation.failure)  # ends the MLflow run FAILED: lineage without registration
         variant = evaluation.recommended
-        evidence_tags = log_version_evidence(params, workspace, variant, summary, lineage["data_version"])
+        evidence_tags = log_version_evidence(params.drift, params.seed, workspace, variant, summary,
+                                             lineage["data_version"])
         model_uri = log_variant_model(workspace, variant, summary)
-        version = register_candidate(params, run, model_uri, variant, version_tags(params, variant, lineage, evaluation)
-                                     | device_tags(benchmark) | evidence_tags)
+        tags = version_tags(params, variant, lineage, evaluation) | device_tags(benchmark) | evidence_tags
+        version = register_candidate(params.mlflow, run, model_uri, variant, tags)
     registration = Registration(run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=run.tracking_uri,
                                 registered_model=params.mlflow.registered_model, version=version,
                                 alias=CANDIDATE_ALIAS, variant=variant, data_version=lineage["data_version"],

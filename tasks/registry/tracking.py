@@ -1,8 +1,8 @@
 """MLflow lineage: one run per pipeline execution with params, metrics, reports and every model file.
 
-The tracking URI comes from ``MLFLOW_TRACKING_URI`` when set, else from ``mlflow.tracking_uri`` in
-params (a local SQLite store by default, no server needed). Nothing here runs on import; entry
-points call :func:`configure`.
+The tracking URI is ``mlflow.tracking_uri`` in params (a local SQLite store by default, no server needed;
+``MLFLOW_TRACKING_URI`` overrides it when the config is loaded, :data:`tasks.config.ENVIRONMENT`). Nothing
+here runs on import; entry points call :func:`configure`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ class RunRecord:
     tracking_uri: str
 
 
-def tracking_uri(params: MlflowParams) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
-
-
 def no_answer(error: BaseException) -> bool:
     """True when ``error`` (or what caused it) means the server did not answer or answered 5xx."""
     import requests
@@ -64,7 +60,7 @@ def configure(params: MlflowParams) -> str:
     """
     import mlflow
 
-    uri = tracking_uri(params)
+    uri = params.tracking_uri
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     mlflow.set_tracking_uri(uri)
@@ -99,7 +95,7 @@ def ensure_experiment(params: MlflowParams) -> str:
     experiment = client.get_experiment_by_name(params.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    root = local_artifact_root(tracking_uri(params))
+    root = local_artifact_root(params.tracking_uri)
     location = root.as_uri() if root else None
     return client.create_experiment(params.experiment, artifact_location=location)
 

@@ -30,9 +30,9 @@ from typing import Annotated
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from edge.files import atomic_write_text
 from edge.identity import DEVICE_ID_RULE, is_device_id
 from edge.rollout import GROUP, model_topic, status_topic, telemetry_topic
-from edge.sidecar import atomic_write_text
 from tasks.config import PARAMS_FILE, format_validation_error, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError

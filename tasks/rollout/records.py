@@ -15,16 +15,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge.sidecar import sha256_file
-from tasks.config import Params
+from edge.files import sha256_file
+from tasks.config import MlflowParams, Params, RolloutParams
 from tasks.rollout.engine import Release, RolloutReport
 
 log = logging.getLogger(__name__)
 CHAMPION, PREVIOUS = "champion", "previous"
 
 
-def bundle_url(params: Params, bundle: Path) -> str:
-    base = params.rollout.bundle_base_url
+def bundle_url(settings: RolloutParams, bundle: Path) -> str:
+    base = settings.bundle_base_url
     return f"{base.rstrip('/')}/{bundle.name}" if base else bundle.resolve().as_uri()
 
 
@@ -38,16 +38,16 @@ def release_of(params: Params, version: str) -> Release:
     bundle = params.rollout.bundle_dir / f"{name}-v{version}.tar.gz"
     if not bundle.is_file():
         bundle.parent.mkdir(parents=True, exist_ok=True)
-        export_registered(params, bundle.parent, params.package.signing_key, alias=None, version=version)
+        export_registered(params.mlflow, bundle.parent, params.package.signing_key, alias=None, version=version)
     tags = mlflow.MlflowClient().get_model_version(name, version).tags
-    return Release(f"v{version}", bundle_url(params, bundle), sha256_file(bundle), tags.get("image.amd64"))
+    return Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle), tags.get("image.amd64"))
 
 
-def versions_to_roll(params: Params, version: str | None) -> tuple[str, str | None]:
+def versions_to_roll(settings: MlflowParams, version: str | None) -> tuple[str, str | None]:
     """(target, previous): ``version`` (default: the champion) and the version the devices run now."""
     from tasks.registry.promotion import version_by_alias
 
-    name = params.mlflow.registered_model
+    name = settings.registered_model
     champion = version_by_alias(name, CHAMPION)
     if version is None:
         if champion is None:
@@ -60,11 +60,11 @@ def versions_to_roll(params: Params, version: str | None) -> tuple[str, str | No
     return str(version), str(previous.version) if previous else None
 
 
-def record_outcome(params: Params, report: RolloutReport) -> None:
+def record_outcome(settings: MlflowParams, report: RolloutReport) -> None:
     """Tag the target version with the outcome; after a rolled-back champion, point ``champion`` back."""
     import mlflow
 
-    client, name = mlflow.MlflowClient(), params.mlflow.registered_model
+    client, name = mlflow.MlflowClient(), settings.registered_model
     target = report.target.removeprefix("v")
     state = {"completed": "completed", "rolled_back": "rolled-back", "failed": "failed"}[report.outcome]
     client.set_model_version_tag(name, target, "rollout", state)
@@ -108,18 +108,18 @@ def step_tag(step) -> str:
     return f"rollout.step.{step.name.replace('%', 'pct')}"
 
 
-def tag_step(params: Params, target: str, step) -> None:
+def tag_step(settings: MlflowParams, target: str, step) -> None:
     """One tag per step on the target version (:func:`step_tag`) saying what happened, for the registry's UI."""
     import mlflow
 
     summary = (f"seq {step.sequence} {step.action} {step.version}: {len(step.installed)}/{len(step.devices)} "
                f"installed, {len(step.failed)} failed, {len(step.missing)} silent"
                + (f"; {'; '.join(step.problems)}" if step.problems else ""))
-    mlflow.MlflowClient().set_model_version_tag(params.mlflow.registered_model, target.removeprefix("v"),
+    mlflow.MlflowClient().set_model_version_tag(settings.registered_model, target.removeprefix("v"),
                                                 step_tag(step), summary[:4900])
 
 
-def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) -> tuple[str | None, str | None]:
+def log_rollout_run(settings: MlflowParams, report: RolloutReport, files: list[Path]) -> tuple[str | None, str | None]:
     """An MLflow run per rollout (experiment ``edgeloop-rollout``) with the report and chart (under ``rollout/``).
 
     Returns the run's UI address and the download address of its chart (both None for a local store).
@@ -127,8 +127,8 @@ def log_rollout_run(params: Params, report: RolloutReport, files: list[Path]) ->
     import mlflow
 
     from tasks.registry import tracking
-    uri = tracking.configure(params.mlflow)
-    experiment = tracking.ensure_experiment(params.mlflow.model_copy(update={"experiment": "edgeloop-rollout"}))
+    uri = tracking.configure(settings)
+    experiment = tracking.ensure_experiment(settings.model_copy(update={"experiment": "edgeloop-rollout"}))
     with mlflow.start_run(experiment_id=experiment, run_name=report.rollout_id) as run:
         mlflow.set_tags({"edgeloop.stage": "rollout", "rollout.outcome": report.outcome,
                          "rollout.target": report.target, "rollout.previous": str(report.previous),

@@ -13,29 +13,30 @@ the cache folder: that data-root is only ever ours).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 
+import psutil
+
 from tasks.packaging.docker_client import CACHE_DIR
-from tasks.stack.services import REPO_ROOT, ServiceError, start_docker_engine, stop
+from tasks.stack.processes import REPO_ROOT, ServiceError, stop
+from tasks.stack.services import start_docker_engine
 
 
 def stop_own_engine(cache_dir: Path = CACHE_DIR, timeout_s: float = 30.0) -> bool:
     """Stop the dockerd on our data-root by its own pid file (when the pid file of the starter is gone)."""
     pid_file = cache_dir / "docker" / "dockerd.pid"
     try:
-        pid = int(pid_file.read_text().strip())
-        if "--data-root" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+        process = psutil.Process(int(pid_file.read_text().strip()))
+        if "--data-root" not in process.cmdline():
             return False  # the pid was reused by something else
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
+        process.terminate()
+    except (OSError, ValueError, psutil.Error):
         return False
-    deadline = time.monotonic() + timeout_s
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    try:
+        process.wait(timeout_s)
+    except psutil.TimeoutExpired:
+        pass  # still shutting down: it was told to stop
     return True
 
 

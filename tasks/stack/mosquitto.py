@@ -4,7 +4,7 @@ stopped, killed, restarted or reloaded the way the rollout's fault tests and the
 Its identity binding and per-client limits are :func:`tasks.rollout.broker.security_settings`, the
 same lines as the compose stack's ``docker/mosquitto.conf``.
 
-Uses :mod:`tasks.stack.services`' pid files and logs, so ``edgeloop services down`` stops it too.
+Uses :mod:`tasks.stack.processes`' pid files and logs, so ``edgeloop services down`` stops it too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.rollout.broker import MAX_QUEUED_MESSAGES, security_settings
-from tasks.stack.services import ServiceError, listening, log_tail, pid_file, process_alive, running_pid, start, stop
+from tasks.stack.processes import ServiceError, pid_file, process_alive, running_pid, start, stop, wait_listening
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,7 @@ def _mosquitto_binary() -> str:
 
 def _run_mosquitto(binary: str, run_dir: Path, config: Path, port: int, timeout_s: float) -> Broker:
     service = start("mosquitto", [binary, "-c", str(config)], run_dir, {}, None, f"mqtt://127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout_s
-    while not listening(port):
-        if not process_alive(service.pid) or time.monotonic() > deadline:
-            stop("mosquitto", run_dir)
-            raise ServiceError(f"mosquitto did not listen on 127.0.0.1:{port}; see {service.log}:\n"
-                               f"{log_tail(service.log)}")
-        time.sleep(0.05)
+    wait_listening("mosquitto", run_dir, service, port, timeout_s, interval_s=0.05)
     _raise_open_files_limit(service.pid)
     return Broker("127.0.0.1", port, service.pid, config, service.log)
 

@@ -1,8 +1,8 @@
 """Start and stop the local services edgeloop uses: a Prefect server, an MLflow server, a Prefect worker.
 
 Each runs in the background in its own process group, with a pid file and a log in the run folder
-(``.run/`` by default); ``down`` stops exactly the processes ``up`` started. ``up`` reuses services
-that are already running and healthy.
+(``.run/`` by default; :mod:`tasks.stack.processes`); ``down`` stops exactly the processes ``up`` started.
+``up`` reuses services that are already running and healthy.
 
     edgeloop services up        # Prefect :4200, MLflow :5000, worker on pool edgeloop-process
     edgeloop services down
@@ -14,33 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.packaging.docker_client import CACHE_DIR, answers, cache_lock, find_engine, own_engine_host
+from tasks.stack.processes import REPO_ROOT, Service, ServiceError, log_tail, running_pid, start, stop
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 WORK_POOL = "edgeloop-process"
-
-
-class ServiceError(RuntimeError):
-    """A service that did not start or answer; the message points at its log."""
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    pid: int
-    url: str
-    log: Path
 
 
 def free_port() -> int:
@@ -48,107 +32,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def pid_file(run_dir: Path, name: str) -> Path:
-    return run_dir / f"{name}.pid"
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone and is reaped if ours."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child (started by an earlier `up`)
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def running_pid(run_dir: Path, name: str) -> int | None:
-    """The pid in ``name``'s pid file if that process still runs our command (pids get reused)."""
-    path = pid_file(run_dir, name)
-    if not path.is_file():
-        return None
-    recorded = path.read_text().split()
-    pid, marker = (int(recorded[0]), recorded[1]) if len(recorded) == 2 else (0, "")
-    if not pid or not process_alive(pid):
-        return None
-    for _ in range(5):  # sshd rewrites its command line (process title) as it runs: read again in that window
-        try:
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except FileNotFoundError:
-            return None
-        if marker in command_line:
-            return pid
-        time.sleep(0.02)
-    return None
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def wait_healthy(url: str, timeout_s: float, pid: int, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if healthy(url):
-            return
-        if not process_alive(pid):
-            raise ServiceError(f"process {pid} exited before {url} answered; see {log}:\n{log_tail(log)}")
-        time.sleep(0.5)
-    raise ServiceError(f"{url} did not answer within {timeout_s:.0f} s; see {log}:\n{log_tail(log)}")
-
-
-def log_tail(log: Path, lines: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
-
-
-def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], health_url: str | None,
-          url: str, timeout_s: float = 120.0) -> Service:
-    """Start ``command`` in the background (or reuse a running one) and wait until it answers."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / f"{name}.log"
-    pid = running_pid(run_dir, name)
-    if pid is not None and (health_url is None or healthy(health_url)):
-        return Service(name, pid, url, log)
-    with open(log, "ab") as handle:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=handle,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    pid_file(run_dir, name).write_text(f"{process.pid} {Path(command[0]).name}\n")
-    if health_url:
-        try:
-            wait_healthy(health_url, timeout_s, process.pid, log)
-        except ServiceError:
-            stop(name, run_dir)
-            raise
-    return Service(name, process.pid, url, log)
-
-
-def stop(name: str, run_dir: Path, timeout_s: float = 20.0) -> bool:
-    """Stop the process group ``start`` began for ``name``; True when something was stopped."""
-    pid = running_pid(run_dir, name)
-    pid_file(run_dir, name).unlink(missing_ok=True)
-    if pid is None:
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and process_alive(pid):
-            time.sleep(0.2)
-        if not process_alive(pid):
-            return True
-    return True
 
 
 def prefect_env(home: Path, port: int) -> dict[str, str]:
@@ -264,69 +147,6 @@ def _start_dockerd(run_dir: Path, cache_dir: Path, timeout_s: float) -> str:
             raise ServiceError(f"dockerd did not answer on {host} within {timeout_s:.0f} s; see {service.log}")
         time.sleep(0.5)
     return host
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """A loopback sshd standing in for a device: where it listens and the files a client needs."""
-
-    host: str
-    port: int
-    user: str
-    client_key: Path
-    known_hosts: Path
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def start_sshd(run_dir: Path, port: int, timeout_s: float = 20.0) -> SshTarget:
-    """Debian's sshd on loopback with its own generated host key, a client key allowed for the current user,
-    key authentication only, and a known_hosts file holding its host key (so clients verify it)."""
-    search = f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin"
-    sshd, keygen = shutil.which("sshd", path=search), shutil.which("ssh-keygen", path=search)
-    if sshd is None or keygen is None:
-        raise ServiceError("sshd or ssh-keygen is missing: apt-get install openssh-server")
-    root = run_dir / "sshd"
-    root.mkdir(parents=True, exist_ok=True)
-    host_key, client_key = root / "ssh_host_ed25519_key", root / "client_ed25519"
-    for key in (host_key, client_key):
-        if not key.is_file():
-            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", key.name, "-f", str(key)], check=True,
-                           capture_output=True)
-    (root / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
-    (root / "authorized_keys").chmod(0o600)
-    algorithm, public = host_key.with_suffix(".pub").read_text().split()[:2]
-    known_hosts = root / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {algorithm} {public}\n")
-    config = root / "sshd_config"
-    config.write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {root / 'sshd.pid'}
-AuthorizedKeysFile {root / 'authorized_keys'}
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-UsePAM no
-StrictModes no
-Subsystem sftp internal-sftp
-""")
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
-    service = start("sshd", [sshd, "-D", "-e", "-f", str(config)], run_dir, {}, None, f"127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout_s
-    while not listening(port):  # by the pid itself: sshd rewrites its command line as it starts
-        if not process_alive(service.pid) or time.monotonic() > deadline:
-            stop("sshd", run_dir)
-            raise ServiceError(f"sshd did not listen on 127.0.0.1:{port}; see {service.log}:\n{log_tail(service.log)}")
-        time.sleep(0.1)
-    import getpass
-
-    return SshTarget("127.0.0.1", port, getpass.getuser(), client_key, known_hosts)
 
 
 def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:

@@ -95,10 +95,11 @@ def test_a_model_too_big_for_the_memory_limit_is_an_error_row_not_a_hang(activat
 def sshd(tmp_path_factory):
     from tasks.stack import services
     from tests.conftest import require_system_tools
+    from tests.sshd_helpers import start_sshd
 
     require_system_tools("sshd", "ssh-keygen", packages="openssh-server")
     run_dir = tmp_path_factory.mktemp("sshd")
-    target = services.start_sshd(run_dir, services.free_port())
+    target = start_sshd(run_dir, services.free_port())
     try:
         yield target
     finally:

@@ -18,7 +18,7 @@ from tests.conftest import REPO_ROOT
 from tests.edge_helpers import ADMIN_TOKEN, read_members, running_edge_server, write_members
 from tests.stack_helpers import wait_for
 
-OPENAPI_FILE = REPO_ROOT / "edge" / "openapi.json"
+OPENAPI_FILE = REPO_ROOT / "edge" / "serving" / "openapi.json"
 
 
 def installed_store(root, bundle_kit, *bundles, activate_last: bool = True) -> ModelStore:

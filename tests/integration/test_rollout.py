@@ -58,6 +58,7 @@ def registry(tmp_path_factory, tiny_model, tiny_model_files, digits):
     bad = root / "bad_int8.tflite"
     bad.write_bytes(exporters.tflite_bytes(_softened(tiny_model, 0.15), "int8", digits.x[:50]))
     params = Params.model_validate({"drift": {"reference_rows": 100}, "retrain": {"labelled_dir": str(root / "none")},
+                                    "mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]},  # the flow's too
                                     "evaluate": {"latency_warmup_runs": 1, "latency_runs": 5}})
     try:
         for index, (variant, model_file) in enumerate([("tflite_int8", tiny_model_files["tflite_int8"]),

@@ -36,7 +36,7 @@ BROKER_PAYLOAD_LIMIT = 60_000  # under the broker's message_size_limit: every ca
 
 
 def _release(bundle: Path, version: str):
-    from edge.sidecar import sha256_file
+    from edge.files import sha256_file
     from tasks.rollout.engine import Release
 
     return Release(version, bundle.resolve().as_uri(), sha256_file(bundle))

@@ -23,8 +23,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge.files import sha256_file
 from edge.rollout import RolloutManifest, model_topic, sign_rollout
-from edge.sidecar import sha256_file
 from edge.store.model_store import PAUSE_ENV, ModelStore
 from tasks.stack.services import free_port
 from tests.conftest import REPO_ROOT, require_system_tools

@@ -44,8 +44,8 @@ def test_zoo_model_learns_and_is_registered(model, prepared_workspace, tmp_path,
 
     workspace = Workspace(tmp_path)
     (tmp_path / "data").symlink_to(prepared_workspace.root / "data", target_is_directory=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = Params.model_validate({
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "train": {"model": model, "epochs": EPOCHS[model]}, "quantize": {"strategy": "ptq"},
         "evaluate": {"gates": {"min_accuracy": MIN_TEST_ACCURACY[model],
                                "max_host_latency_ms": NO_LATENCY_LIMIT_MS}},
@@ -57,7 +57,7 @@ def test_zoo_model_learns_and_is_registered(model, prepared_workspace, tmp_path,
     prepared = read_prepared(workspace)
     summary = train(params, prepared, workspace)
     assert summary.baseline.test_accuracy >= MIN_TEST_ACCURACY[model], summary.baseline
-    evaluation = evaluate(params, workspace, convert_all(params, prepared, summary, workspace))
+    evaluation = evaluate(params.evaluate, workspace, convert_all(params, prepared, summary, workspace))
     assert evaluation.recommended == "tflite_int8", evaluation.failure or evaluation.row("tflite_int8")
     registration = register(params, workspace, evaluation, summary)
     try:

@@ -75,3 +75,37 @@ def test_flat_params_use_dotted_keys():
 def test_a_partial_variant_map_switches_off_only_what_it_names():
     params = parse_params({"convert": {"variants": {"onnx_int8": False}}})
     assert params.convert.enabled_variants == [name for name in VARIANTS if name != "onnx_int8"]
+
+
+# ---- the environment's overrides: one table, applied once by load_params ---------------------------------------
+ENVIRONMENT_VALUES = {"MLFLOW_TRACKING_URI": "http://mlflow.lan:5000", "EDGELOOP_REGISTRY": "registry.lan:5000",
+                      "EDGELOOP_SIGNING_KEY": "/keys/release.key", "EDGELOOP_TRUSTED_KEYS": "/keys/trusted",
+                      "EDGELOOP_BROKER": "broker.lan:1883"}
+
+
+def test_the_environment_table_names_every_variable_once_and_load_params_applies_it(monkeypatch):
+    from tasks.config import ENVIRONMENT
+
+    assert set(ENVIRONMENT) == set(ENVIRONMENT_VALUES)
+    for variable, value in ENVIRONMENT_VALUES.items():
+        monkeypatch.setenv(variable, value)
+    params = load_params(REPO / "params.yaml")
+    for variable, (section, field) in ENVIRONMENT.items():
+        assert str(getattr(getattr(params, section), field)) == ENVIRONMENT_VALUES[variable], variable
+    assert parse_params(yaml.safe_load((REPO / "params.yaml").read_text())).rollout.broker == "127.0.0.1:1883"
+
+
+def test_an_empty_variable_leaves_params_yaml_in_charge(monkeypatch):
+    for variable in ENVIRONMENT_VALUES:
+        monkeypatch.setenv(variable, "")
+    assert load_params(REPO / "params.yaml") == parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+@pytest.mark.parametrize(("variable", "value", "key"), [("EDGELOOP_BROKER", "broker.lan", "rollout.broker"),
+                                                        ("EDGELOOP_REGISTRY", "no such/registry", "package.registry")])
+def test_a_bad_variable_is_refused_naming_it(monkeypatch, variable, value, key):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_params(REPO / "params.yaml")
+    assert f"invalid parameters in the environment ({variable})" in str(caught.value)
+    assert f"{variable} ({key}): got {value!r}; String should match pattern" in str(caught.value)

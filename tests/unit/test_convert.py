@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import Params
+from tasks.config import ConvertParams
 from tasks.contracts import Dataset, PreparedData, TrainSummary, Workspace
 from tasks.model.convert import SourceModel, convert_variant, resolve_sources
 from tasks.variants import VARIANTS
@@ -26,7 +26,7 @@ def test_variant_that_fails_is_a_row_and_leaves_no_file(tmp_path, digits):
     corrupt = tmp_path / "baseline.h5"
     corrupt.write_bytes(b"not hdf5")
     workspace = _workspace(tmp_path)
-    result = convert_variant(VARIANTS["tflite_fp32"], SourceModel(corrupt, "post-training"), Params(),
+    result = convert_variant(VARIANTS["tflite_fp32"], SourceModel(corrupt, "post-training"), ConvertParams(),
                              _prepared(digits), workspace, LINEAGE, {}, {})
     assert result.status == "failed" and result.error
     assert not workspace.variant_file("tflite_fp32").exists()
@@ -35,7 +35,7 @@ def test_variant_that_fails_is_a_row_and_leaves_no_file(tmp_path, digits):
 
 def test_variant_without_source_is_skipped_with_reason(tmp_path, digits):
     result = convert_variant(VARIANTS["tflite_int8_qat"], SourceModel(None, "", "no QAT model: strategy ptq"),
-                             Params(), _prepared(digits), _workspace(tmp_path), LINEAGE, {}, {})
+                             ConvertParams(), _prepared(digits), _workspace(tmp_path), LINEAGE, {}, {})
     assert result.status == "skipped" and "strategy ptq" in result.error
 
 
@@ -45,7 +45,7 @@ def test_converted_variant_gets_a_complete_sidecar(tmp_path, digits, tiny_model)
     loaded = {tmp_path / "baseline.h5": tiny_model}
     workspace = _workspace(tmp_path)
     result = convert_variant(VARIANTS["tflite_int8"], SourceModel(tmp_path / "baseline.h5", "post-training"),
-                             Params(), _prepared(digits), workspace, LINEAGE, loaded, {})
+                             ConvertParams(), _prepared(digits), workspace, LINEAGE, loaded, {})
     assert result.status == "ok", result.error
     sidecar = json.loads((workspace.variants_dir / "tflite_int8.tflite.json").read_text())
     for key in ("variant", "input", "output", "labels", "data_version", "git_commit", "params_hash", "created_at",

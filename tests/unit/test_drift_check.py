@@ -12,8 +12,9 @@ from edge.features import feature_names, features
 from tasks.config import ColumnTest, DriftParams
 from tasks.monitoring import collected
 from tasks.monitoring.analysis import analyse
-from tasks.monitoring.check import CheckOutcome, prometheus_text
-from tasks.monitoring.policy import MAX_STATE_CHARS, DriftState, Verdict, decide
+from tasks.monitoring.check import CheckOutcome
+from tasks.monitoring.figures import event_payload, labelled, mlflow_metrics, prometheus_text
+from tasks.monitoring.policy import MAX_STATE_CHARS, Decision, DriftState, Verdict, decide
 from tasks.monitoring.reference import build_reference, read_reference, write_reference
 
 HOUR = 3600.0
@@ -248,6 +249,34 @@ def test_prometheus_export_names_the_headline_figures(digits, reference, tmp_pat
     x, y = digits
     analysis = analyse("w", sample_arrays(x[900:], y[900:]), reference, DriftParams())
     outcome = CheckOutcome(collected.Window("w", {}), analysis, tmp_path)
-    text = prometheus_text(outcome)
+    text = prometheus_text(outcome.summary())
     assert "edgeloop_drift_share " in text and "edgeloop_drift_exceeded 0" in text
     assert "# TYPE edgeloop_drift_mean_confidence gauge" in text and "edgeloop_drift_streak" not in text
+
+
+def test_one_table_feeds_prometheus_mlflow_the_event_and_the_artifact(digits, reference, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    x, y = digits
+    analysis = analyse("w", sample_arrays(x[900:], y[900:], confidence=0.6), reference, DriftParams())
+    window = collected.Window("w", {}, quarantined={"dev-1--bad.npz": "torn"}, duplicates=3)
+    outcome = CheckOutcome(window, analysis, tmp_path, decision=Decision(True, 2, "fires"))
+    summary = outcome.summary()
+    gauges = {family.name: (family.documentation, family.samples[0].value)
+              for family in text_string_to_metric_families(prometheus_text(summary))}
+    assert gauges["edgeloop_drift_window_rows"] == ("rows in the newest window", analysis.rows)
+    assert gauges["edgeloop_drift_mean_confidence"] == ("mean top-class confidence", pytest.approx(0.6))
+    assert gauges["edgeloop_drift_streak"][1] == 2 and gauges["edgeloop_drift_triggered"][1] == 1
+    assert gauges["edgeloop_drift_exceeded"][1] == 1 and gauges["edgeloop_drift_invalid"][1] == 0
+    assert gauges["edgeloop_drift_quarantined_files"][1] == 1
+    assert gauges["edgeloop_drift_prediction_score"][1] == pytest.approx(analysis.prediction.score)
+    metrics = mlflow_metrics(summary)
+    assert metrics["drifted_features"] == len(analysis.drifted_features) and metrics["duplicates"] == 3
+    assert metrics["triggered"] == 1 and metrics["streak"] == 2 and metrics["quarantined_files"] == 1
+    assert {f"feature.{name}" for name in analysis.features} <= set(metrics)
+    payload = event_payload(summary)
+    assert list(payload) == ["window_id", "status", "reasons", "rows", "mean_confidence", "latency_p95_ms",
+                             "drift_share", "drifted_features", "reference", "decision", "window_file", "mlflow_run"]
+    assert payload["drifted_features"] == analysis.drifted_features and payload["decision"]["streak"] == 2
+    assert [label for label, _ in labelled(summary)] == ["mean confidence", "latency p95 (ms)",
+                                                         "share of features drifted"]

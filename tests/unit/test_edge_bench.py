@@ -86,7 +86,8 @@ def test_energy_comes_from_the_sensor_and_the_sweep_is_reported(measured):
 
 
 def test_the_rate_sweep_paces_calls_and_never_runs_faster_than_asked():
-    from edge.bench.benchmark import BenchJob, _rate_sweep
+    from edge.bench.job import BenchJob
+    from edge.bench.phases import _rate_sweep
 
     calls: list[float] = []
 

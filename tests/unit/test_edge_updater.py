@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import generate_latest
 
 from edge.errors import ConfigError, StoreError
+from edge.files import sha256_file
 from edge.rollout import RolloutManifest, cohort_position, sign_rollout
 from edge.serving.metrics import Metrics
-from edge.sidecar import sha256_file
 from edge.store.model_store import ModelStore
 from edge.updater.apply import DOWNLOAD_PREFIX, RolloutHandler
 from edge.updater.daemon import load_config, main

@@ -29,8 +29,10 @@ from tests.registry_helpers import NEWER_TEST, TEST, TRAIN, prepare_run, split
 def store(tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow's own client calls in these tests
     yield Params.model_validate({"drift": {"reference_rows": 100}, "retrain": {"labelled_dir": str(tmp_path / "none")},
+                                 "mlflow": {"tracking_uri": uri},
                                  "evaluate": {"latency_warmup_runs": 1, "latency_runs": 5}})
     mlflow.set_tracking_uri(None)
 

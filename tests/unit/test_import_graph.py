@@ -1,4 +1,5 @@
-"""The layout stays honest: no import cycles, no stage importing a stage, dvc.yaml deps = import closures."""
+"""The layout stays honest: no import cycles, no stage importing a stage, imports that run one way between the
+top-level folders, dvc.yaml deps = import closures, modules and functions that fit on a screen."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import yaml
 from tasks.contracts import Workspace
 from tests.conftest import REPO_ROOT
 
-PACKAGES = ("tasks", "edge", "flows", "scripts")
+# Imports run one way: a folder imports only itself and the folders before it (demos and benchmarks drive flows,
+# flows wire tasks, tasks use the device package, the device package uses nothing of ours).
+LAYERS = ("edge", "tasks", "flows", "scripts", "bench")
+PACKAGES = LAYERS
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_EDGE_TOP_LEVEL = 400, 60, 12
 STAGE_MODULES = {"prepare": "tasks/data/prepare.py", "train": "tasks/model/train.py",
                  "convert": "tasks/model/convert.py", "evaluate": "tasks/evaluation/evaluate.py",
                  "benchmark": "tasks/benchmark/stage.py", "register": "tasks/registry/register.py",
@@ -34,10 +39,19 @@ def project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         for name in names:
-            candidate = Path(*name.split(".")).with_suffix(".py")
-            if name.split(".")[0] in PACKAGES and (REPO_ROOT / candidate).is_file():
-                found.add(candidate.as_posix())
+            if name.split(".")[0] not in PACKAGES:
+                continue
+            for candidate in (Path(*name.split(".")).with_suffix(".py"), Path(*name.split("."), "__init__.py")):
+                if (REPO_ROOT / candidate).is_file() and not _docstring_only(REPO_ROOT / candidate):
+                    found.add(candidate.as_posix())
     return found
+
+
+def _docstring_only(path: Path) -> bool:
+    """A package ``__init__`` that only describes its folder: importing a module of it depends on nothing here."""
+    body = ast.parse(path.read_text()).body
+    return path.name == "__init__.py" and all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                                              for node in body)
 
 
 def closure(module: str) -> set[str]:
@@ -52,7 +66,49 @@ def closure(module: str) -> set[str]:
 
 def project_modules() -> list[str]:
     return sorted(path.relative_to(REPO_ROOT).as_posix() for package in PACKAGES
-                  for path in (REPO_ROOT / package).rglob("*.py"))
+                  for path in (REPO_ROOT / package).rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def test_imports_run_one_way_between_the_top_level_folders():
+    upward = [f"{module} imports {imported}" for module in project_modules() for imported in project_imports(
+              REPO_ROOT / module) if LAYERS.index(imported.split("/")[0]) > LAYERS.index(module.split("/")[0])]
+    assert not upward, f"imports against {' <- '.join(LAYERS)}: {upward}"
+
+
+def _functions(tree: ast.AST):
+    return [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+def test_modules_and_functions_fit_on_a_screen():
+    too_long = []
+    for module in project_modules():
+        text = (REPO_ROOT / module).read_text()
+        if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+            too_long.append(f"{module}: {lines} lines")
+        too_long += [f"{module}:{node.lineno} {node.name}(): {node.end_lineno - node.lineno + 1} lines"
+                     for node in _functions(ast.parse(text)) if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not too_long, f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: {too_long}"
+
+
+def test_the_device_package_keeps_its_top_level_small():
+    top_level = sorted(path.name for path in (REPO_ROOT / "edge").glob("*.py"))
+    assert len(top_level) <= MAX_EDGE_TOP_LEVEL, f"edge/ has {len(top_level)} top-level modules: {top_level}"
+
+
+def test_no_product_code_or_message_names_the_demo_scripts():
+    """What a user runs is an ``edgeloop`` command; ``scripts/`` holds demo drivers only, and is not packaged."""
+    offenders = [module for module in project_modules() if module.split("/")[0] in ("edge", "tasks", "flows")
+                 and "scripts." in (REPO_ROOT / module).read_text()]
+    assert not offenders
+
+
+def test_the_readme_layout_names_every_sub_package():
+    layout = (REPO_ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    packages = sorted(path.parent.relative_to(REPO_ROOT).as_posix() for top in ("tasks", "edge")
+                      for path in (REPO_ROOT / top).glob("*/__init__.py"))
+    assert [package for package in packages if f"`{package}`" not in layout] == []
+    assert [path.name for path in (REPO_ROOT / "edge").glob("*.py")
+            if path.stem != "__init__" and f"`{path.stem}`" not in layout] == []
 
 
 def test_the_import_graph_has_no_cycle():
@@ -95,7 +151,7 @@ def test_stage_deps_are_exactly_its_import_closure(stage):
 
 
 def test_register_depends_on_registry_code_contracts_config_and_errors_only():
-    allowed_prefixes = ("tasks/registry/", "edge/sidecar.py", "edge/errors.py", "edge/runtime.py")
+    allowed_prefixes = ("tasks/registry/", "edge/sidecar.py", "edge/files.py", "edge/errors.py", "edge/runtime.py")
     allowed = {"tasks/contracts.py", "tasks/workspace.py", "tasks/config.py", "tasks/errors.py", "tasks/variants.py",
                "tasks/entrypoint.py", "tasks/lineage.py",
                "tasks/monitoring/reference.py",  # the drift reference logged with every version
@@ -135,8 +191,7 @@ def test_error_modules_import_nothing(module):
 
 def test_no_sys_path_edits_or_sys_modules_lookups():
     offenders = []
-    bench = [path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "bench").glob("*.py")]
-    for path in [*project_modules(), *bench]:
+    for path in project_modules():
         text = (REPO_ROOT / path).read_text()
         if "sys.path.insert" in text or "sys.path.append" in text or "sys.modules[" in text:
             offenders.append(path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge.runtime import EdgeModel
-from tasks.config import Params
+from tasks.config import ConvertParams, Params, TrainParams
 from tasks.contracts import Dataset, PreparedData, Workspace
 from tasks.errors import ModelZooError, QualityFloorError
 from tasks.model import batchnorm, heads
@@ -60,7 +60,7 @@ def test_logits_and_softmax_user_models_both_learn(tmp_path, prepared, head, kin
     _residual_user_model(head).save(path)
     params = Params.model_validate({"seed": 1, "train": {"model": "keras_file", "model_path": str(path),
                                                          "epochs": 12}})
-    model, tuning = train_baseline(params, prepared)
+    model, tuning = train_baseline(params.train, prepared)
     assert tuning.output == kind
     assert tuning.batchnorm_checks[0].reestimated  # default momentum 0.99 lagged: the statistics were re-estimated
     probabilities = heads.with_probabilities(model, kind).predict(prepared.test.x, verbose=0)
@@ -146,7 +146,7 @@ def test_exported_variants_of_a_logits_model_emit_probabilities(tmp_path, prepar
     sources = {name: baseline for name in ("tflite_fp32", "tflite_int8", "onnx_fp32", "onnx_int8")}
     sources["tflite_int8_qat"] = qat_source
     for name, source in sources.items():
-        result = convert_variant(VARIANTS[name], source, Params(), prepared, workspace, lineage,
+        result = convert_variant(VARIANTS[name], source, ConvertParams(), prepared, workspace, lineage,
                                  {baseline.path: model, qat_source.path: qat.model}, {}, trained_head="logits")
         assert result.status == "ok", result.error
         probabilities = EdgeModel.load(workspace.variant_file(name)).predict(prepared.test.x)
@@ -188,7 +188,7 @@ def test_an_unsupported_head_is_a_clear_error_naming_the_layer(activation, words
 def test_quality_floor_is_the_majority_rate_plus_a_share_of_the_rest():
     from tasks.model.train import quality_floor
 
-    params = Params.model_validate({"train": {"min_gain_over_chance": 0.2}})
+    params = TrainParams(min_gain_over_chance=0.2)
     balanced = quality_floor(params, 0.5, np.repeat(np.arange(10), 5), 10)
     assert balanced.majority_rate == pytest.approx(0.1) and balanced.floor == pytest.approx(0.28)
     skewed = quality_floor(params, 0.97, np.array([0] * 95 + [1] * 5), 2)  # 95% one class: beat 0.96

@@ -94,7 +94,7 @@ def test_same_params_give_the_same_model(digits):
     weights = []
     for _ in range(2):
         set_seeds(params.seed)
-        weights.append(train_baseline(params, prepared)[0].get_weights())
+        weights.append(train_baseline(params.train, prepared)[0].get_weights())
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
 
 
@@ -107,7 +107,7 @@ def test_unprunable_layer_is_reported_and_the_pruned_variant_skipped(digits, tmp
     small = Dataset(digits.x[:64], digits.y[:64], digits.labels)
     params = Params.model_validate({"prune": {"epochs": 1, "target_sparsities": [0.5]}})
     tuning = optimize.FineTuning(small, small, 32)
-    summary = run_pruning(model, 0.9, params, tuning, Workspace(tmp_path))
+    summary = run_pruning(model, 0.9, params.prune, params.quantize, tuning, Workspace(tmp_path))
     assert "supported layer" in summary.error and summary.unsupported_layers == ["custom_swish"]
     assert summary.int8 is None and summary.file is None
 

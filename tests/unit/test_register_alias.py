@@ -36,7 +36,7 @@ class Registry:
         return [str(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{self.name}'")]
 
     def register(self) -> str:
-        return register_candidate(self.params(), self.run, self.model_uri, VARIANT, {"variant": VARIANT})
+        return register_candidate(self.params().mlflow, self.run, self.model_uri, VARIANT, {"variant": VARIANT})
 
 
 @pytest.fixture(scope="module")

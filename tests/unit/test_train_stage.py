@@ -18,7 +18,7 @@ def test_bring_your_own_keras_model_is_loaded_for_fine_tuning(tmp_path, tiny_mod
     path = tmp_path / f"mine{suffix}"
     tiny_model.save(path)
     params = Params.model_validate({"train": {"model": "keras_file", "model_path": str(path)}})
-    model = build_baseline(params, _prepared(digits))
+    model = build_baseline(params.train, _prepared(digits))
     assert model.input_shape[1:] == (8, 8, 1) and model.output_shape[-1] == 10
     assert model.count_params() == tiny_model.count_params()
 
@@ -28,7 +28,7 @@ def test_corrupt_own_model_is_a_clear_error(tmp_path, digits):
     corrupt.write_bytes(b"\x89HDF\r\n garbage")
     params = Params.model_validate({"train": {"model": "keras_file", "model_path": str(corrupt)}})
     with pytest.raises(ModelZooError, match="broken.h5"):
-        build_baseline(params, _prepared(digits))
+        build_baseline(params.train, _prepared(digits))
 
 
 def test_train_metrics_file_is_flat(tmp_path):
