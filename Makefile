@@ -10,7 +10,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: demo demo-loop edge-demo down services image-services base-images image repro test test-fast lint lock \
+.PHONY: demo demo-loop edge-demo down services control-plane image-services base-images image repro test test-fast lint lock \
 	clean-outputs system-packages
 
 # The Debian packages of setup/system-packages.txt (engine, registry, debootstrap, qemu, broker, sshd, browser, wrk):
@@ -46,6 +46,11 @@ edge-demo: services
 
 services: $(STAMP)
 	$(BIN)/edgeloop services up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+# The control plane for a team: the same servers with their state in PostgreSQL (ours on 127.0.0.1:5433, data in
+# /var/lib/edgeloop/postgres as root, else ~/.cache/edgeloop/postgres). `make down` first if SQLite ones run.
+control-plane: system-packages $(STAMP)
+	$(BIN)/edgeloop services up --database postgres --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # The servers plus a Docker engine (ours, unless one answers) and the image registry (127.0.0.1:5050).
 image-services: system-packages $(STAMP)

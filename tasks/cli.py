@@ -15,7 +15,7 @@
     edgeloop simulate-drift --severity low|medium|high ...                         shifted device uploads
     edgeloop labels import LABELS.csv                                              labelled samples -> data version
     edgeloop fleet add-device ID --group G                                         a device's broker login and ACL
-    edgeloop services up|down|status [--images]                                    the local service stack
+    edgeloop services up|down|status [--images] [--database postgres]              the local service stack
     edgeloop engine up|down                                                        a Docker engine (dockerd)
     edgeloop base-images [--arch amd64 arm64]                                      the images' Python bases
 

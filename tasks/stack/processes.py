@@ -125,16 +125,21 @@ def log_tail(log: Path, lines: int = 15) -> str:
 
 
 def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], health_url: str | None,
-          url: str, timeout_s: float = 120.0) -> Service:
-    """Start ``command`` in the background (or reuse a running one) and wait until it answers."""
+          url: str, timeout_s: float = 120.0, user: str | None = None) -> Service:
+    """Start ``command`` in the background (or reuse a running one) and wait until it answers.
+
+    ``user``: the account to run it as (we are root; PostgreSQL refuses to run as root).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"{name}.log"
     pid = running_pid(run_dir, name)
     if pid is not None and (health_url is None or healthy(health_url)):
         return Service(name, pid, url, log)
     with open(log, "ab") as handle:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=handle,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(command, cwd="/" if user else REPO_ROOT, env={**os.environ, **env},
+                                   stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, user=user, group=_group_of(user), extra_groups=[]
+                                   if user else None)
     pid_file(run_dir, name).write_text(f"{process.pid} {Path(command[0]).name}\n")
     if health_url:
         try:
@@ -143,6 +148,12 @@ def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], hea
             stop(name, run_dir)
             raise
     return Service(name, process.pid, url, log)
+
+
+def _group_of(user: str | None) -> int | None:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid if user else None
 
 
 def stop(name: str, run_dir: Path, timeout_s: float = 20.0) -> bool:

@@ -1,10 +1,15 @@
 """Start and stop the local services edgeloop uses: a Prefect server, an MLflow server, a Prefect worker.
 
+Prefect and MLflow keep their state in SQLite under the run folder (the demo), or in PostgreSQL for a team
+(``--database postgres``: :mod:`tasks.stack.postgres`; ``--database-url`` for a server you run). MLflow
+serves its artifacts itself (``mlflow-artifacts:/``), so a worker on another host needs only the two URLs.
+
 Each runs in the background in its own process group, with a pid file and a log in the run folder
 (``.run/`` by default; :mod:`tasks.stack.processes`); ``down`` stops exactly the processes ``up`` started.
 ``up`` reuses services that are already running and healthy.
 
     edgeloop services up        # Prefect :4200, MLflow :5000, worker on pool edgeloop-process
+    edgeloop services up --database postgres    # the same on PostgreSQL :5433 (make control-plane)
     edgeloop services down
     edgeloop services status
 """
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 from tasks.packaging.docker_client import CACHE_DIR, answers, cache_lock, find_engine, own_engine_host
+from tasks.stack.postgres import DEFAULT_PORT, Postgres, connect, ensure_databases, start_postgres
 from tasks.stack.processes import REPO_ROOT, Service, ServiceError, log_tail, running_pid, start, stop
 
 BIN = Path(sys.executable).parent
@@ -41,12 +47,14 @@ def prefect_env(home: Path, port: int) -> dict[str, str]:
             "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS": "2"}
 
 
-def start_prefect(run_dir: Path, port: int, schedules: bool = True) -> Service:
-    """A Prefect server on loopback with a SQLite database in ``run_dir/prefect``, analytics off.
+def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Postgres | None = None) -> Service:
+    """A Prefect server on loopback, analytics off, its database in PostgreSQL or SQLite in ``run_dir/prefect``.
 
     ``schedules=False`` turns off the scheduler service, so only runs that are asked for happen (tests).
     """
     env = prefect_env(run_dir / "prefect", port)
+    if database is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.database_url("prefect", driver="asyncpg")
     if not schedules:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -54,11 +62,12 @@ def start_prefect(run_dir: Path, port: int, schedules: bool = True) -> Service:
                  f"http://127.0.0.1:{port}")
 
 
-def start_mlflow(run_dir: Path, port: int) -> Service:
-    """An MLflow tracking server: SQLite backend and a local artifact root under ``run_dir/mlflow``."""
+def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None) -> Service:
+    """An MLflow tracking server: PostgreSQL or SQLite backend; artifacts served by it from ``run_dir/mlflow``."""
     root = run_dir / "mlflow"
     root.mkdir(parents=True, exist_ok=True)
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    store = f"sqlite:///{root / 'mlflow.db'}" if database is None else database.database_url("mlflow", "psycopg2")
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", store,
                "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
     return start("mlflow-server", command, run_dir, {}, f"http://127.0.0.1:{port}/health",
@@ -149,17 +158,34 @@ def _start_dockerd(run_dir: Path, cache_dir: Path, timeout_s: float) -> str:
     return host
 
 
-def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True) -> list[Service]:
-    prefect = start_prefect(run_dir, prefect_port, schedules)
+def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = True,
+       database: Postgres | None = None) -> list[Service]:
+    """Prefect, MLflow and a worker; on ``database`` (checked first: one clear error when it does not answer)."""
+    if database is not None:
+        connect(database).close()
+        ensure_databases(database)
+    prefect = start_prefect(run_dir, prefect_port, schedules, database)
     ensure_work_pool(run_dir, prefect_port)
-    mlflow = start_mlflow(run_dir, mlflow_port)
+    mlflow = start_mlflow(run_dir, mlflow_port, database)
     worker = start_worker(run_dir, prefect_port, mlflow.url)
     return [prefect, mlflow, worker]
 
 
 def down(run_dir: Path) -> list[str]:
-    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "registry", "sshd",
-                              "mosquitto", "dockerd") if stop(name, run_dir)]
+    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "postgres", "registry",
+                              "sshd", "mosquitto", "dockerd") if stop(name, run_dir)]
+
+
+def database_of(args: argparse.Namespace, run_dir: Path) -> Postgres | None:
+    """None for SQLite; the server ``--database-url`` names; or ours, started (``--database postgres``)."""
+    if args.database_url:
+        if not args.database_url.startswith(("postgresql://", "postgres://")):
+            raise ServiceError(f"--database-url must be postgresql://USER:PASSWORD@HOST:PORT, got "
+                               f"{args.database_url.split('@')[-1]!r}")
+        return Postgres("postgresql://" + args.database_url.split("://", 1)[1].rstrip("/"))
+    if args.database == "postgres":
+        return start_postgres(run_dir, args.postgres_port, args.postgres_dir)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", action="store_true",
                         help="also a Docker engine (ours unless one answers) and an image registry, for packaging")
     parser.add_argument("--registry-port", type=int, default=int(os.environ.get("EDGELOOP_REGISTRY_PORT", 5050)))
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default=os.environ.get("EDGELOOP_DATABASE",
+                        "sqlite"), help="where Prefect and MLflow keep their state (postgres: a team control plane)")
+    parser.add_argument("--database-url", default=os.environ.get("EDGELOOP_DATABASE_URL"),
+                        help="a PostgreSQL server you run: postgresql://USER:PASSWORD@HOST:PORT")
+    parser.add_argument("--postgres-port", type=int, default=int(os.environ.get("EDGELOOP_POSTGRES_PORT",
+                                                                                DEFAULT_PORT)))
+    parser.add_argument("--postgres-dir", type=Path, default=None, help="our PostgreSQL's data and password folder")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
-            for service in up(args.run_dir, args.prefect_port, args.mlflow_port):
+            database = database_of(args, args.run_dir)
+            if database is not None:
+                print(f"{'postgresql':15s} {database.shown}")
+            for service in up(args.run_dir, args.prefect_port, args.mlflow_port, database=database):
                 print(f"{service.name:15s} pid {service.pid:<7d} {service.url}  (log {service.log})")
             if args.images:
                 print(f"{'docker engine':15s} {start_docker_engine(args.run_dir)}")
@@ -183,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "down":
             print("stopped: " + (", ".join(down(args.run_dir)) or "nothing was running"))
         else:
-            for name in ("prefect-server", "mlflow-server", "prefect-worker", "registry", "dockerd"):
+            for name in ("prefect-server", "mlflow-server", "prefect-worker", "postgres", "registry", "dockerd"):
                 pid = running_pid(args.run_dir, name)
                 print(f"{name:15s} {'running, pid ' + str(pid) if pid else 'stopped'}")
     except ServiceError as error:
