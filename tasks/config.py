@@ -384,7 +384,8 @@ def apply_environment(params: Params, environ: Mapping[str, str] = os.environ) -
         return Params.model_validate(raw) if found else params
     except ValidationError as error:
         names = {".".join(key): f"{variable} ({'.'.join(key)})" for variable, key in ENVIRONMENT.items()}
-        raise ConfigError(format_validation_error(error, f"the environment ({', '.join(found)})", names)) from None
+        wrong = [v for v in found if any(e["loc"][:2] == ENVIRONMENT[v] for e in error.errors())] or list(found)
+        raise ConfigError(format_validation_error(error, f"the environment ({', '.join(wrong)})", names)) from None
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

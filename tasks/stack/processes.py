@@ -125,10 +125,11 @@ def log_tail(log: Path, lines: int = 15) -> str:
 
 
 def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], health_url: str | None,
-          url: str, timeout_s: float = 120.0, user: str | None = None) -> Service:
+          url: str, timeout_s: float = 120.0, user: str | None = None, netns: str | None = None) -> Service:
     """Start ``command`` in the background (or reuse a running one) and wait until it answers.
 
-    ``user``: the account to run it as (we are root; PostgreSQL refuses to run as root).
+    ``user``: the account to run it as (we are root; PostgreSQL refuses to run as root). ``netns``: the
+    network namespace to run it in (``ip netns exec``, which becomes the command: the pid stays ours).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"{name}.log"
@@ -136,7 +137,8 @@ def start(name: str, command: list[str], run_dir: Path, env: dict[str, str], hea
     if pid is not None and (health_url is None or healthy(health_url)):
         return Service(name, pid, url, log)
     with open(log, "ab") as handle:
-        process = subprocess.Popen(command, cwd="/" if user else REPO_ROOT, env={**os.environ, **env},
+        launch = ["ip", "netns", "exec", netns, *command] if netns else command
+        process = subprocess.Popen(launch, cwd="/" if user else REPO_ROOT, env={**os.environ, **env},
                                    stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, user=user, group=_group_of(user), extra_groups=[]
                                    if user else None)

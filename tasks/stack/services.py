@@ -40,26 +40,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prefect_env(home: Path, port: int) -> dict[str, str]:
-    return {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_LOGGING_LEVEL": "INFO",
+def prefect_env(home: Path, port: int, host: str = "127.0.0.1") -> dict[str, str]:
+    """The settings of a Prefect server on ``host:port`` and of its clients (``host``: the server's address)."""
+    return {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://{host}:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
+            "PREFECT_SERVER_API_HOST": host, "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS": "2"}
 
 
-def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Postgres | None = None) -> Service:
-    """A Prefect server on loopback, analytics off, its database in PostgreSQL or SQLite in ``run_dir/prefect``.
+def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Postgres | None = None,
+                  host: str = "127.0.0.1", netns: str | None = None) -> Service:
+    """A Prefect server on ``host`` (loopback), analytics off, its database in PostgreSQL or SQLite in
+    ``run_dir/prefect``; ``netns``: the network namespace it runs in (a host of its own, in tests).
 
     ``schedules=False`` turns off the scheduler service, so only runs that are asked for happen (tests).
     """
-    env = prefect_env(run_dir / "prefect", port)
+    env = prefect_env(run_dir / "prefect", port, host)
     if database is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.database_url("prefect", driver="asyncpg")
     if not schedules:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return start("prefect-server", command, run_dir, env, f"http://127.0.0.1:{port}/api/health",
-                 f"http://127.0.0.1:{port}")
+    command = [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)]
+    return start("prefect-server", command, run_dir, env, f"http://{host}:{port}/api/health", f"http://{host}:{port}",
+                 netns=netns)
 
 
 def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None) -> Service:
@@ -74,17 +77,20 @@ def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None) -> 
                  f"http://127.0.0.1:{port}")
 
 
-def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = WORK_POOL) -> Service:
-    """A process worker on ``pool`` (created if missing); its flow runs log to ``mlflow_url``."""
-    env = {**prefect_env(run_dir / "prefect", prefect_port), "MLFLOW_TRACKING_URI": mlflow_url,
+def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = WORK_POOL,
+                 server_host: str = "127.0.0.1", netns: str | None = None, name: str = "prefect-worker") -> Service:
+    """A process worker on ``pool`` of the server on ``server_host``; its flow runs log to ``mlflow_url``.
+    ``netns``: the network namespace it runs in; ``name``: its pid file's (and Prefect's) name."""
+    env = {**prefect_env(run_dir / "prefect", prefect_port, server_host), "MLFLOW_TRACKING_URI": mlflow_url,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
-    return start("prefect-worker", command, run_dir, env, None, pool)
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+               *(["--name", name] if name != "prefect-worker" else [])]
+    return start(name, command, run_dir, env, None, pool, netns=netns)
 
 
-def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL) -> None:
+def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL, server_host: str = "127.0.0.1") -> None:
     """Create the process work pool unless it exists (deployments must find it before a worker polls)."""
-    env = {**os.environ, **prefect_env(run_dir / "prefect", prefect_port)}
+    env = {**os.environ, **prefect_env(run_dir / "prefect", prefect_port, server_host)}
     inspect = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", pool], env=env, capture_output=True,
                              text=True, timeout=120)
     if inspect.returncode == 0:

@@ -104,6 +104,7 @@ def test_an_empty_variable_leaves_params_yaml_in_charge(monkeypatch):
 @pytest.mark.parametrize(("variable", "value", "key"), [("EDGELOOP_BROKER", "broker.lan", "rollout.broker"),
                                                         ("EDGELOOP_REGISTRY", "no such/registry", "package.registry")])
 def test_a_bad_variable_is_refused_naming_it(monkeypatch, variable, value, key):
+    monkeypatch.setenv("EDGELOOP_SIGNING_KEY", "keys/elsewhere.key")  # a good one beside it is not blamed
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError) as caught:
         load_params(REPO / "params.yaml")
