@@ -271,3 +271,57 @@ def bundle_kit(tiny_model_files, digits, tmp_path_factory) -> BundleKit:
                                "git_commit": "test-commit", "params_hash": "test-params"})
         models[variant] = target
     return BundleKit(root, load_private_key(private_path), public_dir, models, digits.x[700:716])
+
+
+# ---- one PostgreSQL for the session (the team control plane's store) --------------------------------------
+
+@dataclass
+class SharedPostgres:
+    """The session's PostgreSQL, started by tasks/stack/postgres.py; each test takes databases of its own."""
+
+    server: object  # tasks.stack.postgres.Postgres, without a prefix
+    root: Path
+    run_dir: Path
+    port: int
+    taken: int = 0
+
+    def fresh(self):
+        """A Postgres whose ``prefect`` and ``mlflow`` databases are new and empty (a prefix of their own)."""
+        from dataclasses import replace
+
+        from tasks.stack.postgres import ensure_databases
+
+        self.taken += 1
+        fresh = replace(self.server, prefix=f"t{os.getpid()}_{self.taken}_")
+        ensure_databases(fresh)
+        return fresh
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same data and port (clients see it go away)."""
+        from tasks.stack.postgres import start_postgres
+        from tasks.stack.processes import stop
+
+        stop("postgres", self.run_dir)
+        start_postgres(self.run_dir, self.port, self.root / "postgres")
+
+
+@pytest.fixture(scope="session")
+def shared_postgres() -> Iterator[SharedPostgres]:
+    """PostgreSQL on a free port, its data in a folder the server's account can reach (not pytest's 0700 one)."""
+    import tempfile
+
+    from tasks.stack import postgres as pg
+    from tasks.stack.processes import ServiceError, stop
+    from tasks.stack.services import free_port
+
+    try:
+        pg.tool("postgres")
+    except ServiceError as error:
+        skip_unless_ci(str(error))
+    root = Path(tempfile.mkdtemp(prefix="edgeloop-pg-"))
+    root.chmod(0o755)
+    run_dir, port = root / "run", free_port()
+    server = pg.start_postgres(run_dir, port, root / "postgres")
+    yield SharedPostgres(server, root, run_dir, port)
+    stop("postgres", run_dir)
+    shutil.rmtree(root, ignore_errors=True)

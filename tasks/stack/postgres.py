@@ -37,12 +37,18 @@ class Postgres:
     """Where a PostgreSQL server answers: ``postgresql://USER:PASSWORD@HOST:PORT`` without a database."""
 
     url: str
+    prefix: str = ""  # before each database's name: several control planes (tests, a restore) on one server
+
+    def name_of(self, database: str) -> str:
+        """The real name of ``database`` (``prefect``, ``mlflow``) on this server; ``postgres``, the server's
+        maintenance database, is never prefixed."""
+        return database if database == "postgres" else f"{self.prefix}{database}"
 
     def database_url(self, database: str, driver: str = "") -> str:
         """The URL of ``database``; ``driver`` picks SQLAlchemy's (``asyncpg`` for Prefect, none for MLflow)."""
         parts = urlsplit(self.url)
         scheme = f"postgresql+{driver}" if driver else "postgresql"
-        return urlunsplit((scheme, parts.netloc, f"/{database}", "", ""))
+        return urlunsplit((scheme, parts.netloc, f"/{self.name_of(database)}", "", ""))
 
     @property
     def shown(self) -> str:
@@ -53,16 +59,19 @@ class Postgres:
         return urlunsplit((parts.scheme, f"{user}:***@{netloc}" if user else netloc, parts.path, "", ""))
 
 
+def tool(name: str) -> str:
+    """A PostgreSQL program (initdb, postgres, pg_dump, pg_restore): Debian's newest
+    ``/usr/lib/postgresql/<major>/bin`` (the server's own major), else on PATH."""
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    found = str(versions[-1]) if versions else shutil.which(name)
+    if found is None:
+        raise ServiceError(f"PostgreSQL's {name} is not installed: apt-get install postgresql (or pass "
+                           "--database-url for a server you run)")
+    return found
+
+
 def _binaries() -> tuple[str, str]:
-    """initdb and postgres: on PATH, else Debian's newest ``/usr/lib/postgresql/<major>/bin``."""
-    found = [shutil.which("initdb"), shutil.which("postgres")]
-    if None in found:
-        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
-        if not versions:
-            raise ServiceError("PostgreSQL is not installed: apt-get install postgresql (or pass --database-url "
-                               "for a server you run)")
-        found = [str(versions[-1].with_name("initdb")), str(versions[-1])]
-    return found[0], found[1]
+    return tool("initdb"), tool("postgres")
 
 
 def _server_user() -> str | None:
@@ -149,7 +158,7 @@ def ensure_databases(server: Postgres, databases: tuple[str, ...] = DATABASES) -
     connection = connect(server)
     try:
         with connection.cursor() as cursor:
-            for database in databases:
+            for database in map(server.name_of, databases):
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
                 if cursor.fetchone() is None:
                     cursor.execute(f'CREATE DATABASE "{database}"')

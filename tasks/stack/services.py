@@ -17,15 +17,17 @@ Each runs in the background in its own process group, with a pid file and a log 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tasks.packaging.docker_client import CACHE_DIR, answers, cache_lock, find_engine, own_engine_host
+from tasks.stack import backup, prefect_admin
 from tasks.stack.postgres import DEFAULT_PORT, Postgres, connect, ensure_databases, start_postgres
 from tasks.stack.processes import REPO_ROOT, Service, ServiceError, log_tail, running_pid, start, stop
 
@@ -53,11 +55,16 @@ def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Po
     """A Prefect server on ``host`` (loopback), analytics off, its database in PostgreSQL or SQLite in
     ``run_dir/prefect``; ``netns``: the network namespace it runs in (a host of its own, in tests).
 
-    ``schedules=False`` turns off the scheduler service, so only runs that are asked for happen (tests).
+    On PostgreSQL the schema is migrated once, here, before the API starts, and the API itself never migrates
+    (``PREFECT_API_DATABASE_MIGRATE_ON_START=false``): a second API replica on the same database starts the
+    same way without racing the first. ``schedules=False`` turns off the scheduler service, so only runs that
+    are asked for happen (tests).
     """
     env = prefect_env(run_dir / "prefect", port, host)
     if database is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.database_url("prefect", driver="asyncpg")
+        prefect_admin.migrate(env)
+        env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
     if not schedules:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     command = [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)]
@@ -82,7 +89,8 @@ def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = 
     """A process worker on ``pool`` of the server on ``server_host``; its flow runs log to ``mlflow_url``.
     ``netns``: the network namespace it runs in; ``name``: its pid file's (and Prefect's) name."""
     env = {**prefect_env(run_dir / "prefect", prefect_port, server_host), "MLFLOW_TRACKING_URI": mlflow_url,
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(prefect_admin.HEARTBEAT_S)}  # the crash detection's input
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
                *(["--name", name] if name != "prefect-worker" else [])]
     return start(name, command, run_dir, env, None, pool, netns=netns)
@@ -90,15 +98,7 @@ def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = 
 
 def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL, server_host: str = "127.0.0.1") -> None:
     """Create the process work pool unless it exists (deployments must find it before a worker polls)."""
-    env = {**os.environ, **prefect_env(run_dir / "prefect", prefect_port, server_host)}
-    inspect = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", pool], env=env, capture_output=True,
-                             text=True, timeout=120)
-    if inspect.returncode == 0:
-        return
-    created = subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
-                             capture_output=True, text=True, timeout=120)
-    if created.returncode != 0:
-        raise ServiceError(f"could not create work pool {pool}: {created.stdout[-500:]}{created.stderr[-500:]}")
+    prefect_admin.ensure_work_pool(prefect_env(run_dir / "prefect", prefect_port, server_host), pool)
 
 
 def start_edge_server(run_dir: Path, port: int, settings: dict[str, str], name: str = "edge-serve") -> Service:
@@ -172,6 +172,7 @@ def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = Tru
         ensure_databases(database)
     prefect = start_prefect(run_dir, prefect_port, schedules, database)
     ensure_work_pool(run_dir, prefect_port)
+    prefect_admin.ensure_crash_detection(f"{prefect.url}/api")
     mlflow = start_mlflow(run_dir, mlflow_port, database)
     worker = start_worker(run_dir, prefect_port, mlflow.url)
     return [prefect, mlflow, worker]
@@ -188,15 +189,39 @@ def database_of(args: argparse.Namespace, run_dir: Path) -> Postgres | None:
         if not args.database_url.startswith(("postgresql://", "postgres://")):
             raise ServiceError(f"--database-url must be postgresql://USER:PASSWORD@HOST:PORT, got "
                                f"{args.database_url.split('@')[-1]!r}")
-        return Postgres("postgresql://" + args.database_url.split("://", 1)[1].rstrip("/"))
+        return Postgres("postgresql://" + args.database_url.split("://", 1)[1].rstrip("/"), args.database_prefix)
     if args.database == "postgres":
-        return start_postgres(run_dir, args.postgres_port, args.postgres_dir)
+        return replace(start_postgres(run_dir, args.postgres_port, args.postgres_dir), prefix=args.database_prefix)
     return None
+
+
+def backup_or_restore(args: argparse.Namespace) -> None:
+    """``services backup --to DIR`` / ``services restore --from DIR`` (:mod:`tasks.stack.backup`)."""
+    database = database_of(args, args.run_dir)
+    if database is None:
+        raise ServiceError(f"{args.action} is for the PostgreSQL control plane: add --database postgres (ours) or "
+                           "--database-url (yours); the SQLite demo's state is the run folder itself")
+    artifacts = args.run_dir / "mlflow" / "artifacts"
+    if args.action == "backup":
+        if args.to is None:
+            raise ServiceError("backup needs --to DIR (a folder that does not exist yet)")
+        manifest = backup.backup(database, artifacts, args.to, args.dvc_remote)
+        print(f"backed up {database.shown} to {args.to}: {json.dumps(manifest['contents'])}")
+        return
+    if args.source is None:
+        raise ServiceError("restore needs --from DIR (a folder `edgeloop services backup` wrote)")
+    services = ("prefect-server", "mlflow-server", "prefect-worker")
+    running = [name for name in services if running_pid(args.run_dir, name)]
+    if running:
+        raise ServiceError(f"{', '.join(running)} still run on this control plane: `edgeloop services down` first")
+    manifest = backup.restore(args.source, database, artifacts, args.dvc_remote, args.force)
+    print(f"restored {args.source} (made {manifest['created']}) onto {database.shown}: "
+          f"{json.dumps(manifest['contents'])}; start it with `edgeloop services up` and the same --database options")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="local edgeloop services")
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "backup", "restore"])
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
     parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("EDGELOOP_PREFECT_PORT", 4200)))
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("EDGELOOP_MLFLOW_PORT", 5000)))
@@ -210,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres-port", type=int, default=int(os.environ.get("EDGELOOP_POSTGRES_PORT",
                                                                                 DEFAULT_PORT)))
     parser.add_argument("--postgres-dir", type=Path, default=None, help="our PostgreSQL's data and password folder")
+    parser.add_argument("--database-prefix", default=os.environ.get("EDGELOOP_DATABASE_PREFIX", ""),
+                        help="before the databases' names (PREFIXprefect, PREFIXmlflow): several control planes on "
+                             "one server")
+    parser.add_argument("--to", type=Path, help="backup: the new folder the backup is written to")
+    parser.add_argument("--from", dest="source", type=Path, help="restore: the folder a backup was written to")
+    parser.add_argument("--dvc-remote", type=Path, help="backup/restore: the DVC remote's folder on this host")
+    parser.add_argument("--force", action="store_true", help="restore: replace databases that already hold data")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
@@ -222,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'docker engine':15s} {start_docker_engine(args.run_dir)}")
                 registry = start_registry(args.run_dir, args.registry_port)
                 print(f"{registry.name:15s} pid {registry.pid:<7d} {registry.url}  (log {registry.log})")
+        elif args.action in ("backup", "restore"):
+            backup_or_restore(args)
         elif args.action == "down":
             print("stopped: " + (", ".join(down(args.run_dir)) or "nothing was running"))
         else:

@@ -12,13 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, skip_unless_ci
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -45,27 +44,6 @@ CLIENT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    """Our PostgreSQL on a free port, its data in a folder the server's account can reach (not pytest's 0700 one)."""
-    from tasks.stack import postgres as pg
-    from tasks.stack.processes import ServiceError, stop
-    from tasks.stack.services import free_port
-
-    try:
-        pg._binaries()
-    except ServiceError as error:
-        skip_unless_ci(str(error))
-    root = Path(tempfile.mkdtemp(prefix="edgeloop-pg-"))
-    root.chmod(0o755)
-    run_dir = root / "run"
-    port = free_port()
-    server = pg.start_postgres(run_dir, port, root / "postgres")
-    yield server, run_dir, port, root
-    stop("postgres", run_dir)
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def _query(server, database: str, sql: str) -> list[tuple]:
     from tasks.stack.postgres import connect
 
@@ -78,25 +56,29 @@ def _query(server, database: str, sql: str) -> list[tuple]:
         connection.close()
 
 
-def test_prefect_and_mlflow_keep_their_state_in_postgres(postgres, tmp_path):
+def _client_env(home: Path, prefect_port: int, mlflow_port: int) -> dict[str, str]:
+    """A host with the two URLs and nothing else of the control plane."""
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+
+
+def test_state_in_postgres_survives_a_restart_and_a_backup_restored_into_a_fresh_control_plane(shared_postgres,
+                                                                                               tmp_path):
     import json
 
     from tasks.stack import services
-    from tasks.stack.postgres import start_postgres
     from tasks.stack.processes import stop
 
-    server, run_dir, port, root = postgres
+    server, run_dir = shared_postgres.fresh(), tmp_path / "run"
     prefect_port, mlflow_port = services.free_port(), services.free_port()
     try:
         started = services.up(run_dir, prefect_port, mlflow_port, schedules=False, database=server)
         assert [service.name for service in started] == ["prefect-server", "mlflow-server", "prefect-worker"]
-        client_dir = tmp_path / "client"  # a host with the two URLs and nothing else of the control plane
+        client_dir = tmp_path / "client"
         client_dir.mkdir()
-        env = {"PATH": os.environ["PATH"], "HOME": str(client_dir), "PREFECT_HOME": str(client_dir / "prefect"),
-               "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-               "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
-        done = subprocess.run([sys.executable, "-c", CLIENT], cwd=client_dir, env=env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", CLIENT], cwd=client_dir, env=_client_env(
+            client_dir, prefect_port, mlflow_port), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         logged = json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -111,15 +93,98 @@ def test_prefect_and_mlflow_keep_their_state_in_postgres(postgres, tmp_path):
         assert _query(server, "mlflow", versions) == [("pg-model", int(logged["version"]))]
         assert _query(server, "prefect", "SELECT name FROM work_pool WHERE name = 'edgeloop-process'")
 
-        services.down(run_dir)  # the database too: what was stored must come back with it
-        assert not (run_dir / "postgres.pid").exists()
-        restarted = start_postgres(run_dir, port, root / "postgres")
-        assert _query(restarted, "mlflow", versions) == [("pg-model", int(logged["version"]))]
-        assert ("postgres-smoke", "COMPLETED") in _query(restarted, "prefect", "SELECT f.name, r.state_type FROM "
+        services.down(run_dir)
+        shared_postgres.restart()  # what was stored must come back with the server
+        assert _query(server, "mlflow", versions) == [("pg-model", int(logged["version"]))]
+        assert ("postgres-smoke", "COMPLETED") in _query(server, "prefect", "SELECT f.name, r.state_type FROM "
                                                          "flow_run r JOIN flow f ON f.id = r.flow_id")
+        _backup_and_restore(shared_postgres, server, run_dir, tmp_path, logged)
     finally:
         for name in ("prefect-worker", "mlflow-server", "prefect-server"):
             stop(name, run_dir)
+
+
+READER = textwrap.dedent('''
+    import json, tempfile
+    from pathlib import Path
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    client = mlflow.MlflowClient()
+    versions = [(v.name, v.version, v.run_id) for v in client.search_model_versions("name='pg-model'")]
+    run_id = versions[0][2]
+    artifact = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evidence.txt",
+                                                        dst_path=tempfile.mkdtemp())).read_text()
+    with get_client(sync_client=True) as prefect:
+        runs = sorted((prefect.read_flow(r.flow_id).name, r.state.type.value, str(r.id))
+                      for r in prefect.read_flow_runs())
+    print(json.dumps({"versions": versions, "artifact": artifact, "runs": runs}))
+''')
+
+
+def _services_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks.cli", "services", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _read_back(prefect_port: int, mlflow_port: int, home: Path) -> dict:
+    import json
+
+    home.mkdir()
+    done = subprocess.run([sys.executable, "-c", READER], cwd=home, env=_client_env(home, prefect_port, mlflow_port),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _backup_and_restore(shared_postgres, server, run_dir: Path, tmp_path: Path, logged: dict) -> None:
+    """One command backs the control plane up; one restores it into fresh databases and a fresh run folder, where
+    the same model versions (with their artifact, served) and the same flow-run history are found. A damaged
+    backup and an occupied target are refused before anything is written."""
+    from tasks.stack import services
+
+    url, saved = shared_postgres.server.url, tmp_path / "backups" / "nightly"
+    made = _services_cli("backup", "--run-dir", str(run_dir), "--database-url", url, "--database-prefix",
+                         server.prefix, "--to", str(saved))
+    assert made.returncode == 0, made.stderr
+    assert '"model_versions": 1' in made.stdout and url.split("@")[0].split(":")[-1] not in made.stdout
+    assert sorted(path.name for path in saved.iterdir()) == ["artifacts.tar.gz", "manifest.json", "mlflow.dump",
+                                                             "prefect.dump"]
+    assert _services_cli("backup", "--run-dir", str(run_dir), "--database-url", url, "--database-prefix",
+                         server.prefix, "--to", str(saved)).stderr.startswith(f"error: {saved} already exists")
+
+    damaged = tmp_path / "backups" / "damaged"
+    shutil.copytree(saved, damaged)
+    blob = bytearray((damaged / "mlflow.dump").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (damaged / "mlflow.dump").write_bytes(bytes(blob))
+    untouched, untouched_dir = shared_postgres.fresh(), tmp_path / "untouched"
+    refused = _services_cli("restore", "--run-dir", str(untouched_dir), "--database-url", url, "--database-prefix",
+                            untouched.prefix, "--from", str(damaged))
+    assert refused.returncode == 1 and "mlflow.dump does not match its checksum" in refused.stderr, refused.stderr
+    assert _query(untouched, "prefect", "SELECT count(*) FROM information_schema.tables WHERE "
+                  "table_schema = 'public'") == [(0,)] and not untouched_dir.exists()
+
+    fresh, fresh_dir = shared_postgres.fresh(), tmp_path / "restored"
+    done = _services_cli("restore", "--run-dir", str(fresh_dir), "--database-url", url, "--database-prefix",
+                         fresh.prefix, "--from", str(saved))
+    assert done.returncode == 0, done.stderr
+    again = _services_cli("restore", "--run-dir", str(fresh_dir), "--database-url", url, "--database-prefix",
+                          fresh.prefix, "--from", str(saved))
+    assert again.returncode == 1 and "already hold data" in again.stderr, again.stderr
+
+    history = "SELECT f.name, r.state_type, r.id::text FROM flow_run r JOIN flow f ON f.id = r.flow_id ORDER BY 3"
+    assert _query(fresh, "prefect", history) == _query(server, "prefect", history)
+    prefect_port, mlflow_port = services.free_port(), services.free_port()
+    try:
+        services.up(fresh_dir, prefect_port, mlflow_port, schedules=False, database=fresh)
+        after = _read_back(prefect_port, mlflow_port, tmp_path / "reader")
+    finally:
+        services.down(fresh_dir)
+    assert [tuple(version) for version in after["versions"]] == [("pg-model", logged["version"], logged["run_id"])]
+    assert "artifact proxy" in after["artifact"]  # the artifact came back, served by the restored MLflow
+    assert sorted(tuple(run) for run in after["runs"]) == sorted(_query(server, "prefect", history))
 
 
 def test_a_database_that_does_not_answer_stops_up_with_one_line_and_starts_nothing(tmp_path):
