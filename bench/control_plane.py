@@ -31,14 +31,15 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SERVER_ERRORS = re.compile(r"retryable status code 5\d\d|Server error '5\d\d|database is locked")
 
 
-def _deploy_and_start(counts: dict[str, int], tasks: int) -> list:
+def deploy_and_start(counts: dict[str, int], tasks: int, pool: str = POOL) -> list:
+    """Deploy the two bench flows to ``pool`` and start ``counts`` runs of each at once; their ids."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     with get_client(sync_client=True) as client:
         for flow_name, function in FLOWS.values():
             flow_id = client.create_flow_from_name(flow_name)
-            client.create_deployment(flow_id, "bench", work_pool_name=POOL, path=str(REPO_ROOT),
+            client.create_deployment(flow_id, "bench", work_pool_name=pool, path=str(REPO_ROOT),
                                      entrypoint=f"bench/_control_plane_flows.py:{function}", pull_steps=[
                                          {"prefect.deployments.steps.set_working_directory":  # no copy per run
                                           {"directory": str(REPO_ROOT)}}])
@@ -47,7 +48,8 @@ def _deploy_and_start(counts: dict[str, int], tasks: int) -> list:
             for kind, count in counts.items() for _ in range(count)]
 
 
-def _wait(ids: list, timeout_s: float) -> dict[str, str]:
+def wait_final(ids: list, timeout_s: float) -> dict[str, str]:
+    """Each run's state type once all are final, or at ``timeout_s`` (a run still not final then is stuck)."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout_s
@@ -65,7 +67,8 @@ def _wait(ids: list, timeout_s: float) -> dict[str, str]:
             time.sleep(2)
 
 
-def _server_errors(run_dir: Path) -> int:
+def server_errors(run_dir: Path) -> int:
+    """The API's 5xx answers clients retried and SQLite lock errors, from the logs in ``run_dir``."""
     return sum(len(SERVER_ERRORS.findall(log.read_text(errors="replace"))) for log in run_dir.glob("*.log"))
 
 
@@ -83,8 +86,8 @@ def run_store(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, f
             services.start_worker(run_dir, port, "http://mlflow.invalid", POOL, name=worker)
         with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
             started = time.monotonic()
-            ids = _deploy_and_start({"drift": args.drift, "training": args.training}, args.tasks)
-            states = _wait(ids, args.timeout)
+            ids = deploy_and_start({"drift": args.drift, "training": args.training}, args.tasks)
+            states = wait_final(ids, args.timeout)
             wall = time.monotonic() - started
     finally:
         for service in [*workers, "prefect-server", "postgres"]:
@@ -92,7 +95,7 @@ def run_store(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, f
     values = list(states.values())
     figures = {"runs": len(values), "runs_ok": values.count("COMPLETED"),
                "failed": sum(value in FINAL - {"COMPLETED"} for value in values),
-               "stuck": sum(value not in FINAL for value in values), "5xx": _server_errors(run_dir), "wall_s": wall}
+               "stuck": sum(value not in FINAL for value in values), "5xx": server_errors(run_dir), "wall_s": wall}
     print(f"{name:6s} runs {figures['runs']}  completed {figures['runs_ok']}  crashed/failed {figures['failed']}  "
           f"stuck {figures['stuck']}  5xx/locked {figures['5xx']}  wall {wall:.1f} s")
     return figures

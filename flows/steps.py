@@ -59,7 +59,9 @@ def check_services(params: Params) -> str:
 
 @task(name="data-version", timeout_seconds=1800, **TRANSIENT_RETRIES, **PERSISTED)
 def data_version(params: Params) -> dict[str, Any]:
-    return asdict(versioning.check_data_version(params.data))
+    """The raw data version (added and pushed, or pulled on a worker host) and its lineage tags for the run."""
+    version = versioning.check_data_version(params.data)
+    return {**asdict(version), "tags": version.lineage_tags()}
 
 
 @task(name="prepare", timeout_seconds=1800, **PERSISTED)

@@ -29,7 +29,7 @@ def build_candidate(config: Params, workspace: Workspace, parameters: TrainingPa
     """The shared path of the training and retrain flows; returns (evaluation, registration, benchmark)."""
     # ---- services and data ----------------------------------------------------------------------
     steps.check_services(config)
-    steps.data_version(config)
+    data = steps.data_version(config)
     steps.prepare(config, workspace)
     # ---- model: train, convert, evaluate ---------------------------------------------------------
     summary = steps.train_models(config, workspace)
@@ -42,8 +42,8 @@ def build_candidate(config: Params, workspace: Workspace, parameters: TrainingPa
         benchmark = steps.benchmark_on_devices(config, workspace, evaluation)
         publish_benchmark(benchmark, workspace)
     # ---- registry: last, so a failed run registers nothing ----------------------------------------
-    registration = steps.register_candidate(config, workspace, evaluation, summary, run_tags(parameters, trigger),
-                                            benchmark)
+    registration = steps.register_candidate(config, workspace, evaluation, summary,
+                                            run_tags(parameters, trigger) | data["tags"], benchmark)
     return evaluation, registration, benchmark
 
 

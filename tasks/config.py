@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.config_format import flatten, format_validation_error
 from tasks.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
@@ -56,6 +57,9 @@ class DataParams(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     representative_samples: int = Field(200, ge=1, le=10_000)
+    sync: Literal["push", "pull"] = Field("push", description=(
+        "push: this host's data.path is the truth (a new content is added, pushed to the DVC remote and committed); "
+        "pull: the version committed in git is, fetched from the DVC remote before training (a worker host)"))
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> DataParams:
@@ -327,34 +331,6 @@ class Params(_Section):
         return flatten(self.model_dump(mode="json"))
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten a nested dict to dotted keys with string values."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = json.dumps(value) if isinstance(value, list | bool) or value is None else str(value)
-    return flat
-
-
-def format_validation_error(error: ValidationError, source: str, names: dict[str, str] | None = None) -> str:
-    """One line per problem: the dotted key (or its name in ``names``), the offending value and what is allowed."""
-    lines = [f"invalid parameters in {source}:"]
-    for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        key = (names or {}).get(key, key)
-        if problem["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key (check the spelling; allowed keys are listed in params.yaml)")
-            continue
-        value = problem.get("input")
-        shown = "(missing)" if problem["type"] == "missing" else repr(value)
-        message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {key}: got {shown}; {message}")
-    return "\n".join(lines)
-
-
 def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     """Validate a parsed mapping into :class:`Params`, raising :class:`ConfigError` on problems."""
     if raw is None:
@@ -371,7 +347,7 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
 # wins over params.yaml; a run's own parameters (the rollout plan) win over it.
 ENVIRONMENT = {"MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"), "EDGELOOP_REGISTRY": ("package", "registry"),
                "EDGELOOP_SIGNING_KEY": ("package", "signing_key"), "EDGELOOP_TRUSTED_KEYS": ("package", "public_keys"),
-               "EDGELOOP_BROKER": ("rollout", "broker")}
+               "EDGELOOP_BROKER": ("rollout", "broker"), "EDGELOOP_DATA_SYNC": ("data", "sync")}
 
 
 def apply_environment(params: Params, environ: Mapping[str, str] = os.environ) -> Params:

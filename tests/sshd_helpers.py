@@ -25,7 +25,7 @@ class SshTarget:
 
 
 SSHD_CONFIG = """Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {address}
 HostKey {host_key}
 PidFile {pid_file}
 AuthorizedKeysFile {authorized_keys}
@@ -39,7 +39,7 @@ Subsystem sftp internal-sftp
 """
 
 
-def _keys(root: Path, keygen: str, port: int) -> tuple[Path, Path, Path]:
+def _keys(root: Path, keygen: str, port: int, address: str) -> tuple[Path, Path, Path]:
     """A host key, a client key allowed to log in, and a known_hosts file holding the host key."""
     host_key, client_key = root / "ssh_host_ed25519_key", root / "client_ed25519"
     for key in (host_key, client_key):
@@ -50,24 +50,24 @@ def _keys(root: Path, keygen: str, port: int) -> tuple[Path, Path, Path]:
     (root / "authorized_keys").chmod(0o600)
     algorithm, public = host_key.with_suffix(".pub").read_text().split()[:2]
     known_hosts = root / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {algorithm} {public}\n")
+    known_hosts.write_text(f"[{address}]:{port} {algorithm} {public}\n")
     return host_key, client_key, known_hosts
 
 
-def start_sshd(run_dir: Path, port: int, timeout_s: float = 20.0) -> SshTarget:
-    """Debian's sshd on loopback with its own generated host key, a client key allowed for the current user,
-    key authentication only, and a known_hosts file holding its host key (so clients verify it)."""
+def start_sshd(run_dir: Path, port: int, timeout_s: float = 20.0, address: str = "127.0.0.1") -> SshTarget:
+    """Debian's sshd on ``address`` (loopback) with its own generated host key, a client key allowed for the
+    current user, key authentication only, and a known_hosts file holding its host key (so clients verify it)."""
     search = f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/sbin"
     sshd, keygen = shutil.which("sshd", path=search), shutil.which("ssh-keygen", path=search)
     if sshd is None or keygen is None:
         raise ServiceError("sshd or ssh-keygen is missing: apt-get install openssh-server")
     root = run_dir / "sshd"
     root.mkdir(parents=True, exist_ok=True)
-    host_key, client_key, known_hosts = _keys(root, keygen, port)
+    host_key, client_key, known_hosts = _keys(root, keygen, port, address)
     config = root / "sshd_config"
-    config.write_text(SSHD_CONFIG.format(port=port, host_key=host_key, pid_file=root / "sshd.pid",
+    config.write_text(SSHD_CONFIG.format(port=port, address=address, host_key=host_key, pid_file=root / "sshd.pid",
                                          authorized_keys=root / "authorized_keys"))
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
-    service = start("sshd", [sshd, "-D", "-e", "-f", str(config)], run_dir, {}, None, f"127.0.0.1:{port}")
+    service = start("sshd", [sshd, "-D", "-e", "-f", str(config)], run_dir, {}, None, f"{address}:{port}")
     wait_listening("sshd", run_dir, service, port, timeout_s)
-    return SshTarget("127.0.0.1", port, getpass.getuser(), client_key, known_hosts)
+    return SshTarget(address, port, getpass.getuser(), client_key, known_hosts)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -26,6 +27,14 @@ class DataVersion:
     md5: str | None
     new_version: bool
     message: str
+    remote: str | None = None  # the DVC remote it was pulled from (data.sync: pull), credentials hidden
+
+    def lineage_tags(self) -> dict[str, str]:
+        """MLflow run tags naming the raw data version a run trained on and where it came from."""
+        if self.md5 is None:
+            return {"edgeloop.data.version": "bundled"}
+        return {"edgeloop.data.path": str(self.path), "edgeloop.data.version": self.md5,
+                "edgeloop.data.source": f"pulled from {self.remote}" if self.remote else "this host's data.path"}
 
 
 def _run(args: list[str], repo: Path) -> str:
@@ -100,8 +109,46 @@ def track_version(path: Path, repo: Path, message: str) -> DataVersion:
     return DataVersion(str(relative), md5, True, f"new data version {md5} of {relative}: committed and pushed")
 
 
+def _default_remote(repo: Path) -> str:
+    """The default DVC remote's URL, its password (if any) hidden; a clear error when none is set."""
+    name = subprocess.run([_dvc(), "remote", "default"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    if not name:
+        raise StageError(f"no default DVC remote in {repo.resolve()}: `dvc remote add -d storage URL` (with "
+                         "`--local` options for this host's credentials)")
+    url = _run([_dvc(), "config", f"remote.{name}.url"], repo).strip()
+    parts = urlsplit(url)
+    if parts.password:
+        url = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                               f"{f':{parts.port}' if parts.port else ''}"))
+    return f"{name} ({url})"
+
+
+def pull_version(path: Path, repo: Path) -> DataVersion:
+    """The version of ``path`` committed in git (its ``.dvc`` file), fetched from the default DVC remote and then
+    checked out over whatever is there. Nothing is checked out unless the whole version was fetched: a wrong
+    remote, wrong credentials or a missing object leave ``path`` as it was."""
+    relative = path.relative_to(repo.resolve()) if path.is_absolute() else path
+    dvc_file = repo / relative.with_name(relative.name + ".dvc")
+    if not dvc_file.is_file():
+        raise StageError(f"data.sync is pull, but {relative}.dvc is not in this checkout: push the data version from "
+                         "the host that has the data (data.sync: push) and bring its commit here (git pull)")
+    _require_git_and_dvc(repo)
+    md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    remote = _default_remote(repo)
+    try:
+        _run([_dvc(), "fetch", str(dvc_file.relative_to(repo))], repo)
+    except StageError as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise StageError(f"could not fetch data version {md5} of {relative} from DVC remote {remote}: {reason}\n"
+                         f"check the remote's URL and this host's credentials (`dvc remote modify --local ...`); "
+                         f"nothing was checked out, {relative} is as it was") from None
+    _run([_dvc(), "checkout", "--force", str(dvc_file.relative_to(repo))], repo)
+    return DataVersion(str(relative), md5, False, f"{relative} version {md5} pulled from {remote}", remote)
+
+
 def check_data_version(data: DataParams, repo: Path = Path(".")) -> DataVersion:
-    """Track ``data.path`` with DVC; commit and push when its content is new."""
+    """``data.sync: push``: track ``data.path`` with DVC, commit and push when its content is new. ``pull``: take
+    the version committed in git from the DVC remote (:func:`pull_version`)."""
     if data.source == "sklearn_digits":
         return DataVersion(None, None, False, "bundled scikit-learn digits: nothing to add")
     raw = Path(data.path)
@@ -111,6 +158,8 @@ def check_data_version(data: DataParams, repo: Path = Path(".")) -> DataVersion:
     except ValueError:
         raise StageError(f"data.path {raw} is outside the repository {repo.resolve()}; move it inside "
                          "so DVC can version it") from None
+    if data.sync == "pull":
+        return pull_version(absolute.relative_to(repo.resolve()), repo)
     if not absolute.exists():
         raise StageError(f"data.path {raw} does not exist")
     return track_version(absolute, repo, "data")

@@ -72,27 +72,29 @@ def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Po
                  netns=netns)
 
 
-def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None) -> Service:
-    """An MLflow tracking server: PostgreSQL or SQLite backend; artifacts served by it from ``run_dir/mlflow``."""
+def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None, host: str = "127.0.0.1") -> Service:
+    """An MLflow tracking server on ``host``: PostgreSQL or SQLite backend; artifacts served by it from
+    ``run_dir/mlflow`` (a worker needs only its URL)."""
     root = run_dir / "mlflow"
     root.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{root / 'mlflow.db'}" if database is None else database.database_url("mlflow", "psycopg2")
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", store,
-               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--artifacts-destination", str(root / "artifacts"), "--host", host, "--port", str(port),
                "--workers", "1"]
-    return start("mlflow-server", command, run_dir, {}, f"http://127.0.0.1:{port}/health",
-                 f"http://127.0.0.1:{port}")
+    return start("mlflow-server", command, run_dir, {}, f"http://{host}:{port}/health", f"http://{host}:{port}")
 
 
 def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = WORK_POOL,
-                 server_host: str = "127.0.0.1", netns: str | None = None, name: str = "prefect-worker") -> Service:
+                 server_host: str = "127.0.0.1", netns: str | None = None, name: str = "prefect-worker",
+                 limit: int | None = None) -> Service:
     """A process worker on ``pool`` of the server on ``server_host``; its flow runs log to ``mlflow_url``.
-    ``netns``: the network namespace it runs in; ``name``: its pid file's (and Prefect's) name."""
+    ``netns``: the network namespace it runs in; ``name``: its pid file's (and Prefect's) name; ``limit``: the
+    most flow runs it runs at once (a small host's)."""
     env = {**prefect_env(run_dir / "prefect", prefect_port, server_host), "MLFLOW_TRACKING_URI": mlflow_url,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(prefect_admin.HEARTBEAT_S)}  # the crash detection's input
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-               *(["--name", name] if name != "prefect-worker" else [])]
+               *(["--name", name] if name != "prefect-worker" else []), *(["--limit", str(limit)] if limit else [])]
     return start(name, command, run_dir, env, None, pool, netns=netns)
 
 
