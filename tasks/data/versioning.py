@@ -135,14 +135,17 @@ def pull_version(path: Path, repo: Path) -> DataVersion:
     _require_git_and_dvc(repo)
     md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
     remote = _default_remote(repo)
+    target = str(dvc_file.relative_to(repo))
     try:
-        _run([_dvc(), "fetch", str(dvc_file.relative_to(repo))], repo)
+        _run([_dvc(), "fetch", target], repo)
+        if "not in cache" in _run([_dvc(), "status", "--json", target], repo):  # a remote that does not hold it
+            raise StageError(f"the remote does not hold {md5} (fetched nothing; wrong URL or path?)")
     except StageError as error:
         reason = str(error).strip().splitlines()[-1]
         raise StageError(f"could not fetch data version {md5} of {relative} from DVC remote {remote}: {reason}\n"
                          f"check the remote's URL and this host's credentials (`dvc remote modify --local ...`); "
                          f"nothing was checked out, {relative} is as it was") from None
-    _run([_dvc(), "checkout", "--force", str(dvc_file.relative_to(repo))], repo)
+    _run([_dvc(), "checkout", "--force", target], repo)
     return DataVersion(str(relative), md5, False, f"{relative} version {md5} pulled from {remote}", remote)
 
 

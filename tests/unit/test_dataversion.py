@@ -66,3 +66,48 @@ def test_paths_outside_the_repo_are_refused(repo, tmp_path_factory):
     outside.write_bytes(b"x")
     with pytest.raises(StageError, match="outside the repository"):
         check_data_version(DataParams(source="npz", path=outside), repo)
+
+
+def _clone(repo: Path, target: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(repo), str(target)], check=True, capture_output=True, env=os.environ)
+    return target
+
+
+def test_a_pull_host_trains_on_the_committed_version_and_a_stale_copy_is_replaced(repo, tmp_path):
+    np.savez(repo / "data" / "set.npz", x=np.zeros((4, 8, 8)), y=np.arange(4))
+    pushed = check_data_version(DataParams(source="npz", path=Path("data/set.npz")), repo)
+    worker = _clone(repo, tmp_path / "worker")
+    assert not (worker / "data" / "set.npz").exists()  # git carries the .dvc file, not the data
+    pulling = DataParams(source="npz", path=Path("data/set.npz"), sync="pull")
+    pulled = check_data_version(pulling, worker)
+    assert pulled.md5 == pushed.md5 and not pulled.new_version
+    assert (worker / "data" / "set.npz").read_bytes() == (repo / "data" / "set.npz").read_bytes()
+    assert pulled.lineage_tags() == {"edgeloop.data.path": "data/set.npz", "edgeloop.data.version": pushed.md5,
+                                     "edgeloop.data.source": f"pulled from local ({repo / 'remote'})"}
+    np.savez(worker / "data" / "set.npz", x=np.ones((4, 8, 8)), y=np.arange(4))  # a stale or edited copy
+    commits = _commits(worker)
+    assert check_data_version(pulling, worker).md5 == pushed.md5
+    assert (worker / "data" / "set.npz").read_bytes() == (repo / "data" / "set.npz").read_bytes()
+    assert _commits(worker) == commits  # a pull host never adds or commits a version
+
+
+def test_a_pull_from_an_unreachable_remote_names_it_and_leaves_the_data_alone(repo, tmp_path):
+    np.savez(repo / "data" / "set.npz", x=np.zeros((4, 8, 8)), y=np.arange(4))
+    check_data_version(DataParams(source="npz", path=Path("data/set.npz")), repo)
+    worker = _clone(repo, tmp_path / "worker")
+    subprocess.run([DVC, "remote", "modify", "--local", "local", "url", str(tmp_path / "elsewhere")], cwd=worker,
+                   check=True)
+    with pytest.raises(StageError, match=r"(?s)from DVC remote local \(.*elsewhere\).*nothing was checked out"):
+        check_data_version(DataParams(source="npz", path=Path("data/set.npz"), sync="pull"), worker)
+    assert not (worker / "data" / "set.npz").exists()
+    (worker / "data" / "set.npz.dvc").unlink()
+    with pytest.raises(StageError, match="set.npz.dvc is not in this checkout"):
+        check_data_version(DataParams(source="npz", path=Path("data/set.npz"), sync="pull"), worker)
+
+
+def test_a_remote_password_is_never_shown(repo):
+    subprocess.run([DVC, "remote", "add", "-d", "-f", "team", "ssh://ops:s3cret@storage.lan:2222/srv/dvc"], cwd=repo,
+                   check=True)
+    from tasks.data.versioning import _default_remote
+
+    assert _default_remote(repo) == "team (ssh://ops:***@storage.lan:2222/srv/dvc)"

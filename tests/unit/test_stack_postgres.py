@@ -25,7 +25,7 @@ def test_database_urls_pick_the_driver_and_messages_never_show_the_password():
 
 def _args(**changes) -> argparse.Namespace:
     return argparse.Namespace(**{"database": "sqlite", "database_url": None, "postgres_port": 5433,
-                                 "postgres_dir": None, **changes})
+                                 "postgres_dir": None, "database_prefix": "", **changes})
 
 
 def test_the_database_option_is_sqlite_by_default_and_refuses_other_servers(tmp_path):
