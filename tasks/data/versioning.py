@@ -141,7 +141,8 @@ def pull_version(path: Path, repo: Path) -> DataVersion:
         if "not in cache" in _run([_dvc(), "status", "--json", target], repo):  # a remote that does not hold it
             raise StageError(f"the remote does not hold {md5} (fetched nothing; wrong URL or path?)")
     except StageError as error:
-        reason = str(error).strip().splitlines()[-1]
+        lines = str(error).strip().splitlines()
+        reason = next((line.split("ERROR:", 1)[1].strip() for line in lines if "ERROR:" in line), lines[-1])
         raise StageError(f"could not fetch data version {md5} of {relative} from DVC remote {remote}: {reason}\n"
                          f"check the remote's URL and this host's credentials (`dvc remote modify --local ...`); "
                          f"nothing was checked out, {relative} is as it was") from None

@@ -86,15 +86,16 @@ def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None, hos
 
 def start_worker(run_dir: Path, prefect_port: int, mlflow_url: str, pool: str = WORK_POOL,
                  server_host: str = "127.0.0.1", netns: str | None = None, name: str = "prefect-worker",
-                 limit: int | None = None) -> Service:
+                 limit: int | None = None, queues: list[str] | None = None) -> Service:
     """A process worker on ``pool`` of the server on ``server_host``; its flow runs log to ``mlflow_url``.
     ``netns``: the network namespace it runs in; ``name``: its pid file's (and Prefect's) name; ``limit``: the
-    most flow runs it runs at once (a small host's)."""
+    most flow runs it runs at once (a small host's); ``queues``: the pool's work queues it takes runs from (all)."""
     env = {**prefect_env(run_dir / "prefect", prefect_port, server_host), "MLFLOW_TRACKING_URI": mlflow_url,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(prefect_admin.HEARTBEAT_S)}  # the crash detection's input
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-               *(["--name", name] if name != "prefect-worker" else []), *(["--limit", str(limit)] if limit else [])]
+               *(["--name", name] if name != "prefect-worker" else []), *(["--limit", str(limit)] if limit else []),
+               *(option for queue in queues or [] for option in ("--work-queue", queue))]
     return start(name, command, run_dir, env, None, pool, netns=netns)
 
 

@@ -185,7 +185,7 @@ def test_cross_field_error_fails_the_run_before_any_task(stack, tmp_path):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment("training/nightly", timeout=300, parameters={
+    flow_run = run_deployment("training/nightly", timeout=300, poll_interval=1, parameters={
         "params": fast_parameters(model="keras_file"), "workspace": str(tmp_path)})
     assert flow_run.state.is_failed()
     assert "train.model_path is required" in flow_run.state.message
@@ -361,7 +361,7 @@ def test_gate_failure_fails_the_run_but_still_publishes_the_matrix(stack, tmp_pa
     candidate_before = alias_version(stack, "candidate")
     impossible = {"max_accuracy_drop_pts": 5.0, "min_size_reduction": 1000.0,
                   "max_host_latency_ms": GENEROUS_LATENCY_MS}
-    flow_run = run_deployment("training/nightly", timeout=600, parameters={
+    flow_run = run_deployment("training/nightly", timeout=600, poll_interval=1, parameters={
         "params": fast_parameters(gates=impossible), "workspace": str(tmp_path)})
     assert flow_run.state.is_failed()
     assert "no variant passed the quality gates" in flow_run.state.message

@@ -5,11 +5,14 @@ hosts (network namespaces, each with its own loopback) polling one work pool acr
 - Many runs at once (the bench's drift- and training-shaped flows, ``bench/control_plane.py``, at a small N,
   plus probes that record which host ran them): all complete, no 5xx, none stuck.
 - PostgreSQL restarted under running flows: every run still reaches a final state; none is left in Running.
-- A worker host that loses its network mid-run: its run is marked Crashed by the heartbeat automation
-  (``tasks.stack.prefect_admin``), and the next run completes on the other host.
-- Data across hosts: host A pushes a data version to a DVC remote over SSH on the control host (Debian's sshd,
-  key auth); the training flow on worker B (``data.sync: pull``) trains on that version, and the MLflow run's
-  lineage tags name it and the remote. Wrong credentials on a host: one clear error naming the remote, no data.
+- Data across hosts, and a host lost: host A pushes a data version to a DVC remote over SSH on the control host
+  (Debian's sshd, key auth), then loses its network mid-run: that run is marked Crashed by the heartbeat
+  automation (``tasks.stack.prefect_admin``) while the training flow on worker B (``data.sync: pull``) trains on
+  the version A pushed, its MLflow lineage tags naming it and the remote. Wrong credentials on a host: one clear
+  error naming the remote, no data.
+
+Each worker also has a queue of its own (``host-a``, ``host-b``) beside the shared ``default`` one, so a test can
+send a run to one host.
 """
 
 from __future__ import annotations
@@ -82,25 +85,28 @@ def control_plane(shared_postgres, tmp_path_factory):
             mlflow = services.start_mlflow(run_dir, services.free_port(), database, host=address)
             services.ensure_work_pool(run_dir, port, POOL, address)
             prefect_admin.ensure_crash_detection(api_url, within_s=CRASH_AFTER_S)
-            for name in ("worker-a", "worker-b"):
-                services.start_worker(run_dir, port, mlflow.url, POOL, address,
-                                      net.hosts[name].namespace, name=name, limit=2)  # two small hosts
             with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+                for name in ("worker-a", "worker-b"):
+                    client.create_work_queue(f"host-{name[-1]}", work_pool_name=POOL)
+                    services.start_worker(run_dir, port, mlflow.url, POOL, address, net.hosts[name].namespace,
+                                          name=name, limit=2, queues=["default", f"host-{name[-1]}"])  # small hosts
                 flow_id = client.create_flow_from_name("netns-probe")
-                client.create_deployment(flow_id, "hosts", work_pool_name=POOL, entrypoint="probe.py:probe",
-                                         path=str(flow_dir), pull_steps=[
-                                             {"prefect.deployments.steps.set_working_directory":
-                                              {"directory": str(flow_dir)}}])
+                for deployment, queue in (("hosts", None), ("on-host-a", "host-a")):
+                    client.create_deployment(flow_id, deployment, work_pool_name=POOL, work_queue_name=queue,
+                                             entrypoint="probe.py:probe", path=str(flow_dir), pull_steps=[
+                                                 {"prefect.deployments.steps.set_working_directory":
+                                                  {"directory": str(flow_dir)}}])
                 yield ControlPlane(net, api_url, mlflow.url, run_dir, flow_dir, out_dir)
         finally:
-            for name in ("trainer-b", "worker-a", "worker-b", "sshd", "mlflow-server", "prefect-server"):
+            for name in ("worker-a", "worker-b", "sshd", "mlflow-server", "prefect-server"):
                 stop(name, run_dir)
 
 
-def _probe(out_dir: Path, hold_s: float = 1.0):
+def _probe(out_dir: Path, hold_s: float = 1.0, deployment: str = "hosts"):
     from prefect.deployments import run_deployment
 
-    return run_deployment("netns-probe/hosts", parameters={"out_dir": str(out_dir), "hold_s": hold_s}, timeout=0).id
+    return run_deployment(f"netns-probe/{deployment}", parameters={"out_dir": str(out_dir), "hold_s": hold_s},
+                          timeout=0).id
 
 
 def _host_of(run_id, out_dir: Path, net: Network, timeout_s: float = 120.0) -> str:
@@ -153,36 +159,6 @@ def test_postgres_restarted_under_running_flows_leaves_no_run_in_running(control
     assert list(states.values()).count("COMPLETED") >= 1, states
 
 
-def test_a_worker_host_that_loses_its_network_has_its_run_crashed_and_the_next_run_completes(control_plane,
-                                                                                                tmp_path):
-    from prefect.client.orchestration import get_client
-
-    out_dir = tmp_path / "probes"
-    out_dir.mkdir()
-    net = control_plane.net
-    stranded = _probe(out_dir, hold_s=600)
-    lost = _host_of(stranded, out_dir, net)
-    time.sleep(3)  # its first heartbeat reaches the server
-    net.set_link(lost, up=False)
-    cut = time.monotonic()
-    try:
-        with get_client(sync_client=True) as client:
-            while (state := client.read_flow_run(stranded).state).type.value != "CRASHED":
-                assert time.monotonic() - cut < CRASH_AFTER_S + 90, f"still {state.type.value} after the cut"
-                time.sleep(2)
-            crashed_after = time.monotonic() - cut
-            nightly = _probe(out_dir)  # the next scheduled run is not held up by the lost host
-            other = _host_of(nightly, out_dir, net)
-            while not (final := client.read_flow_run(nightly).state).is_final():
-                assert time.monotonic() - cut < CRASH_AFTER_S + 240, "the next run never finished"
-                time.sleep(1)
-    finally:
-        net.set_link(lost, up=True)
-    assert "heartbeat" in (state.message or ""), state.message
-    assert final.type.value == "COMPLETED" and other != lost
-    print(f"\n{lost} cut off: its run marked Crashed {crashed_after:.0f} s later; the next run completed on {other}")
-
-
 def _git(*args: str, cwd: Path) -> str:
     import subprocess
 
@@ -219,32 +195,25 @@ def _project_checkout(target: Path) -> None:
     _git("commit", "-q", "-m", "the project", cwd=target)
 
 
-def test_training_on_worker_b_uses_the_data_version_host_a_pushed_over_ssh(control_plane, tmp_path):
+def _configure_remote(checkout: Path, remote: str | None, keyfile: Path) -> None:
     import subprocess
 
-    import mlflow
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    if remote is not None:
+        subprocess.run([dvc, "remote", "add", "-d", "-f", "team", remote], cwd=checkout, check=True,
+                       capture_output=True)
+    subprocess.run([dvc, "remote", "modify", "--local", "team", "keyfile", str(keyfile)], cwd=checkout, check=True,
+                   capture_output=True)  # this host's own credentials, never committed
+
+
+def _push_from_host_a(control_plane: ControlPlane, host_a: Path, remote: str, keyfile: Path) -> str:
+    """Host A: new data in its checkout, pushed to the DVC remote over SSH and committed (track_version)."""
     import numpy as np
     import yaml
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from sklearn.datasets import load_digits
 
-    from tasks.stack import services
-    from tests.conftest import fast_parameters
-    from tests.sshd_helpers import start_sshd
-
-    net, dvc = control_plane.net, str(Path(sys.executable).with_name("dvc"))
-    sshd = start_sshd(control_plane.run_dir, services.free_port(), address=net.bridge_address)
-    storage = tmp_path / "dvc-remote"  # on the control host, reached only through sshd
-    storage.mkdir()
-    host_env = {"HOME": str(tmp_path)}
-
-    host_a = tmp_path / "host-a"
     _project_checkout(host_a)
-    remote = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{storage}"
-    subprocess.run([dvc, "remote", "add", "-d", "-f", "team", remote], cwd=host_a, check=True, capture_output=True)
-    subprocess.run([dvc, "remote", "modify", "--local", "team", "keyfile", str(sshd.client_key)], cwd=host_a,
-                   check=True, capture_output=True)
+    _configure_remote(host_a, remote, keyfile)
     digits = load_digits()
     rows = np.random.default_rng(7).permutation(len(digits.target))[:1200]  # a version of our own, not the bundled
     (host_a / "data").mkdir(exist_ok=True)
@@ -253,56 +222,89 @@ def test_training_on_worker_b_uses_the_data_version_host_a_pushed_over_ssh(contr
     params["data"].update({"source": "npz", "path": "data/team.npz"})
     (host_a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git("commit", "-q", "-am", "train on the team's data", cwd=host_a)
-    pushed = _on_host(net.hosts["worker-a"].namespace, "from pathlib import Path; from tasks.data.versioning import "
-                      "track_version; print(track_version(Path('data/team.npz'), Path('.'), 'data').md5)",
-                      host_a, host_env)
+    pushed = _on_host(control_plane.net.hosts["worker-a"].namespace, "from pathlib import Path; from "
+                      "tasks.data.versioning import track_version; print(track_version(Path('data/team.npz'), "
+                      "Path('.'), 'data').md5)", host_a, {"HOME": str(host_a.parent)})
     assert pushed.returncode == 0, pushed.stderr[-3000:]
-    version = pushed.stdout.strip().splitlines()[-1]
-    assert any(storage.rglob("*")), "nothing reached the DVC remote on the control host"
+    return pushed.stdout.strip().splitlines()[-1]
 
-    host_b = tmp_path / "host-b"  # the code through git; the data only through the DVC remote
-    _git("clone", "-q", str(host_a), str(host_b), cwd=tmp_path)
+
+def test_host_a_pushes_data_then_drops_off_while_worker_b_trains_on_that_version(control_plane, tmp_path):
+    """A's run is Crashed by the heartbeat automation once A's cable is cut; B, unaffected, trains on the data
+    version A pushed over SSH (the data never travels through git); a host with a wrong key gets one error."""
+    import subprocess
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from tasks.stack import services
+    from tests.conftest import fast_parameters
+    from tests.sshd_helpers import start_sshd
+
+    net, out_dir = control_plane.net, tmp_path / "probes"
+    out_dir.mkdir()
+    sshd = start_sshd(control_plane.run_dir, services.free_port(), address=net.bridge_address)
+    storage = tmp_path / "dvc-remote"  # on the control host, reached only through sshd
+    storage.mkdir()
+    remote = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{storage}"
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    version = _push_from_host_a(control_plane, host_a, remote, sshd.client_key)
+    assert any(storage.rglob("*")), "nothing reached the DVC remote on the control host"
+    _git("clone", "-q", str(host_a), str(host_b), cwd=tmp_path)  # the code through git, the data not
     assert not (host_b / "data" / "team.npz").exists()
-    subprocess.run([dvc, "remote", "modify", "--local", "team", "keyfile", str(sshd.client_key)], cwd=host_b,
-                   check=True, capture_output=True)
-    address = net.bridge_address
-    port = int(control_plane.api_url.rsplit(":", 1)[1].split("/")[0])
-    services.ensure_work_pool(control_plane.run_dir, port, "edgeloop-train", address)
-    services.start_worker(control_plane.run_dir, port, control_plane.mlflow_url, "edgeloop-train", address,
-                          net.hosts["worker-b"].namespace, name="trainer-b")
+    _configure_remote(host_b, None, sshd.client_key)
     with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name("training")
-        client.create_deployment(flow_id, "host-b", work_pool_name="edgeloop-train", path=str(host_b),
-                                 entrypoint="flows/training.py:training",
+        client.create_deployment(client.create_flow_from_name("training"), "host-b", work_pool_name=POOL,
+                                 work_queue_name="host-b", path=str(host_b), entrypoint="flows/training.py:training",
                                  job_variables={"env": {"EDGELOOP_DATA_SYNC": "pull"}},
                                  pull_steps=[{"prefect.deployments.steps.set_working_directory":
                                               {"directory": str(host_b)}}])
-    run = run_deployment("training/host-b", timeout=900, parameters={
-        "params": fast_parameters(epochs=1, benchmark=False), "workspace": str(tmp_path / "workspace")})
-    assert run.state.is_completed(), run.state.message
+
+    stranded = _probe(out_dir, hold_s=600, deployment="on-host-a")
+    assert _host_of(stranded, out_dir, net) == "worker-a"
+    time.sleep(3)  # its first heartbeat reaches the server
+    net.set_link("worker-a", up=False)
+    cut = time.monotonic()
+    try:
+        training = run_deployment("training/host-b", timeout=0, parameters={
+            "params": fast_parameters(epochs=1, benchmark=False), "workspace": str(tmp_path / "workspace")}).id
+        crashed_after, final = None, None
+        with get_client(sync_client=True) as client:
+            while crashed_after is None or final is None:
+                assert time.monotonic() - cut < 600, f"crashed after {crashed_after}, training {final}"
+                if crashed_after is None and (lost := client.read_flow_run(stranded).state).type.value == "CRASHED":
+                    crashed_after = time.monotonic() - cut
+                if final is None and (state := client.read_flow_run(training).state).is_final():
+                    final = state
+                time.sleep(1)
+    finally:
+        net.set_link("worker-a", up=True)
+    assert "heartbeat" in (lost.message or ""), lost.message
+    assert crashed_after < CRASH_AFTER_S + 60, crashed_after
+    assert final.is_completed(), final.message
 
     pulled = host_b / "data" / "team.npz"
     assert pulled.is_file() and pulled.read_bytes() == (host_a / "data" / "team.npz").read_bytes()
     mlflow.set_tracking_uri(control_plane.mlflow_url)
     [logged] = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'")
+                                  filter_string=f"tags.`prefect.flow_run_id` = '{training}'")
     tags = logged.data.tags
     assert tags["edgeloop.data.version"] == version and tags["edgeloop.data.path"] == "data/team.npz"
     assert tags["edgeloop.data.source"] == f"pulled from team ({remote})", tags["edgeloop.data.source"]
-    print(f"\nworker-b trained on data version {version} pulled from {remote}")
+    print(f"\nworker-a cut off: its run Crashed {crashed_after:.0f} s later; worker-b trained on data version "
+          f"{version} pulled from {remote}")
 
     host_c = tmp_path / "host-c"  # a host whose key the control host does not know
     _git("clone", "-q", str(host_a), str(host_c), cwd=tmp_path)
     stranger = tmp_path / "stranger_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    subprocess.run([dvc, "remote", "modify", "--local", "team", "keyfile", str(stranger)], cwd=host_c, check=True,
-                   capture_output=True)
+    _configure_remote(host_c, None, stranger)
     refused = _on_host(net.hosts["worker-b"].namespace, "from tasks.config import load_params; from "
                        "tasks.data.versioning import check_data_version; check_data_version(load_params().data)",
-                       host_c, {**host_env, "EDGELOOP_DATA_SYNC": "pull"})
+                       host_c, {"HOME": str(tmp_path), "EDGELOOP_DATA_SYNC": "pull"})
     assert refused.returncode != 0
-    message = " ".join(refused.stderr.strip().splitlines()[-2:])
-    assert f"from DVC remote team ({remote})" in refused.stderr and "nothing was checked out" in refused.stderr, \
-        refused.stderr[-2000:]
+    assert f"from DVC remote team ({remote}): failed to connect to ssh" in refused.stderr, refused.stderr[-2000:]
+    assert "Permission denied" in refused.stderr and "nothing was checked out" in refused.stderr
     assert not (host_c / "data" / "team.npz").exists()  # nothing half-pulled
-    print(f"wrong key: {message}")
+    print("wrong key: " + " ".join(refused.stderr.strip().splitlines()[-2:]))
