@@ -10,7 +10,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: demo demo-loop edge-demo down services control-plane image-services base-images image repro test test-fast lint lock \
+.PHONY: demo demo-loop edge-demo down services control-plane control-plane-compose image-services base-images image repro test test-fast lint lock \
 	clean-outputs system-packages
 
 # The Debian packages of setup/system-packages.txt (engine, registry, debootstrap, qemu, broker, sshd, browser, wrk):
@@ -52,6 +52,14 @@ services: $(STAMP)
 control-plane: system-packages $(STAMP)
 	$(BIN)/edgeloop services up --database postgres --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
+# The same control plane as containers (docker/compose.control-plane.yml), its images built here with no hub
+# (PostgreSQL, Mosquitto, registry, Prometheus from Debian's packages; Prefect and MLflow from the lock's wheels).
+# Needs docker/control-plane.env (from docker/control-plane.env.example). `docker-compose ... down` stops it.
+control-plane-compose: system-packages $(STAMP)
+	$(BIN)/edgeloop base-images --arch amd64 --control-plane
+	DOCKER_HOST=$$($(BIN)/python -c "from tasks.packaging.docker_client import find_engine; print(find_engine())") \
+	  docker-compose -f docker/compose.control-plane.yml --env-file docker/control-plane.env up -d
+
 # The servers plus a Docker engine (ours, unless one answers) and the image registry (127.0.0.1:5050).
 image-services: system-packages $(STAMP)
 	$(BIN)/edgeloop services up --images --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
@@ -77,13 +85,13 @@ down:
 repro: system-packages image-services keys/control-plane.key
 	$(BIN)/dvc repro
 
-# The whole suite. As root, the Debian base images (amd64 ~70 s, arm64 ~5 min under qemu on a machine's first run;
-# cached in ~/.cache/edgeloop) are built beside the first tests, which wait on the same cache locks; the engine
+# The whole suite. As root, the Debian base images (amd64 ~70 s, the compose control plane's ~95 s, arm64 ~5 min
+# under qemu on a machine's first run; cached in ~/.cache/edgeloop) are built beside the first tests, which wait on the same cache locks; the engine
 # that warm-up started, if any, is stopped afterwards.
 WARMUP := .run/test-warmup
 test: system-packages $(STAMP)
 	@mkdir -p $(WARMUP); warm=; \
-	if [ "$$(id -u)" = 0 ]; then $(BIN)/edgeloop base-images --run-dir $(WARMUP) > $(WARMUP)/log 2>&1 & warm=$$!; fi; \
+	if [ "$$(id -u)" = 0 ]; then $(BIN)/edgeloop base-images --run-dir $(WARMUP) --control-plane > $(WARMUP)/log 2>&1 & warm=$$!; fi; \
 	status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ -n "$$warm" ]; then wait $$warm || { echo "base image warm-up failed:"; tail -20 $(WARMUP)/log; }; \
 	  $(BIN)/edgeloop engine down --run-dir $(WARMUP) --only-this-run > /dev/null; fi; \

@@ -104,6 +104,13 @@ def fast_parameters(**changes) -> dict:
     return {**default_parameters().model_dump(mode="json"), **FAST_FLOW_PARAMETERS, **changes}
 
 
+def compose(args: list[str], env: dict[str, str], project: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """``docker-compose --project-name PROJECT ARGS`` from the repository root with ``env`` added."""
+    require_system_tools("docker-compose", packages="docker-compose")
+    return subprocess.run([shutil.which("docker-compose"), "--project-name", project, *args], cwd=REPO_ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout_s)
+
+
 def restore_environment(saved: dict[str, str | None]) -> None:
     """Put ``os.environ`` back as ``saved`` recorded it (None: the variable was not set)."""
     for key, value in saved.items():

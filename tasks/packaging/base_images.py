@@ -73,22 +73,24 @@ def enable_emulation(arch: str) -> None:
         _run(["update-binfmts", "--enable", f"qemu-{name}"], f"enabling qemu-{name} in binfmt_misc")
 
 
-def bootstrap_rootfs(arch: str, cache_dir: Path = CACHE_DIR) -> Path:
-    """A cached tarball of a minimal bookworm root with python3 for ``arch`` (one process builds it)."""
-    tarball = cache_dir / "rootfs" / f"{SUITE}-python3-{arch}.tar"
-    with cache_lock(f"rootfs-{arch}", cache_dir):
+def bootstrap_rootfs(arch: str, cache_dir: Path = CACHE_DIR, packages: tuple[str, ...] = ("python3",),
+                     name: str = "python3") -> Path:
+    """A cached tarball of a minimal bookworm root with ``packages`` for ``arch`` (one process builds it);
+    ``name`` tells the tarballs apart."""
+    tarball = cache_dir / "rootfs" / f"{SUITE}-{name}-{arch}.tar"
+    with cache_lock(f"rootfs-{arch}" if name == "python3" else f"rootfs-{name}-{arch}", cache_dir):
         if not tarball.is_file():
-            _bootstrap(arch, tarball)
+            _bootstrap(arch, tarball, packages)
     return tarball
 
 
-def _bootstrap(arch: str, tarball: Path) -> None:
+def _bootstrap(arch: str, tarball: Path, packages: tuple[str, ...] = ("python3",)) -> None:
     if shutil.which("debootstrap") is None:
         raise ServiceUnavailable("debootstrap is missing: apt-get install debootstrap")
     tarball.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"edgeloop-rootfs-{arch}-", dir=tarball.parent) as scratch:
         root = Path(scratch) / "root"
-        common = ["--variant=minbase", "--include=python3", f"--arch={arch}"]
+        common = ["--variant=minbase", f"--include={','.join(packages)}", f"--arch={arch}"]
         if arch == _host_arch():
             _run(["debootstrap", *common, SUITE, str(root), MIRROR], f"debootstrap {arch}")
         else:
@@ -104,20 +106,20 @@ def _bootstrap(arch: str, tarball: Path) -> None:
         partial.rename(tarball)  # the cache never holds half a root file system
 
 
-def _excluded(name: str) -> bool:
+def _excluded(name: str, patterns: tuple[str, ...] = EXCLUDED) -> bool:
     parts = name.removeprefix("./").split("/")
-    for pattern in EXCLUDED:
+    for pattern in patterns:
         wanted = pattern.split("/")
         if len(parts) >= len(wanted) and all(w in ("*", p) for w, p in zip(wanted, parts)):
             return True
     return False
 
 
-def _filtered(tarball: Path, out: Path) -> None:
-    """Copy ``tarball`` to ``out`` without the :data:`EXCLUDED` paths."""
+def filtered(tarball: Path, out: Path, patterns: tuple[str, ...] = EXCLUDED) -> None:
+    """Copy ``tarball`` to ``out`` without the paths ``patterns`` match (:data:`EXCLUDED`)."""
     with tarfile.open(tarball) as source, tarfile.open(out, "w") as target:
         for member in source:
-            if _excluded(member.name):
+            if _excluded(member.name, patterns):
                 continue
             target.addfile(member, source.extractfile(member) if member.isfile() else None)
 
@@ -146,7 +148,7 @@ def _import(arch: str, engine: Engine, cache_dir: Path) -> None:
         raise ServiceUnavailable("the docker command is missing: apt-get install docker.io")
     with tempfile.TemporaryDirectory(prefix="edgeloop-import-", dir=tarball.parent) as scratch:
         slim = Path(scratch) / "root.tar"
-        _filtered(tarball, slim)
+        filtered(tarball, slim)
         _run([docker_cli, "import", "--platform", PLATFORMS[arch], "--change", 'CMD ["python3"]',
               "--change", f"LABEL {RECIPE_LABEL}={RECIPE}", str(slim), image_tag(arch)],
              f"docker import of the {arch} root", env=engine.cli_env())

@@ -64,12 +64,14 @@ def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
     target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{lock_hash}"
     with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
         if not (target / "requirements.txt").is_file():
-            _download_wheels(platform, runtimes, target)
+            requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
+            download_wheels(platform, requirements, target, f"the {'+'.join(runtimes)} wheels for {platform}")
     return target
 
 
-def _download_wheels(platform: str, runtimes: list[str], target: Path) -> None:
-    requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
+def download_wheels(platform: str, requirements: list[str], target: Path, what: str) -> None:
+    """Wheels of ``requirements`` (pinned by requirements.lock) and pip's own for ``platform`` into the new folder
+    ``target``, with the ``requirements.txt`` an image build installs from; complete or absent."""
     machine = PIP_PLATFORMS[platform]
     platforms = [flag for tag in MANYLINUX for flag in ("--platform", f"{tag}_{machine}")]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +82,8 @@ def _download_wheels(platform: str, runtimes: list[str], target: Path) -> None:
                    "--abi", "none", "--dest", str(scratch), "--constraint", str(LOCK_FILE), *requirements, "pip"]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
-            raise ConfigError(f"could not resolve the {'+'.join(runtimes)} wheels for {platform} (is the package index "
-                              f"reachable?):\n{completed.stderr[-1500:]}")
+            raise ConfigError(f"could not resolve {what} (is the package index reachable?):\n"
+                              f"{completed.stderr[-1500:]}")
         next(scratch.glob("pip-*.whl")).rename(scratch / "pip.whl")  # the Dockerfile runs pip from its wheel
         (scratch / "requirements.txt").write_text("\n".join(requirements) + "\n")
         scratch.rename(target)  # complete or absent: never half a wheelhouse in the cache

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, compose
 from tests.stack_helpers import mlflow_client
 
 pytestmark = pytest.mark.integration
@@ -310,23 +310,16 @@ def test_the_docker_runner_benchmarks_in_the_shipped_images(stack, images, night
     assert "EMULATED" in workspace.benchmark_report("md").read_text()
 
 
-def _compose(args: list[str], env: dict[str, str], project: str) -> subprocess.CompletedProcess:
-    import shutil
-
-    from tests.conftest import require_system_tools
-
-    require_system_tools("docker-compose", packages="docker-compose")
-    return subprocess.run([shutil.which("docker-compose"), "--project-name", project, *args], cwd=REPO_ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-
-
 def test_the_control_plane_compose_file_is_valid(images):
     env = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_USER": "edgeloop", "MINIO_ROOT_PASSWORD": "pw-pw-pw-pw"}
-    completed = _compose(["-f", "docker/compose.control-plane.yml", "config"], env, "edgeloop-cp")
+    completed = compose(["-f", "docker/compose.control-plane.yml", "config"], env, "edgeloop-cp")
     assert completed.returncode == 0, completed.stderr
-    for service in ("postgres", "prefect-server", "mlflow", "minio", "mosquitto", "registry", "prometheus"):
+    for service in ("postgres", "prefect-migrate", "prefect-server", "mlflow", "mosquitto", "registry", "prometheus"):
         assert f"  {service}:" in completed.stdout
-    missing = _compose(["-f", "docker/compose.control-plane.yml", "config"], {}, "edgeloop-cp")
+    with_s3 = compose(["-f", "docker/compose.control-plane.yml", "-f", "docker/compose.control-plane.s3.yml",
+                       "config"], env, "edgeloop-cp")
+    assert with_s3.returncode == 0 and "s3://mlflow/" in with_s3.stdout and "  minio:" in with_s3.stdout
+    missing = compose(["-f", "docker/compose.control-plane.yml", "config"], {}, "edgeloop-cp")
     assert missing.returncode != 0 and "set POSTGRES_PASSWORD" in missing.stderr
 
 
@@ -342,8 +335,8 @@ def test_the_edge_stack_comes_up_from_the_pushed_image(images, shipped, tmp_path
            "EDGELOOP_HOST_PORT": str(port), "EDGELOOP_DEVICE_ID": "compose-test"}
     project = f"edgeloop-test-{port}"
     files = ["-f", "docker/compose.edge.yml"]
-    assert _compose([*files, "config", "-q"], env, project).returncode == 0
-    fleet = _compose([*files, "--profile", "fleet", "config"], {**env, "EDGELOOP_BROKER": "broker.lan:1883"}, project)
+    assert compose([*files, "config", "-q"], env, project).returncode == 0
+    fleet = compose([*files, "--profile", "fleet", "config"], {**env, "EDGELOOP_BROKER": "broker.lan:1883"}, project)
     assert fleet.returncode == 0 and "edge.updater" in fleet.stdout and "broker.lan:1883" in fleet.stdout, fleet.stderr
     # the updater ships in the same image: its dependencies (paho-mqtt) are there and it validates its settings
     updater = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/opt/edgeloop/bin/python",
@@ -352,7 +345,7 @@ def test_the_edge_stack_comes_up_from_the_pushed_image(images, shipped, tmp_path
                              capture_output=True, text=True, timeout=120)
     assert updater.returncode == 2 and "/nonexistent" in updater.stderr, updater.stdout + updater.stderr
     try:
-        up = _compose([*files, "up", "-d"], env, project)
+        up = compose([*files, "up", "-d"], env, project)
         assert up.returncode == 0, up.stderr
         from tests.stack_helpers import wait_for
 
@@ -363,7 +356,7 @@ def test_the_edge_stack_comes_up_from_the_pushed_image(images, shipped, tmp_path
         reload = httpx.post(f"{url}/v1/model/reload", headers={"Authorization": "Bearer compose-admin-token"})
         assert reload.status_code == 200  # the token came from the secret file
     finally:
-        _compose([*files, "down", "--volumes", "--timeout", "5"], env, project)
+        compose([*files, "down", "--volumes", "--timeout", "5"], env, project)
 
 
 def _ready(url: str) -> bool:

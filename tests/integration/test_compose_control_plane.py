@@ -1,0 +1,146 @@
+"""The compose control plane (docker/compose.control-plane.yml) brought up for real, on the project's Docker engine,
+with every image built here with no hub (``edgeloop base-images --control-plane``): PostgreSQL, the one-shot
+migration, Prefect, MLflow, Mosquitto, the registry and Prometheus. A worker on this host (as on any other) runs a
+flow against it that logs a run with an artifact and registers a model version; the version is then read from
+PostgreSQL inside the stack and the artifact through MLflow's proxy; ``down -v`` leaves no volume behind.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import compose
+
+pytestmark = pytest.mark.integration
+FILES = ["-f", "docker/compose.control-plane.yml"]
+
+SMOKE = textwrap.dedent('''
+    from pathlib import Path
+
+    import mlflow
+    from prefect import flow
+
+    @flow(name="compose-smoke")
+    def smoke() -> str:
+        client = mlflow.MlflowClient()
+        with mlflow.start_run() as run:
+            mlflow.log_metric("accuracy", 0.97)
+            Path("evidence.txt").write_text("served by the compose stack's MLflow")
+            mlflow.log_artifact("evidence.txt")
+        client.create_registered_model("compose-model")
+        return client.create_model_version("compose-model", f"{run.info.artifact_uri}/evidence.txt",
+                                           run.info.run_id).version
+''')
+
+
+def _wait(check, service: str, env: dict[str, str], project: str, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            logs = compose([*FILES, "logs", "--no-color", "--tail", "40", service], env, project).stdout
+            pytest.fail(f"{service} did not come up within {timeout_s:.0f} s:\n{logs}")
+        time.sleep(1)
+
+
+def _ok(url: str) -> bool:
+    return httpx.get(url, timeout=3).status_code == 200
+
+
+def _mosquitto_answers(port: int, password: str) -> bool:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ops")
+    client.username_pw_set("ops", password)
+    try:
+        return client.connect("127.0.0.1", port, keepalive=5) == 0 and client.loop(timeout=2) == 0
+    finally:
+        client.disconnect()
+
+
+def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behind(images, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.packaging.control_plane_images import ensure_control_plane_images
+    from tasks.packaging.docker_client import connect
+    from tasks.rollout.broker import ACL_FILE, PASSWORD_FILE, hash_password
+    from tasks.stack import services
+    from tasks.stack.processes import stop
+
+    engine = connect()
+    try:
+        settings = ensure_control_plane_images(engine)
+    finally:
+        engine.close()
+    credentials = tmp_path / "mqtt"  # what `edgeloop fleet broker-files` writes, for one operator login
+    credentials.mkdir()
+    (credentials / PASSWORD_FILE).write_text(f"ops:{hash_password('ops-secret')}\n")
+    (credentials / ACL_FILE).write_text("user ops\ntopic readwrite fleet/#\n")
+    ports = {name: services.free_port() for name in ("PREFECT", "MLFLOW", "MQTT", "REGISTRY", "PROMETHEUS")}
+    env = {**settings, "POSTGRES_PASSWORD": "compose-secret", "EDGELOOP_BIND": "127.0.0.1",
+           "EDGELOOP_BROKER_CREDENTIALS": str(credentials),
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{ports['PREFECT']}/api",
+           **{f"EDGELOOP_{name}_PORT": str(port) for name, port in ports.items()}}
+    project, run_dir = f"edgeloop-cp-{ports['PREFECT']}", tmp_path / "worker"
+    api, mlflow_url = f"http://127.0.0.1:{ports['PREFECT']}/api", f"http://127.0.0.1:{ports['MLFLOW']}"
+    try:
+        up = compose([*FILES, "up", "-d"], env, project, timeout_s=600)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        checks = {"prefect-server": lambda: _ok(f"{api}/health"), "mlflow": lambda: _ok(f"{mlflow_url}/health"),
+                  "registry": lambda: _ok(f"http://127.0.0.1:{ports['REGISTRY']}/v2/"),
+                  "prometheus": lambda: _ok(f"http://127.0.0.1:{ports['PROMETHEUS']}/-/healthy"),
+                  "mosquitto": lambda: _mosquitto_answers(ports["MQTT"], "ops-secret")}  # the fleet's login
+        for service, check in checks.items():
+            _wait(check, service, env, project)
+
+        flow_dir = tmp_path / "flow"
+        flow_dir.mkdir()
+        (flow_dir / "smoke.py").write_text(SMOKE)
+        services.ensure_work_pool(run_dir, ports["PREFECT"], "compose-pool")
+        services.start_worker(run_dir, ports["PREFECT"], mlflow_url, "compose-pool")
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            client.create_deployment(client.create_flow_from_name("compose-smoke"), "compose", path=str(flow_dir),
+                                     work_pool_name="compose-pool", entrypoint="smoke.py:smoke", pull_steps=[
+                                         {"prefect.deployments.steps.set_working_directory":
+                                          {"directory": str(flow_dir)}}])
+            run = run_deployment("compose-smoke/compose", timeout=300, poll_interval=1)
+            assert run.state.is_completed(), run.state.message
+
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=mlflow_url)
+        [registered] = client.search_model_versions("name='compose-model'")
+        stored = compose([*FILES, "exec", "-T", "-e", "PGPASSWORD=compose-secret", "postgres", "psql", "-h",
+                          "127.0.0.1", "-U", "edgeloop", "-d", "mlflow", "-At", "-c",
+                          "SELECT name, version, run_id FROM model_versions"], env, project)
+        assert stored.stdout.strip() == f"compose-model|{registered.version}|{registered.run_id}", \
+            stored.stdout + stored.stderr
+        artifact = mlflow.artifacts.download_artifacts(run_id=registered.run_id, artifact_path="evidence.txt",
+                                                       dst_path=str(tmp_path / "got"), tracking_uri=mlflow_url)
+        assert "compose stack's MLflow" in open(artifact).read()
+
+        logs = {service: compose([*FILES, "logs", "--no-color", service], env, project).stdout
+                for service in ("prefect-migrate", "prefect-server")}
+        assert "Migrations succeeded" in logs["prefect-migrate"], logs["prefect-migrate"][-1000:]
+        assert "migrat" not in logs["prefect-server"].lower()  # the API never migrates: the one-shot did, once
+    finally:
+        stop("prefect-worker", run_dir)
+        down = compose([*FILES, "down", "-v", "--remove-orphans"], env, project, timeout_s=300)
+    assert down.returncode == 0, down.stderr[-2000:]
+    left = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+                          capture_output=True, text=True, timeout=60)
+    assert left.returncode == 0 and left.stdout.strip() == "", left.stdout
+    with socket.socket() as probe:  # nothing listens on its ports any more
+        assert probe.connect_ex(("127.0.0.1", ports["PREFECT"])) != 0
