@@ -145,12 +145,15 @@ def _backup_and_restore(shared_postgres, server, run_dir: Path, tmp_path: Path, 
     from tasks.stack import services
 
     url, saved = shared_postgres.server.url, tmp_path / "backups" / "nightly"
+    remote = tmp_path / "dvc-remote"  # the DVC remote's folder on the control host
+    (remote / "files" / "md5" / "ab").mkdir(parents=True)
+    (remote / "files" / "md5" / "ab" / "cdef").write_bytes(b"a data version")
     made = _services_cli("backup", "--run-dir", str(run_dir), "--database-url", url, "--database-prefix",
-                         server.prefix, "--to", str(saved))
+                         server.prefix, "--to", str(saved), "--dvc-remote", str(remote))
     assert made.returncode == 0, made.stderr
     assert '"model_versions": 1' in made.stdout and url.split("@")[0].split(":")[-1] not in made.stdout
-    assert sorted(path.name for path in saved.iterdir()) == ["artifacts.tar.gz", "manifest.json", "mlflow.dump",
-                                                             "prefect.dump"]
+    assert sorted(path.name for path in saved.iterdir()) == ["artifacts.tar.gz", "dvc-remote.tar.gz", "manifest.json",
+                                                             "mlflow.dump", "prefect.dump"]
     assert _services_cli("backup", "--run-dir", str(run_dir), "--database-url", url, "--database-prefix",
                          server.prefix, "--to", str(saved)).stderr.startswith(f"error: {saved} already exists")
 
@@ -167,11 +170,15 @@ def _backup_and_restore(shared_postgres, server, run_dir: Path, tmp_path: Path, 
                   "table_schema = 'public'") == [(0,)] and not untouched_dir.exists()
 
     fresh, fresh_dir = shared_postgres.fresh(), tmp_path / "restored"
+    no_remote = _services_cli("restore", "--run-dir", str(fresh_dir), "--database-url", url, "--database-prefix",
+                              fresh.prefix, "--from", str(saved))
+    assert no_remote.returncode == 1 and "--dvc-remote" in no_remote.stderr  # refused before anything is written
     done = _services_cli("restore", "--run-dir", str(fresh_dir), "--database-url", url, "--database-prefix",
-                         fresh.prefix, "--from", str(saved))
+                         fresh.prefix, "--from", str(saved), "--dvc-remote", str(tmp_path / "dvc-restored"))
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "dvc-restored" / "files" / "md5" / "ab" / "cdef").read_bytes() == b"a data version"
     again = _services_cli("restore", "--run-dir", str(fresh_dir), "--database-url", url, "--database-prefix",
-                          fresh.prefix, "--from", str(saved))
+                          fresh.prefix, "--from", str(saved), "--dvc-remote", str(tmp_path / "dvc-again"))
     assert again.returncode == 1 and "already hold data" in again.stderr, again.stderr
 
     history = "SELECT f.name, r.state_type, r.id::text FROM flow_run r JOIN flow f ON f.id = r.flow_id ORDER BY 3"
