@@ -90,7 +90,7 @@ def run_store(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, f
             states = wait_final(ids, args.timeout)
             wall = time.monotonic() - started
     finally:
-        for service in [*workers, "prefect-server", "postgres"]:
+        for service in [*workers, "prefect-server", "prefect-services", "redis", "postgres"]:
             stop(service, run_dir)
     values = list(states.values())
     figures = {"runs": len(values), "runs_ok": values.count("COMPLETED"),

@@ -1,6 +1,6 @@
-# PostgreSQL 15, Mosquitto 2, the image registry and Prometheus from Debian's packages, for
+# PostgreSQL 15, Redis 7, Mosquitto 2, the image registry and Prometheus from Debian's packages, for
 # docker/compose.control-plane.yml where no image hub is reachable. BASE_IMAGE is a debootstrap root holding all
-# four (tasks/packaging/control_plane_images.py imports it); each target gives one of them the entry point and
+# five (tasks/packaging/control_plane_images.py imports it); each target gives one of them the entry point and
 # the paths of its official image, so the compose file runs either (EDGELOOP_*_IMAGE picks).
 ARG BASE_IMAGE=edgeloop/control-plane-root:bookworm-amd64
 
@@ -10,6 +10,13 @@ ENV PGDATA=/var/lib/postgresql/data PATH=/usr/lib/postgresql/15/bin:/usr/local/b
 RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh && mkdir -p /docker-entrypoint-initdb.d
 EXPOSE 5432
 ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
+
+FROM ${BASE_IMAGE} AS redis
+RUN mkdir -p /data && chown redis:redis /data
+USER redis
+WORKDIR /data
+EXPOSE 6379
+CMD ["redis-server"]
 
 FROM ${BASE_IMAGE} AS mosquitto
 RUN mkdir -p /mosquitto/config /mosquitto/data /mosquitto/log && chown -R mosquitto:mosquitto /mosquitto

@@ -17,6 +17,7 @@
     edgeloop fleet add-device ID --group G                                         a device's broker login and ACL
     edgeloop services up|down|status [--images] [--database postgres]              the local service stack
     edgeloop services backup --to DIR | restore --from DIR --database postgres     the team control plane's state
+    edgeloop services automations --api-url URL                                    work pool, crash detection
     edgeloop engine up|down                                                        a Docker engine (dockerd)
     edgeloop base-images [--arch amd64 arm64]                                      the images' Python bases
 

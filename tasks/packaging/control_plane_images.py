@@ -3,8 +3,8 @@
 - :data:`PYTHON_IMAGE`: Prefect (server, worker) and MLflow (tracking server) with the PostgreSQL drivers, on the
   Debian-built Python base (:mod:`tasks.packaging.base_images`), from a wheelhouse resolved on the host against
   requirements.lock (``docker/control-plane.Dockerfile``).
-- :data:`DEBIAN_IMAGES`: PostgreSQL 15, Mosquitto, the registry and Prometheus from Debian's packages: one
-  debootstrap root holding the four (cached in the cache folder like the base images, imported once), and one
+- :data:`DEBIAN_IMAGES`: PostgreSQL 15, Redis, Mosquitto, the registry and Prometheus from Debian's packages: one
+  debootstrap root holding the five (cached in the cache folder like the base images, imported once), and one
   small target per service giving it its official image's entry point and paths
   (``docker/control-plane-debian.Dockerfile``).
 
@@ -30,13 +30,14 @@ from tasks.packaging.image_build import LOCK_FILE, REPO_ROOT, download_wheels
 DOCKER_DIR = REPO_ROOT / "docker"
 # versions from requirements.lock; Debian's Python is 3.11.2, where redis (Prefect's) also needs async-timeout
 # (the lock, made on a newer 3.11, does not hold it: pinned here)
-PYTHON_REQUIREMENTS = ["prefect", "mlflow", "psycopg2-binary", "asyncpg", "async-timeout==5.0.1"]
+PYTHON_REQUIREMENTS = ["prefect", "prefect-redis", "mlflow", "psycopg2-binary", "asyncpg", "async-timeout==5.0.1"]
 PYTHON_IMAGE = "edgeloop/control-plane:prefect-3.9.1-mlflow-3.17.2"
-DEBIAN_PACKAGES = ("postgresql-15", "mosquitto", "docker-registry", "prometheus")
+DEBIAN_PACKAGES = ("postgresql-15", "redis-server", "mosquitto", "docker-registry", "prometheus")
 ROOT_IMAGE = f"edgeloop/control-plane-root:{SUITE}-amd64"
-DEBIAN_IMAGES = {"postgres": f"edgeloop/postgres:15-{SUITE}", "mosquitto": f"edgeloop/mosquitto:2-{SUITE}",
+DEBIAN_IMAGES = {"postgres": f"edgeloop/postgres:15-{SUITE}", "redis": f"edgeloop/redis:7-{SUITE}",
+                 "mosquitto": f"edgeloop/mosquitto:2-{SUITE}",
                  "registry": f"edgeloop/registry:2-{SUITE}", "prometheus": f"edgeloop/prometheus:2-{SUITE}"}
-# what the four services never use (their root is ~870 MB otherwise): the time zones of every moment.js build
+# what the services never use (their root is ~870 MB otherwise): the time zones of every moment.js build
 # (Prometheus' classic UI; its API and the new UI work), promtool, and PostgreSQL's JIT (LLVM; run with jit=off)
 DEBIAN_EXCLUDED = ("usr/share/javascript/moment-timezone", "usr/bin/promtool", "usr/lib/*/libLLVM-14.so.1",
                    "usr/lib/*/libz3.so.4", "usr/lib/postgresql/15/lib/llvmjit.so", "usr/lib/postgresql/15/lib/bitcode",
@@ -100,7 +101,7 @@ def debian_images(engine: Engine, cache_dir: Path = CACHE_DIR) -> dict[str, str]
         if all(_current(engine, tag, recipe) for tag in DEBIAN_IMAGES.values()):
             return dict(DEBIAN_IMAGES)
         if not _current(engine, ROOT_IMAGE, root_recipe):
-            tarball = bootstrap_rootfs("amd64", cache_dir, DEBIAN_PACKAGES, name="control-plane")
+            tarball = bootstrap_rootfs("amd64", cache_dir, DEBIAN_PACKAGES, name=f"control-plane-{root_recipe}")
             with tempfile.TemporaryDirectory(prefix="edgeloop-import-", dir=tarball.parent) as scratch:
                 slim = Path(scratch) / "root.tar"
                 filtered(tarball, slim, DEBIAN_EXCLUDED)

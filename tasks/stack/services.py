@@ -30,6 +30,7 @@ from tasks.packaging.docker_client import CACHE_DIR, answers, cache_lock, find_e
 from tasks.stack import backup, prefect_admin
 from tasks.stack.postgres import DEFAULT_PORT, Postgres, connect, ensure_databases, start_postgres
 from tasks.stack.processes import REPO_ROOT, Service, ServiceError, log_tail, running_pid, start, stop
+from tasks.stack.redis import messaging_env, start_redis
 
 BIN = Path(sys.executable).parent
 WORK_POOL = "edgeloop-process"
@@ -55,19 +56,25 @@ def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Po
     """A Prefect server on ``host`` (loopback), analytics off, its database in PostgreSQL or SQLite in
     ``run_dir/prefect``; ``netns``: the network namespace it runs in (a host of its own, in tests).
 
-    On PostgreSQL the schema is migrated once, here, before the API starts, and the API itself never migrates
-    (``PREFECT_API_DATABASE_MIGRATE_ON_START=false``): a second API replica on the same database starts the
-    same way without racing the first. ``schedules=False`` turns off the scheduler service, so only runs that
-    are asked for happen (tests).
+    On PostgreSQL (the team's control plane, as Prefect's self-hosting guide runs it): the schema is migrated
+    once, here, before the API starts, and the API never migrates (``PREFECT_API_DATABASE_MIGRATE_ON_START=
+    false``), so another API replica on the same database starts without racing it; the API runs without the
+    loop services (``--no-services``), which run in a process of their own (``prefect-services``: scheduler,
+    triggers, event persister, ...), the two talking through Redis (:mod:`tasks.stack.redis`).
+    ``schedules=False`` turns off the scheduler service, so only runs that are asked for happen (tests).
     """
     env = prefect_env(run_dir / "prefect", port, host)
+    if not schedules:
+        env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
+    command = [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)]
     if database is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.database_url("prefect", driver="asyncpg")
         prefect_admin.migrate(env)
         env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
-    if not schedules:
-        env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
-    command = [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)]
+        env.update(messaging_env(start_redis(run_dir, free_port(), netns=netns)[1]))
+        start("prefect-services", [str(BIN / "prefect"), "server", "services", "start"], run_dir, env, None,
+              "prefect loop services", netns=netns)
+        command.append("--no-services")
     return start("prefect-server", command, run_dir, env, f"http://{host}:{port}/api/health", f"http://{host}:{port}",
                  netns=netns)
 
@@ -182,8 +189,8 @@ def up(run_dir: Path, prefect_port: int, mlflow_port: int, schedules: bool = Tru
 
 
 def down(run_dir: Path) -> list[str]:
-    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "postgres", "registry",
-                              "sshd", "mosquitto", "dockerd") if stop(name, run_dir)]
+    return [name for name in ("edge-serve", "prefect-worker", "mlflow-server", "prefect-server", "prefect-services",
+                              "redis", "postgres", "registry", "sshd", "mosquitto", "dockerd") if stop(name, run_dir)]
 
 
 def database_of(args: argparse.Namespace, run_dir: Path) -> Postgres | None:
@@ -224,7 +231,7 @@ def backup_or_restore(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="local edgeloop services")
-    parser.add_argument("action", choices=["up", "down", "status", "backup", "restore"])
+    parser.add_argument("action", choices=["up", "down", "status", "backup", "restore", "automations"])
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / ".run")
     parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("EDGELOOP_PREFECT_PORT", 4200)))
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("EDGELOOP_MLFLOW_PORT", 5000)))
@@ -245,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", type=Path, help="restore: the folder a backup was written to")
     parser.add_argument("--dvc-remote", type=Path, help="backup/restore: the DVC remote's folder on this host")
     parser.add_argument("--force", action="store_true", help="restore: replace databases that already hold data")
+    parser.add_argument("--api-url", help="automations: the Prefect API of a control plane we did not start "
+                                          "(the compose stack): its work pool and crash detection, created once")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
@@ -257,12 +266,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'docker engine':15s} {start_docker_engine(args.run_dir)}")
                 registry = start_registry(args.run_dir, args.registry_port)
                 print(f"{registry.name:15s} pid {registry.pid:<7d} {registry.url}  (log {registry.log})")
+        elif args.action == "automations":
+            if not args.api_url:
+                raise ServiceError("automations needs --api-url http://HOST:4200/api")
+            prefect_admin.ensure_work_pool({"PREFECT_API_URL": args.api_url}, WORK_POOL)
+            prefect_admin.ensure_crash_detection(args.api_url)
+            print(f"{args.api_url}: work pool {WORK_POOL}, automation {prefect_admin.CRASH_AUTOMATION!r}")
         elif args.action in ("backup", "restore"):
             backup_or_restore(args)
         elif args.action == "down":
             print("stopped: " + (", ".join(down(args.run_dir)) or "nothing was running"))
         else:
-            for name in ("prefect-server", "mlflow-server", "prefect-worker", "postgres", "registry", "dockerd"):
+            for name in ("prefect-server", "prefect-services", "redis", "mlflow-server", "prefect-worker", "postgres",
+                         "registry", "dockerd"):
                 pid = running_pid(args.run_dir, name)
                 print(f"{name:15s} {'running, pid ' + str(pid) if pid else 'stopped'}")
     except ServiceError as error:

@@ -1,21 +1,23 @@
 """The compose control plane (docker/compose.control-plane.yml) brought up for real, on the project's Docker engine,
-with every image built here with no hub (``edgeloop base-images --control-plane``): PostgreSQL, the one-shot
-migration, Prefect, MLflow, Mosquitto, the registry and Prometheus. A worker on this host (as on any other) runs a
-flow against it that logs a run with an artifact and registers a model version; the version is then read from
-PostgreSQL inside the stack and the artifact through MLflow's proxy; ``down -v`` leaves no volume behind.
+with every image built here with no hub (``edgeloop base-images --control-plane``): PostgreSQL, Redis, the
+one-shot migration, the Prefect API and its loop services, MLflow, Mosquitto, the registry and Prometheus. A
+worker on this host (as on any other) runs a flow against it that logs a run with an artifact and registers a
+model version; the version is then read from PostgreSQL inside the stack and the artifact through MLflow's proxy,
+the run's events from what the loop services persisted; ``down -v`` leaves no volume behind.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import REPO_ROOT, compose
 
 pytestmark = pytest.mark.integration
 FILES = ["-f", "docker/compose.control-plane.yml"]
@@ -68,6 +70,14 @@ def _mosquitto_answers(port: int, password: str) -> bool:
         client.disconnect()
 
 
+def _persisted_events(client, flow_run_id) -> int:
+    from prefect.events.filters import EventFilter, EventResourceFilter
+
+    page = client.request("POST", "/events/filter", json={"filter": EventFilter(
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])).model_dump(mode="json")})
+    return len(page.json()["events"])
+
+
 def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behind(images, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -77,6 +87,7 @@ def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behin
     from tasks.packaging.docker_client import connect
     from tasks.rollout.broker import ACL_FILE, PASSWORD_FILE, hash_password
     from tasks.stack import services
+    from tasks.stack.prefect_admin import CRASH_AUTOMATION
     from tasks.stack.processes import stop
 
     engine = connect()
@@ -89,8 +100,8 @@ def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behin
     (credentials / PASSWORD_FILE).write_text(f"ops:{hash_password('ops-secret')}\n")
     (credentials / ACL_FILE).write_text("user ops\ntopic readwrite fleet/#\n")
     ports = {name: services.free_port() for name in ("PREFECT", "MLFLOW", "MQTT", "REGISTRY", "PROMETHEUS")}
-    env = {**settings, "POSTGRES_PASSWORD": "compose-secret", "EDGELOOP_BIND": "127.0.0.1",
-           "EDGELOOP_BROKER_CREDENTIALS": str(credentials),
+    env = {**settings, "POSTGRES_PASSWORD": "compose-secret", "REDIS_PASSWORD": "bus-secret",
+           "EDGELOOP_BIND": "127.0.0.1", "EDGELOOP_BROKER_CREDENTIALS": str(credentials),
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{ports['PREFECT']}/api",
            **{f"EDGELOOP_{name}_PORT": str(port) for name, port in ports.items()}}
     project, run_dir = f"edgeloop-cp-{ports['PREFECT']}", tmp_path / "worker"
@@ -105,18 +116,23 @@ def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behin
         for service, check in checks.items():
             _wait(check, service, env, project)
 
+        setup = subprocess.run([sys.executable, "-m", "tasks.cli", "services", "automations", "--api-url", api],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stderr
         flow_dir = tmp_path / "flow"
         flow_dir.mkdir()
         (flow_dir / "smoke.py").write_text(SMOKE)
-        services.ensure_work_pool(run_dir, ports["PREFECT"], "compose-pool")
-        services.start_worker(run_dir, ports["PREFECT"], mlflow_url, "compose-pool")
+        services.start_worker(run_dir, ports["PREFECT"], mlflow_url, services.WORK_POOL)
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             client.create_deployment(client.create_flow_from_name("compose-smoke"), "compose", path=str(flow_dir),
-                                     work_pool_name="compose-pool", entrypoint="smoke.py:smoke", pull_steps=[
+                                     work_pool_name=services.WORK_POOL, entrypoint="smoke.py:smoke", pull_steps=[
                                          {"prefect.deployments.steps.set_working_directory":
                                           {"directory": str(flow_dir)}}])
             run = run_deployment("compose-smoke/compose", timeout=300, poll_interval=1)
             assert run.state.is_completed(), run.state.message
+            assert [automation.name for automation in client.read_automations()] == [CRASH_AUTOMATION]
+            # the run's events went API -> Redis -> the loop services' event persister -> PostgreSQL
+            _wait(lambda: _persisted_events(client, run.id) >= 3, "prefect-services", env, project, 60)
 
         import mlflow
 

@@ -100,7 +100,7 @@ def test_state_in_postgres_survives_a_restart_and_a_backup_restored_into_a_fresh
                                                          "flow_run r JOIN flow f ON f.id = r.flow_id")
         _backup_and_restore(shared_postgres, server, run_dir, tmp_path, logged)
     finally:
-        for name in ("prefect-worker", "mlflow-server", "prefect-server"):
+        for name in ("prefect-worker", "mlflow-server", "prefect-server", "prefect-services", "redis"):
             stop(name, run_dir)
 
 

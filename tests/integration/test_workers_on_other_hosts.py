@@ -98,7 +98,8 @@ def control_plane(shared_postgres, tmp_path_factory):
                                                   {"directory": str(flow_dir)}}])
                 yield ControlPlane(net, api_url, mlflow.url, run_dir, flow_dir, out_dir)
         finally:
-            for name in ("worker-a", "worker-b", "sshd", "mlflow-server", "prefect-server"):
+            for name in ("worker-a", "worker-b", "sshd", "mlflow-server", "prefect-server", "prefect-services",
+                         "redis"):
                 stop(name, run_dir)
 
 
