@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'postgresql':15s} {database.shown}")
             for service in up(args.run_dir, args.prefect_port, args.mlflow_port, database=database):
                 print(f"{service.name:15s} pid {service.pid:<7d} {service.url}  (log {service.log})")
+            for name in ("prefect-services", "redis"):  # the team control plane's (PostgreSQL) only
+                if (pid := running_pid(args.run_dir, name)) is not None:
+                    print(f"{name:15s} pid {pid:<7d} (log {args.run_dir / f'{name}.log'})")
             if args.images:
                 print(f"{'docker engine':15s} {start_docker_engine(args.run_dir)}")
                 registry = start_registry(args.run_dir, args.registry_port)
