@@ -185,7 +185,8 @@ def _backup_and_restore(shared_postgres, server, run_dir: Path, tmp_path: Path, 
     assert _query(fresh, "prefect", history) == _query(server, "prefect", history)
     prefect_port, mlflow_port = services.free_port(), services.free_port()
     try:
-        services.up(fresh_dir, prefect_port, mlflow_port, schedules=False, database=fresh)
+        services.start_prefect(fresh_dir, prefect_port, schedules=False, database=fresh)  # no worker: reads only
+        services.start_mlflow(fresh_dir, mlflow_port, fresh)
         after = _read_back(prefect_port, mlflow_port, tmp_path / "reader")
     finally:
         services.down(fresh_dir)

@@ -127,7 +127,7 @@ def test_many_runs_at_once_from_workers_on_two_other_hosts(control_plane, tmp_pa
     out_dir = tmp_path / "probes"
     out_dir.mkdir()
     probes = [_probe(out_dir) for _ in range(4)]
-    shaped = deploy_and_start({"drift": 3, "training": 1}, tasks=5, pool=POOL)  # the bench's case, small N
+    shaped = deploy_and_start({"drift": 2, "training": 1}, tasks=5, pool=POOL)  # the bench's case, small N
     states = wait_final([*probes, *shaped], timeout_s=300)
 
     assert set(states.values()) == {"COMPLETED"}, states  # none crashed, none stuck

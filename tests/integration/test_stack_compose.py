@@ -4,6 +4,9 @@ one-shot migration, the Prefect API and its loop services, MLflow, Mosquitto, th
 worker on this host (as on any other) runs a flow against it that logs a run with an artifact and registers a
 model version; the version is then read from PostgreSQL inside the stack and the artifact through MLflow's proxy,
 the run's events from what the loop services persisted; ``down -v`` leaves no volume behind.
+
+(Named to run after most integration tests: on a machine's first run ``make test``'s warm-up builds these images
+beside the earlier tests instead of this test waiting for them.)
 """
 
 from __future__ import annotations
