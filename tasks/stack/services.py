@@ -220,8 +220,8 @@ def backup_or_restore(args: argparse.Namespace) -> None:
         return
     if args.source is None:
         raise ServiceError("restore needs --from DIR (a folder `edgeloop services backup` wrote)")
-    services = ("prefect-server", "mlflow-server", "prefect-worker")
-    running = [name for name in services if running_pid(args.run_dir, name)]
+    servers = ("prefect-server", "prefect-services", "mlflow-server", "prefect-worker")
+    running = [name for name in servers if running_pid(args.run_dir, name)]
     if running:
         raise ServiceError(f"{', '.join(running)} still run on this control plane: `edgeloop services down` first")
     manifest = backup.restore(args.source, database, artifacts, args.dvc_remote, args.force)
