@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"comparison report: {workspace.reports_dir / 'comparison.md'}")
     if why_not is not None:
         print("images:            not built (no Docker engine, see above)")
+    print("state:             SQLite under .run/ (one person); for a team: `make down && make control-plane` "
+          "(PostgreSQL), README 'Running it for a team'")
     return status
 
 
