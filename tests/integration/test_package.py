@@ -311,10 +311,12 @@ def test_the_docker_runner_benchmarks_in_the_shipped_images(stack, images, night
 
 
 def test_the_control_plane_compose_file_is_valid(images):
-    env = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_USER": "edgeloop", "MINIO_ROOT_PASSWORD": "pw-pw-pw-pw"}
+    env = {"POSTGRES_PASSWORD": "pw", "REDIS_PASSWORD": "bus", "MINIO_ROOT_USER": "edgeloop",
+           "MINIO_ROOT_PASSWORD": "pw-pw-pw-pw"}
     completed = compose(["-f", "docker/compose.control-plane.yml", "config"], env, "edgeloop-cp")
     assert completed.returncode == 0, completed.stderr
-    for service in ("postgres", "prefect-migrate", "prefect-server", "mlflow", "mosquitto", "registry", "prometheus"):
+    for service in ("postgres", "redis", "prefect-migrate", "prefect-server", "prefect-services", "mlflow",
+                    "mosquitto", "registry", "prometheus"):
         assert f"  {service}:" in completed.stdout
     with_s3 = compose(["-f", "docker/compose.control-plane.yml", "-f", "docker/compose.control-plane.s3.yml",
                        "config"], env, "edgeloop-cp")

@@ -18,7 +18,8 @@ def _defaults() -> dict[str, str]:
 
 def test_every_default_image_is_one_we_build_and_every_service_uses_a_setting():
     defaults = _defaults()
-    assert defaults == {"EDGELOOP_POSTGRES_IMAGE": DEBIAN_IMAGES["postgres"], "EDGELOOP_PREFECT_IMAGE": PYTHON_IMAGE,
+    assert defaults == {"EDGELOOP_POSTGRES_IMAGE": DEBIAN_IMAGES["postgres"],
+                        "EDGELOOP_REDIS_IMAGE": DEBIAN_IMAGES["redis"], "EDGELOOP_PREFECT_IMAGE": PYTHON_IMAGE,
                         "EDGELOOP_MLFLOW_IMAGE": PYTHON_IMAGE, "EDGELOOP_MOSQUITTO_IMAGE": DEBIAN_IMAGES["mosquitto"],
                         "EDGELOOP_REGISTRY_IMAGE": DEBIAN_IMAGES["registry"],
                         "EDGELOOP_PROMETHEUS_IMAGE": DEBIAN_IMAGES["prometheus"]}
