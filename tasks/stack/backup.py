@@ -55,27 +55,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _counts(server: Postgres, database: str) -> dict[str, int]:
+def _scalar(server: Postgres, database: str, sql: str) -> int:
     connection = connect(server, database)
     try:
         with connection.cursor() as cursor:
-            figures = {}
-            for name, sql in COUNTS[database].items():
-                cursor.execute(sql)
-                figures[name] = int(cursor.fetchone()[0])
-            return figures
-    finally:
-        connection.close()
-
-
-def _tables(server: Postgres, database: str) -> int:
-    connection = connect(server, database)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+            cursor.execute(sql)
             return int(cursor.fetchone()[0])
     finally:
         connection.close()
+
+
+def _counts(server: Postgres, database: str) -> dict[str, int]:
+    return {name: _scalar(server, database, sql) for name, sql in COUNTS[database].items()}
+
+
+def _tables(server: Postgres, database: str) -> int:
+    return _scalar(server, database, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
 
 
 def _pack(folder: Path, target: Path) -> None:
