@@ -51,7 +51,7 @@ def _wait(check, service: str, env: dict[str, str], project: str, timeout_s: flo
             if check():
                 return
         except (httpx.HTTPError, OSError):
-            pass
+            pass  # not answering yet: the loop below waits and asks again
         if time.monotonic() > deadline:
             logs = compose([*FILES, "logs", "--no-color", "--tail", "40", service], env, project).stdout
             pytest.fail(f"{service} did not come up within {timeout_s:.0f} s:\n{logs}")
