@@ -56,6 +56,24 @@ def _run(command: list[str], what: str, **kwargs) -> None:
         raise ServiceUnavailable(f"{what} failed (exit {completed.returncode}):\n{completed.stderr[-2000:]}")
 
 
+def docker_command(engine: Engine, *args: str, what: str) -> None:
+    """The docker CLI with ``args`` against ``engine`` (classic builder: local base images, one platform)."""
+    docker_cli = shutil.which("docker")
+    if docker_cli is None:
+        raise ServiceUnavailable("the docker command is missing: apt-get install docker.io")
+    _run([docker_cli, *args], what, env={**engine.cli_env(), "DOCKER_BUILDKIT": "0"})
+
+
+def recipe_current(engine: Engine, tag: str, label: str, value: str) -> bool:
+    """Whether image ``tag`` is in ``engine`` with ``label`` set to ``value`` (its recipe still current)."""
+    import docker
+
+    try:
+        return engine.client.images.get(tag).labels.get(label) == value
+    except docker.errors.ImageNotFound:
+        return False
+
+
 def _host_arch() -> str:
     return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -127,28 +145,16 @@ def filtered(tarball: Path, out: Path, patterns: tuple[str, ...] = EXCLUDED) -> 
 def ensure_base_image(arch: str, engine: Engine, cache_dir: Path = CACHE_DIR) -> str:
     """``edgeloop/python-base:bookworm-<arch>`` in ``engine``, built when missing; returns its tag."""
     with cache_lock(f"base-image-{arch}", cache_dir):  # concurrent packagers import it once
-        if not _current(engine, image_tag(arch)):
+        if not recipe_current(engine, image_tag(arch), RECIPE_LABEL, RECIPE):
             _import(arch, engine, cache_dir)
     return image_tag(arch)
 
 
-def _current(engine: Engine, tag: str) -> bool:
-    import docker
-
-    try:
-        return engine.client.images.get(tag).labels.get(RECIPE_LABEL) == RECIPE
-    except docker.errors.ImageNotFound:
-        return False
-
-
 def _import(arch: str, engine: Engine, cache_dir: Path) -> None:
     tarball = bootstrap_rootfs(arch, cache_dir)
-    docker_cli = shutil.which("docker")
-    if docker_cli is None:
-        raise ServiceUnavailable("the docker command is missing: apt-get install docker.io")
     with tempfile.TemporaryDirectory(prefix="edgeloop-import-", dir=tarball.parent) as scratch:
         slim = Path(scratch) / "root.tar"
         filtered(tarball, slim)
-        _run([docker_cli, "import", "--platform", PLATFORMS[arch], "--change", 'CMD ["python3"]',
-              "--change", f"LABEL {RECIPE_LABEL}={RECIPE}", str(slim), image_tag(arch)],
-             f"docker import of the {arch} root", env=engine.cli_env())
+        docker_command(engine, "import", "--platform", PLATFORMS[arch], "--change", 'CMD ["python3"]', "--change",
+                       f"LABEL {RECIPE_LABEL}={RECIPE}", str(slim), image_tag(arch),
+                       what=f"docker import of the {arch} root")

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from tasks.errors import PackagingError
-from tasks.packaging.base_images import SUITE, bootstrap_rootfs, ensure_base_image, filtered
+from tasks.packaging.base_images import (
+    SUITE,
+    bootstrap_rootfs,
+    docker_command,
+    ensure_base_image,
+    filtered,
+    recipe_current,
+)
 from tasks.packaging.docker_client import CACHE_DIR, Engine, cache_lock
 from tasks.packaging.image_build import LOCK_FILE, REPO_ROOT, download_wheels
 
@@ -52,31 +57,12 @@ def _recipe(*parts: bytes) -> str:
     return digest.hexdigest()[:16]
 
 
-def _current(engine: Engine, tag: str, recipe: str) -> bool:
-    import docker
-
-    try:
-        return engine.client.images.get(tag).labels.get(RECIPE_LABEL) == recipe
-    except docker.errors.ImageNotFound:
-        return False
-
-
-def _docker(engine: Engine, *args: str, what: str) -> None:
-    cli = shutil.which("docker")
-    if cli is None:
-        raise PackagingError("the docker command is missing: apt-get install docker.io")
-    done = subprocess.run([cli, *args], env={**engine.cli_env(), "DOCKER_BUILDKIT": "0"}, capture_output=True,
-                          text=True, timeout=1800)
-    if done.returncode != 0:
-        raise PackagingError(f"{what} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
-
-
 def python_image(engine: Engine, cache_dir: Path = CACHE_DIR) -> str:
     """:data:`PYTHON_IMAGE` in ``engine``, built when missing or stale; its tag."""
     dockerfile = DOCKER_DIR / "control-plane.Dockerfile"
     recipe = _recipe(dockerfile.read_bytes(), LOCK_FILE.read_bytes(), " ".join(PYTHON_REQUIREMENTS).encode())
     with cache_lock("control-plane-python", cache_dir):
-        if _current(engine, PYTHON_IMAGE, recipe):
+        if recipe_current(engine, PYTHON_IMAGE, RECIPE_LABEL, recipe):
             return PYTHON_IMAGE
         base = ensure_base_image("amd64", engine, cache_dir)
         wheels = cache_dir / "wheelhouse" / f"control-plane-{recipe}"
@@ -86,8 +72,9 @@ def python_image(engine: Engine, cache_dir: Path = CACHE_DIR) -> str:
             context = Path(scratch)
             shutil.copytree(wheels, context / "wheelhouse")
             shutil.copy(dockerfile, context / "Dockerfile")
-            _docker(engine, "build", "--quiet", "--build-arg", f"BASE_IMAGE={base}", "--label",
-                    f"{RECIPE_LABEL}={recipe}", "-t", PYTHON_IMAGE, str(context), what=f"building {PYTHON_IMAGE}")
+            docker_command(engine, "build", "--quiet", "--build-arg", f"BASE_IMAGE={base}", "--label",
+                           f"{RECIPE_LABEL}={recipe}", "-t", PYTHON_IMAGE, str(context),
+                           what=f"building {PYTHON_IMAGE}")
     return PYTHON_IMAGE
 
 
@@ -98,22 +85,23 @@ def debian_images(engine: Engine, cache_dir: Path = CACHE_DIR) -> dict[str, str]
     root_recipe = _recipe(repr((SUITE, DEBIAN_PACKAGES, DEBIAN_EXCLUDED)).encode())
     recipe = _recipe(root_recipe.encode(), dockerfile.read_bytes(), entrypoint.read_bytes())
     with cache_lock("control-plane-debian", cache_dir):
-        if all(_current(engine, tag, recipe) for tag in DEBIAN_IMAGES.values()):
+        if all(recipe_current(engine, tag, RECIPE_LABEL, recipe) for tag in DEBIAN_IMAGES.values()):
             return dict(DEBIAN_IMAGES)
-        if not _current(engine, ROOT_IMAGE, root_recipe):
+        if not recipe_current(engine, ROOT_IMAGE, RECIPE_LABEL, root_recipe):
             tarball = bootstrap_rootfs("amd64", cache_dir, DEBIAN_PACKAGES, name=f"control-plane-{root_recipe}")
             with tempfile.TemporaryDirectory(prefix="edgeloop-import-", dir=tarball.parent) as scratch:
                 slim = Path(scratch) / "root.tar"
                 filtered(tarball, slim, DEBIAN_EXCLUDED)
-                _docker(engine, "import", "--change", f"LABEL {RECIPE_LABEL}={root_recipe}", str(slim), ROOT_IMAGE,
-                        what=f"docker import of {ROOT_IMAGE}")
+                docker_command(engine, "import", "--change", f"LABEL {RECIPE_LABEL}={root_recipe}", str(slim),
+                               ROOT_IMAGE, what=f"docker import of {ROOT_IMAGE}")
         with tempfile.TemporaryDirectory(prefix="edgeloop-control-plane-") as scratch:
             context = Path(scratch)
             shutil.copy(dockerfile, context / "Dockerfile")
             shutil.copy(entrypoint, context / "postgres-entrypoint.sh")
             for service, tag in DEBIAN_IMAGES.items():
-                _docker(engine, "build", "--quiet", "--target", service, "--build-arg", f"BASE_IMAGE={ROOT_IMAGE}",
-                        "--label", f"{RECIPE_LABEL}={recipe}", "-t", tag, str(context), what=f"building {tag}")
+                docker_command(engine, "build", "--quiet", "--target", service, "--build-arg",
+                               f"BASE_IMAGE={ROOT_IMAGE}", "--label", f"{RECIPE_LABEL}={recipe}", "-t", tag,
+                               str(context), what=f"building {tag}")
     return dict(DEBIAN_IMAGES)
 
 

@@ -115,7 +115,7 @@ def wait_listening(name: str, run_dir: Path, service: Service, port: int, timeou
     while not listening(service.pid, port):
         if not process_alive(service.pid) or time.monotonic() > deadline:
             stop(name, run_dir)
-            raise ServiceError(f"{name} did not listen on 127.0.0.1:{port}; see {service.log}:\n"
+            raise ServiceError(f"{name} did not listen on port {port}; see {service.log}:\n"
                                f"{log_tail(service.log)}")
         time.sleep(interval_s)
 
