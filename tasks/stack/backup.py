@@ -131,10 +131,14 @@ def verify(source: Path) -> dict:
     return manifest
 
 
-def _unpack(archive: Path, target: Path) -> None:
-    """Into ``target`` (absent or empty), through a folder beside it: a failure leaves ``target`` as it was."""
+def _require_empty(target: Path) -> None:
     if target.exists() and any(target.iterdir()):
         raise ServiceError(f"{target} is not empty: restore into a fresh control plane (or move it away first)")
+
+
+def _unpack(archive: Path, target: Path) -> None:
+    """Into ``target`` (absent or empty: checked by :func:`restore` before anything is written), through a folder
+    beside it: a failure leaves ``target`` as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.restoring-", dir=target.parent))
     try:
@@ -161,8 +165,7 @@ def restore(source: Path, server: Postgres, artifacts: Path, dvc_remote: Path | 
         raise ServiceError(f"{held} already hold data at {server.shown}: restore into a fresh control plane, or "
                            "pass --force to replace them")
     for target in [artifacts, *([dvc_remote] if dvc_remote else [])]:
-        if target.exists() and any(target.iterdir()):
-            raise ServiceError(f"{target} is not empty: restore into a fresh control plane (or move it away first)")
+        _require_empty(target)
     for database in DATABASES:
         args, env = _client_args(server, database)
         _run([tool("pg_restore"), "--no-owner", "--exit-on-error", *(["--clean", "--if-exists"] if force else []),

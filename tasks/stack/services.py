@@ -29,7 +29,7 @@ from pathlib import Path
 from tasks.packaging.docker_client import CACHE_DIR, answers, cache_lock, find_engine, own_engine_host
 from tasks.stack import backup, prefect_admin
 from tasks.stack.postgres import DEFAULT_PORT, Postgres, connect, ensure_databases, start_postgres
-from tasks.stack.processes import REPO_ROOT, Service, ServiceError, log_tail, running_pid, start, stop
+from tasks.stack.processes import REPO_ROOT, Service, ServiceError, healthy, log_tail, running_pid, start, stop
 from tasks.stack.redis import messaging_env, start_redis
 
 BIN = Path(sys.executable).parent
@@ -67,7 +67,9 @@ def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Po
     if not schedules:
         env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     command = [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)]
-    if database is not None:
+    health = f"http://{host}:{port}/api/health"
+    running = running_pid(run_dir, "prefect-server") is not None and healthy(health)  # reused: migrated already
+    if database is not None and not running:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.database_url("prefect", driver="asyncpg")
         prefect_admin.migrate(env)
         env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
@@ -75,8 +77,7 @@ def start_prefect(run_dir: Path, port: int, schedules: bool = True, database: Po
         start("prefect-services", [str(BIN / "prefect"), "server", "services", "start"], run_dir, env, None,
               "prefect loop services", netns=netns)
         command.append("--no-services")
-    return start("prefect-server", command, run_dir, env, f"http://{host}:{port}/api/health", f"http://{host}:{port}",
-                 netns=netns)
+    return start("prefect-server", command, run_dir, env, health, f"http://{host}:{port}", netns=netns)
 
 
 def start_mlflow(run_dir: Path, port: int, database: Postgres | None = None, host: str = "127.0.0.1") -> Service:

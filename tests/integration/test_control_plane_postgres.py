@@ -18,30 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.mlflow_smoke import smoke_flow
 
 pytestmark = pytest.mark.integration
 
-CLIENT = textwrap.dedent('''
-    import json, sys
-    from pathlib import Path
-
-    import mlflow
-    from prefect import flow
-
-    @flow(name="postgres-smoke")
-    def smoke() -> str:
-        client = mlflow.MlflowClient()
-        with mlflow.start_run() as run:
-            mlflow.log_metric("accuracy", 0.97)
-            Path("evidence.txt").write_text("logged through the tracking server's artifact proxy")
-            mlflow.log_artifact("evidence.txt")
-        client.create_registered_model("pg-model")
-        version = client.create_model_version("pg-model", f"{run.info.artifact_uri}/evidence.txt", run.info.run_id)
-        return json.dumps({"run_id": run.info.run_id, "artifact_uri": run.info.artifact_uri,
-                           "version": version.version})
-
-    print(smoke())
-''')
+CLIENT = smoke_flow("postgres-smoke", "pg-model", "logged through the tracking server's artifact proxy")
 
 
 def _query(server, database: str, sql: str) -> list[tuple]:

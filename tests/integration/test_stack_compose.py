@@ -14,34 +14,18 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import httpx
 import pytest
 
 from tests.conftest import REPO_ROOT, compose
+from tests.mlflow_smoke import smoke_flow
 
 pytestmark = pytest.mark.integration
 FILES = ["-f", "docker/compose.control-plane.yml"]
 
-SMOKE = textwrap.dedent('''
-    from pathlib import Path
-
-    import mlflow
-    from prefect import flow
-
-    @flow(name="compose-smoke")
-    def smoke() -> str:
-        client = mlflow.MlflowClient()
-        with mlflow.start_run() as run:
-            mlflow.log_metric("accuracy", 0.97)
-            Path("evidence.txt").write_text("served by the compose stack's MLflow")
-            mlflow.log_artifact("evidence.txt")
-        client.create_registered_model("compose-model")
-        return client.create_model_version("compose-model", f"{run.info.artifact_uri}/evidence.txt",
-                                           run.info.run_id).version
-''')
+SMOKE = smoke_flow("compose-smoke", "compose-model", "served by the compose stack's MLflow")
 
 
 def _wait(check, service: str, env: dict[str, str], project: str, timeout_s: float = 240.0) -> None:
