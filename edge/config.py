@@ -19,13 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edge.errors import ConfigError
 from edge.identity import DeviceId
 from edge.serving.thermal import DEFAULT_SENSOR
+from edge.tls import TlsSettings, require_https
 
 ENV_PREFIX = "EDGELOOP_"
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 DATA_ROOT = Path("/var/lib/edgeloop")
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(TlsSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
@@ -70,6 +71,11 @@ class ServeConfig(BaseModel):
     def _consistent(self) -> ServeConfig:
         if self.thermal_hard_margin_c > self.thermal_soft_margin_c:
             raise ValueError("thermal_hard_margin_c must not exceed thermal_soft_margin_c (hard is hotter)")
+        if self.tls_ca is not None and self.upload_to and "://" in self.upload_to:
+            try:
+                require_https(self.upload_to, "upload_to")
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
         return self
 
     def secret(self, name: str) -> str | None:
@@ -102,21 +108,30 @@ def build_parser(prog: str = "edge.serving.serve") -> argparse.ArgumentParser:
     return parser
 
 
+def setting(name: str, args: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    """One setting's flag value, else its ``EDGELOOP_*`` variable, else None."""
+    value = args.get(name)
+    if value is None and f"{ENV_PREFIX}{name.upper()}" in environ:
+        value = environ[f"{ENV_PREFIX}{name.upper()}"]
+        if name == "public_keys":
+            value = [part for part in value.split(":") if part]
+    return value
+
+
 def settings_from(model: type[BaseModelT], args: dict[str, Any], environ: Mapping[str, str], what: str,
-                  flags: Mapping[str, str] | None = None) -> BaseModelT:
-    """``model`` from parsed flags, then ``EDGELOOP_*`` variables, then defaults; a bad value names its setting.
+                  flags: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> BaseModelT:
+    """``model`` from parsed flags, then ``EDGELOOP_*`` variables, then ``defaults`` (an enrollment kit's),
+    then the model's defaults; a bad value names its setting.
 
     List settings (``public_keys``) come from one variable with ':'-separated paths. ``flags`` names a
     setting's flag where it is not ``--<name-with-dashes>``.
     """
-    flags = flags or {}
+    flags, defaults = flags or {}, defaults or {}
     values: dict[str, Any] = {}
     for name in model.model_fields:
-        value = args.get(name)
-        if value is None and f"{ENV_PREFIX}{name.upper()}" in environ:
-            value = environ[f"{ENV_PREFIX}{name.upper()}"]
-            if name == "public_keys":
-                value = [part for part in value.split(":") if part]
+        value = setting(name, args, environ)
+        if value is None:
+            value = defaults.get(name)
         if value is not None:
             values[name] = value
     try:
@@ -131,7 +146,18 @@ def settings_from(model: type[BaseModelT], args: dict[str, Any], environ: Mappin
         raise ConfigError(f"bad {what} settings: {problems}") from error
 
 
+def settings_with_kit(model: type[BaseModelT], args: dict[str, Any], environ: Mapping[str, str], what: str,
+                      flags: Mapping[str, str] | None = None) -> BaseModelT:
+    """:func:`settings_from`, with the enrollment kit named by ``--kit`` / ``EDGELOOP_KIT`` (if any) filling
+    what the flags and the environment leave unset."""
+    from edge.tls import load_kit
+
+    kit = setting("kit", args, environ)
+    return settings_from(model, args, environ, what, flags, load_kit(Path(kit)).settings() if kit else None)
+
+
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
-    """Settings from flags, then ``EDGELOOP_*`` variables, then defaults; a bad value names its setting."""
+    """Settings from flags, then ``EDGELOOP_*`` variables, then the kit, then defaults; a bad value names its
+    setting."""
     environ = os.environ if environ is None else environ
-    return settings_from(ServeConfig, vars(build_parser().parse_args(argv)), environ, "edge service")
+    return settings_with_kit(ServeConfig, vars(build_parser().parse_args(argv)), environ, "edge service")

@@ -22,7 +22,10 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from edge.errors import ConfigError
 from edge.identity import is_device_id
@@ -32,11 +35,16 @@ KIT_FILE = "device.json"
 
 @dataclass(frozen=True)
 class ClientTls:
-    """The files of a device's (or the control plane's) TLS identity."""
+    """The files of a device's (or the control plane's) TLS identity; without a certificate the server is
+    still verified, and the client authenticates some other way (a password, a token)."""
 
     ca: Path
-    certificate: Path
-    key: Path
+    certificate: Path | None = None
+    key: Path | None = None
+
+    @property
+    def mutual(self) -> bool:
+        return self.certificate is not None
 
     def context(self) -> ssl.SSLContext:
         return client_context(self)
@@ -51,19 +59,69 @@ def client_context(tls: ClientTls) -> ssl.SSLContext:
         context.load_verify_locations(cafile=str(tls.ca))
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"TLS CA {tls.ca} is not a usable CA certificate ({error})") from None
-    try:
-        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"TLS certificate {tls.certificate} with key {tls.key} is not usable ({error}); "
-                          "re-enroll the device with `edgeloop fleet enroll`") from None
+    if tls.certificate is not None:
+        try:
+            context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key or tls.certificate))
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"TLS certificate {tls.certificate} with key {tls.key} is not usable ({error}); "
+                              "re-enroll the device with `edgeloop fleet enroll`") from None
     return context
 
 
+class TlsSettings(BaseModel):
+    """The TLS settings the updater and the service share (a pydantic mixin): a kit, or the three files."""
+
+    kit: Path | None = Field(None, description="enrollment kit folder (`edgeloop fleet enroll`): device id, group, "
+                             "broker, ingest URL, signing keys and TLS identity, unless set otherwise")
+    tls_ca: Path | None = Field(None, description="fleet CA certificate: every fleet link over TLS, verified")
+    tls_cert: Path | None = Field(None, description="this device's client certificate (mutual TLS)")
+    tls_key: Path | None = Field(None, description="the private key of --tls-cert")
+
+    @field_validator("tls_ca", "tls_cert", "tls_key")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} does not exist")
+        return path
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca (the CA the servers' certificates are verified against)")
+        return self
+
+    def client_tls(self) -> ClientTls | None:
+        return ClientTls(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca is not None else None
+
+
+class PlainHttpRefused(ConfigError):
+    """A device with TLS settings was asked, or redirected, to a plain ``http://`` URL."""
+
+
 def require_https(url: str, what: str) -> None:
-    """:class:`ConfigError` unless ``url`` is https: a device with TLS settings never downgrades."""
+    """:class:`PlainHttpRefused` unless ``url`` is https: a device with TLS settings never downgrades."""
     if urlsplit(url).scheme != "https":
-        raise ConfigError(f"{what} {url!r} is not https: this device uses TLS and never sends or fetches over "
+        raise PlainHttpRefused(f"{what} {url!r} is not https: this device uses TLS and never sends or fetches over "
                           "plain HTTP")
+
+
+def http_client(tls: ClientTls | None, timeout_s: float, follow_redirects: bool = False):
+    """An ``httpx.Client`` for the fleet's HTTP links. With ``tls``: verified against the fleet CA, the
+    device's certificate presented, and every request (a redirect's too) refused unless it is https."""
+    import httpx
+
+    if tls is None:
+        return httpx.Client(timeout=timeout_s, follow_redirects=follow_redirects)
+
+    def https_only(request: httpx.Request) -> None:
+        if request.url.scheme != "https":
+            raise PlainHttpRefused(f"refused to send a request to {request.url} over plain HTTP: this device uses "
+                                   "TLS and never downgrades")
+
+    return httpx.Client(timeout=timeout_s, follow_redirects=follow_redirects, verify=tls.context(),
+                        event_hooks={"request": [https_only]})
 
 
 @dataclass(frozen=True)
@@ -85,6 +143,13 @@ class Kit:
     @property
     def public_keys(self) -> Path:
         return self.root / "keys"
+
+    def settings(self) -> dict[str, Any]:
+        """The kit as settings of the updater and the service (each takes the ones it has)."""
+        tls = self.tls
+        return {"device_id": self.device_id, "group": self.group, "broker": self.broker,
+                "public_keys": [str(self.public_keys)], "upload_to": self.ingest_url,
+                "tls_ca": str(tls.ca), "tls_cert": str(tls.certificate), "tls_key": str(tls.key)}
 
 
 def load_kit(root: Path) -> Kit:

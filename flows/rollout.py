@@ -60,9 +60,14 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
     target = records.release_of(params, target_version)
     previous = records.release_of(params, previous_version) if previous_version else None
     devices = fleet_files.load_fleet(settings.fleet_file).groups().get(settings.group, [])
-    password = fleet_files.ensure_control_plane(settings.credentials_dir)
+    password, tls = None, None
+    if settings.broker_tls:  # the control plane's own certificate from the fleet CA is its login
+        tls = fleet_files.control_plane_tls(settings.fleet_ca_dir)
+    else:
+        password = fleet_files.ensure_control_plane(settings.credentials_dir)
     keys = load_public_keys([params.package.public_keys])
-    with MqttChannel(settings.broker, settings.group, fleet_files.CONTROL_PLANE_USER, password, keys) as channel:
+    with MqttChannel(settings.broker, settings.group, fleet_files.CONTROL_PLANE_USER, password, keys,
+                     tls=tls) as channel:
         def on_step(step: StageRecord) -> None:
             try:
                 records.tag_step(params.mlflow, target.version, step)

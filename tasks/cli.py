@@ -14,7 +14,8 @@
     edgeloop drift-check [--collected-dir D]                                       one drift check, now
     edgeloop simulate-drift --severity low|medium|high ...                         shifted device uploads
     edgeloop labels import LABELS.csv                                              labelled samples -> data version
-    edgeloop fleet add-device ID --group G                                         a device's broker login and ACL
+    edgeloop fleet ca init | enroll ID --group G | revoke ID                       the fleet CA, device certificates
+    edgeloop fleet add-device ID --group G                                         a device's password login (demo)
     edgeloop services up|down|status [--images] [--database postgres]              the local service stack
     edgeloop services backup --to DIR | restore --from DIR --database postgres     the team control plane's state
     edgeloop services automations --api-url URL                                    work pool, crash detection
@@ -55,7 +56,7 @@ PASSTHROUGH = {
     "drift-check": ("tasks.monitoring.check", "run one drift check on the collected uploads now (no Prefect)"),
     "simulate-drift": ("tasks.monitoring.simulate_drift", "write realistically shifted device uploads (demos, tests)"),
     "labels": ("tasks.data.labels", "join arriving labels with collected samples into a new DVC data version"),
-    "fleet": ("tasks.rollout.fleet", "the device fleet and its MQTT broker credentials and ACLs"),
+    "fleet": ("tasks.rollout.fleet_cli", "the fleet CA, device enrollment and revocation, broker logins and ACLs"),
     "services": ("tasks.stack.services", "start, stop or list the local services: Prefect, MLflow, worker, registry"),
     "engine": ("tasks.stack.dockerd", "start or stop the Docker engine packaging and the tests use"),
     "base-images": ("tasks.stack.base_images", "build the Debian-built Python base images (amd64, arm64)"),

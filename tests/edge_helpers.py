@@ -95,3 +95,19 @@ def running_edge_server(root: Path, public_dir: Path, **overrides: object) -> It
         yield EdgeServer(service.url, root / "store", root / "samples", root / "outbox", sensor, run_dir)
     finally:
         services.stop("edge-serve", run_dir)
+
+
+def sample_file_bytes(tmp_path: Path, device: str = "dev-1", compress: bool = False, **changes: np.ndarray) -> bytes:
+    """A valid device sample file, with ``changes`` replacing (or, as None, removing) arrays."""
+    from edge.sampling.sampler import Sampler, SampleStore
+
+    store = SampleStore(tmp_path / f"store-{len(list(tmp_path.iterdir()))}")
+    probabilities = np.full((5, 10), 0.1, np.float32)
+    Sampler(store, device, sample_rate=1.0, seed=0).offer(np.random.default_rng(0).random((5, 4)),
+                                                          probabilities, 1.0, "v1")
+    with np.load(store.close_segment(), allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays.update(changes)
+    buffer = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buffer, **{k: v for k, v in arrays.items() if v is not None})
+    return buffer.getvalue()

@@ -23,6 +23,7 @@ from edge.errors import SampleStoreError, UploadError
 from edge.files import atomic_write_bytes, sha256_file
 from edge.retry import backoff_delay
 from edge.sampling.store import SampleStore
+from edge.tls import ClientTls, PlainHttpRefused, http_client, require_https
 
 LOGGER = logging.getLogger(__name__)
 # the file itself is refused (too large, malformed, its name taken by other bytes): resending cannot succeed
@@ -59,24 +60,31 @@ class FolderTarget:
 
 
 class HttpTarget:
-    """POSTs files to the ingest endpoint (``edgeloop ingest serve``), authenticated per device.
+    """POSTs files to the ingest endpoint (``edgeloop ingest serve``), authenticated per device: by its client
+    certificate over mutual TLS (``tls``: https only, never a plain-HTTP fallback) or by its token.
 
     Confirmed only by a 2xx answer that echoes the file's sha256; 409, 413 and 422 are permanent refusals.
     """
 
-    def __init__(self, url: str, device_id: str, token: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, device_id: str, token: str | None, timeout_s: float = 10.0,
+                 tls: ClientTls | None = None) -> None:
+        if tls is not None:
+            require_https(url, "ingest URL")
         self.url = url
         self.device_id = device_id
         self._token = token
-        self._client = httpx.Client(timeout=timeout_s)
+        self._client = http_client(tls, timeout_s)
 
     def send(self, path: Path) -> None:
         digest = sha256_file(path)
-        headers = {"Authorization": f"Bearer {self._token}", "X-Edgeloop-Device": self.device_id,
-                   "X-Content-SHA256": digest, "X-Edgeloop-Filename": path.name,
+        headers = {"X-Edgeloop-Device": self.device_id, "X-Content-SHA256": digest, "X-Edgeloop-Filename": path.name,
                    "Content-Type": "application/octet-stream"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         try:
             response = self._client.post(self.url, content=path.read_bytes(), headers=headers)
+        except PlainHttpRefused as error:  # redirected to plain HTTP: never followed
+            raise UploadError(str(error)) from None
         except (httpx.HTTPError, OSError) as error:
             raise UploadError(f"ingest endpoint {self.url} did not answer ({type(error).__name__}: {error})") from error
         if not response.is_success:

@@ -50,10 +50,11 @@ class Services:
         if not target:
             return None
         if target.startswith(("http://", "https://")):
-            token = self.config.secret("upload_token")
-            if token is None:
-                raise ConfigError("upload_to is an HTTP URL but no upload_token (or upload_token_file) is set")
-            return HttpTarget(target, self.config.device_id, token)
+            token, tls = self.config.secret("upload_token"), self.config.client_tls()
+            if token is None and (tls is None or not tls.mutual):
+                raise ConfigError("upload_to is an HTTP URL but neither a client certificate (--kit, or --tls-ca "
+                                  "--tls-cert --tls-key) nor an upload_token (or upload_token_file) is set")
+            return HttpTarget(target, self.config.device_id, token, tls=tls)
         return FolderTarget(Path(target), self.config.device_id)
 
     def _export_metrics(self) -> None:

@@ -1,10 +1,14 @@
 """``python -m edge.updater``: the device updater, a separate process beside ``edgeloop serve``.
 
+    python -m edge.updater --kit DIR --store DIR [--service-url URL] [--telemetry-interval-s 30]
     python -m edge.updater --broker HOST:PORT --device ID --group G --password-file F \\
-        --store DIR --public-keys K [--service-url URL] [--telemetry-interval-s 30] [--tls-ca CA]
+        --store DIR --public-keys K [--tls-ca CA]
 
-It holds an MQTT v5 session with the broker under its own credentials (the device id is the username
-and the client id; the password comes from ``--password-file`` or ``EDGELOOP_MQTT_PASSWORD``), a
+It holds an MQTT v5 session with the broker under its own identity: with an enrollment kit (``--kit``,
+``edgeloop fleet enroll``) or ``--tls-ca --tls-cert --tls-key``, mutual TLS, the device id being the
+certificate's common name (the broker takes the login from it, no password); otherwise a login whose
+username and client id are the device id, the password from ``--password-file`` or
+``EDGELOOP_MQTT_PASSWORD`` (``--tls-ca`` alone: over TLS, the broker verified). The session is a
 persistent one (``clean_start`` off, a week's session expiry) so QoS 1 manifests published while the
 device was offline still arrive, and reconnects with exponential backoff and full jitter while the
 broker is away. Manifests on ``fleet/<group>/model`` are applied one at a time by a worker thread
@@ -32,15 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from edge.config import ENV_PREFIX, settings_from
+from edge.config import ENV_PREFIX, settings_with_kit
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.identity import DeviceId
 from edge.retry import backoff_delay
 from edge.rollout import GROUP, model_topic, telemetry_topic
 from edge.signing import load_public_keys
 from edge.store.model_store import ModelStore
+from edge.tls import TlsSettings
 from edge.updater.apply import RolloutHandler, json_bytes
 from edge.updater.fetch import fetch_bundle
 from edge.updater.state import hold_lock
@@ -50,7 +55,7 @@ log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGELOOP_MQTT_PASSWORD"
 
 
-class UpdaterConfig(BaseModel):
+class UpdaterConfig(TlsSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker: str = Field(pattern=r"^[^\s:/]+(:\d{1,5})?$", description="the MQTT broker, HOST[:PORT]")
@@ -62,7 +67,6 @@ class UpdaterConfig(BaseModel):
     keep_versions: int = Field(3, ge=2, le=20, description="model versions kept in the store")
     service_url: str | None = Field(None, pattern=r"^https?://", description="the local edge service, for telemetry")
     telemetry_interval_s: float = Field(30.0, ge=1.0, le=86400.0, description="seconds between telemetry summaries")
-    tls_ca: Path | None = Field(None, description="CA certificate: connect with TLS and verify the broker")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
     session_expiry_s: int = Field(7 * 86400, ge=0, description="how long the broker keeps this device's session")
     max_backoff_s: float = Field(60.0, ge=1.0, description="longest wait between reconnect or fetch attempts")
@@ -84,7 +88,10 @@ class UpdaterConfig(BaseModel):
         host, _, port = self.broker.partition(":")
         return host, int(port) if port else (8883 if self.tls_ca else 1883)
 
-    def password(self) -> str:
+    def password(self) -> str | None:
+        """The broker password; None when the client certificate is the login."""
+        if self.tls_cert is not None:
+            return None
         if self.password_file is not None:
             try:
                 return self.password_file.read_text().strip()
@@ -106,18 +113,15 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         flags = FLAGS.get(name, ("--" + name.replace("_", "-"),))
         parser.add_argument(*flags, dest=name, default=None, nargs="+" if name == "public_keys" else None,
                             help=f"{info.description} [{ENV_PREFIX}{name.upper()}]")
-    config = settings_from(UpdaterConfig, vars(parser.parse_args(argv)), environ, "updater",
-                           {name: names[0] for name, names in FLAGS.items()})
-    if config.tls_ca is not None and not config.tls_ca.is_file():
-        raise ConfigError(f"--tls-ca {config.tls_ca} does not exist")
-    return config
+    return settings_with_kit(UpdaterConfig, vars(parser.parse_args(argv)), environ, "updater",
+                             {name: names[0] for name, names in FLAGS.items()})
 
 
 class Updater:
     """The MQTT session, the manifest worker and the telemetry loop of one device."""
 
-    def __init__(self, config: UpdaterConfig, store: ModelStore, keys: dict[str, Ed25519PublicKey], password: str,
-                 telemetry: TelemetrySource | None = None) -> None:
+    def __init__(self, config: UpdaterConfig, store: ModelStore, keys: dict[str, Ed25519PublicKey],
+                 password: str | None, telemetry: TelemetrySource | None = None) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -132,12 +136,11 @@ class Updater:
         self._threads: list[threading.Thread] = []
         self.client = client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.device_id,
                                            protocol=mqtt.MQTTv5, reconnect_on_failure=False)
-        client.username_pw_set(config.device_id, password)
-        if config.tls_ca is not None:
-            try:
-                client.tls_set(ca_certs=str(config.tls_ca))
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"--tls-ca {config.tls_ca} is not a usable CA certificate ({error})") from error
+        if password is not None:
+            client.username_pw_set(config.device_id, password)
+        self.tls = config.client_tls()
+        if self.tls is not None:
+            client.tls_set_context(self.tls.context())  # TLS 1.2+, broker verified and its host name checked
         client.on_connect, client.on_disconnect, client.on_message = self._connected, self._lost, self._received
         self._connect_properties = Properties(PacketTypes.CONNECT)
         self._connect_properties.SessionExpiryInterval = config.session_expiry_s
@@ -149,7 +152,7 @@ class Updater:
 
     def _fetch(self, url: str, destination: Path, max_bytes: int) -> str:
         return fetch_bundle(url, destination, max_bytes, self.config.fetch_timeout_s, self.config.fetch_attempts,
-                            max_backoff_s=self.config.max_backoff_s, sleep=self.stopping.wait)
+                            max_backoff_s=self.config.max_backoff_s, sleep=self.stopping.wait, tls=self.tls)
 
     def start(self) -> None:
         for target, name in ((self._network, "mqtt"), (self._work, "rollouts"), (self._report_telemetry, "telemetry")):

@@ -1,5 +1,9 @@
 """Fetch a rollout's bundle to a local file: http(s) with a timeout and retries, or ``file://``.
 
+With the device's TLS settings only ``https://`` (or a local ``file://``) is fetched, the server verified
+against the fleet CA and the device's certificate presented; a plain-HTTP URL, or a redirect to one,
+fails as ``insecure_url`` before a byte is read, and a server that fails verification as ``tls_failed``.
+
 Retries back off exponentially with full jitter (a fleet whose bundle server comes back must not
 arrive all at once); an answer that cannot change on retry (404, 403...) fails at once. The sha256
 is computed while the bytes stream to disk, so the caller compares it without reading the file again.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +25,7 @@ import httpx
 
 from edge.errors import EdgeError
 from edge.retry import backoff_delay
+from edge.tls import ClientTls, PlainHttpRefused, http_client
 
 log = logging.getLogger(__name__)
 RETRYABLE_HTTP_STATUSES = (408, 425, 429, 500, 502, 503, 504)
@@ -70,25 +76,45 @@ def _fetch_http_once(client: httpx.Client, url: str, destination: Path, max_byte
                                                     "URL or this device's access to it is wrong")
             with open(destination, "wb") as target:
                 return _copy_stream(response, target, max_bytes, url)
+    except PlainHttpRefused as error:
+        raise RolloutFailed("insecure_url", str(error)) from None
+    except httpx.ConnectError as error:
+        if _caused_by(error, ssl.SSLCertVerificationError):  # not a server that is away: no retry
+            raise RolloutFailed("tls_failed", f"GET {url}: the server's certificate does not verify against the "
+                                f"fleet CA or does not name its host ({error})") from None
+        raise _Retryable(f"{type(error).__name__}: {error}") from error
     except httpx.HTTPError as error:
         raise _Retryable(f"{type(error).__name__}: {error}") from error
 
 
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def fetch_bundle(url: str, destination: Path, max_bytes: int, timeout_s: float = 30.0, attempts: int = 4,
                  initial_backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 sleep: Callable[[float], object] = time.sleep, rng: random.Random | None = None) -> str:
+                 sleep: Callable[[float], object] = time.sleep, rng: random.Random | None = None,
+                 tls: ClientTls | None = None) -> str:
     """Download ``url`` to ``destination`` and return the sha256 of what was written.
 
-    Raises :class:`RolloutFailed` (``fetch_failed``, ``too_large``) once the attempts are spent or at the
-    first answer a retry cannot change.
+    Raises :class:`RolloutFailed` (``fetch_failed``, ``too_large``, ``insecure_url``, ``tls_failed``) once the
+    attempts are spent or at the first answer a retry cannot change.
     """
     scheme = urlsplit(url).scheme
+    if tls is not None and scheme not in ("https", "file"):
+        raise RolloutFailed("insecure_url", f"bundle URL {url!r} is not https: this device uses TLS and never "
+                                            "fetches over the network in the clear")
     if scheme == "file":
         return _fetch_file(url, destination, max_bytes)
     if scheme not in ("http", "https"):
         raise RolloutFailed("fetch_failed", f"bundle URL {url!r}: only http, https and file URLs are fetched")
     rng = rng or random.Random()
-    with httpx.Client(timeout=timeout_s, follow_redirects=True) as client:
+    with http_client(tls, timeout_s, follow_redirects=True) as client:
         for attempt in range(1, attempts + 1):
             try:
                 return _fetch_http_once(client, url, destination, max_bytes)

@@ -1,11 +1,19 @@
-"""``edgeloop ingest``: the control-plane endpoint devices upload their closed sample files to.
+"""``edgeloop ingest``: the control-plane endpoint devices upload their closed sample files to (and, with
+``--bundle-dir``, fetch the signed bundles of a rollout from).
 
     edgeloop ingest add-device DEVICE --tokens FILE     issue a device token (printed once; only its hash is kept)
     edgeloop ingest serve --tokens FILE [--collected-dir DIR] [--host H] [--port P] [--max-upload-mb MB]
+    edgeloop ingest serve --ca-dir DIR [--bundle-dir DIR] ...    mutual TLS: devices prove themselves by certificate
+
+With ``--ca-dir`` (the fleet CA, :mod:`tasks.rollout.fleet_ca`) the endpoint is HTTPS only, TLS 1.2+, and
+requires a client certificate from the fleet CA (:mod:`tasks.monitoring.mutual_tls`): the certificate's
+common name is the device, a revoked certificate is refused at its next request (the CRL is re-read
+when it changes), and ``--tokens`` is optional. ``GET /v1/bundles/<file>`` serves ``--bundle-dir``'s
+bundles (``rollout.bundle_base_url`` points there).
 
 ``POST /v1/ingest`` takes one ``.npz`` as the body (``edge.sampling.upload.HttpTarget`` sends it), authenticated
-per device (``Authorization: Bearer <token>`` and ``X-Edgeloop-Device``), checks it is a well-formed
-sample file of that device (:mod:`tasks.monitoring.sample_files`) and stores it atomically as
+per device (its client certificate, or ``Authorization: Bearer <token>`` with ``X-Edgeloop-Device``), checks
+it is a well-formed sample file of that device (:mod:`tasks.monitoring.sample_files`) and stores it atomically as
 ``<collected_dir>/<device>--<file name>`` (:func:`edge.identity.stored_upload_name`), the flat folder the
 drift check (:mod:`tasks.monitoring.collected`) reads. Device ids and file names follow the rules of
 :mod:`edge.identity` (neither can hold ``--``), so one device can never write a name read as another's;
@@ -34,7 +42,7 @@ from pathlib import Path
 
 import yaml
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -44,6 +52,7 @@ from edge.serving.requests import BadRequest, read_body
 from tasks.config import PARAMS_FILE, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, DataError
+from tasks.monitoring.mutual_tls import SERVER_NAME, CertificateIdentity, RevocationList, server_context
 from tasks.monitoring.sample_files import validate_sample_file
 
 LOGGER = logging.getLogger(__name__)
@@ -110,12 +119,20 @@ class TokenRegistry:
         return owners[0] if token and owners else None
 
 
-class IngestService:
-    """What the ingest routes share: where files go, the device tokens, the upload limit and the metrics."""
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.tar\.gz")
 
-    def __init__(self, collected_dir: Path, tokens_file: Path, max_upload_bytes: int) -> None:
+
+class IngestService:
+    """What the ingest routes share: where files go, how devices are authenticated (certificates and their
+    revocation list, tokens, or both), the bundles served, the upload limit and the metrics."""
+
+    def __init__(self, collected_dir: Path, tokens_file: Path | None, max_upload_bytes: int,
+                 revocations: RevocationList | None = None, bundle_dir: Path | None = None) -> None:
+        if tokens_file is None and revocations is None:
+            raise ConfigError("the ingest service needs device tokens (--tokens) or the fleet CA (--ca-dir)")
         self.collected_dir = Path(collected_dir)
-        self.tokens = TokenRegistry(Path(tokens_file))
+        self.tokens = TokenRegistry(Path(tokens_file)) if tokens_file is not None else None
+        self.revocations, self.bundle_dir = revocations, bundle_dir
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics = CollectorRegistry()  # per app: a test process may create several
         self.refused = Counter("edgeloop_ingest_refused", "uploads refused, per device (unauthenticated: no valid "
@@ -128,9 +145,31 @@ class IngestService:
         self.refused.labels(device=device, reason=reason).inc()
         return HTTPException(status, detail=detail, headers=headers)
 
+    def certified_device(self, request: Request) -> str | None:
+        """The device named by the request's verified client certificate; None on a connection without one."""
+        identity = request.scope.get("extensions", {}).get("tls") or {}
+        device = identity.get("client_cert_name")
+        if device is None:
+            return None
+        if not is_device_id(device):
+            raise self.refuse(403, "bad_certificate", f"the client certificate's name {device[:80]!r} is not a "
+                              "device id")
+        if self.revocations is not None and self.revocations.is_revoked(identity["client_cert_serial"]):
+            raise self.refuse(403, "revoked", f"the certificate of {device!r} is revoked; enroll the device again",
+                              device=device)
+        return device
+
     def authenticate(self, request: Request) -> str:
-        """The device that sent ``request``: its claimed id, proven by that device's token."""
+        """The device that sent ``request``: its client certificate's, or its claimed id proven by its token."""
         claimed = request.headers.get("x-edgeloop-device", "")
+        certified = self.certified_device(request)
+        if certified is not None:
+            if claimed and claimed != certified:
+                raise self.refuse(403, "device_mismatch", f"X-Edgeloop-Device {claimed[:80]!r} does not match the "
+                                  "client certificate's device", device=certified)
+            return certified
+        if self.tokens is None:
+            raise self.refuse(401, "unauthorized", "a client certificate from the fleet CA is required")
         if not is_device_id(claimed):
             raise self.refuse(422, "bad_device_id", f"X-Edgeloop-Device {claimed[:80]!r} is not a device id: "
                               f"{DEVICE_ID_RULE}")
@@ -170,6 +209,14 @@ class IngestService:
             raise self.refuse(409, "conflict", f"a different file is already stored as {target.name}", device)
         return {"sha256": digest, "stored": target.name, "samples": rows}
 
+    def bundle(self, request: Request, name: str) -> FileResponse:
+        """``GET /v1/bundles/<name>``: a signed bundle of ``bundle_dir`` (to certified devices, under mutual TLS)."""
+        if self.revocations is not None:
+            self.authenticate(request)
+        if self.bundle_dir is None or not BUNDLE_NAME.fullmatch(name) or not (self.bundle_dir / name).is_file():
+            raise HTTPException(404, detail=f"no bundle {name[:140]!r} here")
+        return FileResponse(self.bundle_dir / name, media_type="application/gzip")
+
     async def ingest(self, request: Request) -> dict[str, object]:
         """``POST /v1/ingest``: authenticate, check the name, read the body, save it (off the event loop)."""
         device = self.authenticate(request)
@@ -182,14 +229,20 @@ class IngestService:
         return await run_in_threadpool(self.save, content, device, file_name, claimed_digest)
 
 
-def create_app(collected_dir: Path, tokens_file: Path, max_upload_bytes: int) -> FastAPI:
-    """The ingest service: ``POST /v1/ingest`` (see the module docstring), ``GET /healthz`` and ``GET /metrics``."""
-    service = IngestService(collected_dir, tokens_file, max_upload_bytes)
+def create_app(collected_dir: Path, tokens_file: Path | None, max_upload_bytes: int,
+               revocations: RevocationList | None = None, bundle_dir: Path | None = None) -> FastAPI:
+    """The ingest service: ``POST /v1/ingest``, ``GET /v1/bundles/<file>`` (see the module docstring),
+    ``GET /healthz`` and ``GET /metrics``."""
+    service = IngestService(collected_dir, tokens_file, max_upload_bytes, revocations, bundle_dir)
     app = FastAPI(title="edgeloop ingest", version="1")
 
     @app.post("/v1/ingest")
     async def ingest(request: Request) -> dict[str, object]:
         return await service.ingest(request)
+
+    @app.get("/v1/bundles/{name}")
+    def bundle(request: Request, name: str) -> FileResponse:
+        return service.bundle(request, name)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -221,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop ingest", description="receive sample files from devices")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     serve = actions.add_parser("serve", help="run the ingest endpoint (uvicorn)")
-    serve.add_argument("--tokens", type=Path, required=True, help="device token hashes (from add-device)")
+    serve.add_argument("--tokens", type=Path, help="device token hashes (from add-device); optional with --ca-dir")
+    serve.add_argument("--ca-dir", type=Path, help="the fleet CA folder: HTTPS with client certificates only, "
+                       "using its servers/ingest certificate (`edgeloop fleet server-cert ingest --host ...`)")
+    serve.add_argument("--bundle-dir", type=Path, help="serve these signed bundles at /v1/bundles/<file> "
+                       "(default: none)")
     serve.add_argument("--collected-dir", type=Path, help="where files go (default: drift.collected_dir)")
     serve.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
@@ -241,9 +298,17 @@ def _serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     collected_dir = args.collected_dir or load_params(args.params).drift.collected_dir
     collected_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(collected_dir, args.tokens, int(args.max_upload_mb * 2**20))
-    LOGGER.info("ingest: storing uploads in %s", collected_dir)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if args.tokens is None and args.ca_dir is None:
+        raise ConfigError("give --tokens (device tokens) or --ca-dir (client certificates over mutual TLS), or both")
+    revocations = RevocationList(args.ca_dir) if args.ca_dir else None
+    app = create_app(collected_dir, args.tokens, int(args.max_upload_mb * 2**20), revocations, args.bundle_dir)
+    tls: dict = {}
+    if revocations is not None:
+        context = server_context(revocations.ca)
+        tls = {"http": CertificateIdentity, "ssl_certfile": str(revocations.ca.server(SERVER_NAME).certificate),
+               "ssl_context_factory": lambda _config, _default: context}
+    LOGGER.info("ingest: storing uploads in %s%s", collected_dir, " (mutual TLS)" if tls else "")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
 
 
 def _add_device(args: argparse.Namespace) -> None:

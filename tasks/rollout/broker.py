@@ -10,6 +10,10 @@ compose stack's (``docker/mosquitto.conf``, checked against :func:`compose_confi
   device that connects as ``edgeloop-control-plane`` or as another device's id only ever gets its own
   session and cannot disconnect anyone else (two connections with one login still do: one login, one
   connection);
+- on a TLS listener (:func:`tls_listener_settings`: the fleet's production setting), authenticate by
+  certificate only: a client certificate from the fleet CA is required, checked against the CRL, and
+  its common name is the login (``use_identity_as_username``), so the ACL binds to the certificate and
+  no password file is read; TLS 1.2 is the oldest version accepted;
 - bound what one client can cost: a packet over :data:`MAX_PACKET_BYTES` (a payload over the largest fleet
   message, a signed manifest of :data:`edge.rollout.MAX_MESSAGE_BYTES`, plus room for its topic) is never
   forwarded nor retained and costs its sender the connection; each client's QoS 1 queue and in-flight
@@ -23,6 +27,7 @@ import base64
 import hashlib
 import hmac
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge.rollout import MAX_MESSAGE_BYTES
@@ -45,9 +50,28 @@ COMPOSE_CREDENTIALS = "/mosquitto/credentials"
 COMPOSE_DATA = "/mosquitto/data/"
 
 
-def security_settings(password_file: str, acl_file: str, max_queued_messages: int = MAX_QUEUED_MESSAGES) -> list[str]:
-    """The lines that bind identity and bound each client (see the module docstring)."""
-    return ["allow_anonymous false", f"password_file {password_file}", f"acl_file {acl_file}",
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a TLS listener reads: the fleet CA, the broker's certificate and key, the CRL."""
+
+    ca: Path
+    certificate: Path
+    key: Path
+    crl: Path
+
+
+def tls_listener_settings(files: TlsFiles) -> list[str]:
+    """The lines after a ``listener`` line that make it mutual TLS with certificate identities."""
+    return [f"cafile {files.ca}", f"certfile {files.certificate}", f"keyfile {files.key}", f"crlfile {files.crl}",
+            "require_certificate true", "use_identity_as_username true", "tls_version tlsv1.2"]
+
+
+def security_settings(password_file: str | None, acl_file: str,
+                      max_queued_messages: int = MAX_QUEUED_MESSAGES) -> list[str]:
+    """The lines that bind identity and bound each client (see the module docstring); no password file for a
+    broker whose only listener takes identities from certificates."""
+    passwords = [f"password_file {password_file}"] if password_file else []
+    return ["allow_anonymous false", *passwords, f"acl_file {acl_file}",
             "use_username_as_clientid true", f"max_packet_size {MAX_PACKET_BYTES}",
             f"max_queued_messages {max_queued_messages}",
             f"max_queued_bytes {MAX_QUEUED_BYTES}", f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}"]

@@ -8,7 +8,8 @@ status and recent telemetry summaries it received on ``fleet/<group>/status/+`` 
 A broker that goes away pauses the rollout: paho reconnects with backoff, a manifest waits for its
 PUBACK (``publish_timeout_s``; published again after each reconnect), and statuses and telemetry resume
 arriving on reconnect (a persistent session keeps the control plane's subscriptions and queued QoS 1
-messages).
+messages). With ``tls`` it connects over TLS (1.2+, the broker verified against the fleet CA); with
+the control plane's client certificate (``rollout.broker_tls``) that certificate is its login.
 
 Every status and summary is untrusted input (:mod:`tasks.rollout.messages`): a message that is too large,
 not JSON, off its schema or about another device is dropped and counted per device and reason
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections import defaultdict, deque
@@ -29,6 +31,7 @@ from typing import Any
 
 from edge.errors import BundleRefused
 from edge.rollout import model_topic, verify_rollout
+from edge.tls import ClientTls
 from tasks.errors import ServiceUnavailable
 from tasks.rollout.messages import DropCounts, MessageRefused, parse_device_message
 
@@ -41,8 +44,8 @@ RETAINED_WAIT_S = 2.0     # after SUBACK, how long the retained manifest may tak
 class MqttChannel:
     """Connected on construction; use as a context manager (or call :meth:`close`)."""
 
-    def __init__(self, broker: str, group: str, username: str, password: str, public_keys: dict,
-                 client_id: str = "edgeloop-control-plane", tls_ca: str | None = None,
+    def __init__(self, broker: str, group: str, username: str, password: str | None, public_keys: dict,
+                 client_id: str = "edgeloop-control-plane", tls: ClientTls | None = None,
                  connect_timeout_s: float = 30.0, publish_timeout_s: float = 300.0) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
@@ -59,9 +62,10 @@ class MqttChannel:
         self.drops = DropCounts()
         host, _, port = broker.rpartition(":")
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        client.username_pw_set(username, password)
-        if tls_ca:
-            client.tls_set(ca_certs=tls_ca)
+        if password is not None:  # with a client certificate (tls.mutual) the certificate is the login
+            client.username_pw_set(username, password)
+        if tls is not None:
+            client.tls_set_context(tls.context())
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_queued_messages_set(0)
         client.suppress_exceptions = True  # a second line behind _on_message's own: paho goes on
@@ -72,6 +76,10 @@ class MqttChannel:
         self.client = client
         try:
             client.connect(host, int(port), keepalive=30, clean_start=False, properties=properties)
+        except ssl.SSLError as error:
+            raise ServiceUnavailable(f"MQTT broker {broker} refused the TLS handshake ({error}): check that its "
+                                     "certificate names that host and that the control plane's certificate is from "
+                                     "the fleet CA (rollout.fleet_ca_dir)") from None
         except OSError as error:
             raise ServiceUnavailable(f"MQTT broker {broker} is unreachable ({error}); start it (Mosquitto) or set "
                                      "rollout.broker / EDGELOOP_BROKER") from None

@@ -1,12 +1,9 @@
-"""``edgeloop fleet``: the fleet inventory (which device is in which group) and its MQTT broker credentials.
+"""The fleet inventory (which device is in which group) and its MQTT broker credentials; the commands are
+in :mod:`tasks.rollout.fleet_cli` (``edgeloop fleet``).
 
-    edgeloop fleet add-device DEVICE --group G [--replace]     prints the device's broker password once
-    edgeloop fleet remove-device DEVICE
-    edgeloop fleet list
-    edgeloop fleet broker-files                             writes the password file and ACL, prints their paths
-
-Each takes ``--fleet FILE`` and ``--credentials DIR`` (defaults: ``rollout.fleet_file`` and
-``rollout.credentials_dir`` in ``--params``, params.yaml).
+A fleet on the demo's password logins gets its devices with :func:`add_device`; a fleet on mutual TLS
+with :func:`enroll_device` (a certificate from the fleet CA, :mod:`tasks.rollout.fleet_ca`, instead of a
+password) and loses them with :func:`revoke_device`. Both kinds share the fleet file and the ACL.
 
 The fleet file is YAML: ``{devices: {<device id>: {group: <group>}}}``. The credentials folder holds
 what Mosquitto reads (``mosquitto.passwd``: PBKDF2-SHA512 hashes in Mosquitto 2's ``$7$`` format;
@@ -20,7 +17,6 @@ Signal a running broker (``tasks.stack.mosquitto.reload_mosquitto``) after a cha
 
 from __future__ import annotations
 
-import argparse
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -33,8 +29,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from edge.files import atomic_write_text
 from edge.identity import DEVICE_ID_RULE, is_device_id
 from edge.rollout import GROUP, model_topic, status_topic, telemetry_topic
-from tasks.config import PARAMS_FILE, format_validation_error, load_params
-from tasks.entrypoint import report_user_errors, setup_logging
+from edge.tls import ClientTls
+from tasks.config import format_validation_error
 from tasks.errors import ConfigError
 from tasks.rollout.broker import (  # re-exported: the fleet's broker files are named and written from here
     ACL_FILE,
@@ -152,6 +148,14 @@ def ensure_control_plane(credentials_dir: Path) -> str:
     return password
 
 
+def control_plane_tls(ca_dir: Path) -> ClientTls:
+    """The control plane's broker identity on a mutual-TLS broker: its certificate from the fleet CA."""
+    from tasks.rollout import fleet_ca
+
+    ca = fleet_ca.open_ca(ca_dir)
+    return ClientTls(ca.certificate_path, ca.control_plane.certificate, ca.control_plane.key)
+
+
 def _new_password() -> str:
     return secrets.token_urlsafe(24)
 
@@ -174,13 +178,23 @@ def _write_broker_files(fleet: Fleet, credentials_dir: Path, hashes: dict[str, s
     return password_file, acl_file
 
 
-def write_broker_files(fleet: Fleet, credentials_dir: Path,
-                       iterations: int = DEFAULT_ITERATIONS) -> tuple[Path, Path]:
-    """Write Mosquitto's password file and ACL for ``fleet`` (mode 0600); returns their paths.
+def write_acl(fleet: Fleet, credentials_dir: Path) -> Path:
+    """Write the ACL for ``fleet`` alone (mode 0600): all a broker whose logins are certificates reads."""
+    acl_file = credentials_dir / ACL_FILE
+    atomic_write_text(acl_file, acl_text(fleet))
+    return acl_file
+
+
+def write_broker_files(fleet: Fleet, credentials_dir: Path, iterations: int = DEFAULT_ITERATIONS,
+                       tls: bool = False) -> tuple[Path, ...]:
+    """Write Mosquitto's password file and ACL for ``fleet`` (mode 0600); returns their paths. With ``tls``
+    (certificates are the logins) only the ACL.
 
     Device hashes come from the existing password file (devices no longer in the fleet are dropped);
     the control plane's entry is made from its stored password.
     """
+    if tls:
+        return (write_acl(fleet, credentials_dir),)
     return _write_broker_files(fleet, credentials_dir, read_password_file(credentials_dir / PASSWORD_FILE),
                                iterations)
 
@@ -207,7 +221,7 @@ def add_device(fleet_file: Path, credentials_dir: Path, device: str, group: str,
     return password
 
 
-def remove_device(fleet_file: Path, credentials_dir: Path, device: str) -> None:
+def remove_device(fleet_file: Path, credentials_dir: Path, device: str, tls: bool = False) -> None:
     """Take ``device`` out of the fleet and the broker files; it can no longer connect once the broker reloads."""
     fleet = load_fleet(fleet_file)
     if device not in fleet.devices:
@@ -215,7 +229,41 @@ def remove_device(fleet_file: Path, credentials_dir: Path, device: str) -> None:
                           "shows the devices")
     updated = Fleet(devices={name: entry for name, entry in fleet.devices.items() if name != device})
     save_fleet(updated, fleet_file)  # first: a crash leaves a stale hash that the next write drops
-    write_broker_files(updated, credentials_dir)
+    write_broker_files(updated, credentials_dir, tls=tls)
+
+
+def enroll_device(fleet_file: Path, credentials_dir: Path, ca_dir: Path, device: str, group: str, kit_dir: Path, *,
+                  broker: str, ingest_url: str | None, public_keys: list[Path], days: int | None = None) -> Path:
+    """Put ``device`` in ``group`` of a mutual-TLS fleet: its enrollment kit (a new certificate and key, the
+    CA, the signing keys, where to connect) written to ``kit_dir``, the fleet file and the ACL updated.
+    Enrolling a device again rotates its key (and may move it to another group). Returns the kit."""
+    from tasks.rollout import fleet_ca
+
+    _check(device, _device_id, "device id")
+    _check(group, _group, "group")
+    ca = fleet_ca.open_ca(ca_dir)
+    fleet = load_fleet(fleet_file) if fleet_file.is_file() else Fleet()
+    updated = parse_fleet({"devices": {**fleet.model_dump()["devices"], device: {"group": group}}},
+                          f"device {device!r}")
+    validity = {"days": days} if days is not None else {}
+    kit = fleet_ca.enroll(ca, device, group, kit_dir, broker=broker, ingest_url=ingest_url,
+                          public_keys=public_keys, **validity)
+    write_acl(updated, credentials_dir)
+    save_fleet(updated, fleet_file)
+    return kit
+
+
+def revoke_device(fleet_file: Path, credentials_dir: Path, ca_dir: Path, device: str,
+                  superseded_only: bool = False) -> list[str]:
+    """Revoke ``device``'s certificates (the CRL re-signed) and take it out of the fleet and the ACL, so
+    even a session still open loses its topics once the broker reloads; ``superseded_only`` (after a
+    re-enrollment) revokes all but its newest certificate and keeps it in the fleet. Returns the serials."""
+    from tasks.rollout import fleet_ca
+
+    serials = fleet_ca.revoke(fleet_ca.open_ca(ca_dir), device, keep_newest=superseded_only)
+    if not superseded_only and fleet_file.is_file() and device in load_fleet(fleet_file).devices:
+        remove_device(fleet_file, credentials_dir, device, tls=True)
+    return serials
 
 
 def simulated_fleet(n: int, groups: Iterable[str], credentials_dir: Path, iterations: int = DEFAULT_ITERATIONS,
@@ -238,53 +286,3 @@ def simulated_fleet(n: int, groups: Iterable[str], credentials_dir: Path, iterat
     _write_broker_files(fleet, credentials_dir, hashes, iterations)
     save_fleet(fleet, fleet_file or credentials_dir / "fleet.yaml")
     return {device: (group, passwords[device]) for device, group in devices.items()}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeloop fleet", description="the device fleet and its broker "
-                                     "credentials (Mosquitto password file and ACL)")
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add = actions.add_parser("add-device", help="add a device to a group; prints its broker password once")
-    add.add_argument("device", help=f"device id: {DEVICE_ID_RULE}")
-    add.add_argument("--group", required=True, help="the device's rollout group")
-    add.add_argument("--replace", action="store_true", help="re-issue the password of a known device")
-    remove = actions.add_parser("remove-device", help="take a device out of the fleet and the broker files")
-    remove.add_argument("device")
-    listing = actions.add_parser("list", help="print each device and its group")
-    files = actions.add_parser("broker-files", help="write the Mosquitto password file and ACL; print their paths")
-    for sub in (add, remove, listing, files):
-        sub.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
-        sub.add_argument("--fleet", type=Path, help="fleet file (default: rollout.fleet_file)")
-        sub.add_argument("--credentials", type=Path, help="folder of the broker password file, ACL and "
-                         "control-plane password, kept 0600 (default: rollout.credentials_dir)")
-    return parser
-
-
-def _run(args: argparse.Namespace) -> None:
-    if args.fleet is None or args.credentials is None:
-        settings = load_params(args.params).rollout
-        args.fleet = args.fleet or settings.fleet_file
-        args.credentials = args.credentials or settings.credentials_dir
-    if args.action == "add-device":
-        print(add_device(args.fleet, args.credentials, args.device, args.group, args.replace))
-        LOGGER.info("device %s: password printed above, shown only once; reload the broker to apply", args.device)
-    elif args.action == "remove-device":
-        remove_device(args.fleet, args.credentials, args.device)
-        LOGGER.info("device %s removed; reload the broker to apply", args.device)
-    elif args.action == "list":
-        for group, devices in load_fleet(args.fleet).groups().items():
-            for device in devices:
-                print(f"{device}\t{group}")
-    else:
-        for path in write_broker_files(load_fleet(args.fleet), args.credentials):
-            print(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    return report_user_errors(lambda: _run(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

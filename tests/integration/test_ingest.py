@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from edge.sampling.upload import HttpTarget, Uploader
 from tasks.monitoring.collected import consolidate
 from tasks.monitoring.ingest import add_device, main
 from tasks.stack import services
+from tests.edge_helpers import sample_file_bytes
 from tests.stack_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -157,20 +157,6 @@ def test_an_outage_loses_nothing_inside_the_budget(ingest, tmp_path):
     assert consolidate(ingest.collected_dir, consume=False).rows == len(ingest.stored_ids())  # all valid for drift
 
 
-def _sample_file(tmp_path: Path, device: str = "dev-1", compress: bool = False, **changes: np.ndarray) -> bytes:
-    """A valid device sample file, with ``changes`` replacing (or, as None, removing) arrays."""
-    store = SampleStore(tmp_path / f"store-{len(list(tmp_path.iterdir()))}")
-    probabilities = np.full((5, 10), 0.1, np.float32)
-    Sampler(store, device, sample_rate=1.0, seed=0).offer(np.random.default_rng(0).random((5, 4)),
-                                                          probabilities, 1.0, "v1")
-    with np.load(store.close_segment(), allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    arrays.update(changes)
-    buffer = io.BytesIO()
-    (np.savez_compressed if compress else np.savez)(buffer, **{k: v for k, v in arrays.items() if v is not None})
-    return buffer.getvalue()
-
-
 def _post(ingest: Ingest, content: bytes | Iterator[bytes], device: str = "dev-1", token: str | None = None,
           name: str = "0000000001-x.npz", headers: dict[str, str] | None = None) -> httpx.Response:
     """POST ``content`` as ``device`` with dev-1's token, another ``token``, or none (``token=""``)."""
@@ -182,7 +168,7 @@ def _post(ingest: Ingest, content: bytes | Iterator[bytes], device: str = "dev-1
 
 
 def test_refuses_unauthenticated_oversized_and_malformed_uploads(ingest, tmp_path):
-    valid = _sample_file(tmp_path)
+    valid = sample_file_bytes(tmp_path)
     assert _post(ingest, valid, token="").status_code == 401
     assert _post(ingest, valid, token="not-a-token").status_code == 401
     assert _post(ingest, valid, token=ingest.tokens["dev-2"]).status_code == 403  # dev-2's token, dev-1's name
@@ -192,13 +178,13 @@ def test_refuses_unauthenticated_oversized_and_malformed_uploads(ingest, tmp_pat
     assert _post(ingest, chunks).status_code == 413
     malformed = {
         "not a readable .npz": b"garbage",
-        "missing arrays ['sample_id']": _sample_file(tmp_path, sample_id=None),
-        "features has NaN": _sample_file(tmp_path, features=np.full((5, 17), np.nan, np.float32)),
-        "confidence values must lie within [0, 1]": _sample_file(tmp_path, confidence=np.full(5, 1.5, np.float32)),
-        "confidence must be 5 rows of float32": _sample_file(tmp_path, confidence=np.ones(5)),
-        "device_id column names ['dev-2']": _sample_file(tmp_path, device="dev-2"),
-        "object arrays need pickle": _sample_file(tmp_path, reason=np.array(["rate"] * 5, dtype=object)),
-        "arrays declare": _sample_file(tmp_path, compress=True, x=np.zeros((5, 10**6), np.float32)),  # zip bomb
+        "missing arrays ['sample_id']": sample_file_bytes(tmp_path, sample_id=None),
+        "features has NaN": sample_file_bytes(tmp_path, features=np.full((5, 17), np.nan, np.float32)),
+        "confidence values must lie within [0, 1]": sample_file_bytes(tmp_path, confidence=np.full(5, 1.5, np.float32)),
+        "confidence must be 5 rows of float32": sample_file_bytes(tmp_path, confidence=np.ones(5)),
+        "device_id column names ['dev-2']": sample_file_bytes(tmp_path, device="dev-2"),
+        "object arrays need pickle": sample_file_bytes(tmp_path, reason=np.array(["rate"] * 5, dtype=object)),
+        "arrays declare": sample_file_bytes(tmp_path, compress=True, x=np.zeros((5, 10**6), np.float32)),  # zip bomb
     }
     for problem, content in malformed.items():
         response = _post(ingest, content)
@@ -210,7 +196,7 @@ def test_refuses_unauthenticated_oversized_and_malformed_uploads(ingest, tmp_pat
 def test_device_ids_and_file_names_outside_the_one_rule_are_refused(ingest, tmp_path):
     """Device ``site`` could write ``site--a--1.npz`` (read as device ``site--a``'s) if either part could hold
     ``--``: both are refused with the rule, before the token is even looked at, and nothing is stored."""
-    valid = _sample_file(tmp_path)
+    valid = sample_file_bytes(tmp_path)
     for device in ("dev-1--a", "dev/1", "dev+1", "-dev-1", "dev-1.", "", "d" * 65):
         response = _post(ingest, valid, device=device)
         assert response.status_code == 422 and DEVICE_ID_RULE in response.json()["detail"], (device, response.text)
@@ -224,8 +210,8 @@ def test_device_ids_and_file_names_outside_the_one_rule_are_refused(ingest, tmp_
 
 def test_http_target_tells_refused_files_from_transient_failures(ingest, tmp_path):
     refused, valid = tmp_path / "0000000004-refused.npz", tmp_path / "0000000005-valid.npz"
-    refused.write_bytes(_sample_file(tmp_path, device="dev-2"))
-    valid.write_bytes(_sample_file(tmp_path))
+    refused.write_bytes(sample_file_bytes(tmp_path, device="dev-2"))
+    valid.write_bytes(sample_file_bytes(tmp_path))
     url = f"{ingest.url}/v1/ingest"
     with HttpTarget(url, "dev-1", ingest.tokens["dev-1"]) as target, HttpTarget(url, "dev-1", "wrong") as impostor, \
             HttpTarget(f"http://127.0.0.1:{services.free_port()}/v1/ingest", "dev-1", "t") as nobody:
@@ -241,14 +227,14 @@ def test_http_target_tells_refused_files_from_transient_failures(ingest, tmp_pat
 
 
 def test_a_resent_file_is_stored_once_and_confirmed_again(ingest, tmp_path):
-    content = _sample_file(tmp_path)
+    content = sample_file_bytes(tmp_path)
     digest = hashlib.sha256(content).hexdigest()
     first = _post(ingest, content, name="0000000002-y.npz", headers={"X-Content-SHA256": digest})
     again = _post(ingest, content, name="0000000002-y.npz", headers={"X-Content-SHA256": digest})
     assert first.status_code == again.status_code == 200
     assert first.json() == again.json() == {"sha256": digest, "stored": "dev-1--0000000002-y.npz", "samples": 5}
     assert (ingest.collected_dir / "dev-1--0000000002-y.npz").read_bytes() == content
-    other = _post(ingest, _sample_file(tmp_path, confidence=np.full(5, 0.2, np.float32)), name="0000000002-y.npz")
+    other = _post(ingest, sample_file_bytes(tmp_path, confidence=np.full(5, 0.2, np.float32)), name="0000000002-y.npz")
     assert other.status_code == 409 and "different file" in other.json()["detail"]
     damaged = _post(ingest, content, name="0000000003-z.npz", headers={"X-Content-SHA256": "0" * 64})
     assert damaged.status_code == 400 and not (ingest.collected_dir / "dev-1--0000000003-z.npz").exists()
@@ -280,7 +266,7 @@ def _ingest_counts(ingest: Ingest) -> dict[tuple[str, tuple[tuple[str, str], ...
 
 def test_every_refusal_is_counted_per_device_and_reason_and_made_up_ids_stay_unauthenticated(ingest, tmp_path):
     before = _ingest_counts(ingest)
-    valid = _sample_file(tmp_path)
+    valid = sample_file_bytes(tmp_path)
     made_up = [f"attacker-{number}" for number in range(5)]
     for device in made_up:  # valid ids without a token: counted, but never as a label of their own
         assert _post(ingest, valid, device=device, token="").status_code == 401

@@ -13,7 +13,7 @@ import yaml
 
 from edge.identity import DEVICE_ID_RULE
 from tasks.errors import ConfigError
-from tasks.rollout import fleet as fleet_module
+from tasks.rollout import fleet_cli
 from tasks.rollout.fleet import (
     ACL_FILE,
     CONTROL_PLANE_PASSWORD_FILE,
@@ -210,16 +210,16 @@ def test_a_simulated_fleet_returns_plaintext_for_the_simulator_and_keeps_hashes(
 def test_the_cli_prints_the_password_once_lists_and_writes_broker_files(tmp_path, capsys):
     fleet_file, credentials = tmp_path / "fleet.yaml", tmp_path / "credentials"
     common = ["--fleet", str(fleet_file), "--credentials", str(credentials)]
-    assert fleet_module.main(["add-device", "cam-1", "--group", "north", *common]) == 0
+    assert fleet_cli.main(["add-device", "cam-1", "--group", "north", *common]) == 0
     password = capsys.readouterr().out.strip()
     assert verify_password(password, read_password_file(credentials / PASSWORD_FILE)["cam-1"])
-    assert fleet_module.main(["add-device", "cam-1", "--group", "north", *common]) == 2
+    assert fleet_cli.main(["add-device", "cam-1", "--group", "north", *common]) == 2
     assert "pass --replace" in capsys.readouterr().err
-    assert fleet_module.main(["list", *common]) == 0
+    assert fleet_cli.main(["list", *common]) == 0
     assert capsys.readouterr().out == "cam-1\tnorth\n"
-    assert fleet_module.main(["broker-files", *common]) == 0
+    assert fleet_cli.main(["broker-files", *common]) == 0
     assert capsys.readouterr().out.split() == [str(credentials / PASSWORD_FILE), str(credentials / ACL_FILE)]
-    assert fleet_module.main(["list", "--fleet", str(tmp_path / "absent.yaml"), "--credentials", str(credentials)]) == 2
+    assert fleet_cli.main(["list", "--fleet", str(tmp_path / "absent.yaml"), "--credentials", str(credentials)]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -227,7 +227,7 @@ def test_the_cli_defaults_come_from_the_rollout_params(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"rollout": {"fleet_file": str(tmp_path / "inventory.yaml"),
                                                   "credentials_dir": str(tmp_path / "secrets")}}))
-    assert fleet_module.main(["add-device", "cam-1", "--group", "north", "--params", str(params)]) == 0
+    assert fleet_cli.main(["add-device", "cam-1", "--group", "north", "--params", str(params)]) == 0
     password = capsys.readouterr().out.strip()
     assert verify_password(password, read_password_file(tmp_path / "secrets" / PASSWORD_FILE)["cam-1"])
     assert set(load_fleet(tmp_path / "inventory.yaml").devices) == {"cam-1"}
