@@ -77,13 +77,20 @@ def security_settings(password_file: str | None, acl_file: str,
             f"max_queued_bytes {MAX_QUEUED_BYTES}", f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}"]
 
 
+# what the compose stack's copier puts in COMPOSE_CREDENTIALS: the ACL and, from the fleet CA, these files
+COMPOSE_TLS = TlsFiles(Path(COMPOSE_CREDENTIALS) / "ca.crt", Path(COMPOSE_CREDENTIALS) / "broker.crt",
+                       Path(COMPOSE_CREDENTIALS) / "broker.key", Path(COMPOSE_CREDENTIALS) / "crl.pem")
+COMPOSE_TLS_PORT = 8883
+
+
 def compose_config() -> str:
-    """What ``docker/mosquitto.conf`` holds: the listener, persistence, and :func:`security_settings` with the
-    credentials folder ``edgeloop fleet broker-files`` writes, as the compose stack mounts it."""
+    """What ``docker/mosquitto.conf`` holds: the one mutual-TLS listener (:func:`tls_listener_settings`),
+    persistence, and :func:`security_settings` with the ACL ``edgeloop fleet`` writes, as the compose stack
+    mounts them. No plain listener and no password file: outside the demo, certificates are the logins."""
     lines = ["# The fleet's MQTT broker in the compose stack. Generated from tasks/rollout/broker.py",
              "# (a unit test keeps them equal): edit that module, not this file.",
-             "listener 1883",
-             *security_settings(f"{COMPOSE_CREDENTIALS}/{PASSWORD_FILE}", f"{COMPOSE_CREDENTIALS}/{ACL_FILE}"),
+             f"listener {COMPOSE_TLS_PORT}", *tls_listener_settings(COMPOSE_TLS),
+             *security_settings(None, f"{COMPOSE_CREDENTIALS}/{ACL_FILE}"),
              "persistence true", f"persistence_location {COMPOSE_DATA}"]
     return "\n".join(lines) + "\n"
 

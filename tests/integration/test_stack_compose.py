@@ -46,13 +46,19 @@ def _ok(url: str) -> bool:
     return httpx.get(url, timeout=3).status_code == 200
 
 
-def _mosquitto_answers(port: int, password: str) -> bool:
+def _mosquitto_answers(port: int, tls) -> bool:
+    """Whether the broker takes an MQTT session over mutual TLS with the control plane's certificate."""
     import paho.mqtt.client as mqtt
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ops")
-    client.username_pw_set("ops", password)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="control-plane", protocol=mqtt.MQTTv5)
+    client.tls_set_context(tls.context())
+    accepted: list = []
+    client.on_connect = lambda _c, _u, _flags, code, _p: accepted.append(not code.is_failure)
     try:
-        return client.connect("127.0.0.1", port, keepalive=5) == 0 and client.loop(timeout=2) == 0
+        client.connect("127.0.0.1", port, keepalive=5)
+        for _ in range(20):
+            client.loop(timeout=0.1)
+        return accepted == [True]
     finally:
         client.disconnect()
 
@@ -72,7 +78,7 @@ def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behin
 
     from tasks.packaging.control_plane_images import ensure_control_plane_images
     from tasks.packaging.docker_client import connect
-    from tasks.rollout.broker import ACL_FILE, PASSWORD_FILE, hash_password
+    from tasks.rollout import fleet, fleet_ca
     from tasks.stack import services
     from tasks.stack.prefect_admin import CRASH_AUTOMATION
     from tasks.stack.processes import stop
@@ -82,13 +88,14 @@ def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behin
         settings = ensure_control_plane_images(engine)
     finally:
         engine.close()
-    credentials = tmp_path / "mqtt"  # what `edgeloop fleet broker-files` writes, for one operator login
-    credentials.mkdir()
-    (credentials / PASSWORD_FILE).write_text(f"ops:{hash_password('ops-secret')}\n")
-    (credentials / ACL_FILE).write_text("user ops\ntopic readwrite fleet/#\n")
+    ca = fleet_ca.init_ca(tmp_path / "fleet-ca")  # what `edgeloop fleet ca init` and `fleet server-cert` write
+    fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
+    credentials = tmp_path / "mqtt"
+    fleet.write_acl(fleet.Fleet(), credentials)  # the control plane's rule; devices come with `fleet enroll`
     ports = {name: services.free_port() for name in ("PREFECT", "MLFLOW", "MQTT", "REGISTRY", "PROMETHEUS")}
     env = {**settings, "POSTGRES_PASSWORD": "compose-secret", "REDIS_PASSWORD": "bus-secret",
            "EDGELOOP_BIND": "127.0.0.1", "EDGELOOP_BROKER_CREDENTIALS": str(credentials),
+           "EDGELOOP_FLEET_CA": str(ca.root),
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{ports['PREFECT']}/api",
            **{f"EDGELOOP_{name}_PORT": str(port) for name, port in ports.items()}}
     project, run_dir = f"edgeloop-cp-{ports['PREFECT']}", tmp_path / "worker"
@@ -99,7 +106,7 @@ def test_the_compose_control_plane_comes_up_runs_a_flow_and_leaves_nothing_behin
         checks = {"prefect-server": lambda: _ok(f"{api}/health"), "mlflow": lambda: _ok(f"{mlflow_url}/health"),
                   "registry": lambda: _ok(f"http://127.0.0.1:{ports['REGISTRY']}/v2/"),
                   "prometheus": lambda: _ok(f"http://127.0.0.1:{ports['PROMETHEUS']}/-/healthy"),
-                  "mosquitto": lambda: _mosquitto_answers(ports["MQTT"], "ops-secret")}  # the fleet's login
+                  "mosquitto": lambda: _mosquitto_answers(ports["MQTT"], fleet.control_plane_tls(ca.root))}
         for service, check in checks.items():
             _wait(check, service, env, project)
 

@@ -11,11 +11,13 @@ from edge.rollout import MAX_MESSAGE_BYTES
 from tasks.rollout.broker import (
     COMPOSE_CONFIG,
     COMPOSE_CREDENTIALS,
+    COMPOSE_TLS,
+    COMPOSE_TLS_PORT,
     MAX_PACKET_BYTES,
     compose_config,
     security_settings,
 )
-from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE
+from tasks.rollout.fleet import ACL_FILE
 from tests.conftest import REPO_ROOT
 
 REGENERATE = ("regenerate it: .venv/bin/python -c 'from tasks.rollout.broker import compose_config; "
@@ -42,5 +44,9 @@ def test_the_compose_stack_hands_the_fleet_files_to_the_broker():
     assert f"mosquitto-credentials:{COMPOSE_CREDENTIALS}:ro" in broker["volumes"]
     assert broker["depends_on"]["mosquitto-credentials"]["condition"] == "service_completed_successfully"
     assert f"mosquitto-credentials:{COMPOSE_CREDENTIALS}" in copier["volumes"]
-    for name in (PASSWORD_FILE, ACL_FILE):
-        assert f"/fleet/{name}" in copier["command"][0] and f"{COMPOSE_CREDENTIALS}/{name}" in compose_config()
+    assert f"/fleet/{ACL_FILE}" in copier["command"][0] and f"{COMPOSE_CREDENTIALS}/{ACL_FILE}" in compose_config()
+    for source, target in (("/ca/ca.crt", COMPOSE_TLS.ca), ("/ca/servers/broker.crt", COMPOSE_TLS.certificate),
+                           ("/ca/servers/broker.key", COMPOSE_TLS.key), ("/ca/crl.pem", COMPOSE_TLS.crl)):
+        assert source in copier["command"][0] and f" {target}" in compose_config()
+    assert "password_file" not in compose_config() and "require_certificate true" in compose_config()
+    assert broker["ports"][0].endswith(f":{COMPOSE_TLS_PORT}")
