@@ -1,11 +1,13 @@
 """Simulated devices on this host, for the rollout tests and ``make demo-loop``.
 
-Each device is what a real one runs: the edge service (``python -m edge.serving.serve``) on its own loopback port
-and model store, and the updater (``python -m edge.updater``) beside it with the device's own broker
-login, reporting telemetry from the service's ``/metrics``. A device is provisioned with a signed bundle
-before it starts, as a factory image would be. :meth:`DeviceFleet.traffic` sends each device requests
-from a dataset, the way its camera or sensor would, so the telemetry carries real latencies and
-confidences.
+Each device is what a real one runs: the edge service (``python -m edge.serving.serve``) on its own port and
+model store, and the updater (``python -m edge.updater``) beside it with the device's own broker login (a
+password, or the certificate of its enrollment kit: ``kit=``), reporting telemetry from the service's
+``/metrics``. A device runs on loopback, or in a network namespace of its own (``netns=``, ``address=``:
+a host of its own on a test network, reaching the broker and the ingest service across it). A device is
+provisioned with a signed bundle before it starts, as a factory image would be. :meth:`DeviceFleet.traffic`
+sends each device requests from a dataset, the way its camera or sensor would, so the telemetry carries real
+latencies and confidences.
 
 Processes and logs live under ``root/<device>/``; :meth:`DeviceFleet.stop` ends them all.
 """
@@ -67,8 +69,11 @@ class DeviceFleet:
     telemetry_interval_s: float = 1.0
     devices: dict[str, SimulatedDevice] = field(default_factory=dict)
 
-    def start(self, device_id: str, password: str, bundle: Path | None = None, **settings: object) -> SimulatedDevice:
-        """Provision ``device_id`` with ``bundle`` (installed into its store) and start its service and updater."""
+    def start(self, device_id: str, password: str | None, bundle: Path | None = None, *, kit: Path | None = None,
+              netns: str | None = None, address: str = "127.0.0.1", **settings: object) -> SimulatedDevice:
+        """Provision ``device_id`` with ``bundle`` (installed into its store) and start its service and updater:
+        with its broker ``password``, or with its enrollment ``kit`` (mutual TLS: the kit also gives the
+        service its identity and the https ingest URL), in network namespace ``netns`` at ``address``."""
         from edge.signing import load_public_keys
         from edge.store.model_store import ModelStore
 
@@ -77,17 +82,24 @@ class DeviceFleet:
         if bundle is not None and not (root / "store").exists():
             ModelStore(root / "store", load_public_keys([self.public_keys])).install(bundle)
         (root / "temp").write_text("40000\n")  # the service's thermal sensor (millidegrees), well below its limit
+        identity = {"kit": kit} if kit is not None else {"public_keys": self.public_keys, "device_id": device_id}
         service = services.start_edge_server(root / "run", services.free_port(), {
-            "store": root / "store", "public_keys": self.public_keys, "samples_dir": root / "samples",
-            "thermal_sensor": root / "temp", "watch_interval_s": 0.5, "device_id": device_id, "num_threads": 1,
-            **settings}, name="edge-serve")
-        secret = root / "mqtt-password"
-        secret.write_text(password + "\n")
-        secret.chmod(0o600)
-        command = [sys.executable, "-m", "edge.updater", "--broker", self.broker, "--device", device_id,
-                   "--group", self.group, "--password-file", str(secret), "--store", str(root / "store"),
-                   "--public-keys", str(self.public_keys), "--service-url", service.url,
-                   "--telemetry-interval-s", f"{self.telemetry_interval_s:g}", "--max-backoff-s", "5"]
+            "store": root / "store", "samples_dir": root / "samples", "thermal_sensor": root / "temp",
+            "watch_interval_s": 0.5, "num_threads": 1, **identity, **settings}, name="edge-serve", host=address,
+            netns=netns)
+        if kit is not None:
+            login = ["--kit", str(kit)]
+        else:
+            secret = root / "mqtt-password"
+            secret.write_text(f"{password}\n")
+            secret.chmod(0o600)
+            login = ["--broker", self.broker, "--device", device_id, "--group", self.group, "--password-file",
+                     str(secret), "--public-keys", str(self.public_keys)]
+        command = [sys.executable, "-m", "edge.updater", *login, "--store", str(root / "store"),
+                   "--service-url", service.url, "--telemetry-interval-s", f"{self.telemetry_interval_s:g}",
+                   "--max-backoff-s", "5"]
+        if netns is not None:
+            command = ["ip", "netns", "exec", netns, *command]
         with open(root / "updater.log", "ab") as log:
             updater = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ), stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -112,12 +112,14 @@ def ensure_work_pool(run_dir: Path, prefect_port: int, pool: str = WORK_POOL, se
     prefect_admin.ensure_work_pool(prefect_env(run_dir / "prefect", prefect_port, server_host), pool)
 
 
-def start_edge_server(run_dir: Path, port: int, settings: dict[str, str], name: str = "edge-serve") -> Service:
-    """The edge inference service (``python -m edge.serving.serve``) with ``EDGELOOP_*`` settings, on loopback."""
+def start_edge_server(run_dir: Path, port: int, settings: dict[str, str], name: str = "edge-serve",
+                      host: str = "127.0.0.1", netns: str | None = None) -> Service:
+    """The edge inference service (``python -m edge.serving.serve``) with ``EDGELOOP_*`` settings, on loopback
+    (or on ``host`` inside network namespace ``netns``: a simulated device on a host of its own)."""
     env = {f"EDGELOOP_{key.upper()}": str(value) for key, value in settings.items()}
-    command = [sys.executable, "-m", "edge.serving.serve", "--host", "127.0.0.1", "--port", str(port)]
-    return start(name, command, run_dir, env, f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{port}",
-                 timeout_s=60.0)
+    command = [sys.executable, "-m", "edge.serving.serve", "--host", host, "--port", str(port)]
+    return start(name, command, run_dir, env, f"http://{host}:{port}/healthz", f"http://{host}:{port}",
+                 timeout_s=60.0, netns=netns)
 
 
 def start_registry(run_dir: Path, port: int) -> Service:

@@ -35,6 +35,7 @@ from tests.conftest import REPO_ROOT, require_system_tools
 from tests.edge_helpers import sample_file_bytes
 from tests.mqtt_helpers import Peer
 from tests.stack_helpers import wait_for
+from tests.tls_helpers import start_tls_ingest
 
 pytestmark = pytest.mark.integration
 GROUP = "lab"
@@ -97,17 +98,6 @@ def _answer_to_plain_mqtt(port: int) -> bytes:
             return b""
 
 
-def _start_ingest(root: Path, ca: fleet_ca.FleetCa, bundles: Path, collected: Path) -> str:
-    from tasks.stack import processes, services
-
-    port = services.free_port()
-    command = [sys.executable, "-m", "tasks.monitoring.ingest", "serve", "--ca-dir", str(ca.root),
-               "--bundle-dir", str(bundles), "--collected-dir", str(collected), "--port", str(port)]
-    service = services.start("ingest", command, root / "run", {}, None, f"https://127.0.0.1:{port}")
-    processes.wait_listening("ingest", root / "run", service, port, 60)
-    return f"https://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def tls_fleet(tmp_path_factory, bundle_kit) -> Iterator[TlsFleet]:
     from tasks.stack import mosquitto, services
@@ -119,7 +109,7 @@ def tls_fleet(tmp_path_factory, bundle_kit) -> Iterator[TlsFleet]:
     fleet_ca.issue_server(ca, "ingest", ["127.0.0.1"])  # not "localhost": the wrong-host check uses that name
     bundles, collected = root / "bundles", root / "collected"
     bundles.mkdir()
-    ingest_url = _start_ingest(root, ca, bundles, collected)
+    ingest_url = start_tls_ingest(root / "run", ca, bundles, collected)
     port = services.free_port()
     public_keys = sorted(bundle_kit.public_dir.glob("*.pub"))
     kits = {device: load_kit(fleet.enroll_device(

@@ -1,6 +1,8 @@
-"""The ``rollout`` flow end to end: a real Mosquitto with per-device passwords and ACLs, simulated devices that
-each run the real edge service and updater with their own store and serve real traffic, a real MLflow registry
-(SQLite) and the session's Prefect server.
+"""The ``rollout`` flow end to end across a network: a real Mosquitto on mutual TLS (fleet-CA certificates as the
+logins, per-device ACLs), simulated devices enrolled with kits, each on a host of its own (a Linux network
+namespace) running the real edge service and updater with its own store and serving real traffic, bundles
+fetched and samples uploaded over HTTPS with client certificates, a real MLflow registry (SQLite) and the
+session's Prefect server.
 
 One scenario, in order (each phase starts from where the last one left the fleet):
 
@@ -28,7 +30,7 @@ from tests.stack_helpers import wait_for
 pytestmark = pytest.mark.integration
 GROUP = "lab"
 RUNNING = ["sim-0", "sim-1", "sim-2", "sim-3"]
-SILENT = "sim-4"  # in the fleet file and the broker's password file, never started
+SILENT = "sim-4"  # enrolled (in the fleet file and the ACL), never started
 
 
 def _softened(model, factor: float):
@@ -79,37 +81,59 @@ def registry(tmp_path_factory, tiny_model, tiny_model_files, digits):
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, image_env, registry, digits):
-    """The broker with the fleet's files and four running devices provisioned with version 1."""
+    """Four running devices, each in a network namespace of its own (a host on a test network), enrolled with
+    the fleet CA and provisioned with version 1; the broker (mutual TLS) and the ingest/bundle service (HTTPS,
+    client certificates) on this machine's address on that network, the control plane's certificate its login.
+    Every fleet link crosses the network, none is loopback."""
     from scripts.device_fleet import DeviceFleet
-    from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, simulated_fleet
+    from tasks.rollout import fleet as fleet_files
+    from tasks.rollout import fleet_ca
+    from tasks.rollout.broker import TlsFiles
     from tasks.rollout.records import release_of
     from tasks.stack import mosquitto, services
+    from tests.netns_helpers import Network
+    from tests.tls_helpers import start_tls_ingest
 
     require_system_tools("mosquitto", packages="mosquitto")
     root = tmp_path_factory.mktemp("rollout-fleet")
-    credentials = root / "credentials"
-    passwords = simulated_fleet(len(RUNNING) + 1, [GROUP], credentials)
-    ensure_control_plane(credentials)
-    broker = mosquitto.start_mosquitto(root / "run", services.free_port(), credentials / PASSWORD_FILE,
-                                       credentials / ACL_FILE)
-    settings = {"broker": f"127.0.0.1:{broker.port}", "fleet_file": str(credentials / "fleet.yaml"),
-                "credentials_dir": str(credentials), "bundle_dir": str(root / "bundles")}
-    with_keys = registry.model_copy(update={
-        "package": registry.package.model_copy(update={"signing_key": image_env.signing_key}),
-        "rollout": registry.rollout.model_copy(update={"bundle_dir": root / "bundles"})})
-    first = release_of(with_keys, "1")  # provisioned like a factory image; the flow reuses the same bundle
-    devices = DeviceFleet(root / "devices", settings["broker"], GROUP, image_env.public_keys)
-    try:
-        for device in RUNNING:
-            devices.start(device, passwords[device][1], Path(first.bundle_url.removeprefix("file://")))
-        wait_for(lambda: set(devices.versions().values()) == {"v1"}, 60, "every device to serve v1")
-        with devices.traffic(digits.x[1200:1500], rate_per_device_hz=8.0):
-            yield devices, broker, root, settings
-    finally:
+    credentials, bundles = root / "credentials", root / "bundles"
+    with Network(RUNNING) as network:
+        here = network.bridge_address
+        ca = fleet_ca.init_ca(root / "fleet-ca")
+        broker_files = fleet_ca.issue_server(ca, "broker", [here])
+        fleet_ca.issue_server(ca, "ingest", [here])
+        bundles.mkdir()
+        ingest = start_tls_ingest(root / "run", ca, bundles, root / "collected", host=here)
+        port = services.free_port()
+        kits = {device: fleet_files.enroll_device(
+            credentials / "fleet.yaml", credentials, ca.root, device, GROUP, root / "kits" / device,
+            broker=f"{here}:{port}", ingest_url=f"{ingest}/v1/ingest",
+            public_keys=sorted(image_env.public_keys.glob("*.pub"))) for device in [*RUNNING, SILENT]}
+        broker = mosquitto.start_mosquitto(root / "run", port, None, credentials / fleet_files.ACL_FILE, host=here,
+                                           tls=TlsFiles(ca.certificate_path, broker_files.certificate,
+                                                        broker_files.key, ca.crl_path))
+        settings = {"broker": broker.address, "fleet_file": str(credentials / "fleet.yaml"),
+                    "credentials_dir": str(credentials), "bundle_dir": str(bundles), "broker_tls": True,
+                    "fleet_ca_dir": str(ca.root), "bundle_base_url": f"{ingest}/v1/bundles/"}
+        with_keys = registry.model_copy(update={
+            "package": registry.package.model_copy(update={"signing_key": image_env.signing_key}),
+            "rollout": registry.rollout.model_copy(update={"bundle_dir": bundles})})
+        first = release_of(with_keys, "1")  # provisioned like a factory image; the flow reuses the same bundle
+        devices = DeviceFleet(root / "devices", settings["broker"], GROUP, image_env.public_keys)
         try:
-            devices.stop()
-        finally:  # the broker goes even when a device would not stop
-            mosquitto.stop_mosquitto(root / "run")
+            for device in RUNNING:
+                host = network.hosts[device]
+                devices.start(device, None, Path(first.bundle_url.removeprefix("file://")), kit=kits[device],
+                              netns=host.namespace, address=host.address)
+            wait_for(lambda: set(devices.versions().values()) == {"v1"}, 60, "every device to serve v1")
+            with devices.traffic(digits.x[1200:1500], rate_per_device_hz=8.0):
+                yield devices, broker, root, settings
+        finally:
+            try:
+                devices.stop()
+            finally:  # the servers go even when a device would not stop
+                mosquitto.stop_mosquitto(root / "run")
+                services.stop("ingest", root / "run")
 
 
 def _plan(settings: dict, **changes):
