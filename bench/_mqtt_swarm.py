@@ -1,8 +1,10 @@
 """Light simulated devices for ``bench/rollout.py``: thousands of MQTT 3.1.1 clients per process on asyncio.
 
 paho's threaded loop tops out at a few hundred clients per process (select()), so this is a minimal
-client over asyncio streams: CONNECT with the device's user name and password, SUBSCRIBE QoS 1 to the
-group's model topic, PUBLISH QoS 1 both ways with PUBACK, PINGREQ as keepalive.
+client over asyncio streams: CONNECT with the device's user name and password (or, with ``tls``, over
+mutual TLS with the device's own certificate from the fleet CA: no password, the broker takes the login
+from the certificate), SUBSCRIBE QoS 1 to the group's model topic, PUBLISH QoS 1 both ways with PUBACK,
+PINGREQ as keepalive.
 
 Each device does what ``edge.updater.apply.RolloutHandler`` does with a manifest, minus the download and
 the model store: it verifies the signature itself (:func:`edge.rollout.verify_rollout`, once per device:
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import random
 import resource
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +40,7 @@ from typing import Any
 from edge.errors import BundleRefused
 from edge.rollout import RolloutManifest, judge, model_topic, status_topic, telemetry_topic, verify_rollout
 from edge.signing import load_public_keys
+from edge.tls import ClientTls
 from edge.updater.apply import json_bytes
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
@@ -52,7 +56,7 @@ class SwarmConfig:
 
     port: int
     group: str
-    devices: list[tuple[str, str]]          # (device id, broker password)
+    devices: list[tuple[str, str]]          # (device id, broker password; unused with tls)
     public_keys: str                        # a .pub file or folder, as devices are configured
     initial_version: str                    # every device's active version at the start
     bad_version: str | None = None          # reporters running it report low confidence
@@ -60,6 +64,7 @@ class SwarmConfig:
     telemetry_interval_s: float = 0.5
     connect_concurrency: int = 50           # connections in progress at once (the broker's backlog is 100)
     seed: int = 0
+    tls: tuple[str, str] | None = None      # (fleet CA file, folder of <device>.crt/.key): mutual TLS
 
 
 def _varint(value: int) -> bytes:
@@ -106,10 +111,14 @@ class LightDevice:
         self.packet_id = 0
 
     async def connect(self) -> None:
-        reader, self.writer = await asyncio.open_connection("127.0.0.1", self.swarm.config.port)
-        flags = 0x80 | 0x40 | 0x02  # user name, password, clean session
-        self.writer.write(_packet(CONNECT << 4, _text("MQTT"), bytes([4, flags]), KEEPALIVE_S.to_bytes(2, "big"),
-                                  _text(self.device), _text(self.device), _text(self.password)))
+        tls = self.swarm.tls_context(self.device)
+        reader, self.writer = await asyncio.open_connection("127.0.0.1", self.swarm.config.port, ssl=tls,
+                                                            server_hostname="127.0.0.1" if tls else None)
+        if tls is None:  # user name, password, clean session
+            login = bytes([4, 0x80 | 0x40 | 0x02]), _text(self.device), _text(self.device), _text(self.password)
+        else:  # clean session; the certificate is the login
+            login = bytes([4, 0x02]), _text(self.device)
+        self.writer.write(_packet(CONNECT << 4, _text("MQTT"), login[0], KEEPALIVE_S.to_bytes(2, "big"), *login[1:]))
         header, body = await _read_packet(reader)
         if header >> 4 != CONNACK or len(body) < 2 or body[1] != 0:
             raise ConnectionError(f"CONNACK {body.hex()}")
@@ -220,6 +229,13 @@ class Swarm:
         self.counts: Counter = Counter(published=0, received=0, verified=0, verify_s=0.0, refused=0,
                                        disconnected=0)
         self.devices = [LightDevice(self, device, password) for device, password in config.devices]
+
+    def tls_context(self, device: str) -> ssl.SSLContext | None:
+        """The device's own client context (TLS 1.2+, the broker verified), or None without TLS."""
+        if self.config.tls is None:
+            return None
+        ca, folder = self.config.tls
+        return ClientTls(Path(ca), Path(folder) / f"{device}.crt", Path(folder) / f"{device}.key").context()
 
     async def connect_all(self) -> list[str]:
         """Connect and subscribe every device, a few at a time; the failures, by device."""

@@ -22,14 +22,22 @@ per-device passwords and ACL from :func:`tasks.rollout.fleet.simulated_fleet`, 1
 statuses, telemetry, each counted once in and once per subscriber out), counted at the clients (the ACL
 keeps ``$SYS`` from the control plane), over the two runs' wall time (jitter and health windows included).
 
-Per N it prints ``devices=N: rollout_s=.. rollback_s=.. msgs_per_s=.. cp_peak_rss_mb=.. connect_s=..`` and a
-detail line: per stage when the control plane had every acknowledgement and when the last device sent its
-status (the gap is delivery lag), CPU seconds of the broker, the control plane and the device processes.
+With ``--modes plain,tls`` (the default) every N runs twice: on the demo's password logins, and on mutual TLS
+(``tls``): a fleet CA (:mod:`tasks.rollout.fleet_ca`), one client certificate per device (ECDSA P-256, issued
+in one batch: ``certs_s``; no certificate is shared, since the certificate's name is the device's login and
+client id), the broker's TLS listener (``use_identity_as_username``, CRL), the control plane on its own
+certificate; every device's TLS handshake is part of ``connect_s``.
 
-    .venv/bin/python bench/rollout.py [--devices 100,1000,10000] [--jitter-s 5] [--stage-window-s 2]
+Per N and mode it prints ``devices=N mode=M: rollout_s=.. rollback_s=.. msgs_per_s=.. cp_peak_rss_mb=..
+connect_s=..`` and a detail line: per stage when the control plane had every acknowledgement and when the
+last device sent its status (the gap is delivery lag), CPU seconds of the broker, the control plane and the
+device processes.
 
-Last line: ``... rollout_10k_s=<x> rollback_10k_s=<y>`` (``none`` when 10,000 was not run). Targets:
-10,000 devices updated in under 120 s and rolled back in under 120 s on the 2-core reference machine.
+    .venv/bin/python bench/rollout.py [--devices 100,1000,10000] [--modes plain,tls] [--jitter-s 5]
+
+Last line: ``... rollout_10k_s=<x> rollback_10k_s=<y> rollout_10k_tls_s=<x> rollback_10k_tls_s=<y>`` (``none``
+when 10,000 was not run in that mode). Targets: 10,000 devices updated in under 120 s and rolled back in
+under 120 s on the 2-core reference machine, in both modes.
 """
 
 from __future__ import annotations
@@ -50,9 +58,12 @@ from _mqtt_swarm import SwarmConfig, run_worker  # bench/_mqtt_swarm.py, beside 
 
 from edge.errors import EdgeError
 from edge.signing import load_public_keys
+from edge.tls import ClientTls
 from tasks.config import DriftParams, RolloutParams
 from tasks.errors import EdgeloopError
 from tasks.registry.bundle import generate_keypair, load_private_key
+from tasks.rollout import fleet_ca
+from tasks.rollout.broker import TlsFiles
 from tasks.rollout.channel import MqttChannel
 from tasks.rollout.engine import Release, Rollout, StageRecord
 from tasks.rollout.fleet import ACL_FILE, CONTROL_PLANE_USER, PASSWORD_FILE, ensure_control_plane, simulated_fleet
@@ -121,7 +132,8 @@ def control_plane(conn: Any, setup: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.WARNING, format="control plane %(levelname)s %(name)s: %(message)s")
     key = load_private_key(Path(setup["key"]))
     keys = load_public_keys([Path(setup["public_key"])])
-    with MqttChannel(setup["broker"], GROUP, CONTROL_PLANE_USER, setup["password"], keys) as channel:
+    tls = ClientTls(*map(Path, setup["tls"])) if setup.get("tls") else None
+    with MqttChannel(setup["broker"], GROUP, CONTROL_PLANE_USER, setup["password"], keys, tls=tls) as channel:
         conn.send({"rss_mb": _memory_mb("VmRSS")})
         while (job := conn.recv()) is not None:
             conn.send(_run_rollout(channel, key, setup["devices"], job))
@@ -183,7 +195,7 @@ def _start_control_plane(setup: dict[str, Any], processes: list[Any]) -> tuple[A
 
 
 def _start_swarm(devices: dict[str, tuple[str, str]], port: int, public_key: Path, args: argparse.Namespace,
-                 processes: list[Any]) -> tuple[list[Any], float]:
+                 processes: list[Any], tls: tuple[str, str] | None) -> tuple[list[Any], float]:
     """The devices, dealt round-robin to worker processes, all connected; their pipes and the connect time."""
     ordered = sorted(devices.items())
     reporters = frozenset(device for device, _ in ordered[::max(1, round(1 / args.reporter_share))])
@@ -192,7 +204,7 @@ def _start_swarm(devices: dict[str, tuple[str, str]], port: int, public_key: Pat
         mine, theirs = SPAWN.Pipe()
         config = SwarmConfig(port, GROUP, [(device, password) for device, (_, password) in ordered[index::chunks]],
                              str(public_key), "v1", "v3", reporters, args.telemetry_interval_s,
-                             args.connect_concurrency, seed=index)
+                             args.connect_concurrency, seed=index, tls=tls)
         processes.append(SPAWN.Process(target=run_worker, args=(theirs, config), daemon=True))
         processes[-1].start()
         conns.append(mine)
@@ -214,20 +226,40 @@ def _stop(processes: list[Any], gracefully: bool) -> None:
             process.join()
 
 
-def measure(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Both runs for ``n`` devices on a fresh broker in ``root``; the figures."""
+def _tls_fleet(root: Path, devices: list[str]) -> tuple[TlsFiles, tuple[str, str, str], tuple[str, str], float]:
+    """A fleet CA with the broker's certificate and one client certificate per device (timed); the broker's
+    files, the control plane's (CA, certificate, key) and the devices' (CA, certificate folder)."""
+    ca = fleet_ca.init_ca(root / "fleet-ca")
+    broker = fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
+    started = time.perf_counter()
+    fleet_ca.issue_clients(ca, devices, root / "certs")
+    issued_s = time.perf_counter() - started
+    control_plane = ca.control_plane
+    return (TlsFiles(ca.certificate_path, broker.certificate, broker.key, ca.crl_path),
+            (str(ca.certificate_path), str(control_plane.certificate), str(control_plane.key)),
+            (str(ca.certificate_path), str(root / "certs")), issued_s)
+
+
+def measure(n: int, args: argparse.Namespace, root: Path, tls: bool = False) -> dict[str, Any]:
+    """Both runs for ``n`` devices on a fresh broker in ``root`` (mutual TLS with ``tls``); the figures."""
     credentials = root / "mqtt"
-    devices = simulated_fleet(n, [GROUP], credentials, iterations=1)
+    devices = simulated_fleet(n, [GROUP], credentials, iterations=1)  # the ACL (and passwords, unused with TLS)
     private, public = generate_keypair(root / "keys", "control-plane")
     run_dir, port = root / "run", free_port()
-    broker = start_mosquitto(run_dir, port, credentials / PASSWORD_FILE, credentials / ACL_FILE)
+    setup = {"broker": f"127.0.0.1:{port}", "key": str(private), "public_key": str(public), "devices": sorted(devices)}
+    certs_s, device_tls = None, None
+    if tls:
+        broker_tls, setup["tls"], device_tls, certs_s = _tls_fleet(root, sorted(devices))
+        broker = start_mosquitto(run_dir, port, None, credentials / ACL_FILE, tls=broker_tls)
+        setup["password"] = None
+    else:
+        broker = start_mosquitto(run_dir, port, credentials / PASSWORD_FILE, credentials / ACL_FILE)
+        setup["password"] = ensure_control_plane(credentials)
     processes: list[Any] = []
     finished = False
     try:
-        cp, base_rss = _start_control_plane({"broker": f"127.0.0.1:{port}", "key": str(private),
-                                             "password": ensure_control_plane(credentials),
-                                             "public_key": str(public), "devices": sorted(devices)}, processes)
-        workers, connect_s = _start_swarm(devices, port, public, args, processes)
+        cp, base_rss = _start_control_plane(setup, processes)
+        workers, connect_s = _start_swarm(devices, port, public, args, processes, device_tls)
         job = {"stages": args.stages, "jitter_s": args.jitter_s, "stage_window_s": args.stage_window_s,
                "ack_timeout_s": args.ack_timeout_s, "poll_s": args.poll_s, "target": "v2", "previous": "v1"}
         timeout = args.ack_timeout_s * (len(args.stages) + 2) + 120
@@ -246,7 +278,8 @@ def measure(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     finally:
         _stop(processes, finished)
         stop_mosquitto(run_dir)
-    return _figures(n, connect_s, len(workers), base_rss, peak, rollout, rollback)
+    return {**_figures(n, connect_s, len(workers), base_rss, peak, rollout, rollback),
+            "mode": "tls" if tls else "plain", "certs_s": certs_s}
 
 
 def _figures(n: int, connect_s: float, workers: int, base_rss: float, peak: float, *runs: tuple) -> dict[str, Any]:
@@ -278,9 +311,10 @@ def describe(figures: dict[str, Any]) -> str:
     (acked) and when the last device sent its status (sent), CPU per process, the devices' verification."""
     steps = ", ".join(map(_step_text, [*figures["stages"], figures["rollback"]]))
     cpu = ", ".join(f"{name} {seconds:.1f}" for name, seconds in figures["cpu"].items())
-    return (f"devices={figures['n']}: rollout_s={figures['rollout_s']:.1f} rollback_s={figures['rollback_s']:.1f} "
-            f"msgs_per_s={figures['msgs_per_s']:.0f} cp_peak_rss_mb={figures['cp_peak_rss_mb']:.0f} "
-            f"connect_s={figures['connect_s']:.1f}\n"
+    certs = f" certs_s={figures['certs_s']:.1f}" if figures["certs_s"] is not None else ""
+    return (f"devices={figures['n']} mode={figures['mode']}: rollout_s={figures['rollout_s']:.1f} "
+            f"rollback_s={figures['rollback_s']:.1f} msgs_per_s={figures['msgs_per_s']:.0f} "
+            f"cp_peak_rss_mb={figures['cp_peak_rss_mb']:.0f} connect_s={figures['connect_s']:.1f}{certs}\n"
             f"  steps: {steps}; rollback detected {figures['detect_s']:.1f} s after the last ack; "
             f"{figures['messages']} PUBLISH in+out over {figures['wall_s']:.1f} s; control-plane RSS "
             f"{figures['cp_base_rss_mb']:.0f} MB after connect; {figures['workers']} device process(es); CPU s in "
@@ -294,6 +328,7 @@ def _label(n: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default="100,1000,10000", help="device counts, comma-separated")
+    parser.add_argument("--modes", default="plain,tls", help="plain (password logins), tls (mutual TLS), or both")
     parser.add_argument("--stages", default="5,25,100", help="cohort %% per stage of the rollout run")
     parser.add_argument("--jitter-s", type=float, default=5.0, help="devices wait up to this before acting")
     parser.add_argument("--stage-window-s", type=float, default=2.0, help="health watched this long per stage")
@@ -308,28 +343,46 @@ def main() -> int:
     if not 0 < args.reporter_share <= 1:
         parser.error("--reporter-share must be in (0, 1]")
     counts = [int(count) for count in args.devices.split(",")]
+    modes = [mode for mode in args.modes.split(",") if mode]
+    if not modes or set(modes) - {"plain", "tls"}:
+        parser.error("--modes takes plain, tls or both")
     started, results = time.perf_counter(), {}
     try:
-        for n in counts:
-            with tempfile.TemporaryDirectory(prefix=f"edgeloop-bench-rollout-{n}-") as root:
-                results[n] = measure(n, args, Path(root))
-            print(describe(results[n]), flush=True)
+        for mode in modes:
+            for n in counts:
+                with tempfile.TemporaryDirectory(prefix=f"edgeloop-bench-rollout-{mode}-{n}-") as root:
+                    results[mode, n] = measure(n, args, Path(root), tls=mode == "tls")
+                print(describe(results[mode, n]), flush=True)
     except (ServiceError, EdgeloopError, EdgeError, BenchError) as error:
         print(f"error: {error}")
         return 1
     print(f"total wall time {time.perf_counter() - started:.0f} s")
-    figures = [f"{name}_{_label(n)}{unit}={results[n][key]:{form}}" for n in counts if n != 10_000
-               for name, key, unit, form in (("rollout", "rollout_s", "_s", ".1f"),
-                                             ("rollback", "rollback_s", "_s", ".1f"),
-                                             ("msgs_per_s", "msgs_per_s", "", ".0f"),
-                                             ("cp_peak_rss", "cp_peak_rss_mb", "_mb", ".0f"))]
-    ten_k = results.get(10_000)
-    if ten_k:
-        figures += [f"msgs_per_s_10k={ten_k['msgs_per_s']:.0f}", f"cp_peak_rss_10k_mb={ten_k['cp_peak_rss_mb']:.0f}"]
-    last = (f"rollout_10k_s={ten_k['rollout_s']:.1f} rollback_10k_s={ten_k['rollback_s']:.1f}" if ten_k
-            else "rollout_10k_s=none rollback_10k_s=none")
-    print(" ".join([*figures, last]))
+    print(" ".join(_summary(results, counts, modes)))
     return 0
+
+
+def _summary(results: dict[tuple[str, int], dict[str, Any]], counts: list[int], modes: list[str]) -> list[str]:
+    """The last line's figures: per mode and N (``_tls`` after the name in TLS mode), the 10k ones last."""
+    figures, last = [], []
+    for mode in modes:
+        tag = "_tls" if mode == "tls" else ""
+        for n in counts:
+            if n == 10_000:
+                continue
+            result = results[mode, n]
+            figures += [f"rollout_{_label(n)}{tag}_s={result['rollout_s']:.1f}",
+                        f"rollback_{_label(n)}{tag}_s={result['rollback_s']:.1f}",
+                        f"msgs_per_s_{_label(n)}{tag}={result['msgs_per_s']:.0f}",
+                        f"cp_peak_rss_{_label(n)}{tag}_mb={result['cp_peak_rss_mb']:.0f}"]
+        ten_k = results.get((mode, 10_000))
+        if ten_k:
+            figures += [f"msgs_per_s_10k{tag}={ten_k['msgs_per_s']:.0f}",
+                        f"cp_peak_rss_10k{tag}_mb={ten_k['cp_peak_rss_mb']:.0f}",
+                        f"connect_10k{tag}_s={ten_k['connect_s']:.1f}"]
+            last += [f"rollout_10k{tag}_s={ten_k['rollout_s']:.1f}", f"rollback_10k{tag}_s={ten_k['rollback_s']:.1f}"]
+        else:
+            last += [f"rollout_10k{tag}_s=none", f"rollback_10k{tag}_s=none"]
+    return [*figures, *last]
 
 
 if __name__ == "__main__":

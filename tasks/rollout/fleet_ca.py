@@ -208,10 +208,9 @@ def resign_crl(ca: FleetCa) -> Path:
     return ca.crl_path
 
 
-def _issue(ca: FleetCa, subject: str, kind: str, pair: CertificatePair, usage: x509.ObjectIdentifier,
-           alt_names: list[x509.GeneralName], not_before: dt.datetime | None, not_after: dt.datetime | None,
-           days: int) -> x509.Certificate:
-    ca_key, ca_certificate = _signer(ca)
+def _build(ca_key: ec.EllipticCurvePrivateKey, ca_certificate: x509.Certificate, subject: str,
+           usage: x509.ObjectIdentifier, alt_names: list[x509.GeneralName], not_before: dt.datetime | None,
+           not_after: dt.datetime | None, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     now = _now()
     not_before = not_before or now - dt.timedelta(minutes=5)
@@ -228,15 +227,29 @@ def _issue(ca: FleetCa, subject: str, kind: str, pair: CertificatePair, usage: x
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
     if alt_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    certificate = builder.sign(ca_key, hashes.SHA256())
-    with _locked(ca.root):
-        issued = ca.issued()
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _record(ca: FleetCa, issued_now: list[tuple[x509.Certificate, str, str]], ca_key: ec.EllipticCurvePrivateKey,
+            ca_certificate: x509.Certificate) -> None:
+    """Add (certificate, subject, kind) entries to ``issued.json`` and re-sign the CRL; call under the lock."""
+    issued, now = ca.issued(), _now().isoformat()
+    for certificate, subject, kind in issued_now:
         issued[format(certificate.serial_number, "x")] = {
-            "subject": subject, "kind": kind, "not_before": not_before.isoformat(), "not_after": not_after.isoformat(),
-            "issued_at": now.isoformat(), "revoked_at": None}
-        atomic_write_text(ca.issued_path, json.dumps(issued, indent=1, sort_keys=True) + "\n")
+            "subject": subject, "kind": kind, "not_before": certificate.not_valid_before_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(), "issued_at": now, "revoked_at": None}
+    atomic_write_text(ca.issued_path, json.dumps(issued, indent=1, sort_keys=True) + "\n")
+    _write_crl(ca, ca_key, ca_certificate)
+
+
+def _issue(ca: FleetCa, subject: str, kind: str, pair: CertificatePair, usage: x509.ObjectIdentifier,
+           alt_names: list[x509.GeneralName], not_before: dt.datetime | None, not_after: dt.datetime | None,
+           days: int) -> x509.Certificate:
+    ca_key, ca_certificate = _signer(ca)
+    certificate, key = _build(ca_key, ca_certificate, subject, usage, alt_names, not_before, not_after, days)
+    with _locked(ca.root):
+        _record(ca, [(certificate, subject, kind)], ca_key, ca_certificate)
         _write_pair(pair, certificate, key)
-        _write_crl(ca, ca_key, ca_certificate)
     return certificate
 
 
@@ -245,6 +258,25 @@ def issue_client(ca: FleetCa, subject: str, pair: CertificatePair, *, kind: str 
                  days: int = DEVICE_DAYS) -> x509.Certificate:
     """A client certificate whose common name is ``subject`` (a device id, or the control plane)."""
     return _issue(ca, subject, kind, pair, ExtendedKeyUsageOID.CLIENT_AUTH, [], not_before, not_after, days)
+
+
+def issue_clients(ca: FleetCa, subjects: list[str], folder: Path,
+                  days: int = DEVICE_DAYS) -> dict[str, CertificatePair]:
+    """Client certificates for many devices at once (a simulated fleet, a factory batch): one key and certificate
+    per device in ``folder`` (``<id>.crt``, ``<id>.key``), recorded and the CRL signed once for the batch."""
+    bad = [subject for subject in subjects if not is_device_id(subject) or subject == CONTROL_PLANE]
+    if bad:
+        raise ConfigError(f"device ids not allowed: {', '.join(bad[:5])} ({DEVICE_ID_RULE})")
+    ca_key, ca_certificate = _signer(ca)
+    built = {subject: _build(ca_key, ca_certificate, subject, ExtendedKeyUsageOID.CLIENT_AUTH, [], None, None, days)
+             for subject in subjects}
+    pairs = {subject: CertificatePair(folder / f"{subject}.crt", folder / f"{subject}.key") for subject in subjects}
+    with _locked(ca.root):
+        _record(ca, [(certificate, subject, "device") for subject, (certificate, _) in built.items()], ca_key,
+                ca_certificate)
+        for subject, (certificate, key) in built.items():
+            _write_pair(pairs[subject], certificate, key)
+    return pairs
 
 
 def _alt_name(host: str) -> x509.GeneralName:

@@ -219,3 +219,15 @@ def test_client_context_names_unusable_files_and_https_is_required(ca, tmp_path:
     with pytest.raises(EdgeConfigError, match="never sends or fetches over plain HTTP"):
         require_https("http://bundles.example/b.tar.gz", "bundle URL")
     require_https("https://bundles.example/b.tar.gz", "bundle URL")
+
+
+def test_a_batch_of_device_certificates_is_recorded_and_each_authenticates(ca, tmp_path: Path) -> None:
+    server = fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
+    pairs = fleet_ca.issue_clients(ca, ["sim-0", "sim-1", "sim-2"], tmp_path / "batch")
+    assert {entry["subject"] for entry in ca.issued().values()} >= {"sim-0", "sim-1", "sim-2"}
+    assert stat.S_IMODE(pairs["sim-2"].key.stat().st_mode) == 0o600
+    chosen = ClientTls(ca.certificate_path, pairs["sim-1"].certificate, pairs["sim-1"].key)
+    assert _handshake(_server_context(ca, server), chosen.context()) == "sim-1"
+    with pytest.raises(ConfigError, match="not allowed"):
+        fleet_ca.issue_clients(ca, ["sim-3", "bad id"], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
