@@ -335,7 +335,7 @@ def enroll(ca: FleetCa, device: str, group: str, kit_dir: Path, *, broker: str, 
     if ingest_url is not None and not ingest_url.startswith("https://"):
         raise ConfigError(f"ingest URL {ingest_url!r}: a kit only names https:// endpoints (devices never send "
                           "samples in the clear)")
-    keys = [Path(path) for path in public_keys]
+    keys = [key for path in map(Path, public_keys) for key in (sorted(path.glob("*.pub")) if path.is_dir() else [path])]
     unreadable = [str(path) for path in keys if not path.is_file()]
     if not keys or unreadable:
         raise ConfigError(f"bundle-signing public keys missing: {', '.join(unreadable) or 'none given'}; "

@@ -13,8 +13,9 @@
 
 Each takes ``--params`` and, where it matters, ``--fleet FILE``, ``--credentials DIR`` and ``--ca-dir DIR``
 (defaults: ``rollout.fleet_file``, ``rollout.credentials_dir``, ``rollout.fleet_ca_dir``). After a change
-the broker must re-read its files: ``kill -HUP`` it (``tasks.stack.mosquitto.reload_mosquitto``); the
-broker reloads its ACL, the CRL and its own certificate on that signal.
+the broker must apply its files (``tasks.stack.mosquitto.reload_mosquitto``): a password broker re-reads
+them on SIGHUP; a mutual-TLS broker is restarted (its sessions and queued messages persist), since
+Mosquitto 2.0.11 does not re-check open TLS sessions on SIGHUP. The ingest service re-reads the CRL itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.rollout import fleet, fleet_ca
 
 LOGGER = logging.getLogger(__name__)
-RELOAD = "reload the broker (kill -HUP) to apply"
+RELOAD = "apply it to the broker: restart a mutual-TLS broker (compose: `docker compose ... run --rm " \
+         "mosquitto-credentials` then `restart mosquitto`), or SIGHUP a password broker"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +102,7 @@ def _certificates(args: argparse.Namespace, params: Params | None) -> None:
         serials = fleet.revoke_device(args.fleet, args.credentials, args.ca_dir, args.device, args.superseded)
         for serial in serials:
             print(serial)
-        LOGGER.info("revoked %d certificate(s) of %s; %s and the ingest service re-reads the CRL by itself",
+        LOGGER.info("revoked %d certificate(s) of %s; %s (the ingest service re-reads the CRL by itself)",
                     len(serials), args.device, RELOAD)
 
 
@@ -120,9 +122,16 @@ def _logins(args: argparse.Namespace, tls: bool) -> None:
             print(path)
 
 
+NEEDS = {"ca": ("ca_dir",), "server-cert": ("ca_dir",)}  # the paths an action reads; others: fleet, credentials
+
+
 def _run(args: argparse.Namespace) -> None:
-    given = args.fleet is not None and args.credentials is not None and args.ca_dir is not None
-    params = load_params(args.params) if not given or args.action == "enroll" else None
+    needed = NEEDS.get(args.action, ("fleet", "credentials", *(("ca_dir",) if args.action in ("enroll", "revoke")
+                                                               else ())))
+    # enroll takes the signing keys from the params; broker-files and remove-device the broker's kind (when
+    # the params file is there: without one, a password broker)
+    wanted = args.action == "enroll" or (args.action in ("broker-files", "remove-device") and args.params.is_file())
+    params = load_params(args.params) if wanted or any(getattr(args, name) is None for name in needed) else None
     if params is not None:
         settings = params.rollout
         args.fleet = args.fleet or settings.fleet_file

@@ -231,3 +231,39 @@ def test_the_cli_defaults_come_from_the_rollout_params(tmp_path, capsys):
     password = capsys.readouterr().out.strip()
     assert verify_password(password, read_password_file(tmp_path / "secrets" / PASSWORD_FILE)["cam-1"])
     assert set(load_fleet(tmp_path / "inventory.yaml").devices) == {"cam-1"}
+
+
+def test_the_cli_creates_the_ca_enrolls_rotates_and_revokes(tmp_path, capsys):
+    from pathlib import Path
+
+    from cryptography import x509
+
+    from tasks.registry.bundle import generate_keypair
+
+    generate_keypair(tmp_path / "keys", "control-plane")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"package": {"public_keys": str(tmp_path / "keys")},
+                                      "rollout": {"broker": "broker.example:8883", "broker_tls": True}}))
+    common = ["--params", str(params), "--fleet", str(tmp_path / "fleet.yaml"), "--credentials",
+              str(tmp_path / "mqtt"), "--ca-dir", str(tmp_path / "ca")]
+    assert fleet_cli.main(["ca", "init", *common]) == 0
+    assert fleet_cli.main(["ca", "init", *common]) == 2 and "already holds a fleet CA" in capsys.readouterr().err
+    assert fleet_cli.main(["server-cert", "broker", "--host", "broker.example", "--host", "10.0.0.2", *common]) == 0
+    served = x509.load_pem_x509_certificate(Path(capsys.readouterr().out.strip()).read_bytes())
+    names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["broker.example"]
+    kit = tmp_path / "kit"
+    for _ in range(2):  # enrolling again rotates the device's key
+        assert fleet_cli.main(["enroll", "cam-1", "--group", "north", "--out", str(kit), *common]) == 0
+    assert capsys.readouterr().out.split() == [str(kit)] * 2
+    assert (kit / "keys" / "control-plane.pub").is_file() and not (kit / "keys" / "control-plane.key").exists()
+    assert "user cam-1" in (tmp_path / "mqtt" / ACL_FILE).read_text()
+    assert fleet_cli.main(["broker-files", *common[2:], "--params", str(params)]) == 0  # TLS: the ACL only
+    assert capsys.readouterr().out.split() == [str(tmp_path / "mqtt" / ACL_FILE)]
+    assert fleet_cli.main(["revoke", "cam-1", "--superseded", *common]) == 0
+    assert len(capsys.readouterr().out.split()) == 1  # the first certificate only
+    assert set(load_fleet(tmp_path / "fleet.yaml").devices) == {"cam-1"}
+    assert fleet_cli.main(["revoke", "cam-1", *common]) == 0
+    assert "user cam-1" not in (tmp_path / "mqtt" / ACL_FILE).read_text()
+    assert fleet_cli.main(["revoke", "nobody", *common]) == 2
+    assert "no certificate was issued to 'nobody'" in capsys.readouterr().err
