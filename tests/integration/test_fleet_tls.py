@@ -250,6 +250,29 @@ def test_certificates_that_must_not_connect(tls_fleet, tmp_path):
     assert not _connects(port, revoked.context())
 
 
+def test_the_https_endpoint_refuses_old_tls_and_revoked_certificates(tls_fleet, tmp_path):
+    """The ingest/bundle service: TLS 1.1 gets no handshake even with a valid certificate; a certificate revoked
+    while the service runs is refused at its next request (403 revoked), a valid one is served."""
+    kit = tls_fleet.kits["dev-b"]
+    old = kit.tls.context()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{tls_fleet.ingest_url}/healthz", verify=old)
+    assert httpx.get(f"{tls_fleet.ingest_url}/healthz", verify=kit.tls.context()).status_code == 200
+
+    pair = fleet_ca.CertificatePair(tmp_path / "late.crt", tmp_path / "late.key")
+    fleet_ca.issue_client(tls_fleet.ca, "dev-late", pair)
+    late = ClientTls(tls_fleet.ca.certificate_path, pair.certificate, pair.key)
+    with httpx.Client(verify=late.context()) as client:  # one connection: its handshake predates the revocation
+        assert client.get(tls_fleet.bundle_url("none.tar.gz")).status_code == 404  # authenticated, no such file
+        fleet_ca.revoke(tls_fleet.ca, "dev-late")
+        refused = client.get(tls_fleet.bundle_url("none.tar.gz"))
+    assert refused.status_code == 403 and "revoked" in refused.text
+
+
 def test_a_valid_certificate_grants_only_its_own_topics(tls_fleet):
     """dev-a, with its own valid certificate, cannot publish a manifest nor read dev-b's status."""
     control, dev_a, dev_b = tls_fleet.control_plane(), tls_fleet.device("dev-a"), tls_fleet.device("dev-b")
