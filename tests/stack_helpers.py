@@ -35,3 +35,21 @@ def mlflow_runs_of(stack, flow_run_id) -> list:
     client = mlflow_client(stack)
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     return client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+
+
+def terminate_all(processes) -> None:
+    """SIGTERM every process still running (resumed first, should a test have paused it), then wait for each:
+    killed when it does not stop within 10 s."""
+    import signal
+    import subprocess
+
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

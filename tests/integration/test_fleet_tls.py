@@ -34,7 +34,7 @@ from tasks.rollout.broker import TlsFiles
 from tests.conftest import REPO_ROOT, require_system_tools
 from tests.edge_helpers import sample_file_bytes
 from tests.mqtt_helpers import Peer
-from tests.stack_helpers import wait_for
+from tests.stack_helpers import terminate_all, wait_for
 from tests.tls_helpers import start_tls_ingest
 
 pytestmark = pytest.mark.integration
@@ -151,15 +151,7 @@ def updater(tls_fleet, tmp_path) -> Iterator:
     try:
         yield start
     finally:
-        for process in started:
-            process.send_signal(signal.SIGCONT)  # one a test paused
-            process.send_signal(signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate_all(started)
 
 
 def _manifest(fleet_tls: TlsFleet, bundle: Path, version: str, sequence: int,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from edge.store.model_store import PAUSE_ENV, ModelStore
 from tasks.stack.services import free_port
 from tests.conftest import REPO_ROOT, require_system_tools
 from tests.edge_helpers import running_edge_server
-from tests.stack_helpers import wait_for
+from tests.stack_helpers import terminate_all, wait_for
 
 pytestmark = pytest.mark.integration
 GROUP = "lab"
@@ -146,15 +145,7 @@ def updaters(tmp_path: Path, port: int, public_dir: Path) -> Iterator:
     try:
         yield start
     finally:
-        for process in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate_all(started)
 
 
 def stopped(pid: int) -> bool:

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edge.errors import ConfigError as EdgeConfigError
 from edge.tls import ClientTls, client_context, load_kit, require_https
 from tasks.errors import ConfigError
+from tasks.monitoring.mutual_tls import server_context
 from tasks.registry.bundle import generate_keypair
 from tasks.rollout import fleet_ca
 
@@ -29,18 +30,6 @@ def ca(tmp_path: Path) -> fleet_ca.FleetCa:
 
 def _load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def _server_context(ca: fleet_ca.FleetCa, server: fleet_ca.CertificatePair) -> ssl.SSLContext:
-    """What the fleet's TLS servers do: require a client certificate from the CA, check the CRL."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(server.certificate, server.key)
-    context.load_verify_locations(cafile=str(ca.certificate_path))
-    context.load_verify_locations(cafile=str(ca.crl_path))
-    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _handshake(server_context: ssl.SSLContext, client: ssl.SSLContext, host: str = "127.0.0.1") -> str | None:
@@ -108,48 +97,48 @@ def test_a_device_certificate_authenticates_and_its_revocation_is_refused(ca, tm
     assert _load(server.certificate).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value[0] == \
         ExtendedKeyUsageOID.SERVER_AUTH
     device = _device(ca, tmp_path, "dev-1")
-    assert _handshake(_server_context(ca, server), client_context(device)) == "dev-1"
+    assert _handshake(server_context(ca, "broker"), client_context(device)) == "dev-1"
 
     revoked = fleet_ca.revoke(ca, "dev-1")
     assert len(revoked) == 1 and int(revoked[0], 16) in ca.revoked_serials()
-    assert _handshake(_server_context(ca, server), client_context(device)) is None
+    assert _handshake(server_context(ca, "broker"), client_context(device)) is None
     other = _device(ca, tmp_path, "dev-2")  # the CRL names only the revoked serial
-    assert _handshake(_server_context(ca, server), client_context(other)) == "dev-2"
+    assert _handshake(server_context(ca, "broker"), client_context(other)) == "dev-2"
 
 
 def test_expired_foreign_and_missing_client_certificates_are_refused(ca, tmp_path: Path) -> None:
-    server = fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
+    fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     expired = _device(ca, tmp_path, "old", not_before=past, not_after=past + dt.timedelta(days=1))
-    assert _handshake(_server_context(ca, server), client_context(expired)) is None
+    assert _handshake(server_context(ca, "broker"), client_context(expired)) is None
 
     foreign_ca = fleet_ca.init_ca(tmp_path / "foreign")
     foreign = _device(foreign_ca, tmp_path, "dev-1")  # the right name, from another CA
-    assert _handshake(_server_context(ca, server), ClientTls(ca.certificate_path, foreign.certificate,
+    assert _handshake(server_context(ca, "broker"), ClientTls(ca.certificate_path, foreign.certificate,
                                                              foreign.key).context()) is None
 
     anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     anonymous.load_verify_locations(cafile=str(ca.certificate_path))
-    assert _handshake(_server_context(ca, server), anonymous) is None
+    assert _handshake(server_context(ca, "broker"), anonymous) is None
 
 
 def test_the_device_refuses_a_server_that_does_not_match_the_host_or_the_ca(ca, tmp_path: Path) -> None:
     device = _device(ca, tmp_path, "dev-1")
-    named = fleet_ca.issue_server(ca, "broker", ["broker.example"])
-    assert _handshake(_server_context(ca, named), client_context(device), host="127.0.0.1") is None
-    assert _handshake(_server_context(ca, named), client_context(device), host="broker.example") == "dev-1"
+    fleet_ca.issue_server(ca, "broker", ["broker.example"])
+    assert _handshake(server_context(ca, "broker"), client_context(device), host="127.0.0.1") is None
+    assert _handshake(server_context(ca, "broker"), client_context(device), host="broker.example") == "dev-1"
 
     impostor_ca = fleet_ca.init_ca(tmp_path / "impostor")
-    impostor = fleet_ca.issue_server(impostor_ca, "broker", ["127.0.0.1"])
-    assert _handshake(_server_context(ca, impostor), client_context(device)) is None
+    fleet_ca.issue_server(impostor_ca, "broker", ["127.0.0.1"])
+    assert _handshake(server_context(impostor_ca, "broker"), client_context(device)) is None
 
 
 def test_rotation_keeps_the_newest_certificate_and_revokes_the_rest(ca, tmp_path: Path) -> None:
-    server = fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
+    fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
     first, second = (_device(ca, tmp_path, "dev-1", file_name) for file_name in ("first", "second"))
     assert len(fleet_ca.revoke(ca, "dev-1", keep_newest=True)) == 1
-    assert _handshake(_server_context(ca, server), client_context(first)) is None
-    assert _handshake(_server_context(ca, server), client_context(second)) == "dev-1"
+    assert _handshake(server_context(ca, "broker"), client_context(first)) is None
+    assert _handshake(server_context(ca, "broker"), client_context(second)) == "dev-1"
     with pytest.raises(ConfigError, match="no certificate was issued to 'nobody'"):
         fleet_ca.revoke(ca, "nobody")
 
@@ -159,7 +148,7 @@ def test_a_rotated_server_certificate_is_trusted_by_devices_enrolled_before(ca, 
     before = _load(fleet_ca.issue_server(ca, "broker", ["127.0.0.1"]).certificate).serial_number
     rotated = fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
     assert _load(rotated.certificate).serial_number != before
-    assert _handshake(_server_context(ca, rotated), client_context(device)) == "dev-1"
+    assert _handshake(server_context(ca, "broker"), client_context(device)) == "dev-1"
 
 
 def test_bad_server_names_and_hosts_are_refused(ca) -> None:
@@ -222,12 +211,12 @@ def test_client_context_names_unusable_files_and_https_is_required(ca, tmp_path:
 
 
 def test_a_batch_of_device_certificates_is_recorded_and_each_authenticates(ca, tmp_path: Path) -> None:
-    server = fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
+    fleet_ca.issue_server(ca, "broker", ["127.0.0.1"])
     pairs = fleet_ca.issue_clients(ca, ["sim-0", "sim-1", "sim-2"], tmp_path / "batch")
     assert {entry["subject"] for entry in ca.issued().values()} >= {"sim-0", "sim-1", "sim-2"}
     assert stat.S_IMODE(pairs["sim-2"].key.stat().st_mode) == 0o600
     chosen = ClientTls(ca.certificate_path, pairs["sim-1"].certificate, pairs["sim-1"].key)
-    assert _handshake(_server_context(ca, server), chosen.context()) == "sim-1"
+    assert _handshake(server_context(ca, "broker"), chosen.context()) == "sim-1"
     with pytest.raises(ConfigError, match="not allowed"):
         fleet_ca.issue_clients(ca, ["sim-3", "bad id"], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
