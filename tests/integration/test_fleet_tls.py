@@ -109,17 +109,17 @@ def tls_fleet(tmp_path_factory, bundle_kit) -> Iterator[TlsFleet]:
     fleet_ca.issue_server(ca, "ingest", ["127.0.0.1"])  # not "localhost": the wrong-host check uses that name
     bundles, collected = root / "bundles", root / "collected"
     bundles.mkdir()
-    ingest_url = start_tls_ingest(root / "run", ca, bundles, collected)
-    port = services.free_port()
-    public_keys = sorted(bundle_kit.public_dir.glob("*.pub"))
-    kits = {device: load_kit(fleet.enroll_device(
-        root / "fleet.yaml", root / "credentials", ca.root, device, GROUP, root / "kits" / device,
-        broker=f"127.0.0.1:{port}", ingest_url=f"{ingest_url}/v1/ingest", public_keys=public_keys))
-        for device in DEVICES}
-    broker = mosquitto.start_mosquitto(root / "run", port, None, root / "credentials" / fleet.ACL_FILE,
-                                       tls=TlsFiles(ca.certificate_path, broker_pair.certificate, broker_pair.key,
-                                                    ca.crl_path))
     try:
+        ingest_url = start_tls_ingest(root / "run", ca, bundles, collected)
+        port = services.free_port()
+        public_keys = sorted(bundle_kit.public_dir.glob("*.pub"))
+        kits = {device: load_kit(fleet.enroll_device(
+            root / "fleet.yaml", root / "credentials", ca.root, device, GROUP, root / "kits" / device,
+            broker=f"127.0.0.1:{port}", ingest_url=f"{ingest_url}/v1/ingest", public_keys=public_keys))
+            for device in DEVICES}
+        broker = mosquitto.start_mosquitto(root / "run", port, None, root / "credentials" / fleet.ACL_FILE,
+                                           tls=TlsFiles(ca.certificate_path, broker_pair.certificate,
+                                                        broker_pair.key, ca.crl_path))
         yield TlsFleet(root, ca, broker, ingest_url, kits, bundles, collected)
     finally:
         try:

@@ -103,25 +103,25 @@ def fleet(tmp_path_factory, image_env, registry, digits):
         broker_files = fleet_ca.issue_server(ca, "broker", [here])
         fleet_ca.issue_server(ca, "ingest", [here])
         bundles.mkdir()
-        ingest = start_tls_ingest(root / "run", ca, bundles, root / "collected", host=here)
-        port = services.free_port()
-        kits = {device: fleet_files.enroll_device(
-            credentials / "fleet.yaml", credentials, ca.root, device, GROUP, root / "kits" / device,
-            broker=f"{here}:{port}", ingest_url=f"{ingest}/v1/ingest",
-            public_keys=sorted(image_env.public_keys.glob("*.pub"))) for device in [*RUNNING, SILENT]}
-        broker = mosquitto.start_mosquitto(root / "run", port, None, credentials / fleet_files.ACL_FILE, host=here,
-                                           tls=TlsFiles(ca.certificate_path, broker_files.certificate,
-                                                        broker_files.key, ca.crl_path))
-        settings = {"broker": broker.address, "fleet_file": str(credentials / "fleet.yaml"),
-                    "credentials_dir": str(credentials), "bundle_dir": str(bundles), "broker_tls": True,
-                    "fleet_ca_dir": str(ca.root), "bundle_base_url": f"{ingest}/v1/bundles/"}
-        with_keys = registry.model_copy(update={
-            "package": registry.package.model_copy(update={"signing_key": image_env.signing_key}),
-            "rollout": registry.rollout.model_copy(update={"bundle_dir": bundles})})
-        first = release_of(with_keys, "1")  # provisioned like a factory image; the flow reuses the same bundle
-        devices = DeviceFleet(root / "devices", settings["broker"], GROUP, image_env.public_keys)
+        devices = DeviceFleet(root / "devices", "", GROUP, image_env.public_keys)
         try:
-            for device in RUNNING:
+            ingest = start_tls_ingest(root / "run", ca, bundles, root / "collected", host=here)
+            port = services.free_port()
+            kits = {device: fleet_files.enroll_device(
+                credentials / "fleet.yaml", credentials, ca.root, device, GROUP, root / "kits" / device,
+                broker=f"{here}:{port}", ingest_url=f"{ingest}/v1/ingest",
+                public_keys=sorted(image_env.public_keys.glob("*.pub"))) for device in [*RUNNING, SILENT]}
+            broker = mosquitto.start_mosquitto(root / "run", port, None, credentials / fleet_files.ACL_FILE,
+                                               host=here, tls=TlsFiles(ca.certificate_path, broker_files.certificate,
+                                                                       broker_files.key, ca.crl_path))
+            settings = {"broker": broker.address, "fleet_file": str(credentials / "fleet.yaml"),
+                        "credentials_dir": str(credentials), "bundle_dir": str(bundles), "broker_tls": True,
+                        "fleet_ca_dir": str(ca.root), "bundle_base_url": f"{ingest}/v1/bundles/"}
+            with_keys = registry.model_copy(update={
+                "package": registry.package.model_copy(update={"signing_key": image_env.signing_key}),
+                "rollout": registry.rollout.model_copy(update={"bundle_dir": bundles})})
+            first = release_of(with_keys, "1")  # provisioned like a factory image; the flow reuses the same bundle
+            for device in RUNNING:  # each on its own host, knowing the fleet only from its kit
                 host = network.hosts[device]
                 devices.start(device, None, Path(first.bundle_url.removeprefix("file://")), kit=kits[device],
                               netns=host.namespace, address=host.address)
