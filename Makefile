@@ -89,10 +89,12 @@ repro: system-packages image-services keys/control-plane.key
 # under qemu on a machine's first run; cached in ~/.cache/edgeloop) are built beside the first tests, which wait on the same cache locks; the engine
 # that warm-up started, if any, is stopped afterwards.
 WARMUP := .run/test-warmup
-# The e2e and integration tests share servers and run one at a time; then the unit tests, which share nothing,
-# over both cores (pytest-xdist): ~65 s less on two cores. PYTEST_ARGS runs what it names, in one session.
+# The e2e and integration tests over two pytest-xdist workers, a test file at a time each (most of their time is
+# spent waiting on servers, flows and containers; each worker starts the servers it needs, they share the
+# Docker engine); then the unit tests, which share nothing, over both cores. PYTEST_ARGS runs what it names,
+# in one session.
 ifeq ($(strip $(PYTEST_ARGS)),)
-PYTEST_RUN := $(BIN)/python -m pytest tests/e2e tests/integration || status=$$?; \
+PYTEST_RUN := $(BIN)/python -m pytest -n 2 --dist loadfile tests/e2e tests/integration || status=$$?; \
 	$(BIN)/python -m pytest -n 2 tests/unit || status=$$?;
 else
 PYTEST_RUN := $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?;

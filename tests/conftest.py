@@ -162,23 +162,44 @@ def image_env(tmp_path_factory) -> ImageEnv:
     return ImageEnv(f"127.0.0.1:{free_port()}", private, keys / "public")
 
 
+SHARED_ENGINE = "shared-docker-engine"  # under pytest-xdist: the engine the workers share, stopped by the controller
+
+
+def _xdist_worker() -> bool:
+    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
 @pytest.fixture(scope="session")
 def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
-    """A Docker engine (ours unless one answers) and a registry of this session, via tasks/stack/services.py."""
+    """A Docker engine (ours unless one answers) and a registry of this session, via tasks/stack/services.py.
+
+    Under pytest-xdist the workers share one engine (started once, under the cache's lock): the one that
+    started it must not stop it under the other, so it is stopped by the controller when the run ends."""
     from tasks.stack import services
     require_system_tools("dockerd", "docker", "docker-registry", "debootstrap", "qemu-aarch64-static",
                          packages="docker.io docker-registry debootstrap qemu-user-static binfmt-support")
     run_dir = tmp_path_factory.mktemp("image-services")
+    engine_dir = tmp_path_factory.getbasetemp().parent / SHARED_ENGINE if _xdist_worker() else run_dir
     saved = {key: os.environ.get(key) for key in ("DOCKER_HOST", *image_env.env)}
     try:
-        os.environ["DOCKER_HOST"] = services.start_docker_engine(run_dir)
+        os.environ["DOCKER_HOST"] = services.start_docker_engine(engine_dir)
         services.start_registry(run_dir, int(image_env.registry.rsplit(":", 1)[1]))
         os.environ.update(image_env.env)
         yield image_env
     finally:
         services.stop("registry", run_dir)
-        services.stop("dockerd", run_dir)  # only an engine this fixture started
+        if not _xdist_worker():
+            services.stop("dockerd", run_dir)  # only an engine this fixture started
         restore_environment(saved)
+
+
+def pytest_sessionfinish(session) -> None:
+    """The xdist controller stops the engine its workers shared (if one of them started it)."""
+    if _xdist_worker() or not getattr(session.config.option, "numprocesses", None):
+        return
+    from tasks.stack import services
+
+    services.stop("dockerd", session.config._tmp_path_factory.getbasetemp() / SHARED_ENGINE)
 
 
 @pytest.fixture(scope="session")
