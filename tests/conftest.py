@@ -193,6 +193,25 @@ def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
         restore_environment(saved)
 
 
+# Files whose tests wait for images `make test` builds beside the first tests (the arm64 base under qemu, the
+# compose stack's): collected last, so pytest-xdist hands them out last and no worker sits waiting for them.
+COLLECTED_LAST = ("test_package.py", "test_stack_compose.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: item.path.name in COLLECTED_LAST)  # stable: the order is otherwise kept
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_from_the_environment(request) -> Iterator[None]:
+    """After every integration and e2e test, MLflow's process-wide tracking URI goes back to the environment's:
+    a test (or a flow it ran in-process) that pointed it elsewhere must not decide which server the next test
+    talks to, whatever order pytest-xdist runs them in. (Unit modules may keep one for the module.)"""
+    yield
+    if "mlflow" in sys.modules and {"integration", "e2e"} & set(request.node.path.parts):
+        sys.modules["mlflow"].set_tracking_uri(None)
+
+
 def pytest_sessionfinish(session) -> None:
     """The xdist controller stops the engine its workers shared (if one of them started it)."""
     if _xdist_worker() or not getattr(session.config.option, "numprocesses", None):

@@ -97,11 +97,16 @@ def test_two_drifted_windows_fire_one_retrain_and_the_policy_holds_back_otherwis
     from prefect.variables import Variable
 
     from flows.drift_check import drift_check
-    from tasks.registry.promotion import download_drift_reference
+    from tasks.contracts import Workspace, read_registration
+    from tasks.monitoring.reference import REFERENCE_ARTIFACT
+    from tasks.registry.promotion import run_artifact
 
     started = datetime.now(UTC)
-    candidate = mlflow_client(stack).get_model_version_by_alias(MODEL_NAME, "candidate")
-    _, reference = download_drift_reference(MODEL_NAME, "candidate", tmp_path / "reference")
+    # the nightly's own version (by number: other tests move the candidate alias to versions of their own)
+    registered = read_registration(Workspace(Path(nightly_run.parameters["workspace"]))).version
+    candidate = mlflow_client(stack).get_model_version(MODEL_NAME, str(registered))
+    reference = run_artifact(candidate, REFERENCE_ARTIFACT, tmp_path / "reference")
+    assert reference is not None, f"version {registered} has no {REFERENCE_ARTIFACT}"
     collected, reports = tmp_path / "collected", tmp_path / "reports"
     devices = Devices(Path(nightly_run.parameters["workspace"]), collected, f"v{candidate.version}")
     variable = f"drift-test-{uuid.uuid4().hex[:8]}"
