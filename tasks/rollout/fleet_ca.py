@@ -29,6 +29,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -297,6 +298,8 @@ def issue_server(ca: FleetCa, name: str, hosts: list[str], days: int = SERVER_DA
         raise ConfigError(f"server name {name!r} is not allowed: {DEVICE_ID_RULE}")
     if not hosts:
         raise ConfigError(f"the {name} certificate needs at least one host name or address devices reach it by")
+    if days < 1:
+        raise ConfigError(f"a server certificate must be valid at least a day, not {days}")
     alt_names = [_alt_name(host) for host in hosts]
     pair = ca.server(name)
     _issue(ca, name, "server", pair, ExtendedKeyUsageOID.SERVER_AUTH, alt_names, None, None, days)
@@ -332,6 +335,10 @@ def enroll(ca: FleetCa, device: str, group: str, kit_dir: Path, *, broker: str, 
     """
     if not is_device_id(device) or device == CONTROL_PLANE:
         raise ConfigError(f"device id {device!r} is not allowed: {DEVICE_ID_RULE}, and not {CONTROL_PLANE!r}")
+    if not re.fullmatch(r"[^\s:/@]+:\d{1,5}", broker) or not 1 <= int(broker.rpartition(":")[2]) <= 65535:
+        raise ConfigError(f"broker {broker!r} is not HOST:PORT (the broker's TLS listener, e.g. broker.example:8883)")
+    if days < 1:
+        raise ConfigError(f"a device certificate must be valid at least a day, not {days}")
     if ingest_url is not None and not ingest_url.startswith("https://"):
         raise ConfigError(f"ingest URL {ingest_url!r}: a kit only names https:// endpoints (devices never send "
                           "samples in the clear)")

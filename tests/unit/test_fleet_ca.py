@@ -186,6 +186,12 @@ def test_enroll_refuses_bad_input_and_leaves_no_half_kit(ca, tmp_path: Path) -> 
                                           ("dev-1", None, [tmp_path / "missing.pub"], "public keys missing")):
         with pytest.raises(ConfigError, match=message):
             fleet_ca.enroll(ca, device, "lab", kits / "dev-1", broker="b:8883", ingest_url=ingest, public_keys=keys)
+    for broker in ("b", "mqtts://b:8883", "b:99999"):
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            fleet_ca.enroll(ca, "dev-1", "lab", kits / "dev-1", broker=broker, ingest_url=None, public_keys=[public])
+    with pytest.raises(ConfigError, match="at least a day"):
+        fleet_ca.enroll(ca, "dev-1", "lab", kits / "dev-1", broker="b:8883", ingest_url=None, public_keys=[public],
+                        days=0)
     assert not kits.exists() or not any(kits.iterdir())
 
 
