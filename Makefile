@@ -94,7 +94,7 @@ WARMUP := .run/test-warmup
 # Docker engine); then the unit tests, which share nothing, over both cores. PYTEST_ARGS runs what it names,
 # in one session.
 ifeq ($(strip $(PYTEST_ARGS)),)
-PYTEST_RUN := $(BIN)/python -m pytest -n 2 --dist loadfile tests/e2e tests/integration || status=$$?; \
+PYTEST_RUN := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests/e2e tests/integration || status=$$?; \
 	$(BIN)/python -m pytest -n 2 tests/unit || status=$$?;
 else
 PYTEST_RUN := $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?;

@@ -203,13 +203,15 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _mlflow_tracking_uri_from_the_environment(request) -> Iterator[None]:
-    """After every integration and e2e test, MLflow's process-wide tracking URI goes back to the environment's:
-    a test (or a flow it ran in-process) that pointed it elsewhere must not decide which server the next test
-    talks to, whatever order pytest-xdist runs them in. (Unit modules may keep one for the module.)"""
+def _mlflow_tracking_uri_kept(request) -> Iterator[None]:
+    """MLflow's process-wide tracking URI is put back after every integration and e2e test as it was before it:
+    a test (or a flow it ran in-process) that pointed it elsewhere, at a server that is gone by then, must not
+    decide which server the next test talks to, whatever order pytest-xdist runs them in."""
+    watched = bool({"integration", "e2e"} & set(request.node.path.parts))
+    before = sys.modules["mlflow"].get_tracking_uri() if watched and "mlflow" in sys.modules else None
     yield
-    if "mlflow" in sys.modules and {"integration", "e2e"} & set(request.node.path.parts):
-        sys.modules["mlflow"].set_tracking_uri(None)
+    if watched and "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
 
 
 def pytest_sessionfinish(session) -> None:
