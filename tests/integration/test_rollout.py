@@ -45,8 +45,11 @@ def _softened(model, factor: float):
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_model, tiny_model_files, digits):
-    """Versions 1 (int8, champion), 2 (fp32: healthy) and 3 (int8, under-confident) in a SQLite MLflow."""
+def registry(stack, tmp_path_factory, tiny_model, tiny_model_files, digits):
+    """Versions 1 (int8, champion), 2 (fp32: healthy) and 3 (int8, under-confident) in a SQLite MLflow.
+
+    After the session's ``stack``: the environment it sets is what this fixture saves and puts back (set up
+    first, it would remove the stack's MLFLOW_TRACKING_URI for every later test of the worker)."""
     import mlflow
 
     from tasks.config import Params
