@@ -193,9 +193,10 @@ def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
         restore_environment(saved)
 
 
-# Files whose tests wait for images `make test` builds beside the first tests (the arm64 base under qemu, the
-# compose stack's): collected last, so pytest-xdist hands them out last and no worker sits waiting for them.
-COLLECTED_LAST = ("test_package.py", "test_stack_compose.py")
+# Files whose tests wait for images `make test` builds beside the first tests (the Python bases, the arm64 one
+# under qemu, the compose stack's): collected last, so pytest-xdist hands them out last and no worker sits
+# waiting for them.
+COLLECTED_LAST = ("test_agent_engine.py", "test_package.py", "test_stack_compose.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

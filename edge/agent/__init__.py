@@ -1,2 +1,3 @@
 """The device agent for devices that run the packaged container: what lets the runtime image itself be updated
-(work in progress: the switchable TCP front so far; pulling, starting and checking containers come next)."""
+(in progress: the Engine API client and the switchable TCP front so far; the update procedure that pulls,
+starts, checks and switches comes next)."""
