@@ -203,16 +203,29 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: item.path.name in COLLECTED_LAST)  # stable: the order is otherwise kept
 
 
+def _mlflow_tracking_state() -> tuple[str | None, str | None]:
+    """MLflow's process-wide tracking URI as set (None: unset, the environment decides) and the environment's.
+
+    Read raw: ``mlflow.set_tracking_uri`` also sets (or, given None, removes) ``MLFLOW_TRACKING_URI``, so the
+    two are saved and put back as they were, not through it."""
+    uri = sys.modules["mlflow"].tracking._tracking_service.utils._tracking_uri if "mlflow" in sys.modules else None
+    return uri, os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_tracking_uri_kept(request) -> Iterator[None]:
-    """MLflow's process-wide tracking URI is put back after every integration and e2e test as it was before it:
-    a test (or a flow it ran in-process) that pointed it elsewhere, at a server that is gone by then, must not
-    decide which server the next test talks to, whatever order pytest-xdist runs them in."""
+    """MLflow's tracking URI, process-wide and in the environment, is put back after every integration and e2e test
+    as it was before it: a test (or a flow it ran in-process) that pointed it elsewhere, at a server or store that
+    is gone by then, must not decide which one the next test talks to, whatever order pytest-xdist runs them in."""
     watched = bool({"integration", "e2e"} & set(request.node.path.parts))
-    before = sys.modules["mlflow"].get_tracking_uri() if watched and "mlflow" in sys.modules else None
+    uri, environment = _mlflow_tracking_state()
     yield
     if watched and "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(before)
+        sys.modules["mlflow"].tracking._tracking_service.utils._tracking_uri = uri
+        if environment is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
 def pytest_sessionfinish(session) -> None:
