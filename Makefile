@@ -92,7 +92,7 @@ WARMUP := .run/test-warmup
 # The e2e and integration tests over two pytest-xdist workers, a test file at a time each (most of their time is
 # spent waiting on servers, flows and containers; each worker starts the servers it needs, they share the
 # Docker engine), in collection order (--no-loadscope-reorder: tests/conftest.py collects the files that wait
-# for the warm-up's images last); then the unit tests, which share nothing, over both cores. 18 min 53 s for
+# for the warm-up's images last); then the unit tests, which share nothing, over both cores. 18.9-20.5 min for
 # .ci/run on two cores from an empty cache (24.6 min one integration test at a time). PYTEST_ARGS runs what it
 # names, in one session.
 ifeq ($(strip $(PYTEST_ARGS)),)
