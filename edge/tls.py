@@ -124,6 +124,12 @@ def http_client(tls: ClientTls | None, timeout_s: float, follow_redirects: bool 
                         event_hooks={"request": [https_only]})
 
 
+def kit_tls(root: Path) -> ClientTls:
+    """Where a kit in ``root`` keeps its TLS files (the one statement of that layout: written and read by it)."""
+    folder = Path(root) / "tls"
+    return ClientTls(folder / "ca.crt", folder / "device.crt", folder / "device.key")
+
+
 @dataclass(frozen=True)
 class Kit:
     """An enrollment kit, read by :func:`load_kit`."""
@@ -137,8 +143,7 @@ class Kit:
 
     @property
     def tls(self) -> ClientTls:
-        folder = self.root / "tls"
-        return ClientTls(folder / "ca.crt", folder / "device.crt", folder / "device.key")
+        return kit_tls(self.root)
 
     @property
     def public_keys(self) -> Path:

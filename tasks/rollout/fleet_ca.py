@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.files import atomic_write_bytes, atomic_write_text
 from edge.identity import DEVICE_ID_RULE, is_device_id
-from edge.tls import KIT_FILE
+from edge.tls import KIT_FILE, kit_tls
 from tasks.errors import ConfigError
 
 CA_NAME = "edgeloop fleet CA"
@@ -350,14 +350,14 @@ def enroll(ca: FleetCa, device: str, group: str, kit_dir: Path, *, broker: str, 
     kit_dir = Path(kit_dir)
     staging = kit_dir.with_name(f".{kit_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "tls").mkdir(parents=True)
+    files = kit_tls(staging)
+    files.ca.parent.mkdir(parents=True)
     (staging / "keys").mkdir()
     staging.chmod(0o700)
     try:
-        certificate = issue_client(ca, device, CertificatePair(staging / "tls" / "device.crt",
-                                                               staging / "tls" / "device.key"),
+        certificate = issue_client(ca, device, CertificatePair(files.certificate, files.key),
                                    not_before=not_before, not_after=not_after, days=days)
-        shutil.copyfile(ca.certificate_path, staging / "tls" / "ca.crt")
+        shutil.copyfile(ca.certificate_path, files.ca)
         for path in keys:
             shutil.copyfile(path, staging / "keys" / path.name)
         atomic_write_text(staging / KIT_FILE, json.dumps({

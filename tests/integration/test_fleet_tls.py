@@ -176,6 +176,14 @@ def _status(control: Peer, device: str, sequence: int) -> dict:
     return wait_for(reported, 60, f"{device} to report on sequence {sequence}", interval_s=0.05)
 
 
+def _watching_statuses(tls_fleet: TlsFleet) -> Peer:
+    """The control plane subscribed to the group's statuses, with no retained manifest an earlier test left."""
+    control = tls_fleet.control_plane()
+    assert control.subscribe(f"fleet/{GROUP}/status/+") == 1
+    assert control.publish(model_topic(GROUP), b"", retain=True) in (0, 16)
+    return control
+
+
 def _publish(control: Peer, manifest: RolloutManifest, bundle_kit) -> None:
     assert control.publish(model_topic(GROUP), sign_rollout(manifest, bundle_kit.private_key), retain=True) in (0, 16)
 
@@ -317,10 +325,8 @@ def test_plain_http_and_a_wrong_host_are_refused_and_the_device_keeps_its_versio
     reports the failure with its reason and keeps serving what it had."""
     v1, v3 = bundle_kit.bundle("v1"), bundle_kit.bundle("v3", primary="tflite_fp32")
     (tls_fleet.bundles / v3.name).write_bytes(v3.read_bytes())
-    control = tls_fleet.control_plane()
+    control = _watching_statuses(tls_fleet)
     try:
-        assert control.subscribe(f"fleet/{GROUP}/status/+") == 1
-        assert control.publish(model_topic(GROUP), b"", retain=True) in (0, 16)  # no earlier test's manifest
         store, _ = updater("dev-a", v1)
         plain = tls_fleet.bundle_url(v3.name).replace("https://", "http://")
         _publish(control, _manifest(tls_fleet, v3, "v3", 11, url=plain), bundle_kit)
@@ -345,10 +351,8 @@ def test_a_rotated_broker_certificate_under_a_running_fleet(tls_fleet, updater, 
 
     v1, v4 = bundle_kit.bundle("v1"), bundle_kit.bundle("v4", primary="tflite_fp32")
     (tls_fleet.bundles / v4.name).write_bytes(v4.read_bytes())
-    control = tls_fleet.control_plane()
+    control = _watching_statuses(tls_fleet)
     try:
-        assert control.subscribe(f"fleet/{GROUP}/status/+") == 1
-        assert control.publish(model_topic(GROUP), b"", retain=True) in (0, 16)  # no earlier test's manifest
         store, process = updater("dev-b", v1)
         log = store.parent.parent / "dev-b.log"
         wait_for(lambda: "connected to the broker" in log.read_text(), 30, "dev-b to connect")
