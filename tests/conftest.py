@@ -162,6 +162,7 @@ def image_env(tmp_path_factory) -> ImageEnv:
     return ImageEnv(f"127.0.0.1:{free_port()}", private, keys / "public")
 
 
+WARMUP_RUN_DIR = ".run/test-warmup"  # where `make test` starts the base image warm-up (Makefile)
 SHARED_ENGINE = "shared-docker-engine"  # under pytest-xdist: the engine the workers share, stopped by the controller
 
 
@@ -235,6 +236,38 @@ def pytest_sessionfinish(session) -> None:
     from tasks.stack import services
 
     services.stop("dockerd", session.config._tmp_path_factory.getbasetemp() / SHARED_ENGINE)
+
+
+def _host_state(config, with_engine: bool) -> str:
+    """What a failing integration test's report adds: the host's load, memory and disk, and (for a test of the
+    Docker engine) whether each dockerd the suite may have started still runs, with its log's last lines, so a
+    CI failure caused by the host or a dead engine says so instead of leaving only the test's symptom."""
+    from tasks.packaging.docker_client import CACHE_DIR
+    from tasks.stack.processes import log_tail, running_pid
+
+    memory = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    free = shutil.disk_usage(CACHE_DIR if CACHE_DIR.exists() else Path.home())
+    lines = [f"load {os.getloadavg()}, MemAvailable {memory.get('MemAvailable', '?').strip()}, "
+             f"{free.free / 2**30:.1f} GiB free under {CACHE_DIR}"]
+    if with_engine:
+        basetemp = config._tmp_path_factory.getbasetemp()
+        candidates = [basetemp.parent / SHARED_ENGINE, *basetemp.glob("image-services*"), REPO_ROOT / WARMUP_RUN_DIR]
+        for run_dir in dict.fromkeys(path.resolve() for path in candidates):
+            if (run_dir / "dockerd.log").is_file():
+                state = "running" if running_pid(run_dir, "dockerd") else "NOT RUNNING"
+                lines += [f"dockerd of {run_dir}: {state}; its log ends:", log_tail(run_dir / "dockerd.log", 25)]
+    return "\n".join(lines)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and {"integration", "e2e"} & set(item.path.parts):
+        try:
+            report.sections.append(("host state", _host_state(item.config, "images" in item.fixturenames)))
+        except Exception as error:  # noqa: BLE001 - a diagnostic must never hide the test's own failure
+            report.sections.append(("host state", f"not read: {error!r}"))
 
 
 @pytest.fixture(scope="session")

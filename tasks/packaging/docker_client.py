@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import requests
 
 from tasks.errors import PackagingError, ServiceUnavailable
 
@@ -108,13 +109,30 @@ def build(client, context: Path, tag: str, platform: str, base_image: str, label
     api = client.api
     query = {"t": tag, "version": "2", "platform": platform, "rm": "1", "forcerm": "1",
              "labels": json.dumps(labels), "buildargs": json.dumps({"BASE_IMAGE": base_image})}
-    response = api.post(f"{api.base_url}/v{api.api_version}/build", params=query, data=body.getvalue(),
-                        headers={"Content-Type": "application/x-tar"}, stream=True, timeout=None)
-    if response.status_code != 200:
-        raise PackagingError(f"the engine refused to build {tag}: HTTP {response.status_code} {response.text[:500]}")
-    log = BuildLog()
+    # One BuildKit build at a time per cache: Debian's dockerd (20.10) can crash under concurrent BuildKit builds
+    # (moby/moby#40752, moby/buildkit#2889), and on a small host they only compete for the same cores anyway.
+    with cache_lock("buildkit-build"):
+        try:
+            response = api.post(f"{api.base_url}/v{api.api_version}/build", params=query, data=body.getvalue(),
+                                headers={"Content-Type": "application/x-tar"}, stream=True, timeout=None)
+            if response.status_code != 200:
+                raise PackagingError(f"the engine refused to build {tag}: HTTP {response.status_code} "
+                                     f"{response.text[:500]}")
+            log = BuildLog()
+            image_id = _read_build_stream(response.iter_lines(), tag, platform, log)
+        except requests.RequestException as error:
+            raise PackagingError(f"the Docker engine at {api.base_url} dropped the build of {tag} for {platform} "
+                                 f"({type(error).__name__}: {error}): did dockerd exit? Its log says why "
+                                 "(ours: the run folder's dockerd.log); `edgeloop engine up` starts it again") from None
+    if image_id is None:
+        raise PackagingError(f"building {tag} for {platform} ended without an image:\n{log.tail()}")
+    return image_id
+
+
+def _read_build_stream(lines: Iterator[bytes], tag: str, platform: str, log: BuildLog) -> str | None:
+    """The image id a BuildKit build stream ends with (None if it names none); its errors as PackagingError."""
     image_id = None
-    for line in response.iter_lines():
+    for line in lines:
         chunk = json.loads(line)
         if chunk.get("id") == "moby.buildkit.trace":
             log.add(base64.b64decode(chunk["aux"]))
@@ -123,8 +141,6 @@ def build(client, context: Path, tag: str, platform: str, base_image: str, label
             raise PackagingError(f"building {tag} for {platform} failed: {message.strip()}\n{log.tail()}")
         elif chunk.get("id") == "moby.image.id":
             image_id = chunk["aux"]["ID"]
-    if image_id is None:
-        raise PackagingError(f"building {tag} for {platform} ended without an image:\n{log.tail()}")
     return image_id
 
 
