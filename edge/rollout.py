@@ -16,6 +16,9 @@ covers the exact manifest text. Devices accept a manifest only when
   downgrades a device), and
 - it names a version older than the active one only as ``action: rollback`` (signed as one).
 
+A manifest may name the **image** a container device runs, per architecture (``images``, each pinned by
+digest): the same signature, sequence and downgrade rules cover it as the bundle (see :mod:`edge.agent`).
+
 The **cohort** is the devices whose stable hash (sha256 of ``<rollout_id>:<device>``, as a fraction of
 2**64) is at most ``cohort_cutoff``; the control plane picks the cutoff from its device list so that a
 stage reaches exactly the devices it intends (5% rounded up, at least one), and widening only raises it,
@@ -38,6 +41,8 @@ from edge.signing import sign_manifest, verify_manifest
 SCHEMA = "edgeloop.rollout/1"
 GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # MQTT topic level: no '/', '+' or '#'
 HEX64 = re.compile(r"[0-9a-f]{64}")
+ARCH = re.compile(r"[a-z0-9_]{1,16}")  # Docker's platform architectures: amd64, arm64, arm, ...
+DIGEST_REFERENCE = re.compile(r"[a-z0-9][a-z0-9._:/-]*@sha256:[0-9a-f]{64}")  # images run only pinned by digest
 ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -84,7 +89,8 @@ class RolloutManifest(BaseModel):
     version: str = Field(min_length=1, max_length=64)   # the bundle version devices end up on
     bundle_url: str = Field(min_length=1)               # where the bundle is fetched (http(s) or file)
     bundle_sha256: str = Field(pattern=HEX64.pattern)   # the bundle is installed only with this digest
-    image: str | None = None                            # registry/repository@sha256:... for container devices
+    image: str | None = None                            # the amd64 image, as devices before ``images`` read it
+    images: dict[str, str] = Field(default_factory=dict, max_length=8)  # arch -> repository@sha256:... (containers)
     previous_version: str | None = None                 # what the cohort ran before this rollout
     cohort_cutoff: float = Field(gt=0.0, le=1.0)
     stage: str = Field("canary", min_length=1, max_length=32)
@@ -98,11 +104,26 @@ class RolloutManifest(BaseModel):
             raise ValueError("a rollback manifest must say why (reason)")
         return self
 
+    @model_validator(mode="after")
+    def _images_pinned(self) -> RolloutManifest:
+        for arch, reference in self.images.items():
+            if not ARCH.fullmatch(arch) or not DIGEST_REFERENCE.fullmatch(reference):
+                raise ValueError(f"images[{arch!r}] = {reference!r}: an architecture (amd64, arm64, ...) and an "
+                                 "image pinned by digest (registry/repository@sha256:<64 hex>)")
+        return self
+
+    def image_for(self, arch: str) -> str | None:
+        """The image a container device of ``arch`` runs (None: a model-only rollout for it)."""
+        return self.images.get(arch)
+
     def includes(self, device: str) -> bool:
         return cohort_position(self.rollout_id, device) <= self.cohort_cutoff
 
     def to_text(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+        """The signed text. Without images, the field is left out: devices that predate it (their schema forbids
+        unknown fields) keep taking model-only rollouts; a rollout with images needs devices that read them."""
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude=set() if self.images else {"images"}),
+                          sort_keys=True, separators=(",", ":"))
 
 
 def sign_rollout(manifest: RolloutManifest, private_key: Ed25519PrivateKey) -> bytes:

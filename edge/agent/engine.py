@@ -10,15 +10,14 @@ the device profile's memory and CPU limits.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import httpx
 
 from edge.errors import EdgeError
+from edge.rollout import DIGEST_REFERENCE
 
-DIGEST_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._:/-]*@sha256:[0-9a-f]{64}$")
 SERVICE_PORT = "8080/tcp"
 LABEL = "io.edgeloop.agent"
 
@@ -139,6 +138,15 @@ class Engine:
             text.append(raw[index + 8:index + 8 + size].decode(errors="replace"))
             index += 8 + size
         return "".join(text) if text else raw.decode(errors="replace")
+
+    def stop(self, container: str, grace_s: int = 10) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``: the service finishes what it serves and closes idle connections."""
+        try:
+            self._call("POST", f"/containers/{container}/stop", f"stopping {container}", params={"t": grace_s},
+                       timeout=grace_s + 30)
+        except EngineError as error:
+            if "404" not in str(error) and "304" not in str(error):
+                raise
 
     def remove(self, container: str) -> None:
         """Stop and remove ``container`` (gone already: nothing to do)."""

@@ -10,7 +10,9 @@ Outcomes, reported on ``fleet/<group>/status/<device>`` (QoS 1, retained) as
 - ``installed``: the target version is active (applied now, or ``already_active``: an idempotent ack).
 - ``failed``: the attempt did not end on the target (``digest_mismatch``, ``fetch_failed``, ``too_large``,
   ``version_mismatch``, the store's refusal reasons such as ``tampered`` or ``health_check``,
-  ``store_error``, ``io_error``); the store keeps the previous version active.
+  ``store_error``, ``io_error``; on a container device, ``image_pull``, ``image_start``, ``image_not_ready``,
+  ``image_health``: :mod:`edge.agent.service`); the store keeps (or goes back to) the previous version
+  active and the old container serves on.
 
 A replayed or older manifest (``stale``) and a manifest whose cohort leaves this device out
 (``not_in_cohort``) change nothing and report nothing: the control plane counts ``installed`` and
@@ -32,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -45,6 +47,12 @@ from edge.updater.state import STATE_FILE, load_state, save_state
 log = logging.getLogger(__name__)
 DOWNLOAD_PREFIX = ".download-"
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain); always QoS 1
+
+
+class ImageService(Protocol):
+    """What serves the model on a container device (:class:`edge.agent.service.ServiceContainer`)."""
+
+    def update(self, image: str, version: str) -> bool: ...
 Fetch = Callable[[str, Path, int], str]  # (url, destination, max_bytes) -> sha256 of what was written
 
 
@@ -53,8 +61,10 @@ class RolloutHandler:
 
     def __init__(self, device: str, group: str, store: ModelStore, keys: dict[str, Ed25519PublicKey],
                  publish: Publish, fetch: Fetch = fetch_bundle, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, service: ImageService | None = None,
+                 arch: str = "amd64") -> None:
         self.device, self.group, self.store, self.keys = device, group, store, keys
+        self.service, self.arch = service, arch  # a container device: the image part of manifests applies
         self.publish, self.fetch, self.clock = publish, fetch, clock
         self.rng = rng or random.Random()
         self.stopping = threading.Event()  # set on shutdown: cuts a jitter wait short, nothing is recorded
@@ -108,7 +118,22 @@ class RolloutHandler:
     # ---- applying ----------------------------------------------------------------------------------
 
     def _apply(self, manifest: RolloutManifest) -> None:
-        """End with ``manifest.version`` active, or raise with the store still on its previous version."""
+        """End with ``manifest.version`` active (and, on a container device, served by the manifest's image for
+        this architecture), or raise with the store and the service container as they were."""
+        before = self.store.state().active
+        self._apply_bundle(manifest)
+        image = manifest.image_for(self.arch) if self.service is not None else None
+        if image is None:
+            return
+        try:
+            self.service.update(image, manifest.version)
+        except RolloutFailed:
+            if before is not None and before != manifest.version:
+                self.store.activate(before)  # the old container goes on serving what it served
+            raise
+
+    def _apply_bundle(self, manifest: RolloutManifest) -> None:
+        """End with ``manifest.version`` active in the store, or raise with it still on its previous version."""
         state = self.store.state()
         if manifest.version in state.installed:  # no download: installed versions are immutable and signed
             if manifest.action == "rollback" and state.previous == manifest.version:

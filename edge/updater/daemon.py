@@ -33,26 +33,48 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from edge.config import ENV_PREFIX, settings_with_kit
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.identity import DeviceId
 from edge.retry import backoff_delay
-from edge.rollout import GROUP, model_topic, telemetry_topic
+from edge.rollout import ARCH, DIGEST_REFERENCE, GROUP, model_topic, telemetry_topic
 from edge.signing import load_public_keys
 from edge.store.model_store import ModelStore
 from edge.tls import TlsSettings
 from edge.updater.apply import RolloutHandler, json_bytes
+
+if TYPE_CHECKING:
+    from edge.agent.service import ServiceContainer
 from edge.updater.fetch import fetch_bundle
 from edge.updater.state import hold_lock
 from edge.updater.telemetry import ServiceMetrics, TelemetrySource
 
 log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGELOOP_MQTT_PASSWORD"
+CONTAINER_STORE = "/var/lib/edgeloop/models"  # where the packaged image's service reads its store (docker/Dockerfile)
+CONTAINER_SAMPLES = "/var/lib/edgeloop/samples"  # ... and keeps its drift samples
+MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
+
+
+def store_owner(store: Path) -> str:
+    """``uid:gid`` the service container runs as: the store's owner, who writes it (the updater), so the service
+    can take the store's lock and roll back. Run the updater as an unprivileged user in the docker group (the
+    image's ``edgeloop``, uid 10001, as in compose.edge.yml): as root, the service would run as root too."""
+    status = store.stat()
+    return f"{status.st_uid}:{status.st_gid}"
+
+
+def host_arch() -> str:
+    """This machine's architecture as Docker names platforms."""
+    import platform
+
+    machine = platform.machine().lower()
+    return MACHINE_ARCH.get(machine, machine)
 
 
 class UpdaterConfig(TlsSettings):
@@ -74,6 +96,36 @@ class UpdaterConfig(TlsSettings):
     fetch_attempts: int = Field(4, ge=1, le=20, description="bundle download attempts before the rollout fails")
     max_bundle_mb: float = Field(256.0, gt=0.0, description="largest bundle accepted")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
+    # A container device (the packaged image): the updater runs the service container and applies the image part
+    # of manifests (edge.agent.service); the store is bind-mounted into it, the service running as its owner.
+    engine: str | None = Field(None, pattern=r"^unix:///", description="container device: the local Docker "
+                               "engine's socket (unix:///var/run/docker.sock)")
+    service_image: str | None = Field(None, description="container device: the image served until a rollout names "
+                                      "another, pinned by digest")
+    service_listen: str = Field("0.0.0.0:8080", pattern=r"^[^\s:]+:\d{1,5}$",
+                                description="container device: HOST:PORT the service is reached on (the agent's front)")
+    arch: str = Field(default_factory=host_arch, pattern=f"^{ARCH.pattern}$",
+                      description="container device: the architecture whose image it runs (amd64, arm64, arm)")
+    samples_dir: Path | None = Field(None, description="container device: the host folder of the service's drift "
+                                     "samples (default: 'samples' beside the store)")
+    container_memory_mb: int = Field(256, ge=64, le=65536, description="container device: the service's memory limit")
+    container_cpus: float = Field(1.0, gt=0.0, le=256.0, description="container device: the service's CPU limit")
+    ready_timeout_s: float = Field(120.0, gt=0.0, description="container device: a new container's time to /readyz")
+
+    @field_validator("service_image")
+    @classmethod
+    def _pinned(cls, image: str | None) -> str | None:
+        if image is not None and not DIGEST_REFERENCE.fullmatch(image):
+            raise ValueError(f"{image!r} is not pinned by digest: give registry/repository@sha256:<64 hex> (`edgeloop "
+                             "package` prints it; MLflow has it as the version's image.<arch> tag)")
+        return image
+
+    @model_validator(mode="after")
+    def _container_device_complete(self) -> UpdaterConfig:
+        if self.engine and not self.service_image:
+            raise ValueError("--engine needs --service-image: the image (pinned by digest) served until a rollout "
+                             "names another")
+        return self
 
     @field_validator("broker")
     @classmethod
@@ -121,14 +173,17 @@ class Updater:
     """The MQTT session, the manifest worker and the telemetry loop of one device."""
 
     def __init__(self, config: UpdaterConfig, store: ModelStore, keys: dict[str, Ed25519PublicKey],
-                 password: str | None, telemetry: TelemetrySource | None = None) -> None:
+                 password: str | None, telemetry: TelemetrySource | None = None,
+                 service: ServiceContainer | None = None) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         self.config, self.telemetry = config, telemetry
         self._store_lock = hold_lock(store.root)  # before the state is read: one updater per store
-        self.handler = RolloutHandler(config.device_id, config.group, store, keys, self.publish, self._fetch)
+        self.service = service
+        self.handler = RolloutHandler(config.device_id, config.group, store, keys, self.publish, self._fetch,
+                                      service=service, arch=config.arch)
         self.stopping = self.handler.stopping
         self._messages: queue.Queue[bytes] = queue.Queue(maxsize=64)
         self._rng = random.Random()
@@ -155,6 +210,10 @@ class Updater:
                             max_backoff_s=self.config.max_backoff_s, sleep=self.stopping.wait, tls=self.tls)
 
     def start(self) -> None:
+        if self.service is not None:  # the front listens and the service container serves before any rollout
+            self.service.proxy.start()
+            running = self.service.start(self.config.service_image or "")
+            log.info("service container %s (%s) behind %s", running.name, running.image, self.config.service_listen)
         for target, name in ((self._network, "mqtt"), (self._work, "rollouts"), (self._report_telemetry, "telemetry")):
             if name != "telemetry" or self.telemetry is not None:
                 thread = threading.Thread(target=target, name=f"updater-{name}", daemon=True)
@@ -166,6 +225,9 @@ class Updater:
         self.client.disconnect()
         for thread in self._threads:
             thread.join(timeout_s)
+        if self.service is not None:  # the container runs on: a restarted updater takes it over
+            self.service.proxy.stop()
+            self.service.engine.close()
 
     # ---- the MQTT session (network thread) ---------------------------------------------------------
 
@@ -245,7 +307,32 @@ def build(config: UpdaterConfig) -> Updater:
     password = config.password()
     store = ModelStore(config.store, keys, config.keep_versions, int(config.max_bundle_mb * 2**20))
     telemetry = ServiceMetrics(config.service_url) if config.service_url else None
-    return Updater(config, store, keys, password, telemetry)
+    return Updater(config, store, keys, password, telemetry, service_container(config, store))
+
+
+def service_container(config: UpdaterConfig, store: ModelStore) -> ServiceContainer | None:
+    """A container device's service container and front (None for a device that runs the service itself)."""
+    if config.engine is None:
+        return None
+    from edge.agent.engine import ContainerSpec, Engine
+    from edge.agent.proxy import SwitchableProxy
+    from edge.agent.service import ServiceContainer
+
+    samples = config.samples_dir or config.store.resolve().parent / "samples"
+    try:
+        samples.mkdir(parents=True, exist_ok=True)
+        owner = config.store.stat()
+        if os.geteuid() == 0:  # the service runs as the store's owner: its samples are that user's too
+            os.chown(samples, owner.st_uid, owner.st_gid)
+    except OSError as error:
+        raise ConfigError(f"samples folder {samples}: {error}") from error
+    host, _, port = config.service_listen.rpartition(":")
+    template = ContainerSpec("", f"edgeloop-{config.device_id}", env={"EDGELOOP_DEVICE_ID": config.device_id},
+                             binds=[f"{config.store.resolve()}:{CONTAINER_STORE}",
+                                    f"{samples.resolve()}:{CONTAINER_SAMPLES}"], user=store_owner(config.store),
+                             memory_mb=config.container_memory_mb, cpus=config.container_cpus)
+    return ServiceContainer(Engine(config.engine), SwitchableProxy(host, int(port), 0), template, store,
+                            config.store / "service-container.json", ready_timeout_s=config.ready_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

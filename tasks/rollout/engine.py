@@ -57,12 +57,13 @@ class Channel(Protocol):
 
 @dataclass(frozen=True)
 class Release:
-    """A version devices can fetch: the signed bundle's URL and digest (and the image, for container devices)."""
+    """A version devices can fetch: the signed bundle's URL and digest (and the images, for container devices)."""
 
     version: str
     bundle_url: str
     bundle_sha256: str
-    image: str | None = None
+    image: str | None = None                                   # amd64's, for devices that predate ``images``
+    images: dict[str, str] = field(default_factory=dict)       # arch -> registry/repository@sha256:...
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Rollout:
         manifest = RolloutManifest(
             rollout_id=self.report.rollout_id, group=self.params.group, sequence=sequence, action=action,
             model_name=self.report.model_name, version=release.version, bundle_url=release.bundle_url,
-            bundle_sha256=release.bundle_sha256, image=release.image,
+            bundle_sha256=release.bundle_sha256, image=release.image, images=release.images,
             previous_version=self.previous.version if self.previous and action == "install" else None,
             cohort_cutoff=cutoff, stage=stage, jitter_s=self.params.jitter_s, issued_at=self.clock(), reason=reason)
         self.channel.publish_manifest(sign_rollout(manifest, self.key))

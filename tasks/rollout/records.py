@@ -39,8 +39,17 @@ def release_of(params: Params, version: str) -> Release:
     if not bundle.is_file():
         bundle.parent.mkdir(parents=True, exist_ok=True)
         export_registered(params.mlflow, bundle.parent, params.package.signing_key, alias=None, version=version)
-    tags = mlflow.MlflowClient().get_model_version(name, version).tags
-    return Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle), tags.get("image.amd64"))
+    images = images_of(mlflow.MlflowClient().get_model_version(name, version).tags)
+    return Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle), images.get("amd64"), images)
+
+
+def images_of(tags: dict[str, str]) -> dict[str, str]:
+    """The pushed images of a registered version, by architecture: its ``image.<arch>`` tags pinned by digest
+    (``edgeloop package`` sets them; an image that was built but not pushed has no such tag)."""
+    from edge.rollout import ARCH, DIGEST_REFERENCE
+
+    found = {key.removeprefix("image."): value for key, value in tags.items() if key.startswith("image.")}
+    return {arch: value for arch, value in found.items() if ARCH.fullmatch(arch) and DIGEST_REFERENCE.fullmatch(value)}
 
 
 def versions_to_roll(settings: MlflowParams, version: str | None) -> tuple[str, str | None]:

@@ -366,3 +366,101 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images, shipped, bundle_kit, tmp_path):
+    """The device agent (edge/agent/service.py through the updater's RolloutHandler) against the real engine and
+    registry: images derived from the packaged one that crash, never get ready or serve wrong labels are each
+    reported with their reason while the old container serves on; a good one replaces it. Traffic through the
+    device's front runs all along and no request of it fails."""
+    import docker
+    from edge.agent.engine import ContainerSpec, Engine
+    from edge.agent.proxy import SwitchableProxy
+    from edge.agent.service import ServiceContainer
+    from edge.files import sha256_file
+    from edge.rollout import RolloutManifest, sign_rollout
+    from edge.signing import load_public_keys
+    from edge.store.model_store import ModelStore
+    from edge.updater.apply import RolloutHandler
+    from edge.updater.daemon import CONTAINER_SAMPLES, CONTAINER_STORE, store_owner
+    from tasks.registry.bundle import bundle_from_files, load_private_key
+    from tasks.stack.services import free_port
+    from tests.agent_helpers import Traffic, derived_image
+
+    report, _ = shipped
+    base = report.images[0].pinned
+    client = docker.from_env()
+    derived = {kind: derived_image(client, images.registry, base, kind) for kind in ("good", "crash", "hang", "wrong")}
+    key, keys = load_private_key(images.signing_key), load_public_keys([images.public_keys])  # what the image trusts
+
+    bundles: dict[str, Path] = {}
+
+    def bundle(version: str) -> Path:
+        if version not in bundles:
+            bundles[version] = bundle_from_files(tmp_path / "bundles" / f"{version}.tar.gz", version, MODEL_NAME,
+                                                 version.lstrip("v"), None,
+                                                 {"primary": bundle_kit.model_files["tflite_int8"]}, bundle_kit.sample,
+                                                 key)
+        return bundles[version]
+
+    store = ModelStore(tmp_path / "store", keys)
+    store.install(bundle("v1000"))
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    name = f"edgeloop-agent-test-{free_port()}"
+    proxy = SwitchableProxy("127.0.0.1", free_port(), 0)
+    service = ServiceContainer(Engine(os.environ["DOCKER_HOST"]), proxy,
+                               ContainerSpec("", name, binds=[f"{store.root.resolve()}:{CONTAINER_STORE}",
+                                                              f"{samples}:{CONTAINER_SAMPLES}"],
+                                             user=store_owner(store.root), memory_mb=512, cpus=1.0),
+                               store, tmp_path / "service.json", ready_timeout_s=90, drain_timeout_s=10)
+    statuses: list[dict] = []
+    handler = RolloutHandler("device-1", "images", store, keys, lambda topic, payload, retain: statuses.append(
+        json.loads(payload)), service=service, arch="amd64")
+    sequence = 0
+
+    def rollout(version: str, image: str) -> dict | None:
+        nonlocal sequence
+        sequence += 1
+        manifest = RolloutManifest(rollout_id=f"images-{sequence}", group="images", sequence=sequence,
+                                   action="install", model_name=MODEL_NAME, version=version,
+                                   bundle_url=bundle(version).resolve().as_uri(),
+                                   bundle_sha256=sha256_file(bundle(version)), images={"amd64": image},
+                                   cohort_cutoff=1.0, issued_at=1_780_000_000.0 + sequence)
+        return handler.handle(sign_rollout(manifest, key))
+
+    def ours() -> list[str]:
+        return [container.image.id for container in client.containers.list(filters={"name": name})]
+
+    proxy.start()
+    try:
+        first = service.start(base)
+        with Traffic(f"http://127.0.0.1:{proxy.port}", bundle_kit.sample) as traffic:
+            for kind, reason, ready_timeout_s in (("crash", "image_start", 90), ("hang", "image_not_ready", 10),
+                                                  ("wrong", "image_health", 90)):
+                service.ready_timeout_s = ready_timeout_s
+                status = rollout("v1001", derived[kind])
+                assert status is not None and (status["state"], status["reason"]) == ("failed", reason), status
+                assert status["version"] == "v1000" and store.state().active == "v1000"
+                assert service.current == first and len(ours()) == 1, (kind, ours())
+            service.ready_timeout_s = 90
+            status = rollout("v1001", derived["good"])
+            assert status is not None and (status["state"], status["reason"]) == ("installed", ""), status
+            assert service.current.image == derived["good"] and service.current != first
+            assert ours() == [client.images.get(derived["good"]).id]  # the old container is gone
+            replayed = handler.handle(sign_rollout(RolloutManifest(
+                rollout_id="images-1", group="images", sequence=1, action="install", model_name=MODEL_NAME,
+                version="v1001", bundle_url="file:///none", bundle_sha256="0" * 64, images={"amd64": base},
+                cohort_cutoff=1.0, issued_at=1.0), key))
+            assert replayed is None and service.current.image == derived["good"]  # a replay never switches back
+            missing = derived["good"].split("@")[0] + "@sha256:" + "0" * 64
+            status = rollout("v1002", missing)
+            assert status is not None and (status["state"], status["reason"]) == ("failed", "image_pull"), status
+            assert status["version"] == "v1001"
+        assert traffic.failures == [], traffic.failures[:5]
+        assert traffic.versions["v1000"] > 0 and traffic.versions["v1001"] > 0, traffic.versions
+    finally:
+        proxy.stop()
+        if service.current is not None:
+            service.engine.remove(service.current.id)
+        service.engine.close()
