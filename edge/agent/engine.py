@@ -118,6 +118,12 @@ class Engine:
     def inspect(self, container: str) -> dict:
         return self._call("GET", f"/containers/{container}/json", f"inspecting {container}").json()
 
+    def named(self, pattern: str) -> list[str]:
+        """The ids of every container (running or not) whose whole name matches the regular expression."""
+        found = self._call("GET", "/containers/json", f"listing containers named {pattern}",
+                           params={"all": "1", "filters": json.dumps({"name": [f"^/{pattern}$"]})}).json()
+        return [entry["Id"] for entry in found]
+
     def running(self, container: str) -> bool:
         """Whether ``container`` exists and runs (False for one that exited or is gone)."""
         try:

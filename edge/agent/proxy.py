@@ -86,6 +86,10 @@ class SwitchableProxy:
         async def close() -> None:
             server.close()
             await server.wait_closed()
+            connections = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in connections:  # open connections end with the front, not when the loop is gone
+                task.cancel()
+            await asyncio.gather(*connections, return_exceptions=True)
             loop.stop()
 
         asyncio.run_coroutine_threadsafe(close(), loop)

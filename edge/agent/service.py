@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +66,10 @@ class ServiceContainer:
             self.current = self._launch(image, version=None)
             self._record(self.current)
         self.proxy.switch(self.current.port)
+        for leftover in set(self.engine.named(f"{re.escape(self.template.name)}-[0-9a-f]{{12}}-[0-9]+")) - {
+                self.current.id}:
+            log.warning("removing service container %s: an attempt a stopped agent left behind", leftover[:12])
+            self.engine.remove(leftover)  # an exited recorded one, or a new one the agent died starting
         return self.current
 
     # ---- an update ---------------------------------------------------------------------------------------

@@ -210,9 +210,9 @@ class Updater:
                             max_backoff_s=self.config.max_backoff_s, sleep=self.stopping.wait, tls=self.tls)
 
     def start(self) -> None:
-        if self.service is not None:  # the front listens and the service container serves before any rollout
-            self.service.proxy.start()
+        if self.service is not None:  # the service container serves, then the front listens, before any rollout
             running = self.service.start(self.config.service_image or "")
+            self.service.proxy.start()
             log.info("service container %s (%s) behind %s", running.name, running.image, self.config.service_listen)
         for target, name in ((self._network, "mqtt"), (self._work, "rollouts"), (self._report_telemetry, "telemetry")):
             if name != "telemetry" or self.telemetry is not None:
@@ -347,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
-    updater.start()
+    try:
+        updater.start()  # a container device first starts its service (pull, /readyz) and its front
+    except EdgeError as error:  # the image cannot be pulled or run, the front's port is taken, ...
+        print(f"error: the service could not start: {error}", file=sys.stderr)
+        updater.stop()
+        return 1
     log.info("updater for %s in group %s on %s", config.device_id, config.group, config.broker)
     while not stop.is_set():  # woken each second so the signal handlers run promptly
         stop.wait(1.0)

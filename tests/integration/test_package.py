@@ -368,21 +368,21 @@ def _ready(url: str) -> bool:
         return False
 
 
-def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images, shipped, bundle_kit, tmp_path):
+def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images, shipped, bundle_kit, tmp_path,
+                                                                          capsys):
     """The device agent (edge/agent/service.py through the updater's RolloutHandler) against the real engine and
     registry: images derived from the packaged one that crash, never get ready or serve wrong labels are each
     reported with their reason while the old container serves on; a good one replaces it. Traffic through the
     device's front runs all along and no request of it fails."""
+    from dataclasses import replace
+
     import docker
-    from edge.agent.engine import ContainerSpec, Engine
-    from edge.agent.proxy import SwitchableProxy
-    from edge.agent.service import ServiceContainer
     from edge.files import sha256_file
     from edge.rollout import RolloutManifest, sign_rollout
     from edge.signing import load_public_keys
     from edge.store.model_store import ModelStore
     from edge.updater.apply import RolloutHandler
-    from edge.updater.daemon import CONTAINER_SAMPLES, CONTAINER_STORE, store_owner
+    from edge.updater.daemon import load_config, service_container
     from tasks.registry.bundle import bundle_from_files, load_private_key
     from tasks.stack.services import free_port
     from tests.agent_helpers import Traffic, derived_image
@@ -405,15 +405,14 @@ def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images,
 
     store = ModelStore(tmp_path / "store", keys)
     store.install(bundle("v1000"))
-    samples = tmp_path / "samples"
-    samples.mkdir()
-    name = f"edgeloop-agent-test-{free_port()}"
-    proxy = SwitchableProxy("127.0.0.1", free_port(), 0)
-    service = ServiceContainer(Engine(os.environ["DOCKER_HOST"]), proxy,
-                               ContainerSpec("", name, binds=[f"{store.root.resolve()}:{CONTAINER_STORE}",
-                                                              f"{samples}:{CONTAINER_SAMPLES}"],
-                                             user=store_owner(store.root), memory_mb=512, cpus=1.0),
-                               store, tmp_path / "service.json", ready_timeout_s=90, drain_timeout_s=10)
+    device = f"agent-test-{free_port()}"
+    config = load_config(["--broker", "unused:1883", "--device", device, "--group", "images", "--store",
+                          str(store.root), "--public-keys", str(images.public_keys), "--password-file", "/unused",
+                          "--engine", os.environ["DOCKER_HOST"], "--service-image", base, "--service-listen",
+                          f"127.0.0.1:{free_port()}", "--container-memory-mb", "512", "--ready-timeout-s", "90"],
+                         environ={})
+    service = service_container(config, store)  # the updater's own wiring: front, spec, binds, limits, record
+    proxy, name = service.proxy, service.template.name
     statuses: list[dict] = []
     handler = RolloutHandler("device-1", "images", store, keys, lambda topic, payload, retain: statuses.append(
         json.loads(payload)), service=service, arch="amd64")
@@ -443,7 +442,7 @@ def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images,
                 assert status is not None and (status["state"], status["reason"]) == ("failed", reason), status
                 assert status["version"] == "v1000" and store.state().active == "v1000"
                 assert service.current == first and len(ours()) == 1, (kind, ours())
-            service.ready_timeout_s = 90
+            service.ready_timeout_s = config.ready_timeout_s
             status = rollout("v1001", derived["good"])
             assert status is not None and (status["state"], status["reason"]) == ("installed", ""), status
             assert service.current.image == derived["good"] and service.current != first
@@ -459,8 +458,23 @@ def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images,
             assert status["version"] == "v1001"
         assert traffic.failures == [], traffic.failures[:5]
         assert traffic.versions["v1000"] > 0 and traffic.versions["v1001"] > 0, traffic.versions
+        # the updater restarts: it takes over the recorded container and removes an attempt a killed one left
+        proxy.stop()
+        stray = service.engine.run(replace(service.template, image=base, name=f"{name}-{'0' * 12}-1"))
+        restarted = service_container(config, store)
+        proxy = restarted.proxy
+        proxy.start()
+        assert restarted.start(base) == service.current and ours() == [client.images.get(derived["good"]).id]
+        assert not restarted.engine.running(stray.id)
+        answer = httpx.post(f"http://127.0.0.1:{proxy.port}/v1/predict",
+                            json={"inputs": bundle_kit.sample[:1].tolist()}).json()
+        assert answer["version"] == "v1001", answer
+        restarted.engine.close()
     finally:
         proxy.stop()
         if service.current is not None:
             service.engine.remove(service.current.id)
         service.engine.close()
+    with capsys.disabled():
+        print(f"\ncontainer device: {sum(traffic.versions.values())} requests through the front during 3 refused "
+              f"and 1 accepted image updates, {len(traffic.failures)} failed; served {dict(traffic.versions)}")
