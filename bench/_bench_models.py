@@ -27,8 +27,40 @@ def resnet8_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def edge_bench_p50(models: list[Path], iterations: int, warmup: int, threads: int = 1) -> list[float]:
-    """``python -m edge.bench`` on ``models`` (one fresh child each); the steady-state p50 of each, in ms."""
+def resnet8_onnx_files(folder: Path) -> dict[str, Path]:
+    """The same ``resnet8`` (same seed) as ONNX: float32, and int8 QDQ as S8S8 and as U8S8 with reduce_range."""
+    import numpy as np
+
+    from tasks.model.exporters import onnx_bytes, onnx_int8_bytes
+    from tasks.model.tfsetup import set_seeds
+    from tasks.model.zoo import build_model
+
+    set_seeds(0)
+    model = build_model("resnet8", (32, 32, 3), 10)
+    representative = np.random.default_rng(0).random((64, 32, 32, 3), dtype=np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = onnx_bytes(model, opset=17)
+    files = {name: folder / f"resnet8_{name}.onnx" for name in ("fp32", "s8s8", "u8s8_reduce_range")}
+    files["fp32"].write_bytes(fp32)
+    files["s8s8"].write_bytes(onnx_int8_bytes(fp32, representative, "s8s8"))
+    files["u8s8_reduce_range"].write_bytes(onnx_int8_bytes(fp32, representative, "u8s8_reduce_range"))
+    return files
+
+
+def cpu_flags(names: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")) -> dict[str, int]:
+    """Which of the int8-relevant x86 flags this CPU reports (1/0), from /proc/cpuinfo."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return {name: 0 for name in names}
+    present = set(line.split(":", 1)[1].split())
+    return {name: int(name in present) for name in names}
+
+
+def edge_bench_p50(models: list[Path], iterations: int, warmup: int, threads: int = 1,
+                   extra: tuple[str, ...] = ()) -> list[float]:
+    """``python -m edge.bench`` on ``models`` (one fresh child each); the steady-state p50 of each, in ms.
+    ``extra``: more edge.bench options (``--no-xnnpack``)."""
     import json
     import subprocess
     import sys
@@ -37,7 +69,7 @@ def edge_bench_p50(models: list[Path], iterations: int, warmup: int, threads: in
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
         subprocess.run([sys.executable, "-m", "edge.bench", *map(str, models), "--iterations", str(iterations),
-                        "--warmup", str(warmup), "--threads", str(threads), "--out", str(out)], check=True,
+                        "--warmup", str(warmup), "--threads", str(threads), "--out", str(out), *extra], check=True,
                        capture_output=True, text=True)
         results = json.loads(out.read_text())["results"]
     return [row["latency"]["p50_ms"] for row in results]

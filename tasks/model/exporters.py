@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,8 +62,15 @@ def onnx_bytes(model: Any, opset: int) -> bytes:
     return proto.SerializeToString()
 
 
-def onnx_int8_bytes(onnx_fp32: bytes, representative: np.ndarray) -> bytes:
-    """Static QDQ int8 quantization with ONNX Runtime: per-channel weights, calibrated activations."""
+OnnxInt8Scheme = Literal["s8s8", "u8s8_reduce_range"]
+
+
+def onnx_int8_bytes(onnx_fp32: bytes, representative: np.ndarray, scheme: OnnxInt8Scheme = "s8s8") -> bytes:
+    """Static QDQ int8 quantization with ONNX Runtime: per-channel weights, calibrated activations.
+
+    ``s8s8``: signed activations and weights (the default; fast where the CPU has VNNI). ``u8s8_reduce_range``:
+    unsigned activations, signed 7-bit weights, which ONNX Runtime's documentation advises for x86 CPUs without
+    VNNI (U8S8 with full-range weights can saturate in their ``vpmaddubsw``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -79,6 +86,8 @@ def onnx_int8_bytes(onnx_fp32: bytes, representative: np.ndarray) -> bytes:
         source, prepared, quantized = (Path(workdir) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         source.write_bytes(onnx_fp32)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        activations = QuantType.QInt8 if scheme == "s8s8" else QuantType.QUInt8
         quantize_static(str(prepared), str(quantized), RepresentativeReader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
+                        reduce_range=scheme == "u8s8_reduce_range")
         return quantized.read_bytes()

@@ -111,3 +111,28 @@ def test_measure_module_reports_memory(tiny_model_files):
                                cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
     assert figures["peak_rss_bytes"] > figures["model_rss_bytes"] >= 0
+
+
+def test_the_u8s8_reduce_range_scheme_quantizes_activations_unsigned_and_still_agrees(tiny_model, tiny_model_files,
+                                                                                     digits, tmp_path):
+    """ONNX Runtime's advice for x86 without VNNI (bench/int8_speedup.py measures it against S8S8): the model's
+    activations become uint8, its weights int8 in 7 bits, and its labels agree with float32 like S8S8's do."""
+    import onnx
+
+    from tasks.model.exporters import onnx_int8_bytes
+
+    fp32 = tiny_model_files["onnx_fp32"].read_bytes()
+    path = tmp_path / "u8s8.onnx"
+    path.write_bytes(onnx_int8_bytes(fp32, digits.x[:50], "u8s8_reduce_range"))
+    graph = onnx.load(str(path)).graph
+    zero_points = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer
+                   if init.name.endswith("zero_point")}
+    activation_dtypes = {array.dtype.name for name, array in zero_points.items() if array.ndim == 0}
+    assert "uint8" in activation_dtypes, activation_dtypes
+    weights = [onnx.numpy_helper.to_array(init) for init in graph.initializer if init.data_type == onnx.TensorProto.INT8
+               and onnx.numpy_helper.to_array(init).ndim > 1]
+    assert weights and all(np.abs(w.astype(np.int16)).max() <= 64 for w in weights)  # reduce_range: 7-bit weights
+    x = digits.x[200:300]
+    expected = np.asarray(tiny_model(x)).argmax(axis=1)
+    agreement = float(np.mean(EdgeModel.load(path, verify=False).predict(x).argmax(axis=1) == expected))
+    assert agreement >= 0.9, agreement
