@@ -24,7 +24,7 @@ from tasks.errors import ConfigError
 PARAMS_FILE = Path("params.yaml")
 
 VariantName = Literal["tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",
-                      "tflite_int8_pruned", "onnx_fp32", "onnx_int8"]
+                      "tflite_int8_pruned", "tflite_int16x8", "onnx_fp32", "onnx_int8", "onnx_int8_u8s8"]
 ZooModel = Literal["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "keras_file"]
 MODEL_SHAPING_SECTIONS = ("seed", "data", "train", "quantize", "prune", "convert")
 

@@ -14,8 +14,9 @@ class Variant:
     suffix: str
     runtime: str  # the runtime that runs it on a device: tflite (LiteRT) or onnx (ONNX Runtime)
     source: str  # which trained Keras model it is built from: baseline | qat | pruned_int8
-    precision: str  # fp32 | fp16 | dynamic | int8
+    precision: str  # fp32 | fp16 | dynamic | int8 | int16x8 (int16 activations, int8 weights)
     description: str
+    onnx_scheme: str = "s8s8"  # ONNX int8: s8s8 | u8s8_reduce_range (tasks.model.exporters.onnx_int8_bytes)
 
     def filename(self) -> str:
         return f"{self.name}{self.suffix}"
@@ -30,8 +31,12 @@ VARIANTS: dict[str, Variant] = {
         Variant("tflite_int8", ".tflite", "tflite", "baseline", "int8", "full-integer PTQ, int8 I/O"),
         Variant("tflite_int8_qat", ".tflite", "tflite", "qat", "int8", "quantization-aware trained, int8 I/O"),
         Variant("tflite_int8_pruned", ".tflite", "tflite", "pruned_int8", "int8", "pruned + int8 (PQAT or PTQ)"),
+        Variant("tflite_int16x8", ".tflite", "tflite", "baseline", "int16x8", "16x8 PTQ: int16 activations, int8 "
+                "weights, float I/O"),
         Variant("onnx_fp32", ".onnx", "onnx", "baseline", "fp32", "tf2onnx float32"),
         Variant("onnx_int8", ".onnx", "onnx", "baseline", "int8", "ONNX Runtime static QDQ, per-channel"),
+        Variant("onnx_int8_u8s8", ".onnx", "onnx", "baseline", "int8", "static QDQ, uint8 activations, reduce_range "
+                "(x86 without VNNI)", onnx_scheme="u8s8_reduce_range"),
     )
 }
 

@@ -70,7 +70,7 @@ def export_bytes(variant: Variant, model: Any, params: ConvertParams, prepared: 
         onnx_cache["fp32"] = exporters.onnx_bytes(model, params.onnx_opset)
     if variant.precision == "fp32":
         return onnx_cache["fp32"]
-    return exporters.onnx_int8_bytes(onnx_cache["fp32"], prepared.representative)
+    return exporters.onnx_int8_bytes(onnx_cache["fp32"], prepared.representative, variant.onnx_scheme)
 
 
 def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, lineage: dict[str, Any],

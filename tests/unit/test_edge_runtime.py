@@ -136,3 +136,21 @@ def test_the_u8s8_reduce_range_scheme_quantizes_activations_unsigned_and_still_a
     expected = np.asarray(tiny_model(x)).argmax(axis=1)
     agreement = float(np.mean(EdgeModel.load(path, verify=False).predict(x).argmax(axis=1) == expected))
     assert agreement >= 0.9, agreement
+
+
+def test_the_16x8_variant_keeps_float_io_int16_activations_and_the_labels(tiny_model, digits, tmp_path):
+    """LiteRT's 16x8 mode (tasks.model.exporters, variant tflite_int16x8): float32 in and out, int16 activations
+    and int8 weights inside, and the labels of the float model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tasks.model.exporters import tflite_bytes
+
+    path = tmp_path / "int16x8.tflite"
+    path.write_bytes(tflite_bytes(tiny_model, "int16x8", digits.x[:50]))
+    model = EdgeModel.load(path, verify=False)
+    assert model.input.dtype == "float32" and model.output.dtype == "float32"
+    dtypes = {detail["dtype"].__name__ for detail in Interpreter(model_path=str(path)).get_tensor_details()}
+    assert {"int16", "int8"} <= dtypes, dtypes
+    x = digits.x[200:300]
+    expected = np.asarray(tiny_model(x)).argmax(axis=1)
+    assert float(np.mean(model.predict(x).argmax(axis=1) == expected)) >= 0.95
