@@ -8,6 +8,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from tasks.contracts import BenchmarkSummary, Evaluation, Registration, Workspace
 from tasks.monitoring.figures import labelled
+from tasks.registry.device_choice import DeviceChoice, choices_markdown
 from tasks.registry.tracking import run_url
 
 TABLE_COLUMNS = ("variant", "status", "accuracy", "accuracy_drop_pts", "size_bytes", "gzip_bytes", "weight_reduction",
@@ -66,7 +67,7 @@ def publish_drift_check(summary: dict[str, Any]) -> None:
                              description=f"Drift check {summary['window_id']}: {summary['status']}")
 
 
-def publish_training(evaluation: Evaluation, registration: Registration, per_device: dict[str, str | None],
+def publish_training(evaluation: Evaluation, registration: Registration, choices: list[DeviceChoice],
                      overrides: dict[str, Any]) -> None:
     publish_table(evaluation)
     url = run_url(registration.tracking_uri, registration.experiment_id, registration.run_id)
@@ -76,10 +77,9 @@ def publish_training(evaluation: Evaluation, registration: Registration, per_dev
         f"Recommended variant (by {evaluation.recommend_by}): **{evaluation.recommended}**, registered as "
         f"`{registration.registered_model}` version {registration.version} (alias `{registration.alias}`).", "",
         f"Data version: `{registration.data_version}`", "",
-        "| device | recommended variant |", "|---|---|",
-        *[f"| {device} | {variant or 'none fits and passes the gates'} |" for device, variant in per_device.items()],
-        "", "(measured on the devices where the benchmark ran: see the device-benchmark artifact; otherwise by the "
-        "host figures against each device's storage and RAM)",
+        "The release's variant per device class (measured on the devices where the benchmark ran: see the "
+        "device-benchmark artifact; otherwise the device's preferred runtime, then the overall recommendation):",
+        "", choices_markdown(choices),
         "", f"Parameter overrides: `{overrides or 'none'}`", "",
         f"MLflow run: {run_link} (tracking store `{registration.tracking_uri}`)", "",
         "Load it anywhere: `mlflow.pyfunc.load_model("

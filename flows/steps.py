@@ -33,13 +33,13 @@ from tasks.data import prepare as prepare_stage
 from tasks.data import versioning
 from tasks.devices import load_devices
 from tasks.evaluation import evaluate as evaluate_stage
-from tasks.evaluation import gates
 from tasks.model import convert as convert_stage
 from tasks.model import train as train_stage
 from tasks.monitoring import check as drift_check
 from tasks.packaging import package
-from tasks.registry import challenge, promotion, tracking
+from tasks.registry import challenge, device_choice, promotion, tracking
 from tasks.registry import register as register_stage
+from tasks.registry.device_choice import DeviceChoice
 
 
 def per_run_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -92,10 +92,12 @@ def benchmark_on_devices(params: Params, workspace: Workspace, evaluation: Evalu
     return benchmark_stage.benchmark(params, workspace, DEVICES_PATH, evaluation=evaluation)
 
 
-@task(name="recommend-per-device", **PERSISTED)
-def recommend_per_device(evaluation: Evaluation, device_names: list[str]) -> dict[str, str | None]:
-    return gates.recommend_per_device(evaluation.rows, load_devices(DEVICES_PATH), evaluation.recommend_by,
-                                      device_names)
+@task(name="choose-per-device", **PERSISTED)
+def choose_per_device(evaluation: Evaluation, benchmark: BenchmarkSummary | None,
+                      device_names: list[str]) -> list[DeviceChoice]:
+    """The release's variant per device class and the rule that chose it (those named, or all)."""
+    choices = device_choice.choose_per_device(evaluation, load_devices(DEVICES_PATH), benchmark)
+    return [choice for choice in choices if not device_names or choice.device in device_names]
 
 
 @task(name="register", timeout_seconds=900, **TRANSIENT_RETRIES, **PERSISTED)

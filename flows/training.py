@@ -61,11 +61,8 @@ def training(params: TrainingParameters = DEFAULT_PARAMETERS, workspace: str | N
     config, run_workspace = resolve(params, workspace)
     with exclusive_outputs(run_workspace):
         evaluation, registration, benchmark = build_candidate(config, run_workspace, params)
-    per_device = steps.recommend_per_device(evaluation, params.devices)
-    if benchmark is not None:  # measured on the device beats estimated from host figures
-        per_device |= {device: variant for device, variant in benchmark.recommended().items()
-                       if not params.devices or device in params.devices}
-    publish_training(evaluation, registration, per_device, overrides(params))
+    choices = steps.choose_per_device(evaluation, benchmark, params.devices)  # measured beats estimated
+    publish_training(evaluation, registration, choices, overrides(params))
     get_run_logger().info("registered %s v%s (%s)", registration.registered_model, registration.version,
                           registration.variant)
     if package:

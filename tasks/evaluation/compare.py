@@ -170,6 +170,8 @@ def comparison_markdown(comparison: dict[str, Any], links: dict[str, str]) -> st
         lines.append(f"| {device} | " + " | ".join(c["devices"].get(device, "-") for c in columns) + " |")
     for device in sorted({d for c in columns for d in c.get("on_device", {})}):
         lines.append(f"| on {device} | " + " | ".join(_on_device_cell(c, device) for c in columns) + " |")
+    if comparison.get("release_table"):  # the challenger's variant per device class (tasks.registry.device_choice)
+        lines += ["", "The challenger's variant per device class, and what chose it:", "", comparison["release_table"]]
     if comparison.get("sets"):
         lines += ["", "Evaluation sets:"] + [f"- **{name}**: {what}" for name, what in comparison["sets"].items()]
     if comparison.get("notes"):

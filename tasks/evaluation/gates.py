@@ -86,21 +86,6 @@ def recommend(rows: list[VariantRow], recommend_by: str) -> VariantRow | None:
     return min(passing, key=RANKINGS[recommend_by]) if passing else None
 
 
-def recommend_per_device(rows: list[VariantRow], inventory: DeviceInventory, recommend_by: str,
-                         device_names: list[str] | None = None) -> dict[str, str | None]:
-    """For each device (or those named): the best variant that passes the gates and fits it, its preferred
-    runtime first; None where nothing fits and passes."""
-    picks: dict[str, str | None] = {}
-    for device in inventory.devices:
-        if device_names and device.name not in device_names:
-            continue
-        fitting = [row for row in rows if row.gates_passed and row.devices.get(device.name) == "fit"]
-        preferred = [row for row in fitting if row.runtime == device.preferred_runtime]
-        best = recommend(preferred or fitting, recommend_by)
-        picks[device.name] = best.variant if best else None
-    return picks
-
-
 def gate_failure_message(rows: list[VariantRow], gates: GateParams) -> str:
     """Every variant's failing gates and margins, and what to change."""
     active = {"min accuracy": gates.min_accuracy, "max accuracy drop (pts)": gates.max_accuracy_drop_pts,

@@ -20,6 +20,7 @@ from tasks.devices import DEVICES_FILE, load_devices
 from tasks.evaluation.compare import CURRENT_SET, FROZEN_SET, LABELLED_SET, compare, score_model
 from tasks.lineage import file_md5
 from tasks.registry import promotion
+from tasks.registry.device_choice import DeviceChoice, choices_markdown
 from tasks.registry.tracking import configure
 
 
@@ -95,5 +96,22 @@ def compare_with_champion(params: Params, workspace: Workspace, registration: Re
                                    params.evaluate)
             if champion_version.run_id:
                 champion.on_device = on_device_figures(champion_version.run_id, champion.variant)
-    return compare(challenger, champion, max_frozen_drop_pts=params.retrain.max_frozen_drop_pts, sets=sets,
-                   notes=notes)
+    comparison = compare(challenger, champion, max_frozen_drop_pts=params.retrain.max_frozen_drop_pts, sets=sets,
+                         notes=notes)
+    choices = release_choices(registration.run_id)
+    if choices:
+        comparison["release_table"] = choices_markdown(choices)
+    return comparison
+
+
+def release_choices(run_id: str) -> list[DeviceChoice]:
+    """The variant per device class the register stage recorded for run ``run_id`` (none for older runs)."""
+    import json
+
+    import mlflow
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="release/device_choices.json")
+        return [DeviceChoice(**choice) for choice in json.loads(Path(path).read_text())["device_choices"]]
+    except (OSError, ValueError, KeyError, TypeError, mlflow.exceptions.MlflowException):
+        return []

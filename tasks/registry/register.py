@@ -39,12 +39,14 @@ from tasks.contracts import (
     read_train_summary,
     write_registration,
 )
+from tasks.devices import DEVICES_FILE, load_devices
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.errors import EdgeloopError, GateFailure, ServiceUnavailable, StageError
 from tasks.lineage import file_md5
 from tasks.monitoring.reference import REFERENCE_ARTIFACT, build_reference, write_reference
+from tasks.registry.device_choice import DeviceChoice, choice_tags, choices_markdown, choose_per_device
 from tasks.registry.promotion import FROZEN_TEST_SET_ARTIFACT, FROZEN_TEST_SET_INFO, FROZEN_TEST_SET_TAG
-from tasks.registry.tracking import RunRecord, configure, device_tags, no_answer, pipeline_run
+from tasks.registry.tracking import RunRecord, configure, no_answer, pipeline_run
 from tasks.variants import VARIANTS
 from tasks.workspace import require
 
@@ -194,13 +196,23 @@ def fresh_benchmark(workspace: Workspace) -> BenchmarkSummary | None:
     return read_benchmark(workspace)
 
 
+def log_device_choices(choices: list[DeviceChoice]) -> None:
+    """The release's variant per device class, as the run's ``release/`` artifacts (JSON and a table)."""
+    import mlflow
+
+    mlflow.log_dict({"device_choices": [choice.as_dict() for choice in choices]}, "release/device_choices.json")
+    mlflow.log_text(choices_markdown(choices) + "\n", "release/device_choices.md")
+
+
 def register(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
-             extra_tags: dict[str, str] | None = None, benchmark: BenchmarkSummary | None = None) -> Registration:
+             extra_tags: dict[str, str] | None = None, benchmark: BenchmarkSummary | None = None,
+             devices_path: Path = DEVICES_FILE) -> Registration:
     """Record the run; register its recommended variant, or end the run FAILED when the gates rejected all.
 
     ``extra_tags`` go on the MLflow run (the Prefect flow run id, the trigger and the parameter overrides);
-    ``benchmark`` (the on-device figures) adds device metrics to the run and the recommended variant per
-    device as model version tags.
+    ``benchmark`` (the on-device figures) adds device metrics to the run. The version carries the variant of
+    every device class of ``devices_path`` and the rule that chose it (:mod:`tasks.registry.device_choice`)
+    as tags, and the run the table behind them.
     """
     configure(params.mlflow)
     clear_stage_outputs(workspace, "register")  # a stale record must never describe this run
@@ -215,7 +227,9 @@ def register(params: Params, workspace: Workspace, evaluation: Evaluation, summa
         evidence_tags = log_version_evidence(params.drift, params.seed, workspace, variant, summary,
                                              lineage["data_version"])
         model_uri = log_variant_model(workspace, variant, summary)
-        tags = version_tags(params, variant, lineage, evaluation) | device_tags(benchmark) | evidence_tags
+        choices = choose_per_device(evaluation, load_devices(devices_path), benchmark)
+        log_device_choices(choices)
+        tags = version_tags(params, variant, lineage, evaluation) | choice_tags(choices) | evidence_tags
         version = register_candidate(params.mlflow, run, model_uri, variant, tags)
     registration = Registration(run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=run.tracking_uri,
                                 registered_model=params.mlflow.registered_model, version=version,

@@ -119,13 +119,6 @@ def device_metrics(summary: BenchmarkSummary) -> dict[str, float]:
     return metrics
 
 
-def device_tags(benchmark: BenchmarkSummary | None) -> dict[str, str]:
-    """Model version tags: the recommended variant per benchmarked device (``none`` where nothing passed)."""
-    if benchmark is None:
-        return {}
-    return {f"device.{device}.variant": variant or "none" for device, variant in benchmark.recommended().items()}
-
-
 def variant_metrics(evaluation: Evaluation) -> dict[str, float]:
     return {f"{row.variant}.{key}": float(getattr(row, key)) for row in evaluation.rows if row.status == "ok"
             for key in VARIANT_METRICS if getattr(row, key) is not None}

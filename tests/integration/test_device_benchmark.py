@@ -5,6 +5,7 @@ tests/integration/test_package.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -229,6 +230,13 @@ def test_the_nightly_run_benchmarks_candidates_on_the_device_and_records_it(stac
     assert recommended is not None and run.data.tags["device.x86-gateway.recommended"] == recommended
     registered = mlflow_client(stack).get_model_version("edgeloop-digits", read_registration(workspace).version)
     assert registered.tags["device.x86-gateway.variant"] == recommended
+    assert registered.tags["device.x86-gateway.rule"] == "benchmark"  # measured beats estimated
+    others = {key.split(".")[1]: value for key, value in registered.tags.items()
+              if key.startswith("device.") and key.endswith(".rule") and key != "device.x86-gateway.rule"}
+    assert others and set(others.values()) <= {"preferred_runtime", "overall", "none"}, others  # not measured here
+    choices = mlflow_client(stack).download_artifacts(run.info.run_id, "release/device_choices.json")
+    assert {choice["device"] for choice in json.loads(Path(choices).read_text())["device_choices"]} == {
+        "x86-gateway", *others}
     artifacts = {path.path for path in mlflow_client(stack).list_artifacts(run.info.run_id, "reports/benchmark")}
     assert {"reports/benchmark/summary.json", "reports/benchmark/devices.png",
             "reports/benchmark/x86-gateway.json"} <= artifacts

@@ -87,7 +87,7 @@ def test_repro_writes_every_output(project):
     with open(project / "reports/comparison.csv") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",
-                         "tflite_int8_pruned", "onnx_fp32", "onnx_int8"}
+                         "tflite_int8_pruned", "tflite_int16x8", "onnx_fp32", "onnx_int8", "onnx_int8_u8s8"}
     assert all(row["status"] == "ok" for row in rows.values()), {k: r["error"] for k, r in rows.items()}
     assert float(rows["tflite_int8"]["size_reduction"]) > 3.0
     assert float(rows["tflite_int8_pruned"]["sparsity"]) >= 0.45

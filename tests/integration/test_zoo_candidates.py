@@ -17,6 +17,7 @@ import pytest
 
 from tasks.config import Params
 from tasks.contracts import Workspace, read_prepared
+from tasks.variants import VARIANTS
 
 pytestmark = pytest.mark.integration
 EPOCHS = {"resnet8": 6, "ds_cnn": 6, "mobilenet_v1_025": 10}
@@ -50,10 +51,7 @@ def test_zoo_model_learns_and_is_registered(model, prepared_workspace, tmp_path,
         "evaluate": {"gates": {"min_accuracy": MIN_TEST_ACCURACY[model],
                                "max_host_latency_ms": NO_LATENCY_LIMIT_MS}},
         "prune": {"enabled": False}, "convert": {"variants": {name: name in ("tflite_fp32", "tflite_int8")
-                                                             for name in ("tflite_fp32", "tflite_fp16",
-                                                                          "tflite_dynamic", "tflite_int8",
-                                                                          "tflite_int8_qat", "tflite_int8_pruned",
-                                                                          "onnx_fp32", "onnx_int8")}}})
+                                                             for name in VARIANTS}}})
     prepared = read_prepared(workspace)
     summary = train(params, prepared, workspace)
     assert summary.baseline.test_accuracy >= MIN_TEST_ACCURACY[model], summary.baseline

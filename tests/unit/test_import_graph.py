@@ -156,6 +156,8 @@ def test_register_depends_on_registry_code_contracts_config_and_errors_only():
                "tasks/errors.py", "tasks/variants.py",
                "tasks/entrypoint.py", "tasks/lineage.py",
                "tasks/monitoring/reference.py",  # the drift reference logged with every version
+               "tasks/devices.py",  # the device classes the release chooses a variant for (device_choice.py)
+               "tasks/evaluation/gates.py",  # ... ranked as the evaluate stage ranks (evaluate.recommend_by)
                "edge/features.py",
                "tasks/cli.py"}
     deps = {dep for dep in yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["register"]["deps"]
