@@ -9,17 +9,22 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def resnet8_files(folder: Path) -> dict[str, Path]:
-    """``resnet8`` exported as float32 and full-integer int8 TFLite (representative data: uniform noise)."""
+def _resnet8():
+    """``resnet8`` for 32x32x3, seeded, and its representative data (uniform noise): one model for every file."""
     import numpy as np
 
-    from tasks.model.exporters import tflite_bytes
     from tasks.model.tfsetup import set_seeds
     from tasks.model.zoo import build_model
 
     set_seeds(0)
-    model = build_model("resnet8", (32, 32, 3), 10)
-    representative = np.random.default_rng(0).random((64, 32, 32, 3), dtype=np.float32)
+    return build_model("resnet8", (32, 32, 3), 10), np.random.default_rng(0).random((64, 32, 32, 3), dtype=np.float32)
+
+
+def resnet8_files(folder: Path) -> dict[str, Path]:
+    """``resnet8`` exported as float32 and full-integer int8 TFLite."""
+    from tasks.model.exporters import tflite_bytes
+
+    model, representative = _resnet8()
     folder.mkdir(parents=True, exist_ok=True)
     files = {"fp32": folder / "resnet8_fp32.tflite", "int8": folder / "resnet8_int8.tflite"}
     files["fp32"].write_bytes(tflite_bytes(model, "fp32"))
@@ -28,22 +33,16 @@ def resnet8_files(folder: Path) -> dict[str, Path]:
 
 
 def resnet8_onnx_files(folder: Path) -> dict[str, Path]:
-    """The same ``resnet8`` (same seed) as ONNX: float32, and int8 QDQ as S8S8 and as U8S8 with reduce_range."""
-    import numpy as np
-
+    """The same ``resnet8`` as ONNX: float32, and int8 QDQ as S8S8 and as U8S8 with reduce_range."""
     from tasks.model.exporters import onnx_bytes, onnx_int8_bytes
-    from tasks.model.tfsetup import set_seeds
-    from tasks.model.zoo import build_model
 
-    set_seeds(0)
-    model = build_model("resnet8", (32, 32, 3), 10)
-    representative = np.random.default_rng(0).random((64, 32, 32, 3), dtype=np.float32)
+    model, representative = _resnet8()
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = onnx_bytes(model, opset=17)
     files = {name: folder / f"resnet8_{name}.onnx" for name in ("fp32", "s8s8", "u8s8_reduce_range")}
     files["fp32"].write_bytes(fp32)
-    files["s8s8"].write_bytes(onnx_int8_bytes(fp32, representative, "s8s8"))
-    files["u8s8_reduce_range"].write_bytes(onnx_int8_bytes(fp32, representative, "u8s8_reduce_range"))
+    for scheme in ("s8s8", "u8s8_reduce_range"):
+        files[scheme].write_bytes(onnx_int8_bytes(fp32, representative, scheme))
     return files
 
 
