@@ -89,15 +89,15 @@ repro: system-packages image-services keys/control-plane.key
 # under qemu on a machine's first run; cached in ~/.cache/edgeloop) are built beside the first tests, which wait on the same cache locks; the engine
 # that warm-up started, if any, is stopped afterwards.
 WARMUP := .run/test-warmup
-# The e2e and integration tests over two pytest-xdist workers, a test file at a time each (most of their time is
-# spent waiting on servers, flows and containers; each worker starts the servers it needs, they share the
-# Docker engine), in collection order (--no-loadscope-reorder: tests/conftest.py collects the files that wait
-# for the warm-up's images last); then the unit tests, which share nothing, over both cores. 18.9-20.5 min for
-# .ci/run on two cores from an empty cache (24.6 min one integration test at a time). PYTEST_ARGS runs what it
-# names, in one session.
+# One session over two pytest-xdist workers, a test file at a time each (most of the e2e and integration tests'
+# time is spent waiting on servers, flows and containers; each worker starts the servers it needs, they share
+# the Docker engine), in collection order (--no-loadscope-reorder): tests/conftest.py collects the files that
+# wait for the warm-up's images after the other e2e and integration tests, and the unit tests last, so they
+# fill both cores while the last long integration test runs (they used to run after it, in a session of their
+# own: 2-3 min more). PYTEST_ARGS runs what it names, in one session.
 ifeq ($(strip $(PYTEST_ARGS)),)
-PYTEST_RUN := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests/e2e tests/integration || status=$$?; \
-	$(BIN)/python -m pytest -n 2 tests/unit || status=$$?;
+PYTEST_RUN := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests/e2e tests/integration \
+	tests/unit || status=$$?;
 else
 PYTEST_RUN := $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?;
 endif

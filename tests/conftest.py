@@ -195,13 +195,38 @@ def images(image_env, tmp_path_factory) -> Iterator[ImageEnv]:
 
 
 # Files whose tests wait for images `make test` builds beside the first tests (the Python bases, the arm64 one
-# under qemu, the compose stack's): collected last, so pytest-xdist hands them out last and no worker sits
-# waiting for them.
-COLLECTED_LAST = ("test_agent_engine.py", "test_package.py", "test_stack_compose.py")
+# under qemu, the compose stack's): collected after the other e2e and integration tests, so pytest-xdist hands
+# them out late and no worker sits waiting for them. The unit tests come last of all: short files that fill
+# the cores while the other worker finishes the last long integration test.
+COLLECTED_LATE = ("test_agent_engine.py", "test_package.py", "test_stack_compose.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    items.sort(key=lambda item: item.path.name in COLLECTED_LAST)  # stable: the order is otherwise kept
+    items.sort(key=lambda item: ("unit" in item.path.parts, item.path.name in COLLECTED_LATE))  # stable sort
+
+
+STARTING_ENVIRONMENT = dict(os.environ)  # as the session began, before any fixture pointed it at its servers
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_see_the_starting_environment(request) -> Iterator[None]:
+    """A unit test runs with ``os.environ`` as the session began: an integration test's session fixtures (the
+    stack's EDGELOOP_*, PREFECT_API_URL, MLFLOW_TRACKING_URI, DOCKER_HOST) stay set for the rest of their worker's
+    session, and a unit test after them in the same worker must not talk to those servers or read those keys."""
+    current = dict(os.environ)
+    if "unit" not in request.node.path.parts or current == STARTING_ENVIRONMENT:
+        yield
+        return
+    os.environ.clear()
+    os.environ.update(STARTING_ENVIRONMENT)
+    uri = _mlflow_tracking_state()[0]
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(current)
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].tracking._tracking_service.utils._tracking_uri = uri
 
 
 def _mlflow_tracking_state() -> tuple[str | None, str | None]:
