@@ -93,6 +93,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+LIST_SETTINGS = ("public_keys", "runtimes")  # several flag values, or one variable with ':'-separated ones
+
+
 def build_parser(prog: str = "edge.serving.serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="edgeloop edge inference service", epilog=(
         f"Every option can also be set as an environment variable: {ENV_PREFIX}<OPTION> (e.g. "
@@ -102,7 +105,7 @@ def build_parser(prog: str = "edge.serving.serve") -> argparse.ArgumentParser:
                                   "help": f"{info.description} [{ENV_PREFIX}{name.upper()}]"}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif name == "public_keys":
+        elif name in LIST_SETTINGS:
             kwargs["nargs"] = "+"
         parser.add_argument(_flag(name), **kwargs)
     return parser
@@ -113,7 +116,7 @@ def setting(name: str, args: Mapping[str, Any], environ: Mapping[str, str]) -> A
     value = args.get(name)
     if value is None and f"{ENV_PREFIX}{name.upper()}" in environ:
         value = environ[f"{ENV_PREFIX}{name.upper()}"]
-        if name == "public_keys":
+        if name in LIST_SETTINGS:
             value = [part for part in value.split(":") if part]
     return value
 

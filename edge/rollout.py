@@ -19,6 +19,14 @@ covers the exact manifest text. Devices accept a manifest only when
 A manifest may name the **image** a container device runs, per architecture (``images``, each pinned by
 digest): the same signature, sequence and downgrade rules cover it as the bundle (see :mod:`edge.agent`).
 
+A release **per device class** (``classes``: device class -> :class:`ClassRelease`) gives each class of
+device its own variant's bundle (and images), its own cohort cutoff, and its own action: a class whose
+challenger proved unhealthy is rolled back while the others go on, and a class the release has nothing for
+is held on what it runs. A device that knows its class (``--device-class``) acts on its class's entry only
+(:func:`resolve_class`); the top-level fields then describe the release as a whole and no device installs
+from them. A device without a class, or of a class the manifest does not name, refuses it, and so does one
+whose entry needs a runtime it does not have: it keeps serving what it serves.
+
 The **cohort** is the devices whose stable hash (sha256 of ``<rollout_id>:<device>``, as a fraction of
 2**64) is at most ``cohort_cutoff``; the control plane picks the cutoff from its device list so that a
 stage reaches exactly the devices it intends (5% rounded up, at least one), and widening only raises it,
@@ -44,7 +52,10 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 ARCH = re.compile(r"[a-z0-9_]{1,16}")  # Docker's platform architectures: amd64, arm64, arm, ...
 DIGEST_REFERENCE = re.compile(r"[a-z0-9][a-z0-9._:/-]*@sha256:[0-9a-f]{64}")  # images run only pinned by digest
 ROLLOUT_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+DEVICE_CLASS = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # a devices.yaml name: lowercase letters, digits, hyphens
+RUNTIMES = ("tflite", "onnx")
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CLASSES = 64
 
 
 def model_topic(group: str) -> str:
@@ -76,6 +87,37 @@ def cohort_cutoff(rollout_id: str, devices: list[str], percent: float) -> float:
     return 1.0 if count >= len(devices) else positions[int(count) - 1]
 
 
+def _check_images(images: dict[str, str], where: str) -> None:
+    for arch, reference in images.items():
+        if not ARCH.fullmatch(arch) or not DIGEST_REFERENCE.fullmatch(reference):
+            raise ValueError(f"{where}[{arch!r}] = {reference!r}: an architecture (amd64, arm64, ...) and an image "
+                             "pinned by digest (registry/repository@sha256:<64 hex>)")
+
+
+class ClassRelease(BaseModel):
+    """What the devices of one class do with a manifest: install or roll back to their bundle, or hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    action: Literal["install", "rollback", "hold"]
+    version: str | None = Field(None, min_length=1, max_length=64)
+    variant: str | None = Field(None, min_length=1, max_length=64)     # what the bundle serves, for the record
+    runtime: Literal["tflite", "onnx"] | None = None                  # what the bundle needs on the device
+    bundle_url: str | None = Field(None, min_length=1)
+    bundle_sha256: str | None = Field(None, pattern=HEX64.pattern)
+    images: dict[str, str] = Field(default_factory=dict, max_length=8)
+    cohort_cutoff: float = Field(1.0, gt=0.0, le=1.0)
+    reason: str = Field("", max_length=1000)                           # a rollback or a hold says why
+
+    @model_validator(mode="after")
+    def _complete(self) -> ClassRelease:
+        if self.action != "hold" and None in (self.version, self.bundle_url, self.bundle_sha256, self.runtime):
+            raise ValueError(f"an {self.action} entry needs version, runtime, bundle_url and bundle_sha256")
+        if self.action != "install" and not self.reason:
+            raise ValueError(f"a {self.action} entry must say why (reason)")
+        _check_images(self.images, "images")
+        return self
+
+
 class RolloutManifest(BaseModel):
     """What devices of ``group`` whose cohort position is at most ``cohort_cutoff`` should run."""
 
@@ -97,6 +139,7 @@ class RolloutManifest(BaseModel):
     jitter_s: float = Field(0.0, ge=0.0, le=3600.0)     # devices wait uniformly in [0, jitter_s] before fetching
     issued_at: float
     reason: str = ""                                    # a rollback says why
+    classes: dict[str, ClassRelease] = Field(default_factory=dict, max_length=MAX_CLASSES)  # device class -> its part
 
     @model_validator(mode="after")
     def _rollback_names_why(self) -> RolloutManifest:
@@ -106,10 +149,15 @@ class RolloutManifest(BaseModel):
 
     @model_validator(mode="after")
     def _images_pinned(self) -> RolloutManifest:
-        for arch, reference in self.images.items():
-            if not ARCH.fullmatch(arch) or not DIGEST_REFERENCE.fullmatch(reference):
-                raise ValueError(f"images[{arch!r}] = {reference!r}: an architecture (amd64, arm64, ...) and an "
-                                 "image pinned by digest (registry/repository@sha256:<64 hex>)")
+        _check_images(self.images, "images")
+        return self
+
+    @model_validator(mode="after")
+    def _classes_named(self) -> RolloutManifest:
+        for name in self.classes:
+            if len(name) > 64 or not DEVICE_CLASS.fullmatch(name):
+                raise ValueError(f"classes[{name[:80]!r}]: a device class is a devices.yaml name (lowercase letters, "
+                                 "digits, single hyphens; at most 64)")
         return self
 
     def image_for(self, arch: str) -> str | None:
@@ -120,10 +168,46 @@ class RolloutManifest(BaseModel):
         return cohort_position(self.rollout_id, device) <= self.cohort_cutoff
 
     def to_text(self) -> str:
-        """The signed text. Without images, the field is left out: devices that predate it (their schema forbids
-        unknown fields) keep taking model-only rollouts; a rollout with images needs devices that read them."""
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude=set() if self.images else {"images"}),
-                          sort_keys=True, separators=(",", ":"))
+        """The signed text. Without images (classes), the field is left out: devices that predate it (their schema
+        forbids unknown fields) keep taking model-only, whole-fleet rollouts; one with it needs devices that read it."""
+        empty = {name for name in ("images", "classes") if not getattr(self, name)}
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude=empty), sort_keys=True,
+                          separators=(",", ":"))
+
+
+ClassVerdict = Literal["held", "no_class", "unknown_class", "wrong_runtime"]
+
+
+def resolve_class(manifest: RolloutManifest, device_class: str | None,
+                  runtimes: tuple[str, ...] | None) -> tuple[RolloutManifest | None, ClassVerdict | None, str]:
+    """(the manifest as this device acts on it, None, '') or (None, why not, in words).
+
+    A manifest without classes is the whole fleet's: every device acts on it as it is. With classes, the
+    device's entry replaces the top-level action, version, bundle, images, cohort cutoff and reason; ``held``
+    means the release has nothing for the class (nothing to do, nothing to report); the other verdicts are
+    refusals the device reports. ``runtimes`` (None: not checked, e.g. a container device whose image carries
+    the runtime) are the runtimes this device can serve.
+    """
+    if not manifest.classes:
+        return manifest, None, ""
+    if device_class is None:
+        named = ", ".join(sorted(manifest.classes))
+        return None, "no_class", (f"rollout {manifest.rollout_id} is per device class ({named}) and this device has "
+                                  "none: set its --device-class")
+    entry = manifest.classes.get(device_class)
+    if entry is None:
+        return None, "unknown_class", (f"rollout {manifest.rollout_id} has nothing for device class {device_class!r} "
+                                       f"(it names {', '.join(sorted(manifest.classes))})")
+    if entry.action == "hold":
+        return None, "held", f"class {device_class} is held on what it runs: {entry.reason}"
+    if runtimes is not None and entry.runtime not in runtimes:
+        return None, "wrong_runtime", (f"class {device_class}'s {entry.variant or 'bundle'} needs the {entry.runtime} "
+                                       f"runtime; this device has {', '.join(runtimes) or 'none'}")
+    assert entry.version and entry.bundle_url and entry.bundle_sha256  # checked by ClassRelease
+    return manifest.model_copy(update={
+        "action": entry.action, "version": entry.version, "bundle_url": entry.bundle_url,
+        "bundle_sha256": entry.bundle_sha256, "images": entry.images, "image": entry.images.get("amd64"),
+        "cohort_cutoff": entry.cohort_cutoff, "reason": entry.reason, "classes": {}}), None, ""
 
 
 def sign_rollout(manifest: RolloutManifest, private_key: Ed25519PrivateKey) -> bytes:

@@ -17,6 +17,14 @@ from edge.errors import InferenceError, ModelLoadError
 from edge.sidecar import sidecar_path, verify_model_file
 
 RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx"}
+RUNTIME_MODULES = {"tflite": "ai_edge_litert", "onnx": "onnxruntime"}  # what each runtime imports
+
+
+def installed_runtimes() -> tuple[str, ...]:
+    """The runtimes this Python can serve (their packages are installed), without importing them."""
+    from importlib.util import find_spec
+
+    return tuple(runtime for runtime, module in RUNTIME_MODULES.items() if find_spec(module) is not None)
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ class Kit:
     broker: str
     ingest_url: str | None
     serial: str
+    device_class: str | None = None
 
     @property
     def tls(self) -> ClientTls:
@@ -154,7 +155,8 @@ class Kit:
         tls = self.tls
         return {"device_id": self.device_id, "group": self.group, "broker": self.broker,
                 "public_keys": [str(self.public_keys)], "upload_to": self.ingest_url,
-                "tls_ca": str(tls.ca), "tls_cert": str(tls.certificate), "tls_key": str(tls.key)}
+                "tls_ca": str(tls.ca), "tls_cert": str(tls.certificate), "tls_key": str(tls.key),
+                **({"device_class": self.device_class} if self.device_class else {})}
 
 
 def load_kit(root: Path) -> Kit:
@@ -168,7 +170,9 @@ def load_kit(root: Path) -> Kit:
     if not isinstance(raw, dict) or not is_device_id(raw.get("device_id")) or not isinstance(raw.get("group"), str) \
             or not isinstance(raw.get("broker"), str):
         raise ConfigError(f"enrollment kit {root}: {KIT_FILE} lacks a valid device_id, group or broker")
-    kit = Kit(root, raw["device_id"], raw["group"], raw["broker"], raw.get("ingest_url"), str(raw.get("serial", "")))
+    device_class = raw.get("device_class")
+    kit = Kit(root, raw["device_id"], raw["group"], raw["broker"], raw.get("ingest_url"), str(raw.get("serial", "")),
+              device_class if isinstance(device_class, str) else None)
     missing = [str(path) for path in (kit.tls.ca, kit.tls.certificate, kit.tls.key) if not path.is_file()]
     if missing or not any(kit.public_keys.glob("*.pub")):
         raise ConfigError(f"enrollment kit {root} is incomplete (missing {', '.join(missing) or 'keys/*.pub'}); "

@@ -16,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.parameters import PARAMS_PATH, apply_override, overrides_of
 from tasks.config import Params, RolloutParams, load_params
-from tasks.rollout.engine import RolloutReport, StageRecord
+from tasks.rollout.classes import ClassRollout
+from tasks.rollout.engine import Release, Rollout, RolloutReport, StageRecord
 from tasks.rollout.records import dropped_summary
 
 # What a person may change for one rollout: every field of ``rollout`` in params.yaml, optional (unset: its value
@@ -28,12 +29,16 @@ def _step_markdown(report: RolloutReport) -> str:
     lines = [f"# Rollout of {report.model_name} {report.target} to group `{report.group}`", "",
              f"**{report.outcome.replace('_', ' ')}**" + (f": {report.reason}" if report.reason else ""), "",
              *([f"Untrusted input: {dropped}.", ""] if (dropped := dropped_summary(report)) else []),
-             "| step | seq | action | version | devices | installed | failed | silent | p95 (ms) | error rate | "
-             "confidence | problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             *(["| device class | variant | devices | outcome | reason |", "|---|---|---|---|---|",
+                *[f"| {name} | {part.variant or '-'} | {len(part.devices)} | {part.outcome.replace('_', ' ')} | "
+                  f"{part.reason or '-'} |" for name, part in report.classes.items()], ""] if report.classes else []),
+             "| class | step | seq | action | version | devices | installed | failed | silent | p95 (ms) | "
+             "error rate | confidence | problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     steps: list[StageRecord] = [*report.stages, *([report.rollback] if report.rollback else [])]
     for step in steps:
         figures = step.figures
-        cells = [step.name, str(step.sequence), step.action, step.version, str(len(step.devices)),
+        cells = [step.device_class or "all", step.name, str(step.sequence), step.action, step.version,
+                 str(len(step.devices)),
                  str(len(step.installed)), str(len(step.failed)), ", ".join(step.missing[:5]) or "0",
                  f"{figures.p95_ms:.1f}" if figures and figures.p95_ms is not None else "-",
                  f"{figures.error_rate:.3f}" if figures and figures.error_rate is not None else "-",
@@ -41,6 +46,26 @@ def _step_markdown(report: RolloutReport) -> str:
                  "; ".join(step.problems) or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rollout_for(channel, devices: dict[str, str | None], key, params: Params, target: Release,
+                previous: Release | None, on_step) -> Rollout | ClassRollout:
+    """A per-class rollout when the version chose a variant per device class and every device of the group has a
+    class; otherwise one rollout of the version's own bundle to the whole group (devices without a class, or a
+    version registered before per-class releases)."""
+    settings, model = params.rollout, params.mlflow.registered_model
+    if (target.classes or target.held) and devices and all(devices.values()):
+        return ClassRollout(channel, {device: str(name) for device, name in devices.items()}, key, settings,
+                            params.drift, model, target, previous, on_step=on_step)
+    if target.classes and any(devices.values()):
+        get_run_logger().warning("group %s mixes devices with and without a class: every device gets %s's own "
+                                 "variant %s (give each a class with `edgeloop fleet add-device/enroll --class`)",
+                                 settings.group, target.version, target.variant)
+    return Rollout(channel, list(devices), key, settings, params.drift, model, target, previous, on_step=on_step)
+
+
+def progress(rollout: Rollout | ClassRollout) -> RolloutReport:
+    return rollout.summarise() if isinstance(rollout, ClassRollout) else rollout.report
 
 
 @task(name="roll-out", cache_policy=NO_CACHE)
@@ -51,7 +76,6 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
     from tasks.rollout import fleet as fleet_files
     from tasks.rollout import records
     from tasks.rollout.channel import MqttChannel
-    from tasks.rollout.engine import Rollout
 
     logger = get_run_logger()
     tracking.configure(params.mlflow)
@@ -59,7 +83,7 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
     target_version, previous_version = records.versions_to_roll(params.mlflow, version)
     target = records.release_of(params, target_version)
     previous = records.release_of(params, previous_version) if previous_version else None
-    devices = fleet_files.load_fleet(settings.fleet_file).groups().get(settings.group, [])
+    devices = fleet_files.load_fleet(settings.fleet_file).classes(settings.group)
     password, tls = None, None
     if settings.broker_tls:  # the control plane's own certificate from the fleet CA is its login
         tls = fleet_files.control_plane_tls(settings.fleet_ca_dir)
@@ -71,7 +95,7 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
         def on_step(step: StageRecord) -> None:
             try:
                 records.tag_step(params.mlflow, target.version, step)
-                create_markdown_artifact(key="rollout-progress", markdown=_step_markdown(rollout.report),
+                create_markdown_artifact(key="rollout-progress", markdown=_step_markdown(progress(rollout)),
                                          description=f"{target.version}: {step.name} {step.action}")
             except Exception as error:  # a server away: the devices must not be left mid-rollout for a record
                 logger.warning("could not record step %s (%s: %s); the final report keeps it",
@@ -80,8 +104,8 @@ def roll_out(params: Params, version: str | None) -> RolloutReport:
                         step.version, step.sequence, len(step.devices), len(step.installed), len(step.failed),
                         len(step.missing), f"; {'; '.join(step.problems)}" if step.problems else "")
 
-        rollout = Rollout(channel, devices, load_private_key(params.package.signing_key), settings, params.drift,
-                          params.mlflow.registered_model, target, previous, on_step=on_step)
+        rollout = rollout_for(channel, devices, load_private_key(params.package.signing_key), params, target,
+                              previous, on_step)
         report = rollout.run()
     records.record_outcome(params.mlflow, report)
     return report

@@ -5,8 +5,10 @@ Outcomes, reported on ``fleet/<group>/status/<device>`` (QoS 1, retained) as
 
 - ``refused``: the message does not verify (``malformed``, ``unsigned``, ``unknown_key``,
   ``bad_signature``: rollout fields are null, since nothing in it can be trusted), is signed for another
-  group (``wrong_group``), or installs an older version without being a rollback (``downgrade``).
-  Nothing is installed.
+  group (``wrong_group``), installs an older version without being a rollback (``downgrade``), or is a
+  per-class release this device cannot take (``no_class``: it has no class; ``unknown_class``: the release
+  does not name its class; ``wrong_runtime``: its class's bundle needs a runtime it lacks;
+  :func:`edge.rollout.resolve_class`). Nothing is installed.
 - ``installed``: the target version is active (applied now, or ``already_active``: an idempotent ack).
 - ``failed``: the attempt did not end on the target (``digest_mismatch``, ``fetch_failed``, ``too_large``,
   ``version_mismatch``, the store's refusal reasons such as ``tampered`` or ``health_check``,
@@ -14,11 +16,14 @@ Outcomes, reported on ``fleet/<group>/status/<device>`` (QoS 1, retained) as
   ``image_health``: :mod:`edge.agent.service`); the store keeps (or goes back to) the previous version
   active and the old container serves on.
 
-A replayed or older manifest (``stale``) and a manifest whose cohort leaves this device out
-(``not_in_cohort``) change nothing and report nothing: the control plane counts ``installed`` and
-``failed`` from cohort devices only, so silence from the others is what it needs.
+A replayed or older manifest (``stale``), a manifest whose cohort leaves this device out
+(``not_in_cohort``) and one that holds this device's class where it is (``held``) change nothing and
+report nothing: the control plane counts ``installed`` and ``failed`` from cohort devices only, so silence
+from the others is what it needs.
 
-``version`` is the active version after the attempt, ``target`` the manifest's version. The sequence
+``version`` is the active version after the attempt, ``target`` the manifest's version (its class's, in a
+per-class release); ``variant`` the variant the active version serves and ``device_class`` the class the
+device was configured with, so the control plane sees a device that runs another class's bundle. The sequence
 is recorded (with the status, see :mod:`edge.updater.state`) only once the outcome is known, so a
 device killed mid-install applies the manifest again when its retained copy arrives after restart;
 the store's atomic install leaves it on a consistent version meanwhile.
@@ -39,7 +44,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.errors import BundleRefused, StoreError
-from edge.rollout import RolloutManifest, judge, status_topic, verify_rollout
+from edge.rollout import RolloutManifest, judge, resolve_class, status_topic, verify_rollout
+from edge.store.manifest import MANIFEST_FILE, parse_manifest
 from edge.store.model_store import ModelStore
 from edge.updater.fetch import RolloutFailed, fetch_bundle
 from edge.updater.state import STATE_FILE, load_state, save_state
@@ -62,8 +68,10 @@ class RolloutHandler:
     def __init__(self, device: str, group: str, store: ModelStore, keys: dict[str, Ed25519PublicKey],
                  publish: Publish, fetch: Fetch = fetch_bundle, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time, service: ImageService | None = None,
-                 arch: str = "amd64") -> None:
+                 arch: str = "amd64", device_class: str | None = None,
+                 runtimes: tuple[str, ...] | None = None) -> None:
         self.device, self.group, self.store, self.keys = device, group, store, keys
+        self.device_class, self.runtimes = device_class, runtimes  # runtimes None: not checked (container device)
         self.service, self.arch = service, arch  # a container device: the image part of manifests applies
         self.publish, self.fetch, self.clock = publish, fetch, clock
         self.rng = rng or random.Random()
@@ -94,6 +102,13 @@ class RolloutHandler:
             log.warning("rollout %s is signed for group %s, not %s: refused", manifest.rollout_id, manifest.group,
                         self.group)
             return self._report(self._status(manifest, "refused", "wrong_group"))
+        if manifest.classes and manifest.sequence > self.state.last_sequence:
+            mine, refusal, why = resolve_class(manifest, self.device_class, self.runtimes)
+            if mine is None:
+                log.log(logging.INFO if refusal == "held" else logging.WARNING, "rollout %s #%d: %s (%s)",
+                        manifest.rollout_id, manifest.sequence, refusal, why)
+                return None if refusal == "held" else self._finish(manifest, "refused", refusal or "")
+            manifest = mine
         verdict, why = judge(manifest, self.device, self.state.last_sequence, self.active_version())
         log.info("rollout %s #%d (%s %s): %s, %s", manifest.rollout_id, manifest.sequence, manifest.action,
                  manifest.version, verdict, why)
@@ -161,13 +176,26 @@ class RolloutHandler:
             log.error("model store state unreadable: %s", error)
             return None
 
+    def active_variant(self, version: str | None) -> str | None:
+        """The variant ``version`` serves, from its bundle manifest (verified when it was installed and activated;
+        None when unreadable)."""
+        if version is None:
+            return None
+        try:
+            return parse_manifest((self.store.version_dir(version) / MANIFEST_FILE).read_bytes()).variant
+        except (BundleRefused, OSError) as error:
+            log.error("the manifest of active version %s is unreadable: %s", version, error)
+            return None
+
     # ---- reporting ---------------------------------------------------------------------------------
 
     def _status(self, manifest: RolloutManifest | None, outcome: str, reason: str) -> dict[str, Any]:
+        active = self.active_version()
         return {"device": self.device, "group": self.group,
                 "rollout_id": manifest.rollout_id if manifest else None,
-                "sequence": manifest.sequence if manifest else None, "state": outcome, "version": self.active_version(),
-                "target": manifest.version if manifest else None, "reason": reason, "at": self.clock()}
+                "sequence": manifest.sequence if manifest else None, "state": outcome, "version": active,
+                "target": manifest.version if manifest else None, "reason": reason,
+                "at": self.clock(), "variant": self.active_variant(active), "device_class": self.device_class}
 
     def _failed(self, manifest: RolloutManifest, reason: str, error: Exception) -> dict[str, Any]:
         log.error("rollout %s #%d failed (%s): %s", manifest.rollout_id, manifest.sequence, reason, error)

@@ -33,16 +33,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from edge.config import ENV_PREFIX, settings_with_kit
+from edge.config import ENV_PREFIX, LIST_SETTINGS, settings_with_kit
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.identity import DeviceId
 from edge.retry import backoff_delay
-from edge.rollout import ARCH, DIGEST_REFERENCE, GROUP, model_topic, telemetry_topic
+from edge.rollout import ARCH, DEVICE_CLASS, DIGEST_REFERENCE, GROUP, model_topic, telemetry_topic
 from edge.signing import load_public_keys
 from edge.store.model_store import ModelStore
 from edge.tls import TlsSettings
@@ -96,6 +96,12 @@ class UpdaterConfig(TlsSettings):
     fetch_attempts: int = Field(4, ge=1, le=20, description="bundle download attempts before the rollout fails")
     max_bundle_mb: float = Field(256.0, gt=0.0, description="largest bundle accepted")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
+    device_class: str | None = Field(None, pattern=f"^{DEVICE_CLASS.pattern}$", max_length=64,
+                                     description="this device's class (its devices.yaml name): a per-class release "
+                                     "installs that class's variant")
+    runtimes: list[Literal["tflite", "onnx"]] | None = Field(None, description="the runtimes this device serves "
+                                                             "(default: those installed here; a container device: "
+                                                             "not checked, its image carries them)")
     # A container device (the packaged image): the updater runs the service container and applies the image part
     # of manifests (edge.agent.service); the store is bind-mounted into it, the service running as its owner.
     engine: str | None = Field(None, pattern=r"^unix:///", description="container device: the local Docker "
@@ -135,6 +141,14 @@ class UpdaterConfig(TlsSettings):
             raise ValueError(f"port {port} is not in 1..65535")
         return broker
 
+    def served_runtimes(self) -> tuple[str, ...] | None:
+        """What a per-class manifest's runtime is checked against (None: a container device, not checked)."""
+        if self.engine is not None:
+            return None
+        from edge.runtime import installed_runtimes
+
+        return tuple(self.runtimes) if self.runtimes is not None else installed_runtimes()
+
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.broker.partition(":")
@@ -163,7 +177,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     parser = argparse.ArgumentParser(prog="edge.updater", description="edgeloop device updater (fleet rollouts)")
     for name, info in UpdaterConfig.model_fields.items():
         flags = FLAGS.get(name, ("--" + name.replace("_", "-"),))
-        parser.add_argument(*flags, dest=name, default=None, nargs="+" if name == "public_keys" else None,
+        parser.add_argument(*flags, dest=name, default=None, nargs="+" if name in LIST_SETTINGS else None,
                             help=f"{info.description} [{ENV_PREFIX}{name.upper()}]")
     return settings_with_kit(UpdaterConfig, vars(parser.parse_args(argv)), environ, "updater",
                              {name: names[0] for name, names in FLAGS.items()})
@@ -183,7 +197,8 @@ class Updater:
         self._store_lock = hold_lock(store.root)  # before the state is read: one updater per store
         self.service = service
         self.handler = RolloutHandler(config.device_id, config.group, store, keys, self.publish, self._fetch,
-                                      service=service, arch=config.arch)
+                                      service=service, arch=config.arch, device_class=config.device_class,
+                                      runtimes=config.served_runtimes())
         self.stopping = self.handler.stopping
         self._messages: queue.Queue[bytes] = queue.Queue(maxsize=64)
         self._rng = random.Random()

@@ -135,12 +135,29 @@ def _model_file(folder: Path) -> Path:
     return files[0]
 
 
+def class_variant(tags: dict[str, str], device_class: str, name: str, version: str) -> str:
+    """The variant a registered version chose for ``device_class`` (its ``device.<class>.variant`` tag)."""
+    chosen = tags.get(f"device.{device_class}.variant")
+    classes = sorted(key.split(".")[1] for key in tags if key.startswith("device.") and key.endswith(".variant"))
+    if chosen is None:
+        raise ConfigError(f"{name} version {version} chose no variant for device class {device_class!r} (it knows "
+                          f"{', '.join(classes) or 'no classes: registered before per-class releases'})")
+    if chosen == "none":
+        raise ConfigError(f"{name} version {version} has no variant for device class {device_class!r}: "
+                          f"{tags.get(f'device.{device_class}.rule', 'none')} rule; the class stays on its version")
+    return chosen
+
+
 def export_registered(settings: MlflowParams, out_dir: Path, private_key_path: Path, alias: str | None = "champion",
-                      version: str | None = None, large_variant: str | None = None) -> Path:
+                      version: str | None = None, large_variant: str | None = None,
+                      device_class: str | None = None) -> Path:
     """A signed bundle of a registered model version (by ``alias``, or by ``version`` number) in ``out_dir``.
 
     ``large_variant`` adds that variant of the same MLflow run as the cascade's second stage (for
     example ``tflite_fp32`` behind an int8 primary). The health-check sample is the version's input example.
+    ``device_class``: the bundle of the variant the version chose for that class (``device.<class>.variant``),
+    named ``<model>-v<version>-<variant>.tar.gz``, one file for every class that chose the same variant; the
+    registered variant's bundle is the version's own.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -164,12 +181,21 @@ def export_registered(settings: MlflowParams, out_dir: Path, private_key_path: P
             raise ConfigError(f"{name} version {model_version.version} has no input example (registered before "
                               "bundles existed): re-run the register stage")
         model_files = {"primary": _model_file(local / "artifacts" / next((local / "artifacts").iterdir()).name)}
+        suffix = ""
+        if device_class is not None:
+            variant = class_variant(model_version.tags, device_class, name, str(model_version.version))
+            if variant != model_version.tags.get("variant"):
+                chosen = mlflow.artifacts.download_artifacts(run_id=model_version.run_id,
+                                                             artifact_path=f"models/{variant}",
+                                                             dst_path=str(Path(scratch) / variant))
+                model_files["primary"] = _model_file(Path(chosen))
+                suffix = f"-{variant}"
         if large_variant is not None:
             large = Path(mlflow.artifacts.download_artifacts(run_id=model_version.run_id,
                                                              artifact_path=f"models/{large_variant}",
                                                              dst_path=str(Path(scratch) / "large")))
             model_files["large"] = _model_file(large)
-        out = out_dir / f"{name}-v{model_version.version}.tar.gz"
+        out = out_dir / f"{name}-v{model_version.version}{suffix}.tar.gz"
         bundle_from_files(out, f"v{model_version.version}", name, str(model_version.version),
                           alias if version is None else None, model_files, np.asarray(sample), private_key)
     log.info("exported %s version %s as %s", name, model_version.version, out)
@@ -192,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--key", type=Path, required=True, help="private signing key (PEM)")
     export.add_argument("--out", type=Path, default=Path("bundles"), help="output folder (default: %(default)s)")
     export.add_argument("--large-variant", help="add this variant of the same run as the cascade's second stage")
+    export.add_argument("--device-class", help="the variant the version chose for this device class (devices.yaml "
+                        "name) instead of the registered one")
     export.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -203,6 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             alias = None if args.version else args.alias
             print(export_registered(load_params(args.params).mlflow, args.out, args.key, alias, args.version,
-                                    args.large_variant))
+                                    args.large_variant, args.device_class))
 
     return report_user_errors(action)

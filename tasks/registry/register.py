@@ -204,6 +204,18 @@ def log_device_choices(choices: list[DeviceChoice]) -> None:
     mlflow.log_text(choices_markdown(choices) + "\n", "release/device_choices.md")
 
 
+def class_model_tags(workspace: Workspace, choices: list[DeviceChoice], summary: TrainSummary,
+                     logged: dict[str, str]) -> dict[str, str]:
+    """``device.<class>.model_uri``: each class's variant as a pyfunc model of the run, logged once per variant
+    (``logged``: those already logged, variant -> model URI), so ``mlflow.pyfunc.load_model`` serves what the
+    class runs."""
+    uris = dict(logged)
+    for choice in choices:
+        if choice.variant is not None and choice.variant not in uris:
+            uris[choice.variant] = log_variant_model(workspace, choice.variant, summary)
+    return {f"device.{choice.device}.model_uri": uris[choice.variant] for choice in choices if choice.variant}
+
+
 def register(params: Params, workspace: Workspace, evaluation: Evaluation, summary: TrainSummary,
              extra_tags: dict[str, str] | None = None, benchmark: BenchmarkSummary | None = None,
              devices_path: Path = DEVICES_FILE) -> Registration:
@@ -229,7 +241,8 @@ def register(params: Params, workspace: Workspace, evaluation: Evaluation, summa
         model_uri = log_variant_model(workspace, variant, summary)
         choices = choose_per_device(evaluation, load_devices(devices_path), benchmark)
         log_device_choices(choices)
-        tags = version_tags(params, variant, lineage, evaluation) | choice_tags(choices) | evidence_tags
+        class_models = class_model_tags(workspace, choices, summary, {variant: model_uri})
+        tags = version_tags(params, variant, lineage, evaluation) | choice_tags(choices) | class_models | evidence_tags
         version = register_candidate(params.mlflow, run, model_uri, variant, tags)
     registration = Registration(run_id=run.run_id, experiment_id=run.experiment_id, tracking_uri=run.tracking_uri,
                                 registered_model=params.mlflow.registered_model, version=version,

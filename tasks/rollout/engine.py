@@ -57,13 +57,20 @@ class Channel(Protocol):
 
 @dataclass(frozen=True)
 class Release:
-    """A version devices can fetch: the signed bundle's URL and digest (and the images, for container devices)."""
+    """A version devices can fetch: the signed bundle's URL and digest (and the images, for container devices).
+
+    A per-class release (:mod:`tasks.rollout.classes`) also has one :class:`Release` per device class in
+    ``classes`` (that class's variant, bundle and images) and says in ``held`` why a class has nothing."""
 
     version: str
     bundle_url: str
     bundle_sha256: str
     image: str | None = None                                   # amd64's, for devices that predate ``images``
     images: dict[str, str] = field(default_factory=dict)       # arch -> registry/repository@sha256:...
+    variant: str | None = None
+    runtime: str | None = None                                 # tflite | onnx: what the bundle needs
+    classes: dict[str, Release] = field(default_factory=dict)  # device class -> its part of the release
+    held: dict[str, str] = field(default_factory=dict)         # device class -> why the release has nothing for it
 
 
 @dataclass
@@ -83,6 +90,17 @@ class StageRecord:
     baseline: Figures | None = None
     figures: Figures | None = None
     problems: list[str] = field(default_factory=list)
+    device_class: str | None = None                        # a per-class rollout: whose stage this is
+
+
+@dataclass
+class ClassOutcome:
+    """How one device class's part of a per-class rollout ended (``held``: the release had nothing for it)."""
+
+    outcome: Literal["in_progress", "completed", "rolled_back", "failed", "held"]
+    variant: str | None
+    devices: list[str]
+    reason: str = ""
 
 
 @dataclass
@@ -92,14 +110,26 @@ class RolloutReport:
     model_name: str
     target: str
     previous: str | None
-    outcome: Literal["in_progress", "completed", "rolled_back", "failed"] = "in_progress"
+    outcome: Literal["in_progress", "completed", "rolled_back", "partial", "failed"] = "in_progress"
     reason: str = ""
     stages: list[StageRecord] = field(default_factory=list)
     rollback: StageRecord | None = None
     dropped_messages: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> reason -> count
+    classes: dict[str, ClassOutcome] = field(default_factory=dict)  # a per-class rollout: each class's end
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def new_rollout_id(model_name: str, version: str) -> str:
+    return f"{model_name}-{version}-{uuid.uuid4().hex[:8]}"
+
+
+class Publisher(Protocol):
+    """Publishes one lane's change of a per-class rollout; returns the sequence that carried it."""
+
+    def __call__(self, action: Literal["install", "rollback"], release: Release, cutoff: float, stage: str,
+                 reason: str) -> int: ...
 
 
 def _summaries_of(summaries: list[dict[str, Any]], devices: set[str], version: str) -> list[dict[str, Any]]:
@@ -113,14 +143,17 @@ class Rollout:
     def __init__(self, channel: Channel, devices: list[str], key: Ed25519PrivateKey, params: RolloutParams,
                  drift: DriftParams, model_name: str, target: Release, previous: Release | None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 poll_s: float = 0.5, on_step: Callable[[StageRecord], None] | None = None) -> None:
+                 poll_s: float = 0.5, on_step: Callable[[StageRecord], None] | None = None,
+                 rollout_id: str | None = None, publisher: Publisher | None = None,
+                 device_class: str | None = None) -> None:
         if not devices:
             raise ValueError(f"group {params.group} has no devices to roll out to")
         self.channel, self.devices, self.key, self.params, self.drift = channel, sorted(devices), key, params, drift
         self.target, self.previous, self.clock, self.sleep, self.poll_s = target, previous, clock, sleep, poll_s
         self.on_step = on_step or (lambda record: None)
+        self.publisher, self.device_class = publisher, device_class  # one class's lane of a per-class rollout
         self._last_sequence = 0  # the highest sequence this rollout tried to publish
-        self.report = RolloutReport(f"{model_name}-{target.version}-{uuid.uuid4().hex[:8]}", params.group,
+        self.report = RolloutReport(rollout_id or new_rollout_id(model_name, target.version), params.group,
                                     model_name, target.version, previous.version if previous else None)
 
     # ---- the stages -------------------------------------------------------------------------------
@@ -134,7 +167,8 @@ class Rollout:
                 name = "canary" if index == 0 else f"{percent:g}%"
                 cutoff = cohort_cutoff(self.report.rollout_id, self.devices, percent)
                 cohort = [d for d in self.devices if cohort_position(self.report.rollout_id, d) <= cutoff]
-                record = StageRecord(name, percent, "install", self.target.version, devices=cohort)
+                record = StageRecord(name, percent, "install", self.target.version, devices=cohort,
+                                     device_class=self.device_class)
                 self.report.stages.append(record)
                 reason = self._stage(record, cutoff, reached)
                 updated = sorted(set(updated) | set(record.installed))
@@ -186,6 +220,9 @@ class Rollout:
 
     def _publish(self, action: Literal["install", "rollback"], release: Release, cutoff: float, stage: str,
                  reason: str = "") -> int:
+        if self.publisher is not None:  # one class's lane: its entry of the group's manifest
+            self._last_sequence = self.publisher(action, release, cutoff, stage, reason)
+            return self._last_sequence
         sequence = max(self.channel.current_sequence(), self._last_sequence) + 1  # after one that may have gone out
         self._last_sequence = sequence
         manifest = RolloutManifest(
@@ -226,10 +263,12 @@ class Rollout:
     def _collect_acks(self, record: StageRecord, waiting: set[str], version: str) -> None:
         """Move every device whose status answers the stage's sequence from ``waiting`` to installed or failed."""
         statuses = self.channel.statuses()
+        published = max(self._last_sequence, self.channel.current_sequence())
         for device in sorted(waiting):
             status = statuses.get(device)
-            if status is None or status.get("sequence") != record.sequence:
-                continue
+            sequence = status.get("sequence") if status is not None else None
+            if not isinstance(sequence, int) or not record.sequence <= sequence <= published:
+                continue  # later than the stage's: another class's change of the manifest, acknowledged too
             waiting.discard(device)
             if status.get("state") == "installed" and status.get("version") == version:
                 record.installed.append(device)
@@ -299,7 +338,8 @@ class Rollout:
             self.report.outcome = "failed"
             self.report.reason += "; no previous version to roll back to: the devices stay where they are"
             return self.report
-        record = StageRecord("rollback", 100.0, "rollback", self.previous.version, devices=updated)
+        record = StageRecord("rollback", 100.0, "rollback", self.previous.version, devices=updated,
+                             device_class=self.device_class)
         self.report.rollback = record
         try:
             record.sequence = self._publish("rollback", self.previous, 1.0, "rollback", reason[:MAX_REASON_CHARS])

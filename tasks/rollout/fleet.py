@@ -5,7 +5,9 @@ A fleet on the demo's password logins gets its devices with :func:`add_device`; 
 with :func:`enroll_device` (a certificate from the fleet CA, :mod:`tasks.rollout.fleet_ca`, instead of a
 password) and loses them with :func:`revoke_device`. Both kinds share the fleet file and the ACL.
 
-The fleet file is YAML: ``{devices: {<device id>: {group: <group>}}}``. The credentials folder holds
+The fleet file is YAML: ``{devices: {<device id>: {group: <group>, class: <device class>}}}``; the class (a
+``devices.yaml`` name, optional) decides which variant a per-class release sends the device.
+The credentials folder holds
 what Mosquitto reads (``mosquitto.passwd``: PBKDF2-SHA512 hashes in Mosquitto 2's ``$7$`` format;
 ``mosquitto.acl``) and the control plane's own password (``control-plane.password``), all mode 0600.
 A device's password is printed once by ``add-device``; only its hash is kept.
@@ -28,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from edge.files import atomic_write_text
 from edge.identity import DEVICE_ID_RULE, is_device_id
-from edge.rollout import GROUP, model_topic, status_topic, telemetry_topic
+from edge.rollout import DEVICE_CLASS, GROUP, model_topic, status_topic, telemetry_topic
 from edge.tls import ClientTls
 from tasks.config import format_validation_error
 from tasks.errors import ConfigError
@@ -73,9 +75,19 @@ DeviceId = Annotated[str, AfterValidator(_device_id)]
 GroupName = Annotated[str, AfterValidator(_group)]
 
 
+def _device_class(name: str) -> str:
+    if len(name) > 64 or not DEVICE_CLASS.fullmatch(name):
+        raise ValueError("a device class is its devices.yaml name: lowercase letters, digits and single hyphens")
+    return name
+
+
+DeviceClass = Annotated[str, AfterValidator(_device_class)]
+
+
 class FleetDevice(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     group: GroupName
+    device_class: DeviceClass | None = Field(None, alias="class")
 
 
 class Fleet(BaseModel):
@@ -91,6 +103,10 @@ class Fleet(BaseModel):
             members.setdefault(self.devices[device].group, []).append(device)
         return dict(sorted(members.items()))
 
+    def classes(self, group: str) -> dict[str, str | None]:
+        """The devices of ``group`` and their device class (None: not given)."""
+        return {device: entry.device_class for device, entry in sorted(self.devices.items()) if entry.group == group}
+
 
 def parse_fleet(raw: object, source: str) -> Fleet:
     """Validate a parsed fleet mapping; :class:`ConfigError` names each bad key and value."""
@@ -103,7 +119,7 @@ def parse_fleet(raw: object, source: str) -> Fleet:
     except ValidationError as error:
         message = format_validation_error(error, source).replace("invalid parameters", "invalid fleet file", 1)
         raise ConfigError(message.replace("allowed keys are listed in params.yaml",
-                                          "allowed: devices.<device id>.group")) from None
+                                          "allowed: devices.<device id>.group and .class")) from None
 
 
 def load_fleet(path: Path) -> Fleet:
@@ -118,8 +134,12 @@ def load_fleet(path: Path) -> Fleet:
     return parse_fleet(raw, str(path))
 
 
+def _raw(fleet: Fleet) -> dict[str, dict[str, str]]:
+    return {device: _entry(entry.group, entry.device_class) for device, entry in fleet.devices.items()}
+
+
 def save_fleet(fleet: Fleet, path: Path) -> None:
-    raw = {"devices": {device: {"group": entry.group} for device, entry in sorted(fleet.devices.items())}}
+    raw = {"devices": dict(sorted(_raw(fleet).items()))}
     atomic_write_text(path, yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
                                       default_flow_style=None, sort_keys=True))
     path.chmod(0o644)  # an inventory, not a secret: services running as other users read it
@@ -199,8 +219,12 @@ def write_broker_files(fleet: Fleet, credentials_dir: Path, iterations: int = DE
                                iterations)
 
 
+def _entry(group: str, device_class: str | None) -> dict[str, str]:
+    return {"group": group, **({"class": device_class} if device_class else {})}
+
+
 def add_device(fleet_file: Path, credentials_dir: Path, device: str, group: str, replace: bool = False,
-               iterations: int = DEFAULT_ITERATIONS) -> str:
+               iterations: int = DEFAULT_ITERATIONS, device_class: str | None = None) -> str:
     """Put ``device`` in ``group`` with a new broker password; returns the password (only its hash is kept).
 
     ``replace`` re-issues the password of a known device (the old one stops working) and may move it
@@ -212,8 +236,7 @@ def add_device(fleet_file: Path, credentials_dir: Path, device: str, group: str,
     if device in fleet.devices and not replace:
         raise ConfigError(f"device {device!r} is already in {fleet_file} (group {fleet.devices[device].group}); "
                           "pass --replace to issue a new password (the old one stops working)")
-    updated = parse_fleet({"devices": {**fleet.model_dump()["devices"], device: {"group": group}}},
-                          f"device {device!r}")
+    updated = parse_fleet({"devices": {**_raw(fleet), device: _entry(group, device_class)}}, f"device {device!r}")
     password = _new_password()
     hashes = read_password_file(credentials_dir / PASSWORD_FILE) | {device: hash_password(password, iterations)}
     _write_broker_files(updated, credentials_dir, hashes, iterations)  # first: a crash leaves no hashless device
@@ -233,7 +256,8 @@ def remove_device(fleet_file: Path, credentials_dir: Path, device: str, tls: boo
 
 
 def enroll_device(fleet_file: Path, credentials_dir: Path, ca_dir: Path, device: str, group: str, kit_dir: Path, *,
-                  broker: str, ingest_url: str | None, public_keys: list[Path], days: int | None = None) -> Path:
+                  broker: str, ingest_url: str | None, public_keys: list[Path], days: int | None = None,
+                  device_class: str | None = None) -> Path:
     """Put ``device`` in ``group`` of a mutual-TLS fleet: its enrollment kit (a new certificate and key, the
     CA, the signing keys, where to connect) written to ``kit_dir``, the fleet file and the ACL updated.
     Enrolling a device again rotates its key (and may move it to another group). Returns the kit."""
@@ -243,11 +267,10 @@ def enroll_device(fleet_file: Path, credentials_dir: Path, ca_dir: Path, device:
     _check(group, _group, "group")
     ca = fleet_ca.open_ca(ca_dir)
     fleet = load_fleet(fleet_file) if fleet_file.is_file() else Fleet()
-    updated = parse_fleet({"devices": {**fleet.model_dump()["devices"], device: {"group": group}}},
-                          f"device {device!r}")
+    updated = parse_fleet({"devices": {**_raw(fleet), device: _entry(group, device_class)}}, f"device {device!r}")
     validity = {"days": days} if days is not None else {}
     kit = fleet_ca.enroll(ca, device, group, kit_dir, broker=broker, ingest_url=ingest_url,
-                          public_keys=public_keys, **validity)
+                          public_keys=public_keys, device_class=device_class, **validity)
     write_acl(updated, credentials_dir)
     save_fleet(updated, fleet_file)
     return kit

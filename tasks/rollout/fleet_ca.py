@@ -326,7 +326,7 @@ def revoke(ca: FleetCa, subject: str, *, keep_newest: bool = False) -> list[str]
 
 def enroll(ca: FleetCa, device: str, group: str, kit_dir: Path, *, broker: str, ingest_url: str | None,
            public_keys: list[Path], not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-           days: int = DEVICE_DAYS) -> Path:
+           days: int = DEVICE_DAYS, device_class: str | None = None) -> Path:
     """Write ``device``'s enrollment kit into ``kit_dir`` (the layout :mod:`edge.tls` reads); returns the kit's folder.
 
     The kit is built beside ``kit_dir`` and renamed into place, so a failure leaves no half kit; an
@@ -362,6 +362,7 @@ def enroll(ca: FleetCa, device: str, group: str, kit_dir: Path, *, broker: str, 
             shutil.copyfile(path, staging / "keys" / path.name)
         atomic_write_text(staging / KIT_FILE, json.dumps({
             "version": KIT_VERSION, "device_id": device, "group": group, "broker": broker, "ingest_url": ingest_url,
+            **({"device_class": device_class} if device_class else {}),
             "serial": format(certificate.serial_number, "x"),
             "not_after": certificate.not_valid_after_utc.isoformat()}, indent=1) + "\n")
         (staging / KIT_FILE).chmod(0o644)

@@ -2,11 +2,11 @@
 
     edgeloop fleet ca init                                  the fleet CA, its CRL and the control plane's certificate
     edgeloop fleet server-cert broker|ingest --host H ...   a TLS server's certificate (again: rotation)
-    edgeloop fleet enroll DEVICE --group G [--out DIR]      a device's kit: certificate, key, CA, keys, URLs
+    edgeloop fleet enroll DEVICE --group G [--class C] [--out DIR]   a device's kit: certificate, key, CA, keys, URLs
     edgeloop fleet revoke DEVICE [--superseded]             revoke its certificate(s); out of the fleet and ACL
     edgeloop fleet ca crl                                   sign the revocation list again (a fresh year)
 
-    edgeloop fleet add-device DEVICE --group G [--replace]  password login (the demo): printed once
+    edgeloop fleet add-device DEVICE --group G [--class C] [--replace]   password login (the demo): printed once
     edgeloop fleet remove-device DEVICE
     edgeloop fleet list
     edgeloop fleet broker-files                             write the password file (not with TLS) and ACL
@@ -32,6 +32,8 @@ from tasks.rollout import fleet, fleet_ca
 LOGGER = logging.getLogger(__name__)
 RELOAD = "apply it to the broker: restart a mutual-TLS broker (compose: `docker compose ... run --rm " \
          "mosquitto-credentials` then `restart mosquitto`), or SIGHUP a password broker"
+CLASS_HELP = ("the device's class, its devices.yaml name: a per-class release sends it that class's variant "
+              "(its updater needs the same --device-class; an enrollment kit carries it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("device", help=f"device id: {DEVICE_ID_RULE}")
     enroll.add_argument("--group", required=True, help="the device's rollout group")
     enroll.add_argument("--out", type=Path, help="kit folder (default: kits/<device>)")
+    enroll.add_argument("--class", dest="device_class", help=CLASS_HELP)
     enroll.add_argument("--broker", help="broker HOST:PORT of the TLS listener (default: rollout.broker)")
     enroll.add_argument("--ingest-url", help="https ingest URL (default: rollout.ingest_url)")
     enroll.add_argument("--days", type=int, default=fleet_ca.DEVICE_DAYS, help="validity (default: %(default)s)")
@@ -60,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("device", help=f"device id: {DEVICE_ID_RULE}")
     add.add_argument("--group", required=True, help="the device's rollout group")
     add.add_argument("--replace", action="store_true", help="re-issue the password of a known device")
+    add.add_argument("--class", dest="device_class", help=CLASS_HELP)
     remove = actions.add_parser("remove-device", help="take a device out of the fleet and the broker files")
     remove.add_argument("device")
-    listing = actions.add_parser("list", help="print each device and its group")
+    listing = actions.add_parser("list", help="print each device, its group and its class")
     files = actions.add_parser("broker-files", help="write the Mosquitto password file and ACL; print their paths")
     for sub in (ca, server, enroll, revoke, add, remove, listing, files):
         sub.add_argument("--params", type=Path, default=PARAMS_FILE, help="parameter file (default: %(default)s)")
@@ -94,7 +98,8 @@ def _certificates(args: argparse.Namespace, params: Params | None) -> None:
         kit = fleet.enroll_device(args.fleet, args.credentials, args.ca_dir, args.device, args.group,
                                   args.out or Path("kits") / args.device, broker=args.broker or settings.broker,
                                   ingest_url=args.ingest_url or settings.ingest_url,
-                                  public_keys=[params.package.public_keys], days=args.days)
+                                  public_keys=[params.package.public_keys], days=args.days,
+                                  device_class=args.device_class)
         print(kit)
         LOGGER.info("device %s enrolled in %s: copy %s to it (tls/device.key stays secret); %s", args.device,
                     args.group, kit, RELOAD)
@@ -108,15 +113,17 @@ def _certificates(args: argparse.Namespace, params: Params | None) -> None:
 
 def _logins(args: argparse.Namespace, tls: bool) -> None:
     if args.action == "add-device":
-        print(fleet.add_device(args.fleet, args.credentials, args.device, args.group, args.replace))
+        print(fleet.add_device(args.fleet, args.credentials, args.device, args.group, args.replace,
+                               device_class=args.device_class))
         LOGGER.info("device %s: password printed above, shown only once; %s", args.device, RELOAD)
     elif args.action == "remove-device":
         fleet.remove_device(args.fleet, args.credentials, args.device, tls=tls)
         LOGGER.info("device %s removed; %s", args.device, RELOAD)
     elif args.action == "list":
-        for group, devices in fleet.load_fleet(args.fleet).groups().items():
+        inventory = fleet.load_fleet(args.fleet)
+        for group, devices in inventory.groups().items():
             for device in devices:
-                print(f"{device}\t{group}")
+                print(f"{device}\t{group}\t{inventory.devices[device].device_class or '-'}")
     else:
         for path in fleet.write_broker_files(fleet.load_fleet(args.fleet), args.credentials, tls=tls):
             print(path)

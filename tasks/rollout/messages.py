@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic_core import from_json
 
 from edge.identity import DeviceId, is_device_id
-from edge.rollout import GROUP, ROLLOUT_ID_PATTERN
+from edge.rollout import DEVICE_CLASS, GROUP, ROLLOUT_ID_PATTERN
 from edge.store.manifest import VERSION_PATTERN
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class DeviceStatus(_DeviceMessage):
     target: Version | None
     reason: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")]  # a code such as health_check
     at: Timestamp
+    variant: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}$")] | None = None  # what it serves
+    device_class: Annotated[str, StringConstraints(pattern=f"^{DEVICE_CLASS.pattern}$", max_length=64)] | None = None
 
 
 class TelemetrySummary(_DeviceMessage):

@@ -2,7 +2,8 @@
 
 - :func:`release_of`: a registered version as a :class:`~tasks.rollout.engine.Release`: its signed bundle
   (exported once into ``rollout.bundle_dir`` and reused, so every device installs the same bytes), the
-  bundle's sha256, the URL devices fetch it from and the version's pinned image, when it was packaged.
+  bundle's sha256, the URL devices fetch it from and the version's pinned image, when it was packaged; and,
+  for a version that chose a variant per device class, each class's bundle (one per distinct variant).
 - :func:`record_outcome`: model-version tags (``rollout``, ``rollout.reason``, ``rollout.id`` and, when the
   channel dropped device messages, ``rollout.dropped``) and, after a rollback of the champion, the
   ``champion`` alias back on the previous version.
@@ -28,19 +29,51 @@ def bundle_url(settings: RolloutParams, bundle: Path) -> str:
     return f"{base.rstrip('/')}/{bundle.name}" if base else bundle.resolve().as_uri()
 
 
-def release_of(params: Params, version: str) -> Release:
-    """The signed bundle of registered ``version`` (exported on first use) as devices will fetch it."""
-    import mlflow
-
+def _bundle(params: Params, version: str, variant: str, device_class: str | None) -> Path:
+    """The signed bundle of ``version`` serving ``variant`` (exported on first use, shared by the classes that
+    chose it): ``<model>-v<version>.tar.gz`` for the registered variant, ``...-<variant>.tar.gz`` otherwise."""
     from tasks.registry.bundle import export_registered
 
     name = params.mlflow.registered_model
-    bundle = params.rollout.bundle_dir / f"{name}-v{version}.tar.gz"
+    suffix = "" if device_class is None else f"-{variant}"
+    bundle = params.rollout.bundle_dir / f"{name}-v{version}{suffix}.tar.gz"
     if not bundle.is_file():
         bundle.parent.mkdir(parents=True, exist_ok=True)
-        export_registered(params.mlflow, bundle.parent, params.package.signing_key, alias=None, version=version)
-    images = images_of(mlflow.MlflowClient().get_model_version(name, version).tags)
-    return Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle), images.get("amd64"), images)
+        export_registered(params.mlflow, bundle.parent, params.package.signing_key, alias=None, version=version,
+                          device_class=device_class)
+    return bundle
+
+
+def release_of(params: Params, version: str) -> Release:
+    """Registered ``version`` as devices will fetch it: its signed bundle and images and, when it chose a variant
+    per device class (``device.<class>.variant`` tags), each class's bundle; classes it chose nothing for are
+    ``held``. A class whose variant needs another runtime than the version's images carry gets no images (its
+    container devices take the model only)."""
+    import mlflow
+
+    from tasks.variants import VARIANTS
+
+    name = params.mlflow.registered_model
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    images, variant = images_of(tags), tags.get("variant")
+    runtime = tags.get("runtime")
+    own = _bundle(params, version, variant or "", None)
+    classes, held = {}, {}
+    for key, chosen in sorted(tags.items()):
+        if not (key.startswith("device.") and key.endswith(".variant")):
+            continue
+        device_class = key.removeprefix("device.").removesuffix(".variant")
+        if chosen == "none" or chosen not in VARIANTS:
+            held[device_class] = (f"the release has no variant for it ({tags.get(f'device.{device_class}.rule')} "
+                                  "rule): it stays on the version it runs")
+            continue
+        bundle = own if chosen == variant else _bundle(params, version, chosen, device_class)
+        needs = VARIANTS[chosen].runtime
+        mine = images if needs == runtime else {}
+        classes[device_class] = Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle),
+                                        mine.get("amd64"), mine, chosen, needs)
+    return Release(f"v{version}", bundle_url(params.rollout, own), sha256_file(own), images.get("amd64"), images,
+                   variant, runtime, classes, held)
 
 
 def images_of(tags: dict[str, str]) -> dict[str, str]:
@@ -75,13 +108,17 @@ def record_outcome(settings: MlflowParams, report: RolloutReport) -> None:
 
     client, name = mlflow.MlflowClient(), settings.registered_model
     target = report.target.removeprefix("v")
-    state = {"completed": "completed", "rolled_back": "rolled-back", "failed": "failed"}[report.outcome]
+    state = {"completed": "completed", "rolled_back": "rolled-back", "partial": "partial", "failed": "failed",
+             "in_progress": "in-progress"}[report.outcome]
     client.set_model_version_tag(name, target, "rollout", state)
     client.set_model_version_tag(name, target, "rollout.id", report.rollout_id)
     if report.reason:
         client.set_model_version_tag(name, target, "rollout.reason", report.reason[:4900])
     if dropped := dropped_summary(report):
         client.set_model_version_tag(name, target, "rollout.dropped", dropped[:4900])
+    for device_class, part in report.classes.items():  # a per-class rollout: how each class ended
+        ended = part.outcome.replace("_", "-") + (f": {part.reason}" if part.reason else "")
+        client.set_model_version_tag(name, target, f"rollout.class.{device_class}", ended[:4900])
     if report.outcome != "rolled_back" or report.previous is None:
         return
     champion = client.get_model_version_by_alias(name, CHAMPION) if _has_alias(client, name, CHAMPION) else None

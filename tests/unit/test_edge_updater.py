@@ -65,7 +65,8 @@ def rollout(bundle: Path, version: str, sequence: int, action: str = "install", 
 def test_a_signed_manifest_is_installed_and_acknowledged(handler, store, bundles, bundle_kit, published):
     status = handler.handle(sign_rollout(rollout(bundles["v1"], "v1", 1), bundle_kit.private_key))
     expected = {"device": DEVICE, "group": GROUP, "rollout_id": "r1", "sequence": 1, "state": "installed",
-                "version": "v1", "target": "v1", "reason": "", "at": 1234.5}
+                "version": "v1", "target": "v1", "reason": "", "at": 1234.5, "variant": "tflite_int8",
+                "device_class": None}
     assert status == expected and published == [(STATUS_TOPIC, expected, True)]
     assert store.state().active == "v1" and store.problems() == []
     assert json.loads((store.root / STATE_FILE).read_text())["last_sequence"] == 1

@@ -216,7 +216,7 @@ def test_the_cli_prints_the_password_once_lists_and_writes_broker_files(tmp_path
     assert fleet_cli.main(["add-device", "cam-1", "--group", "north", *common]) == 2
     assert "pass --replace" in capsys.readouterr().err
     assert fleet_cli.main(["list", *common]) == 0
-    assert capsys.readouterr().out == "cam-1\tnorth\n"
+    assert capsys.readouterr().out == "cam-1\tnorth\t-\n"  # no class
     assert fleet_cli.main(["broker-files", *common]) == 0
     assert capsys.readouterr().out.split() == [str(credentials / PASSWORD_FILE), str(credentials / ACL_FILE)]
     assert fleet_cli.main(["list", "--fleet", str(tmp_path / "absent.yaml"), "--credentials", str(credentials)]) == 2

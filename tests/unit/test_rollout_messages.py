@@ -38,8 +38,10 @@ def _summary() -> dict:
 
 
 STATUS = {"device": DEVICE, "group": "lab", "rollout_id": "edgeloop-digits-v2-1a2b3c4d", "sequence": 7,
-          "state": "installed", "version": "v2", "target": "v2", "reason": "already_active", "at": 1_780_000_000.25}
-REFUSED = {**STATUS, "rollout_id": None, "sequence": None, "state": "refused", "target": None, "reason": "unsigned"}
+          "state": "installed", "version": "v2", "target": "v2", "reason": "already_active", "at": 1_780_000_000.25,
+          "variant": "onnx_int8_u8s8", "device_class": "x86-gateway"}
+REFUSED = {**STATUS, "rollout_id": None, "sequence": None, "state": "refused", "target": None, "reason": "unsigned",
+           "variant": None, "device_class": None}
 
 
 def _refused(kind: str, payload: bytes, device: str = DEVICE) -> str:
