@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.rollout import judge, verify_rollout
+from edge.rollout import judge, resolve_class, verify_rollout
 from edge.signing import key_id
 from tasks.config import DriftParams, RolloutParams
 from tasks.rollout.engine import Release, Rollout
@@ -30,10 +30,17 @@ class Clock:
 class Fleet:
     """Devices that verify each manifest, apply it when the rules say so, acknowledge, and report telemetry."""
 
-    def __init__(self, key: Ed25519PrivateKey, count: int, clock: Clock, figures=None, failing=(), silent=()):
+    def __init__(self, key: Ed25519PrivateKey, count: int, clock: Clock, figures=None, failing=(), silent=(),
+                 classes: dict[str, int] | None = None):
         self.keys = {key_id(key.public_key()): key.public_key()}
-        self.clock, self.figures = clock, figures or {}
+        self.clock, self.figures = clock, figures or {}  # version (or (class, version)) -> telemetry figures
         self.active = {f"dev-{index:03d}": "v1" for index in range(count)}
+        self.device_class: dict[str, str] = {}  # classes: class -> how many devices of it (named <class>-NNN)
+        for name, members in (classes or {}).items():
+            for index in range(members):
+                self.active[f"{name}-{index:03d}"] = "v1"
+                self.device_class[f"{name}-{index:03d}"] = name
+        self.variant = dict.fromkeys(self.active, "before")
         self.last_sequence = dict.fromkeys(self.active, 0)
         self.failing, self.silent = set(failing), set(silent)
         self.sequence, self.status, self.published = 0, {}, []
@@ -51,7 +58,14 @@ class Fleet:
         self.sequence = manifest.sequence
         self.published.append(manifest)
         for device in self.active:
-            verdict, reason = judge(manifest, device, self.last_sequence[device], self.active[device])
+            mine, refusal, reason = resolve_class(manifest, self.device_class.get(device), None)
+            if mine is None:  # another class's release, or none for this device
+                if refusal != "held" and manifest.sequence > self.last_sequence[device] and device not in self.silent:
+                    self.last_sequence[device] = manifest.sequence
+                    self.status[device] = {"device": device, "sequence": manifest.sequence, "state": "refused",
+                                           "version": self.active[device], "reason": refusal}
+                continue
+            verdict, reason = judge(mine, device, self.last_sequence[device], self.active[device])
             if verdict in ("stale", "not_in_cohort") or device in self.silent:
                 continue
             self.last_sequence[device] = manifest.sequence
@@ -59,7 +73,9 @@ class Fleet:
             if verdict == "apply" and device in self.failing and manifest.action == "install":
                 state, reason = "failed", "health_check: the model does not load"
             elif verdict == "apply":
-                self.active[device] = manifest.version
+                self.active[device] = mine.version
+                entry = manifest.classes.get(self.device_class.get(device, ""))
+                self.variant[device] = entry.variant if entry else "whole-fleet"
             elif verdict == "downgrade":
                 state = "refused"
             self.status[device] = {"device": device, "sequence": manifest.sequence, "state": state,
@@ -70,7 +86,8 @@ class Fleet:
 
     def telemetry_since(self, since: float) -> list[dict]:
         return [{"device": device, "version": version, "at": self.clock.now,
-                 **self.figures.get(version, HEALTHY)} for device, version in self.active.items()]
+                 **self.figures.get((self.device_class.get(device), version), self.figures.get(version, HEALTHY))}
+                for device, version in self.active.items()]
 
     def dropped_messages(self) -> dict[str, dict[str, int]]:
         return {device: dict(reasons) for device, reasons in self.dropped.items()}
