@@ -70,10 +70,12 @@ class DeviceFleet:
     devices: dict[str, SimulatedDevice] = field(default_factory=dict)
 
     def start(self, device_id: str, password: str | None, bundle: Path | None = None, *, kit: Path | None = None,
-              netns: str | None = None, address: str = "127.0.0.1", **settings: object) -> SimulatedDevice:
+              netns: str | None = None, address: str = "127.0.0.1", updater_args: tuple[str, ...] = (),
+              **settings: object) -> SimulatedDevice:
         """Provision ``device_id`` with ``bundle`` (installed into its store) and start its service and updater:
         with its broker ``password``, or with its enrollment ``kit`` (mutual TLS: the kit also gives the
-        service its identity and the https ingest URL), in network namespace ``netns`` at ``address``."""
+        service its identity and the https ingest URL), in network namespace ``netns`` at ``address``;
+        ``updater_args`` go to the updater (``--device-class``, ``--runtimes``), ``settings`` to the service."""
         from edge.signing import load_public_keys
         from edge.store.model_store import ModelStore
 
@@ -97,7 +99,7 @@ class DeviceFleet:
                      str(secret), "--public-keys", str(self.public_keys)]
         command = [sys.executable, "-m", "edge.updater", *login, "--store", str(root / "store"),
                    "--service-url", service.url, "--telemetry-interval-s", f"{self.telemetry_interval_s:g}",
-                   "--max-backoff-s", "5"]
+                   "--max-backoff-s", "5", *updater_args]
         if netns is not None:
             command = ["ip", "netns", "exec", netns, *command]
         with open(root / "updater.log", "ab") as log:

@@ -30,18 +30,43 @@ def split(digits, rows: slice) -> Dataset:
     return Dataset(digits.x[rows], digits.y[rows], digits.labels)
 
 
+def _place_variant(workspace: Workspace, digits, model_file, variant: str):
+    """``model_file`` as the workspace's ``variant``, with the convert stage's sidecar (a bundle export needs it)."""
+    target = workspace.variant_file(variant)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_file, target)
+    loaded = EdgeModel.load(target)
+    write_sidecar(target, {"variant": variant, "runtime": loaded.runtime, "input": asdict(loaded.input),
+                           "output": asdict(loaded.output), "data_version": directory_md5(workspace.prepared_dir),
+                           "git_commit": "test", "params_hash": "test", "labels": digits.labels})
+    return target
+
+
+def prepare_class_run(workspace: Workspace, digits, files: dict, test_rows: slice) -> tuple[Evaluation, TrainSummary]:
+    """:func:`prepare_run` with several variants (the first registered), each passing its gates and fitting every
+    device of devices.yaml: without a benchmark, each device class gets the one in its preferred runtime."""
+    from tasks.devices import load_devices
+
+    (first, first_file), *_ = files.items()
+    _, summary = prepare_run(workspace, digits, first_file, first, test_rows)
+    fits = {device.name: "fit" for device in load_devices().devices}
+    rows = []
+    for variant, model_file in files.items():
+        target = _place_variant(workspace, digits, model_file, variant)
+        rows.append(VariantRow(variant=variant, status="ok", runtime=EdgeModel.load(target).runtime, accuracy=0.9,
+                               accuracy_drop_pts=0.1, size_bytes=target.stat().st_size, gates_passed=True,
+                               devices=fits))
+    evaluation = Evaluation(recommended=first, recommend_by="size", gates={}, rows=rows)
+    write_evaluation(workspace, evaluation)
+    return evaluation, summary
+
+
 def prepare_run(workspace: Workspace, digits, model_file, variant: str, test_rows: slice) -> tuple[Evaluation,
                                                                                                   TrainSummary]:
     """What the stages before register leave in a workspace, with a real tiny model as the variant."""
     write_prepared(workspace, PreparedData(split(digits, TRAIN), split(digits, slice(1000, 1200)),
                                            split(digits, test_rows), digits.x[:50]), "sklearn_digits")
-    target = workspace.variant_file(variant)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(model_file, target)
-    loaded = EdgeModel.load(target)  # the convert stage's sidecar: what a bundle export needs too
-    write_sidecar(target, {"variant": variant, "runtime": loaded.runtime, "input": asdict(loaded.input),
-                           "output": asdict(loaded.output), "data_version": directory_md5(workspace.prepared_dir),
-                           "git_commit": "test", "params_hash": "test", "labels": digits.labels})
+    target = _place_variant(workspace, digits, model_file, variant)
     evaluation = Evaluation(recommended=variant, recommend_by="size", gates={}, rows=[VariantRow(
         variant=variant, status="ok", accuracy=0.9, accuracy_drop_pts=0.1, size_bytes=target.stat().st_size)])
     write_evaluation(workspace, evaluation)

@@ -23,6 +23,8 @@ BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-
 class ModelStatus(BaseModel):
     active: str | None
     serving: str | None
+    variant: str | None = None   # the variant the serving version runs (its class's, in a per-class release)
+    runtime: str | None = None   # the runtime that runs it here: tflite (LiteRT) or onnx (ONNX Runtime)
     previous: str | None
     installed: list[str]
     rolled_back: dict[str, str]
@@ -33,7 +35,9 @@ class ModelStatus(BaseModel):
 async def model(services: ServicesDep) -> Any:
     """The active version and its manifest, the previous one, and every installed version."""
     state, active = services.store.state(), services.engine.active
-    return {"active": state.active, "serving": active.version if active else None, "previous": state.previous,
+    return {"active": state.active, "serving": active.version if active else None,
+            "variant": active.manifest.variant if active else None,
+            "runtime": active.primary.runtime if active else None, "previous": state.previous,
             "installed": state.installed, "rolled_back": state.rolled_back,
             "manifest": active.manifest.model_dump(mode="json", by_alias=True) if active else None}
 
