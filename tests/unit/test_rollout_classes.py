@@ -190,3 +190,34 @@ def test_resolve_class_leaves_whole_fleet_manifests_alone(class_bundles):
 @pytest.fixture(scope="module")
 def bundles_v1(bundle_kit) -> Path:
     return bundle_kit.bundle("v1", name="class-v1.tar.gz")
+
+
+def test_the_flow_rolls_out_per_class_only_when_every_device_has_a_class(key):
+    from flows.rollout import rollout_for
+    from tasks.config import Params
+    from tasks.rollout.engine import Rollout
+
+    clock, params = Clock(), Params()
+    fleet = Fleet(key, 0, clock, classes={GATEWAY: 2, PI: 2})
+    classed = rollout_for(fleet, dict(fleet.device_class), key, params, V2, V1_CLASSES, None)
+    assert isinstance(classed, ClassRollout) and set(classed.lanes) == {GATEWAY, PI}
+    whole = rollout_for(fleet, dict.fromkeys(fleet.device_class), key, params, V2, V1_CLASSES, None)
+    assert isinstance(whole, Rollout) and whole.target is V2  # no device has a class: the version's own bundle
+    older = rollout_for(fleet, dict(fleet.device_class), key, params, V1, None, None)
+    assert isinstance(older, Rollout)  # registered before per-class choices
+
+
+def test_exporting_a_class_bundle_names_what_is_missing():
+    from tasks.errors import ConfigError
+    from tasks.registry.bundle import class_variant
+
+    tags = {"variant": "tflite_int8", f"device.{GATEWAY}.variant": "onnx_int8", f"device.{GATEWAY}.rule": "benchmark",
+            "device.industrial-256mb.variant": "none", "device.industrial-256mb.rule": "none"}
+    assert class_variant(tags, GATEWAY, "m", "4") == "onnx_int8"
+    with pytest.raises(ConfigError, match="has no variant for device class 'industrial-256mb': none rule"):
+        class_variant(tags, "industrial-256mb", "m", "4")
+    with pytest.raises(ConfigError, match=f"chose no variant for device class 'rpi4-8gb' \\(it knows "
+                                          f"industrial-256mb, {GATEWAY}\\)"):
+        class_variant(tags, PI, "m", "4")
+    with pytest.raises(ConfigError, match="registered before per-class releases"):
+        class_variant({"variant": "tflite_int8"}, PI, "m", "1")
