@@ -223,9 +223,11 @@ def test_the_nightly_run_benchmarks_candidates_on_the_device_and_records_it(stac
     assert {row.variant for row in summary.rows} == {"tflite_fp32", "tflite_int8"}
     assert all(row.status == "ok" and row.p95_ms > 0 and row.accuracy > 0.5 for row in summary.rows)
     (run,) = mlflow_runs_of(stack, nightly_run.id)
+    assert {row.config for row in summary.rows} == {"default", "no-xnnpack"}  # devices.yaml: compare_xnnpack
     for row in summary.rows:
-        assert run.data.metrics[f"device.x86-gateway.{row.variant}.p95_ms"] == pytest.approx(row.p95_ms)
-        assert run.data.metrics[f"device.x86-gateway.{row.variant}.accuracy"] == pytest.approx(row.accuracy)
+        figure = f"device.x86-gateway.{row.variant}{'' if row.config == 'default' else '.' + row.config}"
+        assert run.data.metrics[f"{figure}.p95_ms"] == pytest.approx(row.p95_ms)
+        assert run.data.metrics[f"{figure}.accuracy"] == pytest.approx(row.accuracy)
     recommended = summary.devices[0].recommended
     assert recommended is not None and run.data.tags["device.x86-gateway.recommended"] == recommended
     registered = mlflow_client(stack).get_model_version("edgeloop-digits", read_registration(workspace).version)
