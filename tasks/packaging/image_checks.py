@@ -30,6 +30,8 @@ class ImageRecord(BaseModel):
     arch: str
     runtime: str
     reference: str                 # registry/repository:tag
+    variant: str = ""              # the variant its bundle serves
+    classes: list[str] = []        # the device classes this image is for (per-class releases)
     digest: str | None = None      # after the push
     status: Literal["pushed", "already_released", "failed_gate", "not_pushed"] = "not_pushed"
     base_image: str = ""

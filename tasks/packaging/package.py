@@ -1,7 +1,9 @@
 """``edgeloop package``: container images of a registered model version, gated, pushed, recorded.
 
 For each platform in ``package.platforms`` (the runtime follows the registered variant: LiteRT for
-``.tflite``, ONNX Runtime for ``.onnx``):
+``.tflite``, ONNX Runtime for ``.onnx``), and for each other variant the version chose for a device class, on
+the platforms of the classes that run it (:mod:`tasks.packaging.class_images`: one image per variant and
+platform, shared by the classes on it; each class's image tagged ``device.<class>.image.<arch>``):
 
 1. the version is exported as a signed bundle and installed into a model store on the host (signature,
    files and health check verified before anything is built);
@@ -18,7 +20,8 @@ For each platform in ``package.platforms`` (the runtime follows the registered v
    version (``image.<arch>``), and a ``package`` run in MLflow records every figure, also for a run
    that failed a gate.
 
-The build context and base image: :mod:`tasks.packaging.image_build`; the gates: :mod:`tasks.packaging.image_checks`.
+The build context and base image: :mod:`tasks.packaging.image_build`; the gates: :mod:`tasks.packaging.image_checks`;
+the report, the MLflow run and the version's tags: :mod:`tasks.packaging.package_report`.
 """
 
 from __future__ import annotations
@@ -33,12 +36,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
-from edge.files import atomic_write_text
 from edge.store.health import load_and_check, read_sample
 from edge.store.manifest import MANIFEST_FILE, Manifest
-from tasks.config import PARAMS_FILE, MlflowParams, PackageParams, Params, load_params
+from tasks.config import PARAMS_FILE, PackageParams, Params, load_params
 from tasks.devices import DEVICES_FILE, load_devices
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
@@ -50,6 +51,7 @@ from tasks.packaging.image_build import REPO_ROOT, base_recipe, build_context, r
 from tasks.packaging.image_checks import ImageRecord, check_image, host_outputs
 from tasks.packaging.image_version import Release, SemVer, image_tag, next_version
 from tasks.packaging.oci_registry import Registry
+from tasks.packaging.package_report import PackageReport, describe, record_in_mlflow, write_report
 from tasks.registry.bundle import export_registered
 from tasks.workspace import Workspace
 
@@ -57,21 +59,6 @@ log = logging.getLogger(__name__)
 
 # ---- what a package run produces ------------------------------------------------------------------
 ARCHES = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
-REPORT_SCHEMA = "edgeloop.package/1"
-
-
-class PackageReport(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    schema_id: str = REPORT_SCHEMA
-    model_name: str
-    mlflow_version: str
-    variant: str
-    version: str
-    version_reason: str
-    created_at: str
-    images: list[ImageRecord]
-
-
 @dataclass(frozen=True)
 class Candidate:
     """A built-but-unchecked image of one platform."""
@@ -112,20 +99,20 @@ def _host_arch() -> str:
 
 
 def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bundle: Path, platform: str,
-               scratch: Path) -> tuple[Candidate, Manifest]:
+               scratch: Path, classes: list[str] | None = None) -> tuple[Candidate, Manifest]:
     """Context, base image and release identity of ``bundle`` on ``platform`` (nothing built yet)."""
     arch = ARCHES[platform]
     if arch != _host_arch():
         enable_emulation(arch)  # qemu user emulation runs the foreign build steps and the checked container
     context = scratch / arch
-    context.mkdir()
+    context.mkdir(parents=True)
     manifest = build_context(bundle, [settings.public_keys], platform, CACHE_DIR, context)
     base = resolve_base_image(engine, settings.base_image, arch, registry)
     recipe = recipe_sha256(context, base_recipe(engine, base))
     release = Release(None, arch, _model_identity(manifest), recipe, "", manifest.data_version, manifest.params_hash)
     primary = next(entry for entry in manifest.models if entry.role == "primary")
     record = ImageRecord(platform=platform, arch=arch, runtime=primary.runtime, reference="", base_image=base,
-                         emulated=arch != _host_arch())
+                         emulated=arch != _host_arch(), variant=manifest.variant, classes=classes or [])
     return Candidate(record, release, context), manifest
 
 
@@ -188,6 +175,18 @@ def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams
     check_image(engine, record, settings, device.runner.cpus, device.runner.memory_mb, *reference)
 
 
+def _build_variant(engine: Engine, registry: Registry, settings: PackageParams, manifest: Manifest,
+                   candidates: list[Candidate], semver: SemVer, source: tuple[str, str], device) -> list[ImageRecord]:
+    """Build and gate one variant's images (every platform it needs); their records."""
+    manifest_sha256 = hashlib.sha256((candidates[0].context / "store" / "versions" / manifest.version /
+                                      MANIFEST_FILE).read_bytes()).hexdigest()
+    labels = _common_labels(manifest, semver, *source, manifest_sha256)
+    reference = _host_reference(candidates[0].context, manifest)
+    for candidate in candidates:
+        _build_and_check(engine, registry, settings, candidate, manifest, semver, labels, device, reference)
+    return [candidate.record for candidate in candidates]
+
+
 def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: str,
                    manifest_sha256: str) -> dict[str, str]:
     return {
@@ -207,6 +206,39 @@ def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: s
     }
 
 
+def _variant_groups(params: Params, engine: Engine, registry: Registry, inventory, bundle: Path,
+                    scratch: Path) -> list[tuple[Manifest, list[Candidate]]]:
+    """The images to build, by variant (the registered one first, on every platform; then each other variant a
+    device class chose, on its classes' platforms), each variant's bundle exported once."""
+    import mlflow
+
+    from tasks.packaging.class_images import image_targets
+
+    settings = params.package
+    registered = [_candidate(engine, settings, registry, bundle, platform, scratch / "registered")
+                  for platform in settings.platforms]
+    manifest = registered[0][1]
+    tags = mlflow.MlflowClient().get_model_version(manifest.model_name, manifest.mlflow_version).tags
+    targets = image_targets(tags, inventory, settings.platforms, manifest.variant)
+    for candidate, _ in registered:
+        candidate.record.classes = targets[manifest.variant].get(candidate.record.platform, [])
+    groups = [(manifest, [candidate for candidate, _ in registered])]
+    for variant, by_platform in targets.items():
+        if variant == manifest.variant:
+            continue
+        folder = scratch / variant
+        folder.mkdir()
+        classes = sorted(name for names in by_platform.values() for name in names)
+        variant_bundle = export_registered(params.mlflow, folder, settings.signing_key, alias=None,
+                                           version=manifest.mlflow_version, device_class=classes[0])
+        built = [_candidate(engine, settings, registry, variant_bundle, platform, folder, names)
+                 for platform, names in by_platform.items()]
+        groups.append((built[0][1], [candidate for candidate, _ in built]))
+        log.info("device classes %s run %s: its image for %s too", ", ".join(classes), variant,
+                 ", ".join(by_platform))
+    return groups
+
+
 def package(params: Params, workspace: Workspace, version: str | None = None, alias: str | None = None,
             devices_path: Path = DEVICES_FILE) -> PackageReport:
     """Build, check, push and record the images of a registered model version (see the module doc).
@@ -220,8 +252,9 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     settings = params.package
     registry = Registry(settings.registry)
     registry.check()  # before a long build, not after it
+    inventory = load_devices(devices_path)
     try:
-        device = load_devices(devices_path).get(settings.check_device)
+        device = inventory.get(settings.check_device)
     except KeyError as error:
         raise ConfigError(f"package.check_device: {error.args[0]} (in {devices_path})") from None
     configure(params.mlflow)
@@ -229,25 +262,22 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     engine = docker_engine.connect()
     try:
         with tempfile.TemporaryDirectory(prefix="edgeloop-package-") as scratch:
-            bundle = export_registered(params.mlflow, Path(scratch), settings.signing_key, alias=alias, version=version,
-                                       large_variant=settings.large_variant)
-            prepared = [_candidate(engine, settings, registry, bundle, platform, Path(scratch))
-                        for platform in settings.platforms]
-            manifest = prepared[0][1]
+            (Path(scratch) / "registered").mkdir()
+            bundle = export_registered(params.mlflow, Path(scratch) / "registered", settings.signing_key, alias=alias,
+                                       version=version, large_variant=settings.large_variant)
+            groups = _variant_groups(params, engine, registry, inventory, bundle, Path(scratch))
+            manifest = groups[0][0]
             run_id, zoo_model = _source_run(manifest)
-            candidates = [replace(candidate, release=replace(candidate.release,
-                                                             architecture=_architecture(zoo_model, manifest)))
-                          for candidate, _ in prepared]
-            semver, reason = next_version(registry.releases(settings.repository), [c.release for c in candidates])
+            groups = [(variant_manifest, [replace(candidate, release=replace(
+                candidate.release, architecture=_architecture(zoo_model, variant_manifest))) for candidate in group])
+                for variant_manifest, group in groups]
+            semver, reason = next_version(registry.releases(settings.repository),  # the registered variant's
+                                          [candidate.release for candidate in groups[0][1]])
             log.info("packaging %s version %s (%s) as %s: %s", manifest.model_name, manifest.mlflow_version,
                      manifest.variant, semver, reason)
-            manifest_sha256 = hashlib.sha256((candidates[0].context / "store" / "versions" / manifest.version /
-                                              MANIFEST_FILE).read_bytes()).hexdigest()
-            labels = _common_labels(manifest, semver, run_id, zoo_model, manifest_sha256)
-            reference = _host_reference(candidates[0].context, manifest)
-            for candidate in candidates:
-                _build_and_check(engine, registry, settings, candidate, manifest, semver, labels, device, reference)
-            records = [candidate.record for candidate in candidates]
+            records = [record for variant_manifest, candidates in groups
+                       for record in _build_variant(engine, registry, settings, variant_manifest, candidates, semver,
+                                                    (run_id, zoo_model), device)]
             failed = [record for record in records if record.failures]
             if not failed:  # all or nothing: no release with one architecture missing
                 for record in records:
@@ -269,60 +299,6 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
     return report
 
 
-def record_in_mlflow(mlflow_settings: MlflowParams, settings: PackageParams, report: PackageReport,
-                     source_run_id: str) -> None:
-    """A ``package`` run with every figure (FAILED when a gate failed); image tags on the model version if shipped."""
-    import mlflow
-
-    from tasks.registry.tracking import ensure_experiment
-
-    shipped = all(record.digest for record in report.images)
-    experiment_id = ensure_experiment(mlflow_settings)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-v{report.version}") as run:
-        mlflow.set_tags({"edgeloop.stage": "package", "source_run_id": source_run_id,
-                         "registered_model": report.model_name, "model_version": report.mlflow_version,
-                         "image.version": report.version, "image.version_reason": report.version_reason})
-        mlflow.log_params({"package.max_image_mb": settings.max_image_mb, "package.max_start_s": settings.max_start_s,
-                           "package.check_device": settings.check_device,
-                           "package.platforms": ",".join(settings.platforms)})
-        for record in report.images:
-            figures = {"mb": record.image_mb, "ready_s": record.ready_s,
-                       "max_abs_score_diff": record.max_abs_score_diff, "label_agreement": record.label_agreement}
-            mlflow.log_metrics({f"image.{record.arch}.{name}": value for name, value in figures.items()
-                                if value is not None})
-            mlflow.set_tag(f"image.{record.arch}", record.pinned or f"{record.reference} ({record.status})")
-            mlflow.set_tag(f"image.{record.arch}.emulated", str(record.emulated).lower())
-        mlflow.log_dict(report.model_dump(mode="json"), "package.json")
-        if not shipped:
-            mlflow.end_run(status="FAILED")
-            return
-        client = mlflow.MlflowClient()
-        client.set_model_version_tag(report.model_name, report.mlflow_version, "image.version", report.version)
-        client.set_model_version_tag(report.model_name, report.mlflow_version, "image.package_run_id",
-                                     run.info.run_id)
-        for record in report.images:
-            client.set_model_version_tag(report.model_name, report.mlflow_version, f"image.{record.arch}",
-                                         record.pinned)
-
-
-def write_report(workspace: Workspace, report: PackageReport) -> Path:
-    path = workspace.package_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
-    return path
-
-
-def _describe(report: PackageReport) -> str:
-    lines = [f"{report.model_name} version {report.mlflow_version} ({report.variant}) -> {report.version} "
-             f"({report.version_reason})"]
-    for record in report.images:
-        timing = f"ready {record.ready_s:.2f} s" if record.ready_s is not None else "not started"
-        emulated = " (emulated)" if record.emulated else ""
-        size = f"{record.image_mb:.1f} MB" if record.image_mb is not None else "size n/a"
-        lines.append(f"  {record.status:16s} {record.pinned or record.reference}  {size}, {timing}{emulated}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``edgeloop package``: build, check and push the images of a registered model version."""
     parser = argparse.ArgumentParser(prog="edgeloop package", description=main.__doc__.split(": ", 1)[1])
@@ -341,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.platform:
             params = params.model_copy(update={"package": params.package.model_copy(
                 update={"platforms": args.platform})})
-        print(_describe(package(params, Workspace(args.workspace), args.version, args.alias)))
+        print(describe(package(params, Workspace(args.workspace), args.version, args.alias)))
 
     return report_user_errors(action)
 

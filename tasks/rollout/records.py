@@ -47,10 +47,12 @@ def _bundle(params: Params, version: str, variant: str, device_class: str | None
 def release_of(params: Params, version: str) -> Release:
     """Registered ``version`` as devices will fetch it: its signed bundle and images and, when it chose a variant
     per device class (``device.<class>.variant`` tags), each class's bundle; classes it chose nothing for are
-    ``held``. A class whose variant needs another runtime than the version's images carry gets no images (its
-    container devices take the model only)."""
+    ``held``. Each class's images are the ones packaged for it (``device.<class>.image.<arch>``); a version
+    packaged before per-class images gives a class the version's own images when they carry its runtime, and
+    none otherwise (its container devices take the model only)."""
     import mlflow
 
+    from tasks.packaging.class_images import class_images_of
     from tasks.variants import VARIANTS
 
     name = params.mlflow.registered_model
@@ -69,7 +71,7 @@ def release_of(params: Params, version: str) -> Release:
             continue
         bundle = own if chosen == variant else _bundle(params, version, chosen, device_class)
         needs = VARIANTS[chosen].runtime
-        mine = images if needs == runtime else {}
+        mine = class_images_of(tags, device_class) or (images if needs == runtime else {})
         classes[device_class] = Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle),
                                         mine.get("amd64"), mine, chosen, needs)
     return Release(f"v{version}", bundle_url(params.rollout, own), sha256_file(own), images.get("amd64"), images,

@@ -83,7 +83,14 @@ def test_repro_writes_every_output(project):
     package = json.loads((project / "reports/package.json").read_text())
     registration = json.loads((project / "reports/registration.json").read_text())
     assert package["mlflow_version"] == registration["version"] and package["variant"] == registration["variant"]
-    assert [image["status"] for image in package["images"]] == ["pushed"]
+    assert {image["status"] for image in package["images"]} == {"pushed"}
+    summary = json.loads((project / "reports/benchmark/summary.json").read_text())
+    gateway = next(outcome["recommended"] for outcome in summary["devices"] if outcome["device"] == "x86-gateway")
+    registered = [image for image in package["images"] if image["variant"] == package["variant"]]
+    assert [image["platform"] for image in registered] == ["linux/amd64"]  # package.platforms here
+    # the gateway's measured choice gets an image of its own runtime (the registered one's, if it is that variant)
+    assert [(image["variant"], image["platform"], image["runtime"]) for image in package["images"]
+            if "x86-gateway" in image["classes"]] == [(gateway, "linux/amd64", gateway.partition("_")[0])]
     with open(project / "reports/comparison.csv") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",

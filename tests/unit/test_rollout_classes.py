@@ -221,3 +221,21 @@ def test_exporting_a_class_bundle_names_what_is_missing():
         class_variant(tags, PI, "m", "4")
     with pytest.raises(ConfigError, match="registered before per-class releases"):
         class_variant({"variant": "tflite_int8"}, PI, "m", "1")
+
+
+def test_a_per_class_release_needs_one_image_per_variant_and_platform():
+    from tasks.devices import load_devices
+    from tasks.packaging.class_images import class_images_of, image_targets
+
+    tags = {"device.rpi4-8gb.variant": "tflite_int8", "device.jetson-xavier-nx.variant": "onnx_int8_u8s8",
+            "device.x86-gateway.variant": "onnx_int8_u8s8", "device.industrial-256mb.variant": "tflite_int8"}
+    targets = image_targets(tags, load_devices(), ["linux/amd64", "linux/arm64"], "tflite_int8")
+    assert list(targets) == ["tflite_int8", "onnx_int8_u8s8"]  # the registered variant first
+    assert targets["tflite_int8"] == {"linux/amd64": [], "linux/arm64": ["rpi4-8gb"]}  # armv7: no image yet
+    assert targets["onnx_int8_u8s8"] == {"linux/arm64": ["jetson-xavier-nx"], "linux/amd64": ["x86-gateway"]}
+    only_amd64 = image_targets({**tags, "device.rpi4-8gb.variant": "none"}, load_devices(), ["linux/amd64"],
+                               "tflite_int8")
+    assert only_amd64 == {"tflite_int8": {"linux/amd64": []}, "onnx_int8_u8s8": {"linux/amd64": ["x86-gateway"]}}
+    pinned = "registry.lan:5000/edgeloop/edge@sha256:" + "a" * 64
+    assert class_images_of({f"device.{GATEWAY}.image.amd64": pinned, f"device.{GATEWAY}.image.arm64": "latest",
+                            f"device.{PI}.image.arm64": pinned}, GATEWAY) == {"amd64": pinned}  # pinned only
