@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 from edge.runtime import EdgeModel
 from edge.sidecar import write_sidecar
@@ -24,6 +28,26 @@ from tasks.contracts import (
 from tasks.lineage import directory_md5
 
 TRAIN, TEST, NEWER_TEST = slice(0, 1000), slice(1200, 1500), slice(1400, 1797)
+
+
+@contextmanager
+def sqlite_tracking(root: Path) -> Iterator[str]:
+    """MLflow on a SQLite store in ``root`` (``MLFLOW_TRACKING_URI``) while it lasts; the URI as it was after.
+
+    Entered after the session's ``stack``, it saves and puts back the URI the stack set (entered first, it would
+    remove it for every later test of the worker)."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def split(digits, rows: slice) -> Dataset:

@@ -16,7 +16,6 @@ One scenario, in order (each phase starts from where the last one left the fleet
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import require_system_tools
-from tests.registry_helpers import TEST, prepare_run
+from tests.registry_helpers import TEST, prepare_run, sqlite_tracking
 from tests.stack_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -58,14 +57,13 @@ def registry(stack, tmp_path_factory, tiny_model, tiny_model_files, digits):
     from tasks.registry.register import register
 
     root = tmp_path_factory.mktemp("rollout-registry")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     bad = root / "bad_int8.tflite"
     bad.write_bytes(exporters.tflite_bytes(_softened(tiny_model, 0.15), "int8", digits.x[:50]))
-    params = Params.model_validate({"drift": {"reference_rows": 100}, "retrain": {"labelled_dir": str(root / "none")},
-                                    "mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]},  # the flow's too
-                                    "evaluate": {"latency_warmup_runs": 1, "latency_runs": 5}})
-    try:
+    with sqlite_tracking(root) as tracking_uri:
+        params = Params.model_validate({"drift": {"reference_rows": 100},
+                                        "retrain": {"labelled_dir": str(root / "none")},
+                                        "mlflow": {"tracking_uri": tracking_uri},  # the flow's too
+                                        "evaluate": {"latency_warmup_runs": 1, "latency_runs": 5}})
         for index, (variant, model_file) in enumerate([("tflite_int8", tiny_model_files["tflite_int8"]),
                                                        ("tflite_fp32", tiny_model_files["tflite_fp32"]),
                                                        ("tflite_int8", bad)]):
@@ -74,12 +72,6 @@ def registry(stack, tmp_path_factory, tiny_model, tiny_model_files, digits):
         client = mlflow.MlflowClient()
         client.set_registered_model_alias(params.mlflow.registered_model, "champion", "1")
         yield params
-    finally:
-        mlflow.set_tracking_uri(None)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 @pytest.fixture(scope="module")

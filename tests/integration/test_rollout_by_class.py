@@ -11,7 +11,6 @@ classes (the real edge service and updater each, serving traffic), each class ab
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 
 from tests.conftest import require_system_tools
 from tests.integration.test_rollout import _softened
-from tests.registry_helpers import TEST, prepare_class_run
+from tests.registry_helpers import TEST, prepare_class_run, sqlite_tracking
 from tests.stack_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -32,7 +31,6 @@ SLOW_HOST_S = 90
 @pytest.fixture(scope="module")
 def class_registry(tmp_path_factory, tiny_model, tiny_model_files, digits, bundle_kit):
     """Versions 1-3 in a SQLite MLflow, each with a LiteRT and an ONNX variant (version 3's LiteRT one softened)."""
-    import mlflow
 
     from tasks.config import Params
     from tasks.contracts import Workspace
@@ -40,30 +38,22 @@ def class_registry(tmp_path_factory, tiny_model, tiny_model_files, digits, bundl
     from tasks.registry.register import register
 
     root = tmp_path_factory.mktemp("class-registry")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     bad = root / "bad_int8.tflite"
     bad.write_bytes(exporters.tflite_bytes(_softened(tiny_model, 0.15), "int8", digits.x[:50]))
-    params = Params.model_validate({
-        "drift": {"reference_rows": 100}, "retrain": {"labelled_dir": str(root / "none")},
-        "mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]},
-        "package": {"signing_key": str(bundle_kit.root / "keys" / "private" / "test-signer.key"),
-                    "public_keys": str(bundle_kit.public_dir)},
-        "rollout": {"bundle_dir": str(root / "bundles"), "group": GROUP}})
     versions = [{"tflite_int8": tiny_model_files["tflite_int8"], "onnx_int8": tiny_model_files["onnx_int8"]},
                 {"tflite_fp32": tiny_model_files["tflite_fp32"], "onnx_fp32": tiny_model_files["onnx_fp32"]},
                 {"tflite_int8": bad, "onnx_fp32": tiny_model_files["onnx_fp32"]}]
-    try:
+    with sqlite_tracking(root) as tracking_uri:
+        params = Params.model_validate({
+            "drift": {"reference_rows": 100}, "retrain": {"labelled_dir": str(root / "none")},
+            "mlflow": {"tracking_uri": tracking_uri},
+            "package": {"signing_key": str(bundle_kit.root / "keys" / "private" / "test-signer.key"),
+                        "public_keys": str(bundle_kit.public_dir)},
+            "rollout": {"bundle_dir": str(root / "bundles"), "group": GROUP}})
         for index, files in enumerate(versions):
             workspace = Workspace(root / f"run{index}")
             register(params, workspace, *prepare_class_run(workspace, digits, files, TEST))
         yield params
-    finally:
-        mlflow.set_tracking_uri(None)
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 @pytest.fixture(scope="module")
