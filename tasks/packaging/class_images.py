@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from tasks.devices import DeviceInventory
+from tasks.registry.bundle import chosen_variants
 
 log = logging.getLogger(__name__)
 PLATFORM_OF_CPU = {"x86_64": "linux/amd64", "aarch64": "linux/arm64", "armv7l": "linux/arm/v7"}
@@ -25,8 +26,9 @@ def image_targets(tags: dict[str, str], inventory: DeviceInventory, platforms: l
     """variant -> platform -> the device classes that image serves; the registered variant first, on every
     platform of ``platforms`` (also where no class runs it: devices outside the inventory do)."""
     targets: dict[str, dict[str, list[str]]] = {registered: {platform: [] for platform in platforms}}
+    variants = chosen_variants(tags)
     for device in inventory.devices:
-        chosen = tags.get(f"device.{device.name}.variant")
+        chosen = variants.get(device.name)
         if chosen in (None, "none"):
             continue
         platform = PLATFORM_OF_CPU.get(device.cpu_arch, device.cpu_arch)

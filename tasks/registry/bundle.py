@@ -135,13 +135,20 @@ def _model_file(folder: Path) -> Path:
     return files[0]
 
 
+def chosen_variants(tags: dict[str, str]) -> dict[str, str]:
+    """Device class -> the variant a registered version chose for it, from its ``device.<class>.variant`` tags
+    (written by :func:`tasks.registry.device_choice.choice_tags`; ``none``: nothing for that class)."""
+    return {key.removeprefix("device.").removesuffix(".variant"): value for key, value in tags.items()
+            if key.startswith("device.") and key.endswith(".variant")}
+
+
 def class_variant(tags: dict[str, str], device_class: str, name: str, version: str) -> str:
     """The variant a registered version chose for ``device_class`` (its ``device.<class>.variant`` tag)."""
-    chosen = tags.get(f"device.{device_class}.variant")
-    classes = sorted(key.split(".")[1] for key in tags if key.startswith("device.") and key.endswith(".variant"))
+    variants = chosen_variants(tags)
+    chosen = variants.get(device_class)
     if chosen is None:
         raise ConfigError(f"{name} version {version} chose no variant for device class {device_class!r} (it knows "
-                          f"{', '.join(classes) or 'no classes: registered before per-class releases'})")
+                          f"{', '.join(sorted(variants)) or 'no classes: registered before per-class releases'})")
     if chosen == "none":
         raise ConfigError(f"{name} version {version} has no variant for device class {device_class!r}: "
                           f"{tags.get(f'device.{device_class}.rule', 'none')} rule; the class stays on its version")

@@ -53,6 +53,7 @@ def release_of(params: Params, version: str) -> Release:
     import mlflow
 
     from tasks.packaging.class_images import class_images_of
+    from tasks.registry.bundle import chosen_variants
     from tasks.variants import VARIANTS
 
     name = params.mlflow.registered_model
@@ -61,10 +62,7 @@ def release_of(params: Params, version: str) -> Release:
     runtime = tags.get("runtime")
     own = _bundle(params, version, variant or "", None)
     classes, held = {}, {}
-    for key, chosen in sorted(tags.items()):
-        if not (key.startswith("device.") and key.endswith(".variant")):
-            continue
-        device_class = key.removeprefix("device.").removesuffix(".variant")
+    for device_class, chosen in sorted(chosen_variants(tags).items()):
         if chosen == "none" or chosen not in VARIANTS:
             held[device_class] = (f"the release has no variant for it ({tags.get(f'device.{device_class}.rule')} "
                                   "rule): it stays on the version it runs")
