@@ -12,7 +12,7 @@ import csv
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +45,9 @@ class RunnerSpec(_Spec):
     python: str = Field("python3", min_length=1)  # ssh: the device's Python (with numpy and the runtime)
     workdir: str | None = Field(None, min_length=1)  # prefect: where the device's worker finds edge/ and flows/
     threads: int | None = Field(None, ge=1, le=1024)  # runtime threads (default: the device's cores)
-    onnx_providers: list[str] = Field(default_factory=list)  # extra ONNX Runtime providers, each also measured
+    # extra ONNX Runtime providers, each also measured (e.g. CUDAExecutionProvider)
+    onnx_providers: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9]{0,62}ExecutionProvider$")]] = Field(
+        default_factory=list)
     compare_xnnpack: bool = False  # also measure LiteRT without XNNPACK
 
     @model_validator(mode="after")
@@ -78,6 +80,18 @@ class DeviceSpec(_Spec):
         if self.accelerator == "none" and self.accelerator_model is not None:
             raise ValueError("accelerator_model is only allowed when accelerator is not 'none'")
         return self
+
+    def benchmark_configs(self) -> list[dict[str, Any]]:
+        """The runtime configurations measured on the device: the default, plus each listed option alone."""
+        threads = self.runner.threads or self.cores
+        configs = [{"name": "default", "threads": threads, "xnnpack": True, "providers": ["CPUExecutionProvider"]}]
+        if self.runner.compare_xnnpack:
+            configs.append({"name": "no-xnnpack", "threads": threads, "xnnpack": False,
+                            "providers": ["CPUExecutionProvider"]})
+        for provider in self.runner.onnx_providers:
+            configs.append({"name": provider, "threads": threads, "xnnpack": True,
+                            "providers": [provider, "CPUExecutionProvider"]})
+        return configs
 
 
 class DeviceInventory(_Spec):

@@ -355,14 +355,17 @@ class BundleKit:
     sample: np.ndarray
 
     def bundle(self, version: str, primary: str = "tflite_int8", large: str | None = None,
-               name: str | None = None) -> Path:
+               name: str | None = None, options: dict | None = None) -> Path:
+        """A signed bundle of the tiny model's ``primary`` variant; ``options``: its ``runtime_options``."""
+        from edge.store.manifest import RuntimeSettings
         from tasks.registry.bundle import bundle_from_files
 
         files = {"primary": self.model_files[primary]}
         if large is not None:
             files["large"] = self.model_files[large]
         return bundle_from_files(self.root / "bundles" / (name or f"{version}.tar.gz"), version, "edgeloop-digits",
-                                 version.lstrip("v"), None, files, self.sample, self.private_key)
+                                 version.lstrip("v"), None, files, self.sample, self.private_key,
+                                 RuntimeSettings(**options) if options else None)
 
     def trusted_keys(self) -> dict:
         from edge.signing import load_public_keys

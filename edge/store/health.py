@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import BundleRefused
-from edge.runtime import EdgeModel
-from edge.store.manifest import Manifest
+from edge.runtime import EdgeModel, RuntimeOptions
+from edge.store.manifest import Manifest, RuntimeSettings
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,19 @@ def check_outputs(outputs: np.ndarray, manifest: Manifest) -> None:
                                             f"below the manifest's {check.min_label_agreement:.0%}")
 
 
+def runtime_options(chosen: RuntimeSettings | None) -> RuntimeOptions:
+    """The delegates and providers a manifest's ``runtime_options`` ask for (None: the runtime's defaults)."""
+    if chosen is None:
+        return RuntimeOptions()
+    return RuntimeOptions(xnnpack=chosen.xnnpack, onnx_providers=tuple(chosen.onnx_providers))
+
+
 def load_and_check(folder: Path, manifest: Manifest, num_threads: int | None = None) -> LoadedVersion:
-    """Load every model of ``manifest`` from ``folder`` (files already verified) and health-check it."""
+    """Load every model of ``manifest`` from ``folder`` (files already verified), in the runtime configuration
+    the manifest names for its class, and health-check it."""
+    options = runtime_options(manifest.runtime_options)
     try:
-        models = {entry.role: EdgeModel.load(folder / entry.file, num_threads=num_threads)
+        models = {entry.role: EdgeModel.load(folder / entry.file, num_threads=num_threads, options=options)
                   for entry in manifest.models}
         outputs = models["primary"].predict(read_sample(folder, manifest))
     except BundleRefused:

@@ -12,6 +12,7 @@ nested, unknown fields, wrong types) into a ``malformed`` :class:`BundleRefused`
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +25,7 @@ MANIFEST_SCHEMA = "edgeloop.manifest/1"
 MAX_MANIFEST_BYTES = 2**20  # a manifest with two models' sidecars is about 3 KB
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain file or version name: no paths, no dot-files
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a bundle version: v12, 1.4.2, 2026-05-01.rc1
+PROVIDER_NAME = r"^[A-Za-z][A-Za-z0-9]{0,62}ExecutionProvider$"
 ModelRole = Literal["primary", "large"]  # large: the cascade's second stage
 
 
@@ -61,6 +63,23 @@ class SampleCheck(_Record):
         return self
 
 
+class RuntimeSettings(_Record):
+    """How the device runs the primary model when it is not the runtime's default: the configuration the
+    benchmark measured best on the device's class (LiteRT without XNNPACK, an ONNX Runtime provider list).
+    A provider the device's build lacks is left out when loading: the CPU provider is always the last resort."""
+
+    config: str = Field(pattern=SAFE_NAME)  # the benchmark configuration's name (devices.yaml runner), for reports
+    xnnpack: bool = True
+    onnx_providers: list[str] = Field(["CPUExecutionProvider"], min_length=1, max_length=4)
+
+    @model_validator(mode="after")
+    def _known_provider_names(self) -> RuntimeSettings:
+        for provider in self.onnx_providers:
+            if not re.fullmatch(PROVIDER_NAME, provider):
+                raise ValueError(f"{provider[:80]!r} is not an ONNX Runtime execution provider name")
+        return self
+
+
 class Manifest(_Record):
     schema_id: Literal["edgeloop.manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")
     version: str = Field(pattern=VERSION_PATTERN)
@@ -77,6 +96,7 @@ class Manifest(_Record):
     models: list[ModelEntry] = Field(min_length=1, max_length=2)
     sample: SampleCheck
     files: list[PayloadFile] = Field(min_length=1)
+    runtime_options: RuntimeSettings | None = None  # left out of the bytes when None (older devices' schema)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -106,7 +126,9 @@ class Manifest(_Record):
 
     def to_bytes(self) -> bytes:
         """The canonical bytes that are signed and shipped (sorted keys, so rebuilding gives the same bytes)."""
-        return (json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n").encode()
+        left_out = {"runtime_options"} if self.runtime_options is None else set()
+        content = self.model_dump(mode="json", by_alias=True, exclude=left_out)
+        return (json.dumps(content, indent=2, sort_keys=True) + "\n").encode()
 
 
 def parse_manifest(content: bytes) -> Manifest:

@@ -11,7 +11,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -30,19 +29,6 @@ class Candidate:
     path: Path  # the model file; its sidecar (if any) travels with it and is verified on the device
 
 
-def device_configs(device: DeviceSpec) -> list[dict[str, Any]]:
-    """The runtime configurations to measure on ``device``: the default, plus each listed option alone."""
-    threads = device.runner.threads or device.cores
-    configs = [{"name": "default", "threads": threads, "xnnpack": True, "providers": ["CPUExecutionProvider"]}]
-    if device.runner.compare_xnnpack:
-        configs.append({"name": "no-xnnpack", "threads": threads, "xnnpack": False,
-                        "providers": ["CPUExecutionProvider"]})
-    for provider in device.runner.onnx_providers:
-        configs.append({"name": provider, "threads": threads, "xnnpack": True,
-                        "providers": [provider, "CPUExecutionProvider"]})
-    return configs
-
-
 def stage_inputs(candidates: list[Candidate], eval_x: np.ndarray, eval_y: np.ndarray, device: DeviceSpec,
                  params: BenchmarkParams, destination: Path, timeout_s: float) -> Path:
     """Fill ``destination`` with the files and ``job.json`` for ``device``; returns ``destination``."""
@@ -53,7 +39,7 @@ def stage_inputs(candidates: list[Candidate], eval_x: np.ndarray, eval_y: np.nda
             shutil.copy(sidecar_path(candidate.path), destination / sidecar_path(candidate.path).name)
     np.savez(destination / EVAL_FILE, x=eval_x.astype(np.float32), y=eval_y)
     job = {"models": [c.path.name for c in candidates], "eval_set": EVAL_FILE, "iterations": params.iterations,
-           "warmup": params.warmup, "configs": device_configs(device), "rates": list(params.rates),
+           "warmup": params.warmup, "configs": device.benchmark_configs(), "rates": list(params.rates),
            "rate_seconds": params.rate_seconds, "timeout_s": timeout_s, "thermal_limit_c": device.thermal_limit_c,
            "device": device.name}
     (destination / JOB_FILE).write_text(json.dumps(job, indent=2))

@@ -27,7 +27,16 @@ from edge.files import atomic_writer, sha256_file
 from edge.runtime import RUNTIME_BY_SUFFIX, EdgeModel
 from edge.sidecar import read_sidecar, sidecar_path
 from edge.signing import key_id, sign_manifest
-from edge.store.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, ModelEntry, PayloadFile, SampleCheck
+from edge.store.health import runtime_options
+from edge.store.manifest import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    Manifest,
+    ModelEntry,
+    PayloadFile,
+    RuntimeSettings,
+    SampleCheck,
+)
 from tasks.config import PARAMS_FILE, MlflowParams, load_params
 from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError
@@ -77,8 +86,9 @@ def _payload(path: Path) -> PayloadFile:
 
 
 def build_manifest(version: str, model_name: str, mlflow_version: str, alias: str | None,
-                   model_files: dict[str, Path], sample_path: Path) -> Manifest:
-    """Describe a bundle: ``model_files`` by role (``primary``, optional ``large``) with sidecars beside them."""
+                   model_files: dict[str, Path], sample_path: Path, options: RuntimeSettings | None = None) -> Manifest:
+    """Describe a bundle: ``model_files`` by role (``primary``, optional ``large``) with sidecars beside them, to
+    be run in the runtime configuration ``options`` (None: the runtime's default)."""
     primary = read_sidecar(model_files["primary"])
     models, files = [], []
     for role, path in model_files.items():
@@ -88,7 +98,7 @@ def build_manifest(version: str, model_name: str, mlflow_version: str, alias: st
                                  sidecar=read_sidecar(path)))
         files += [_payload(path), _payload(sidecar_path(path))]
     sample = np.load(sample_path, allow_pickle=False)
-    outputs = EdgeModel.load(model_files["primary"], num_threads=1).predict(sample)
+    outputs = EdgeModel.load(model_files["primary"], num_threads=1, options=runtime_options(options)).predict(sample)
     check = SampleCheck(file=sample_path.name, output_shape=list(outputs.shape), output_dtype=outputs.dtype.name,
                         expected_labels=[int(label) for label in outputs.argmax(axis=1)])
     return Manifest(version=version, model_name=model_name, mlflow_version=mlflow_version, alias=alias,
@@ -97,7 +107,7 @@ def build_manifest(version: str, model_name: str, mlflow_version: str, alias: st
                     input_shape=[int(d) for d in primary["input"]["shape"][1:]],
                     data_version=primary["data_version"], git_commit=primary["git_commit"],
                     params_hash=primary["params_hash"], models=models, sample=check,
-                    files=files + [_payload(sample_path)])
+                    files=files + [_payload(sample_path)], runtime_options=options)
 
 
 def write_bundle(out: Path, manifest: Manifest, payload_dir: Path, private_key: Ed25519PrivateKey) -> Path:
@@ -114,7 +124,8 @@ def write_bundle(out: Path, manifest: Manifest, payload_dir: Path, private_key: 
 
 
 def bundle_from_files(out: Path, version: str, model_name: str, mlflow_version: str, alias: str | None,
-                      model_files: dict[str, Path], sample: np.ndarray, private_key: Ed25519PrivateKey) -> Path:
+                      model_files: dict[str, Path], sample: np.ndarray, private_key: Ed25519PrivateKey,
+                      options: RuntimeSettings | None = None) -> Path:
     """A signed bundle from model files on disk (sidecars beside them) and a sample input batch."""
     with tempfile.TemporaryDirectory(prefix="edgeloop-bundle-") as scratch:
         payload_dir = Path(scratch)
@@ -124,7 +135,8 @@ def bundle_from_files(out: Path, version: str, model_name: str, mlflow_version: 
                 (payload_dir / source.name).write_bytes(source.read_bytes())
             staged[role] = payload_dir / path.name
         np.save(payload_dir / SAMPLE_FILE, np.asarray(sample, np.float32))
-        manifest = build_manifest(version, model_name, mlflow_version, alias, staged, payload_dir / SAMPLE_FILE)
+        manifest = build_manifest(version, model_name, mlflow_version, alias, staged, payload_dir / SAMPLE_FILE,
+                                  options)
         return write_bundle(out, manifest, payload_dir, private_key)
 
 
@@ -155,6 +167,34 @@ def class_variant(tags: dict[str, str], device_class: str, name: str, version: s
     return chosen
 
 
+def class_runtime_settings(tags: dict[str, str], device_class: str) -> RuntimeSettings | None:
+    """The runtime configuration a registered version's bundle asks ``device_class`` to run its variant in (its
+    ``device.<class>.runtime_options`` tag, written when the class was measured best in a non-default one)."""
+    from pydantic import ValidationError
+
+    raw = tags.get(f"device.{device_class}.runtime_options")
+    if raw is None:
+        return None
+    try:
+        return RuntimeSettings.model_validate_json(raw)
+    except ValidationError as error:
+        raise ConfigError(f"tag device.{device_class}.runtime_options is not a runtime configuration "
+                          f"({error.errors()[0]['msg']}): re-run the register stage") from error
+
+
+def bundle_file_name(name: str, version: str, tags: dict[str, str], device_class: str | None = None) -> str:
+    """The file a registered version's bundle for ``device_class`` is exported as: ``<model>-v<version>.tar.gz``
+    when the class runs the registered variant in its runtime's default configuration (the version's own
+    bundle), ``<model>-v<version>-<variant>[-<config>].tar.gz`` otherwise; classes that chose the same share it."""
+    if device_class is None:
+        return f"{name}-v{version}.tar.gz"
+    variant = class_variant(tags, device_class, name, version)
+    options = class_runtime_settings(tags, device_class)
+    if variant == tags.get("variant") and options is None:
+        return f"{name}-v{version}.tar.gz"
+    return f"{name}-v{version}-{variant}{f'-{options.config}' if options else ''}.tar.gz"
+
+
 def export_registered(settings: MlflowParams, out_dir: Path, private_key_path: Path, alias: str | None = "champion",
                       version: str | None = None, large_variant: str | None = None,
                       device_class: str | None = None) -> Path:
@@ -162,9 +202,9 @@ def export_registered(settings: MlflowParams, out_dir: Path, private_key_path: P
 
     ``large_variant`` adds that variant of the same MLflow run as the cascade's second stage (for
     example ``tflite_fp32`` behind an int8 primary). The health-check sample is the version's input example.
-    ``device_class``: the bundle of the variant the version chose for that class (``device.<class>.variant``),
-    named ``<model>-v<version>-<variant>.tar.gz``, one file for every class that chose the same variant; the
-    registered variant's bundle is the version's own.
+    ``device_class``: the bundle of the variant the version chose for that class (``device.<class>.variant``), in
+    the runtime configuration measured best on it (``device.<class>.runtime_options``), named by
+    :func:`bundle_file_name`.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -188,23 +228,23 @@ def export_registered(settings: MlflowParams, out_dir: Path, private_key_path: P
             raise ConfigError(f"{name} version {model_version.version} has no input example (registered before "
                               "bundles existed): re-run the register stage")
         model_files = {"primary": _model_file(local / "artifacts" / next((local / "artifacts").iterdir()).name)}
-        suffix = ""
+        tags, options = model_version.tags, None
         if device_class is not None:
-            variant = class_variant(model_version.tags, device_class, name, str(model_version.version))
-            if variant != model_version.tags.get("variant"):
+            variant = class_variant(tags, device_class, name, str(model_version.version))
+            options = class_runtime_settings(tags, device_class)
+            if variant != tags.get("variant"):
                 chosen = mlflow.artifacts.download_artifacts(run_id=model_version.run_id,
                                                              artifact_path=f"models/{variant}",
                                                              dst_path=str(Path(scratch) / variant))
                 model_files["primary"] = _model_file(Path(chosen))
-                suffix = f"-{variant}"
         if large_variant is not None:
             large = Path(mlflow.artifacts.download_artifacts(run_id=model_version.run_id,
                                                              artifact_path=f"models/{large_variant}",
                                                              dst_path=str(Path(scratch) / "large")))
             model_files["large"] = _model_file(large)
-        out = out_dir / f"{name}-v{model_version.version}{suffix}.tar.gz"
+        out = out_dir / bundle_file_name(name, str(model_version.version), tags, device_class)
         bundle_from_files(out, f"v{model_version.version}", name, str(model_version.version),
-                          alias if version is None else None, model_files, np.asarray(sample), private_key)
+                          alias if version is None else None, model_files, np.asarray(sample), private_key, options)
     log.info("exported %s version %s as %s", name, model_version.version, out)
     return out
 

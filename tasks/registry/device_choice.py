@@ -15,12 +15,14 @@ chosen by the first rule that applies, and the choice says which one did:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from tasks.contracts import BenchmarkSummary, Evaluation
-from tasks.devices import DeviceInventory
+from tasks.devices import DeviceInventory, DeviceSpec
 from tasks.evaluation.gates import recommend
+from tasks.variants import VARIANTS
 
 Rule = Literal["benchmark", "none", "preferred_runtime", "overall"]
 
@@ -35,9 +37,23 @@ class DeviceChoice:
     p95_ms: float | None = None     # on the device (emulated: not a device timing)
     accuracy: float | None = None   # on the device, on the benchmark's eval subset
     emulated: bool = False
+    options: dict[str, Any] | None = None  # the bundle's runtime_options: the measured config when not the default
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def runtime_settings(device: DeviceSpec, config: str | None, variant: str) -> dict[str, Any] | None:
+    """What a bundle of ``variant`` must ask the device's runtime for to run as it was measured in ``config``
+    (``edge.store.manifest.RuntimeSettings``), or None when that is the runtime's default."""
+    measured = next((item for item in device.benchmark_configs() if item["name"] == config), None)
+    if measured is None or variant not in VARIANTS:
+        return None
+    if VARIANTS[variant].runtime == "tflite" and not measured["xnnpack"]:
+        return {"config": config, "xnnpack": False}
+    if VARIANTS[variant].runtime == "onnx" and measured["providers"] != ["CPUExecutionProvider"]:
+        return {"config": config, "onnx_providers": list(measured["providers"])}
+    return None
 
 
 def choose_per_device(evaluation: Evaluation, inventory: DeviceInventory,
@@ -58,7 +74,8 @@ def choose_per_device(evaluation: Evaluation, inventory: DeviceInventory,
                 device.name, outcome.recommended, "benchmark",
                 f"measured on the device{' (emulated)' if outcome.emulated else ''}: the best variant passing "
                 f"every device gate by {benchmark.recommend_by}", outcome.recommended_config,
-                row.p95_ms if row else None, row.accuracy if row else None, outcome.emulated))
+                row.p95_ms if row else None, row.accuracy if row else None, outcome.emulated,
+                runtime_settings(device, outcome.recommended_config, outcome.recommended)))
             continue
         unmeasured = ("no benchmark ran" if benchmark is None else "not benchmarked" if outcome is None
                       else f"its benchmark failed ({outcome.error[:120]})")
@@ -80,21 +97,25 @@ def choose_per_device(evaluation: Evaluation, inventory: DeviceInventory,
 
 
 def choice_tags(choices: list[DeviceChoice]) -> dict[str, str]:
-    """Model version tags: each class's variant (``none``: nothing for it) and the rule that chose it."""
+    """Model version tags: each class's variant (``none``: nothing for it), the rule that chose it and, when it
+    was measured best in a configuration other than its runtime's default, that configuration (JSON)."""
     tags = {}
     for choice in choices:
         tags[f"device.{choice.device}.variant"] = choice.variant or "none"
         tags[f"device.{choice.device}.rule"] = choice.rule
+        if choice.options is not None:
+            tags[f"device.{choice.device}.runtime_options"] = json.dumps(choice.options, sort_keys=True)
     return tags
 
 
 def choices_markdown(choices: list[DeviceChoice]) -> str:
     """The per-class table the training summary and the approval gate show."""
-    lines = ["| device class | variant | chosen by | device p95 ms | device accuracy | why |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| device class | variant | runtime config | chosen by | device p95 ms | device accuracy | why |",
+             "|---|---|---|---|---|---|---|"]
     for choice in choices:
         p95 = "-" if choice.p95_ms is None else f"{choice.p95_ms:.3f}{' (emulated)' if choice.emulated else ''}"
         accuracy = "-" if choice.accuracy is None else f"{choice.accuracy:.4f}"
-        lines.append(f"| {choice.device} | {choice.variant or 'none'} | {choice.rule} | {p95} | {accuracy} | "
+        lines.append(f"| {choice.device} | {choice.variant or 'none'} | {choice.config or '-'} | {choice.rule} | "
+                     f"{p95} | {accuracy} | "
                      f"{choice.why} |")
     return "\n".join(lines)

@@ -29,14 +29,12 @@ def bundle_url(settings: RolloutParams, bundle: Path) -> str:
     return f"{base.rstrip('/')}/{bundle.name}" if base else bundle.resolve().as_uri()
 
 
-def _bundle(params: Params, version: str, variant: str, device_class: str | None) -> Path:
-    """The signed bundle of ``version`` serving ``variant`` (exported on first use, shared by the classes that
-    chose it): ``<model>-v<version>.tar.gz`` for the registered variant, ``...-<variant>.tar.gz`` otherwise."""
-    from tasks.registry.bundle import export_registered
+def _bundle(params: Params, version: str, tags: dict[str, str], device_class: str | None) -> Path:
+    """The signed bundle of ``version`` for ``device_class`` (None: the version's own), exported on first use and
+    shared by the classes that chose the same variant and runtime configuration (``bundle_file_name``)."""
+    from tasks.registry.bundle import bundle_file_name, export_registered
 
-    name = params.mlflow.registered_model
-    suffix = "" if device_class is None else f"-{variant}"
-    bundle = params.rollout.bundle_dir / f"{name}-v{version}{suffix}.tar.gz"
+    bundle = params.rollout.bundle_dir / bundle_file_name(params.mlflow.registered_model, version, tags, device_class)
     if not bundle.is_file():
         bundle.parent.mkdir(parents=True, exist_ok=True)
         export_registered(params.mlflow, bundle.parent, params.package.signing_key, alias=None, version=version,
@@ -60,14 +58,14 @@ def release_of(params: Params, version: str) -> Release:
     tags = mlflow.MlflowClient().get_model_version(name, version).tags
     images, variant = images_of(tags), tags.get("variant")
     runtime = tags.get("runtime")
-    own = _bundle(params, version, variant or "", None)
+    own = _bundle(params, version, tags, None)
     classes, held = {}, {}
     for device_class, chosen in sorted(chosen_variants(tags).items()):
         if chosen == "none" or chosen not in VARIANTS:
             held[device_class] = (f"the release has no variant for it ({tags.get(f'device.{device_class}.rule')} "
                                   "rule): it stays on the version it runs")
             continue
-        bundle = own if chosen == variant else _bundle(params, version, chosen, device_class)
+        bundle = _bundle(params, version, tags, device_class)
         needs = VARIANTS[chosen].runtime
         mine = class_images_of(tags, device_class) or (images if needs == runtime else {})
         classes[device_class] = Release(f"v{version}", bundle_url(params.rollout, bundle), sha256_file(bundle),

@@ -5,6 +5,8 @@ classes (the real edge service and updater each, serving traffic), each class ab
 1. Version 2 chose ``onnx_fp32`` for the gateways and ``tflite_fp32`` for the Pis (each class's preferred
    runtime, devices.yaml): one rollout, a canary per class, and every device ends serving its class's variant;
    the Jetson class (also ONNX) shares the gateways' bundle file, and each class's variant loads as a pyfunc model.
+   The Pis were measured best on LiteRT without XNNPACK (the ``device.rpi4-8gb.runtime_options`` tag the register
+   stage writes for such a benchmark pick): their bundle asks for it and they serve that way.
 2. Version 3's LiteRT variant is under-confident, its ONNX one is fine: the Pis' canary trips the confidence
    limit and only the Pis go back to version 2; the gateways complete; the version is tagged ``partial``.
 """
@@ -26,11 +28,14 @@ GROUP = "classes"
 GATEWAY, PI = "x86-gateway", "rpi4-8gb"
 DEVICES = {"gw-0": (GATEWAY, "onnx"), "gw-1": (GATEWAY, "onnx"), "pi-0": (PI, "tflite"), "pi-1": (PI, "tflite")}
 SLOW_HOST_S = 90
+NO_XNNPACK = '{"config": "no-xnnpack", "xnnpack": false}'
 
 
 @pytest.fixture(scope="module")
 def class_registry(tmp_path_factory, tiny_model, tiny_model_files, digits, bundle_kit):
     """Versions 1-3 in a SQLite MLflow, each with a LiteRT and an ONNX variant (version 3's LiteRT one softened)."""
+
+    import mlflow
 
     from tasks.config import Params
     from tasks.contracts import Workspace
@@ -53,6 +58,8 @@ def class_registry(tmp_path_factory, tiny_model, tiny_model_files, digits, bundl
         for index, files in enumerate(versions):
             workspace = Workspace(root / f"run{index}")
             register(params, workspace, *prepare_class_run(workspace, digits, files, TEST))
+        mlflow.MlflowClient().set_model_version_tag(params.mlflow.registered_model, "2",
+                                                    f"device.{PI}.runtime_options", NO_XNNPACK)
         yield params
 
 
@@ -91,9 +98,9 @@ def class_fleet(tmp_path_factory, class_registry, bundle_kit, digits):
             mosquitto.stop_mosquitto(root / "run")
 
 
-def _served_variant(device) -> str | None:
+def _served(device, field: str = "variant"):
     try:
-        return httpx.get(f"{device.url}/v1/model", timeout=5.0).json().get("variant")
+        return httpx.get(f"{device.url}/v1/model", timeout=5.0).json().get(field)
     except (httpx.HTTPError, ValueError):
         return None
 
@@ -135,7 +142,9 @@ def test_each_class_serves_its_variant_and_a_bad_one_is_rolled_back_in_its_class
     second = release_of(class_registry, "2")
     assert second.classes[GATEWAY].variant == "onnx_fp32" and second.classes[PI].variant == "tflite_fp32"
     assert second.classes["jetson-xavier-nx"].bundle_url == second.classes[GATEWAY].bundle_url  # shared, not rebuilt
-    assert second.classes[PI].bundle_url == second.bundle_url  # the registered variant's bundle is the version's own
+    # the registered variant, but in another configuration than LiteRT's default: a bundle of its own
+    assert second.classes[PI].bundle_url.endswith("-v2-tflite_fp32-no-xnnpack.tar.gz")
+    assert second.classes[PI].bundle_url != second.bundle_url
     assert second.classes[GATEWAY].bundle_sha256 != second.classes[PI].bundle_sha256
     tags = client.get_model_version(name, "2").tags
     pyfunc = mlflow.pyfunc.load_model(tags[f"device.{GATEWAY}.model_uri"])
@@ -150,7 +159,10 @@ def test_each_class_serves_its_variant_and_a_bad_one_is_rolled_back_in_its_class
         assert all(stage.figures.requests > 0 for stage in stages)  # judged on its own class's traffic
     wait_for(lambda: set(devices.versions().values()) == {"v2"}, SLOW_HOST_S, "every device to serve v2")
     for device_id, (device_class, _) in DEVICES.items():
-        assert _served_variant(devices.devices[device_id]) == second.classes[device_class].variant
+        assert _served(devices.devices[device_id]) == second.classes[device_class].variant
+        configuration = _served(devices.devices[device_id], "config"), _served(devices.devices[device_id],
+                                                                               "accelerators")
+        assert configuration == (("no-xnnpack", []) if device_class == PI else ("default", [])), device_id
         assert statuses[device_id]["device_class"] == device_class
         assert statuses[device_id]["variant"] == second.classes[device_class].variant
     assert client.get_model_version(name, "2").tags[f"rollout.class.{PI}"] == "completed"
@@ -162,7 +174,7 @@ def test_each_class_serves_its_variant_and_a_bad_one_is_rolled_back_in_its_class
     assert report.classes[GATEWAY].outcome == "completed"
     wait_for(lambda: devices.versions() == {"gw-0": "v3", "gw-1": "v3", "pi-0": "v2", "pi-1": "v2"}, SLOW_HOST_S,
              "the gateways on v3 and the Pis back on v2")
-    assert {_served_variant(devices.devices[d]) for d in ("pi-0", "pi-1")} == {"tflite_fp32"}
+    assert {_served(devices.devices[d]) for d in ("pi-0", "pi-1")} == {"tflite_fp32"}
     tags = client.get_model_version(name, "3").tags
     assert tags["rollout"] == "partial" and tags[f"rollout.class.{PI}"].startswith("rolled-back: ")
     assert tags[f"rollout.class.{GATEWAY}"] == "completed"

@@ -61,7 +61,40 @@ def test_a_measured_class_gets_its_benchmark_pick_and_a_class_nothing_passes_on_
     assert tags[f"device.{measured}.variant"] == "onnx_int8" and tags[f"device.{blocked}.variant"] == "none"
     assert tags[f"device.{failed}.rule"] == "preferred_runtime"
     table = choices_markdown(list(choices.values()))
-    assert f"| {measured} | onnx_int8 | benchmark | 3.500 (emulated) | 0.9700 |" in table
+    assert f"| {measured} | onnx_int8 | threads=4 | benchmark | 3.500 (emulated) | 0.9700 |" in table
+    assert choices[measured].options is None and f"device.{measured}.runtime_options" not in tags
+
+
+def test_a_class_measured_best_outside_its_runtimes_default_gets_that_configuration_in_its_bundle() -> None:
+    """The x86 gateway measures LiteRT without XNNPACK, the Jetson ONNX Runtime on TensorRT and CUDA: a winning
+    non-default configuration becomes the class's runtime_options (what its bundle asks the device for)."""
+    import json
+
+    from edge.store.manifest import RuntimeSettings
+
+    def outcome(device: str, variant: str, config: str) -> tuple[DeviceBenchRow, DeviceOutcome]:
+        return (DeviceBenchRow(device=device, variant=variant, config=config, runner="local", status="ok", p95_ms=1.0,
+                               accuracy=0.98),
+                DeviceOutcome(device=device, runner="local", status="ok", recommended=variant,
+                              recommended_config=config))
+
+    picks = [outcome("x86-gateway", "tflite_int8", "no-xnnpack"),
+             outcome("jetson-xavier-nx", "onnx_int8", "CUDAExecutionProvider"),
+             outcome("rpi4-8gb", "tflite_int8", "default"),
+             outcome("industrial-256mb", "onnx_int8", "no-xnnpack")]  # not measured there: no such configuration
+    benchmark = BenchmarkSummary(recommend_by="gzip_size", eval_samples=100, reference_accuracy=0.98,
+                                 rows=[row for row, _ in picks], devices=[device for _, device in picks])
+    choices = {choice.device: choice for choice in choose_per_device(_evaluation(ROWS), INVENTORY, benchmark)}
+    assert choices["x86-gateway"].options == {"config": "no-xnnpack", "xnnpack": False}
+    assert choices["jetson-xavier-nx"].options == {
+        "config": "CUDAExecutionProvider", "onnx_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    assert choices["rpi4-8gb"].options is None and choices["industrial-256mb"].options is None
+    tags = choice_tags(list(choices.values()))
+    settings = RuntimeSettings.model_validate_json(tags["device.x86-gateway.runtime_options"])
+    assert (settings.config, settings.xnnpack) == ("no-xnnpack", False)
+    assert json.loads(tags["device.jetson-xavier-nx.runtime_options"])["onnx_providers"][0] == "CUDAExecutionProvider"
+    assert "device.rpi4-8gb.runtime_options" not in tags
+    assert "| x86-gateway | tflite_int8 | no-xnnpack | benchmark |" in choices_markdown(list(choices.values()))
 
 
 def test_a_class_that_nothing_fits_gets_none() -> None:

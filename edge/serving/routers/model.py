@@ -25,6 +25,8 @@ class ModelStatus(BaseModel):
     serving: str | None
     variant: str | None = None   # the variant the serving version runs (its class's, in a per-class release)
     runtime: str | None = None   # the runtime that runs it here: tflite (LiteRT) or onnx (ONNX Runtime)
+    config: str = "default"      # the runtime configuration its bundle asks for (the benchmark's best on the class)
+    accelerators: list[str] = []  # what runs it besides the plain CPU kernels here: XNNPACK, an ORT provider
     previous: str | None
     installed: list[str]
     rolled_back: dict[str, str]
@@ -37,7 +39,10 @@ async def model(services: ServicesDep) -> Any:
     state, active = services.store.state(), services.engine.active
     return {"active": state.active, "serving": active.version if active else None,
             "variant": active.manifest.variant if active else None,
-            "runtime": active.primary.runtime if active else None, "previous": state.previous,
+            "runtime": active.primary.runtime if active else None,
+            "config": active.manifest.runtime_options.config if active and active.manifest.runtime_options
+            else "default", "accelerators": active.primary.accelerators if active else [],
+            "previous": state.previous,
             "installed": state.installed, "rolled_back": state.rolled_back,
             "manifest": active.manifest.model_dump(mode="json", by_alias=True) if active else None}
 
