@@ -35,6 +35,7 @@ from flows.parameters import PARAMS_PATH, apply_override, default_parameters
 from scripts.device_fleet import DeviceFleet
 from tasks.config import Params, load_params
 from tasks.errors import EdgeloopError
+from tasks.rollout.engine import Release
 from tasks.stack import mosquitto
 from tasks.stack.services import REPO_ROOT, ServiceError
 
@@ -50,6 +51,7 @@ DEMO_PLAN = {"stages": [5, 25, 100], "stage_window_s": 20, "ack_timeout_s": 60, 
              "baseline_window_s": 120, "fleet_file": ".run/demo-loop/fleet.yaml",
              "credentials_dir": ".run/demo-loop/mqtt"}  # the demo's fleet, never the project's own fleet.yaml
 DRIFT_SETTINGS = {"cooldown_h": 0, "consecutive_windows": 2}
+DEMO_CLASSES = ("x86-gateway", "rpi4-8gb")  # every device runs both runtimes here: the class picks the variant
 
 
 class Timeline:
@@ -87,12 +89,16 @@ def ensure_champion(params: Params, note: Timeline) -> str:
     return str(candidate.version)
 
 
-def start_fleet(fleet: DeviceFleet, params: Params, count: int, bundle: Path, note: Timeline) -> None:
+def start_fleet(fleet: DeviceFleet, params: Params, count: int, release: Release, note: Timeline) -> None:
+    """The demo's devices, each serving ``release``'s bundle for its class: half x86 gateways and half Raspberry
+    Pis (``DEMO_CLASSES``) when the release chose a variant for both, so the retrain's rollout runs per class;
+    otherwise (a version registered before per-class choices) one whole-fleet release."""
     from tasks.rollout.fleet import ACL_FILE, PASSWORD_FILE, ensure_control_plane, simulated_fleet
 
     settings = params.rollout  # with DEMO_PLAN applied: the fleet and credentials live under RUN_DIR
+    classes = DEMO_CLASSES if set(DEMO_CLASSES) <= set(release.classes) else ()
     passwords = simulated_fleet(count, [settings.group], settings.credentials_dir, fleet_file=settings.fleet_file,
-                                prefix=PREFIX)
+                                prefix=PREFIX, classes=classes)
     ensure_control_plane(settings.credentials_dir)
     mosquitto.stop_mosquitto(RUN_DIR)  # a previous demo's broker
     broker = mosquitto.start_mosquitto(RUN_DIR, int(settings.broker.rsplit(":", 1)[1]),
@@ -100,9 +106,15 @@ def start_fleet(fleet: DeviceFleet, params: Params, count: int, bundle: Path, no
     note(f"Mosquitto on {broker.host}:{broker.port}: {count} device logins, ACLs per device")
     collected = (REPO_ROOT / params.drift.collected_dir).resolve()
     collected.mkdir(parents=True, exist_ok=True)
-    for device, (_, password) in passwords.items():
-        fleet.start(device, password, bundle, upload_to=collected, sample_rate=0.2, sample_file_records=64,
-                    sample_file_age_s=5)
+    for index, (device, (_, password)) in enumerate(passwords.items()):
+        device_class = classes[index % len(classes)] if classes else None
+        chosen = release.classes[device_class] if device_class else release
+        fleet.start(device, password, Path(chosen.bundle_url.removeprefix("file://")),
+                    updater_args=("--device-class", device_class) if device_class else (), upload_to=collected,
+                    sample_rate=0.2, sample_file_records=64, sample_file_age_s=5)
+    if classes:
+        note(f"device classes: {', '.join(f'{c} ({release.classes[c].variant})' for c in classes)}, "
+             f"{count // len(classes)}+ devices each: the rollouts go per class")
 
 
 def note_rollout(note: Timeline, since: float) -> None:
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     note = Timeline()
     params = demo_params()
     champion = ensure_champion(params, note)
-    bundle = Path(release_of(params, champion).bundle_url.removeprefix("file://"))
+    release = release_of(params, champion)
     # telemetry every 5 s, 2 requests/s per device: 20 devices leave this machine room for the retrain and
     # the packaging gates (an image's cold start is measured on the same cores)
     fleet = DeviceFleet(RUN_DIR / "devices", params.rollout.broker, params.rollout.group, params.package.public_keys,
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     training = default_parameters().model_dump(mode="json")
     previous_defaults = set_retrain_defaults({"params": {**training, **FAST_TRAINING}, "rollout_plan": DEMO_PLAN})
     try:
-        start_fleet(fleet, params, args.devices, bundle, note)
+        start_fleet(fleet, params, args.devices, release, note)
         note(f"{len(fleet.devices)} devices serve champion v{champion} (updater + edge service each)")
         outcomes = both_runs(fleet, traffic, training, args.interactive, note)
     finally:

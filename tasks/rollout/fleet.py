@@ -290,20 +290,22 @@ def revoke_device(fleet_file: Path, credentials_dir: Path, ca_dir: Path, device:
 
 
 def simulated_fleet(n: int, groups: Iterable[str], credentials_dir: Path, iterations: int = DEFAULT_ITERATIONS,
-                    *, fleet_file: Path | None = None, prefix: str = "sim") -> dict[str, tuple[str, str]]:
-    """A fleet of ``n`` simulated devices spread round-robin over ``groups``, written with its broker files.
+                    *, fleet_file: Path | None = None, prefix: str = "sim",
+                    classes: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
+    """A fleet of ``n`` simulated devices spread round-robin over ``groups`` (and over device ``classes``, when
+    given), written with its broker files.
 
     Replaces ``fleet_file`` (default ``credentials_dir/fleet.yaml``). Returns device -> (group, plaintext
     password) for the simulator; the files keep only hashes. Few ``iterations`` make 10,000 devices cheap
     to hash and to connect.
     """
-    groups = list(groups)
+    groups, classes = list(groups), list(classes)
     if n < 1 or not groups:
         raise ConfigError(f"a simulated fleet needs at least one device and one group, got {n} and {groups}")
     width = len(str(n - 1))
     devices = {f"{prefix}-{index:0{width}d}": groups[index % len(groups)] for index in range(n)}
-    fleet = parse_fleet({"devices": {device: {"group": group} for device, group in devices.items()}},
-                        "simulated fleet")
+    fleet = parse_fleet({"devices": {device: _entry(group, classes[index % len(classes)] if classes else None)
+                                     for index, (device, group) in enumerate(devices.items())}}, "simulated fleet")
     passwords = {device: _new_password() for device in devices}
     hashes = {device: hash_password(password, iterations) for device, password in passwords.items()}
     _write_broker_files(fleet, credentials_dir, hashes, iterations)

@@ -207,6 +207,17 @@ def test_a_simulated_fleet_returns_plaintext_for_the_simulator_and_keeps_hashes(
         simulated_fleet(2, ["no/rth"], tmp_path)
 
 
+def test_a_simulated_fleet_can_spread_its_devices_over_device_classes(tmp_path):
+    simulated_fleet(5, ["lab"], tmp_path, iterations=1, classes=["x86-gateway", "rpi4-8gb"])
+    assert load_fleet(tmp_path / "fleet.yaml").classes("lab") == {
+        "sim-0": "x86-gateway", "sim-1": "rpi4-8gb", "sim-2": "x86-gateway", "sim-3": "rpi4-8gb",
+        "sim-4": "x86-gateway"}
+    simulated_fleet(2, ["lab"], tmp_path, iterations=1)
+    assert set(load_fleet(tmp_path / "fleet.yaml").classes("lab").values()) == {None}  # no classes: none given
+    with pytest.raises(ConfigError, match="devices.yaml name"):
+        simulated_fleet(2, ["lab"], tmp_path, classes=["Not A Class"])
+
+
 def test_the_cli_prints_the_password_once_lists_and_writes_broker_files(tmp_path, capsys):
     fleet_file, credentials = tmp_path / "fleet.yaml", tmp_path / "credentials"
     common = ["--fleet", str(fleet_file), "--credentials", str(credentials)]
