@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tasks.config import (
     PARAMS_FILE,
+    ClusterEnabled,
     Epochs,
     GateParams,
     ModelChoice,
@@ -65,6 +66,7 @@ class TrainingParameters(BaseModel):
     strategy: Strategy
     prune: PruneEnabled
     target_sparsities: TargetSparsities
+    cluster: ClusterEnabled
     variants: list[VariantName] = Field(min_length=1, description="variants to build and compare")
     gates: GateParams
     recommend_by: RecommendBy
@@ -78,7 +80,8 @@ class TrainingParameters(BaseModel):
     def from_params(cls, params: Params) -> TrainingParameters:
         return cls(model=params.train.model, model_path=params.train.model_path, epochs=params.train.epochs,
                    seed=params.seed, strategy=params.quantize.strategy, prune=params.prune.enabled,
-                   target_sparsities=params.prune.target_sparsities, variants=params.convert.enabled_variants,
+                   target_sparsities=params.prune.target_sparsities, cluster=params.cluster.enabled,
+                   variants=params.convert.enabled_variants,
                    gates=params.evaluate.gates, recommend_by=params.evaluate.recommend_by,
                    benchmark_devices=params.benchmark.devices, platforms=params.package.platforms)
 
@@ -90,6 +93,7 @@ class TrainingParameters(BaseModel):
                             epochs=self.epochs)
         raw["quantize"]["strategy"] = self.strategy
         raw["prune"].update(enabled=self.prune, target_sparsities=self.target_sparsities)
+        raw["cluster"]["enabled"] = self.cluster
         raw["convert"]["variants"] = {name: name in self.variants for name in raw["convert"]["variants"]}
         raw["evaluate"].update(gates=self.gates.model_dump(), recommend_by=self.recommend_by)
         raw["package"]["platforms"] = list(self.platforms)

@@ -24,9 +24,10 @@ from tasks.errors import ConfigError
 PARAMS_FILE = Path("params.yaml")
 
 VariantName = Literal["tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",
-                      "tflite_int8_pruned", "tflite_int16x8", "onnx_fp32", "onnx_int8", "onnx_int8_u8s8"]
+                      "tflite_int8_pruned", "tflite_int8_clustered", "tflite_int8_pruned_clustered", "tflite_int16x8",
+                      "onnx_fp32", "onnx_int8", "onnx_int8_u8s8"]
 ZooModel = Literal["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "keras_file"]
-MODEL_SHAPING_SECTIONS = ("seed", "data", "train", "quantize", "prune", "convert")
+MODEL_SHAPING_SECTIONS = ("seed", "data", "train", "quantize", "prune", "cluster", "convert")
 
 # ---- fields shared with the Run form (flows/parameters.py) ---------------------------------------
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="seed of splits, weight init and shuffling")]
@@ -40,9 +41,13 @@ PruneEnabled = Annotated[bool, Field(description="run the pruning search (and bu
 Sparsity = Annotated[float, Field(gt=0.0, lt=1.0)]
 TargetSparsities = Annotated[list[Sparsity], Field(
     min_length=1, description="pruning sparsities to try, in (0, 1); the highest within the drop budget is kept")]
-RecommendBy = Annotated[Literal["size", "gzip_size", "latency", "accuracy"], Field(
+ClusterEnabled = Annotated[bool, Field(description="run the weight-clustering search (and build the clustered int8 "
+                                                   "variants)")]
+ClusterCount = Annotated[int, Field(ge=2, le=256)]
+RecommendBy = Annotated[Literal["size", "gzip_size", "bundle_bytes", "latency", "accuracy"], Field(
     description="among variants passing every gate, the best by: size on disk, gzip size (what an "
-                "over-the-air update downloads), host p95 latency, or accuracy")]
+                "over-the-air update downloads), bundle bytes (the gzip payload a rollout sends each device), "
+                "host p95 latency, or accuracy")]
 
 
 class _Section(BaseModel):
@@ -112,6 +117,20 @@ class PruneParams(_Section):
                     f"prune.initial_sparsity ({self.initial_sparsity}) and below 1.0"
                 )
         return self
+
+
+class ClusterParams(_Section):
+    """Weight clustering (tfmot, ``tasks.model.cluster``): at most N distinct values per clustered kernel."""
+
+    enabled: ClusterEnabled = True
+    # tried from the most clusters (the most conservative) down; the fewest within the drop budget is kept
+    cluster_counts: list[ClusterCount] = Field(default_factory=lambda: [32, 16, 8], min_length=1)
+    centroid_init: Literal["kmeans_plus_plus", "density_based", "linear", "random"] = "kmeans_plus_plus"
+    layers: list[Literal["Conv2D", "Dense", "DepthwiseConv2D"]] = Field(
+        default_factory=lambda: ["Conv2D", "Dense"], min_length=1)  # layer types clustered; others keep theirs
+    max_accuracy_drop_pts: float = Field(1.0, ge=0.0, le=100.0)
+    epochs: int = Field(3, ge=1, le=1000)
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
 
 
 class ConvertParams(_Section):
@@ -314,6 +333,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     quantize: QuantizeParams = QuantizeParams()
     prune: PruneParams = PruneParams()
+    cluster: ClusterParams = ClusterParams()
     convert: ConvertParams = ConvertParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()

@@ -169,6 +169,26 @@ class PruningSummary(Record):
     unsupported_layers: list[str] = Field(default_factory=list)
 
 
+class ClusterTrial(Record):
+    clusters: int
+    val_accuracy: float
+    drop_pts: float
+
+
+class ClusteringSummary(Record):
+    """One clustering search (of the baseline, or sparsity-preserving of the pruned model) and its int8 source
+    model; ``error`` (and no file) when it could not run: tfmot refused a layer, a count does not fit one, or the
+    model it starts from is missing."""
+
+    of: Literal["baseline", "pruned"]
+    trials: list[ClusterTrial] = Field(default_factory=list)
+    within_budget: bool = False
+    clusters: int | None = None
+    sparsity: float | None = None  # kernel sparsity after clustering (kept from pruning when preserved)
+    int8: PrunedInt8 | None = None  # method cqat | pcqat | ptq, and the file the int8 variant is built from
+    error: str = ""
+
+
 class QualityFloor(Record):
     """The float32 baseline against the chance floor, on the validation set."""
 
@@ -190,6 +210,7 @@ class TrainSummary(Record):
     ptq_check: PtqCheck
     qat: QatSummary
     pruning: PruningSummary | None = None  # None when pruning is disabled
+    clustering: list[ClusteringSummary] = Field(default_factory=list)  # empty when clustering is disabled
 
     def metrics(self) -> dict[str, float | int | None]:
         """The headline numbers, flat, for ``dvc metrics``."""
@@ -197,6 +218,7 @@ class TrainSummary(Record):
                 "baseline_test_accuracy": self.baseline.test_accuracy,
                 "ptq_val_drop_pts": self.ptq_check.drop_pts, "qat_val_accuracy": self.qat.val_accuracy,
                 "pruned_sparsity": self.pruning.sparsity if self.pruning else None,
+                **{f"{summary.of}_clusters": summary.clusters for summary in self.clustering},
                 "params_count": self.params_count}
 
 
@@ -258,7 +280,11 @@ class VariantRow(Record):
     weight_bytes: int | None = None  # constant tensors only (no container overhead)
     size_reduction: float | None = None  # tflite_fp32 file size / this file's size
     weight_reduction: float | None = None  # tflite_fp32 weight bytes / this variant's weight bytes
-    sparsity: float | None = None
+    sparsity: float | None = None  # of the Keras model it was converted from
+    file_sparsity: float | None = None  # exact zeros among the kernels stored in the file itself
+    max_distinct_weights: int | None = None  # per kernel (per channel when quantized per channel), from the file
+    bundle_bytes: int | None = None  # gzip of what a bundle carries for it (model file + sidecar): sent per device
+    fleet_bytes: int | None = None  # bundle_bytes x the devices of the fleet file, when there is one
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     model_rss_bytes: int | None = None

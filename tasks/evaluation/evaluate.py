@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
+import logging
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from edge.bench.measure import measure_latency, memory_footprint_in_fresh_process
 from edge.runtime import EdgeModel
-from edge.sidecar import read_sidecar
+from edge.sidecar import read_sidecar, sidecar_path
 from tasks.config import EvaluateParams, Params
 from tasks.contracts import (
     ConversionResult,
@@ -39,9 +43,33 @@ from tasks.evaluation.report import write_reports
 from tasks.evaluation.weights import weight_bytes
 from tasks.variants import REFERENCE_VARIANT, VARIANTS
 
+log = logging.getLogger(__name__)
+
 
 def gzip_size(path: Path) -> int:
     return len(gzip.compress(path.read_bytes(), compresslevel=9))
+
+
+def bundle_bytes(path: Path) -> int:
+    """The gzip bytes a bundle spends on this variant: its model file and sidecar in a tar (the manifest, signature
+    and sample input are the same few KB for every variant)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=9) as archive:
+        for member in (path, sidecar_path(path)):
+            archive.add(member, arcname=member.name)
+    return len(buffer.getvalue())
+
+
+def fleet_devices(fleet_file: Path) -> int | None:
+    """How many devices the fleet file lists (None without one): what a rollout sends a bundle to."""
+    if not fleet_file.is_file():
+        return None
+    try:
+        devices = (yaml.safe_load(fleet_file.read_text()) or {}).get("devices") or {}
+    except (yaml.YAMLError, AttributeError) as error:  # the rollout names what is wrong with it; here: no column
+        log.warning("fleet file %s unreadable (%s): no fleet bytes column", fleet_file, error)
+        return None
+    return len(devices) if isinstance(devices, dict) else None
 
 
 def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_accuracy: float,
@@ -62,6 +90,9 @@ def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_
         "gzip_bytes": gzip_size(path),
         "weight_bytes": weight_bytes(path),
         "sparsity": sidecar.get("sparsity"),
+        "file_sparsity": (sidecar.get("weight_structure") or {}).get("weight_sparsity"),
+        "max_distinct_weights": (sidecar.get("weight_structure") or {}).get("max_distinct_weights"),
+        "bundle_bytes": bundle_bytes(path),
         "latency_p50_ms": latency.p50_ms,
         "latency_p95_ms": latency.p95_ms,
         **memory_footprint_in_fresh_process(path),
@@ -69,7 +100,7 @@ def measure_variant(path: Path, test: Dataset, reference: np.ndarray, reference_
 
 
 def evaluate_variants(params: EvaluateParams, workspace: Workspace, conversions: list[ConversionResult], test: Dataset,
-                      inventory: DeviceInventory) -> list[VariantRow]:
+                      inventory: DeviceInventory, fleet_size: int | None = None) -> list[VariantRow]:
     """One :class:`VariantRow` per conversion result, measured, gated and checked against each device."""
     reference = read_reference_outputs(workspace)
     reference_accuracy = float(np.mean(np.argmax(reference, axis=1) == test.y))
@@ -95,18 +126,21 @@ def evaluate_variants(params: EvaluateParams, workspace: Workspace, conversions:
             row.size_reduction = reference_size / row.size_bytes
         if row.weight_bytes:
             row.weight_reduction = reference_weights / row.weight_bytes
+        if row.bundle_bytes and fleet_size:
+            row.fleet_bytes = row.bundle_bytes * fleet_size
         apply_gates(row, params.gates)
         mark_devices(row, inventory)
     return rows
 
 
 def evaluate(params: EvaluateParams, workspace: Workspace, conversions: list[ConversionResult],
-             devices_path: Path = DEVICES_FILE) -> Evaluation:
+             devices_path: Path = DEVICES_FILE, fleet_file: Path | None = None) -> Evaluation:
     """Run the stage: rows, recommendation and reports (also when nothing passes: ``failure`` says why)."""
     inventory = load_devices(devices_path)
     clear_stage_outputs(workspace, "evaluate")
     prepared = read_prepared(workspace)
-    rows = evaluate_variants(params, workspace, conversions, prepared.test, inventory)
+    rows = evaluate_variants(params, workspace, conversions, prepared.test, inventory,
+                             fleet_devices(fleet_file) if fleet_file else None)
     best = recommend(rows, params.recommend_by)
     evaluation = Evaluation(recommended=best.variant if best else None, recommend_by=params.recommend_by,
                             gates=params.gates.model_dump(), rows=rows,
@@ -119,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_arguments(argparse.ArgumentParser(
         prog="edgeloop evaluate", description="evaluate stage: comparison matrix and quality gates"))
     parser.add_argument("--devices", type=Path, default=DEVICES_FILE, help="device inventory (default: %(default)s)")
+    parser.add_argument("--fleet", type=Path, help="fleet file whose devices the fleet bytes column counts "
+                        "(default: rollout.fleet_file)")
     args = parser.parse_args(argv)
 
     def stage(params: Params, workspace: Workspace) -> None:
-        evaluation = evaluate(params.evaluate, workspace, read_conversion(workspace), args.devices)
+        evaluation = evaluate(params.evaluate, workspace, read_conversion(workspace), args.devices,
+                              args.fleet or params.rollout.fleet_file)
         print(workspace.comparison_file("md").read_text())
         print(f"recommended variant: {evaluation.recommended}" if evaluation.recommended else evaluation.failure)
 

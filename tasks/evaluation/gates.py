@@ -75,6 +75,7 @@ def mark_devices(row: VariantRow, inventory: DeviceInventory) -> None:
 RANKINGS: dict[str, Callable[[VariantRow], tuple[Any, ...]]] = {
     "size": lambda r: (r.size_bytes, -r.accuracy, r.latency_p95_ms),
     "gzip_size": lambda r: (r.gzip_bytes, -r.accuracy, r.latency_p95_ms),
+    "bundle_bytes": lambda r: (r.bundle_bytes, -r.accuracy, r.latency_p95_ms),
     "latency": lambda r: (r.latency_p95_ms, -r.accuracy, r.size_bytes),
     "accuracy": lambda r: (-r.accuracy, r.size_bytes, r.latency_p95_ms),
 }
@@ -128,6 +129,8 @@ def _mb(value: int | None) -> float | None:
 DEVICE_RANKINGS: dict[str, Callable[[DeviceBenchRow, VariantRow | None], tuple[Any, ...]]] = {
     "size": lambda r, h: (r.size_bytes, -(r.accuracy or 0), r.p95_ms),
     "gzip_size": lambda r, h: ((h.gzip_bytes if h and h.gzip_bytes else r.size_bytes), -(r.accuracy or 0), r.p95_ms),
+    "bundle_bytes": lambda r, h: ((h.bundle_bytes if h and h.bundle_bytes else r.size_bytes), -(r.accuracy or 0),
+                                  r.p95_ms),
     "latency": lambda r, h: (r.p95_ms, -(r.accuracy or 0), r.size_bytes),
     "accuracy": lambda r, h: (-(r.accuracy or 0), r.size_bytes, r.p95_ms),
 }

@@ -17,7 +17,9 @@ COLUMNS = [
     ("max_abs_diff", "max |diff|"), ("size_bytes", "size (B)"), ("gzip_bytes", "gzip (B)"),
     ("weight_bytes", "weights (B)"), ("size_reduction", "x smaller"),
     ("weight_reduction", "x fewer weight B"),
-    ("sparsity", "sparsity"), ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
+    ("bundle_bytes", "bundle (B)"), ("fleet_bytes", "fleet rollout (B)"),
+    ("sparsity", "sparsity"), ("file_sparsity", "file sparsity"), ("max_distinct_weights", "max distinct w"),
+    ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"),
     ("model_rss_bytes", "model RSS (B)"),
     ("peak_rss_bytes", "peak RSS (B)"), ("gates_passed", "gates"),
 ]

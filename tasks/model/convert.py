@@ -32,6 +32,7 @@ from tasks.entrypoint import run_stage, stage_arguments
 from tasks.lineage import directory_md5, git_commit, utc_now
 from tasks.model import exporters, heads
 from tasks.model.keras_io import kernel_sparsity, load_trained
+from tasks.model.weight_structure import weight_structure
 from tasks.variants import VARIANTS, Variant
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,18 @@ def resolve_sources(summary: TrainSummary, workspace: Workspace) -> dict[str, So
     else:
         sources["pruned_int8"] = SourceModel(workspace.keras_dir / pruning.int8.file,
                                              f"{pruning.int8.method} at {pruning.sparsity:.0%} sparsity")
+    clustered = {summary.of: summary for summary in summary.clustering}
+    for of, source in (("baseline", "clustered_int8"), ("pruned", "pruned_clustered_int8")):
+        found = clustered.get(of)
+        if found is None:
+            sources[source] = SourceModel(None, "", "clustering not run (cluster.enabled: false, or the variant is "
+                                                    "not in convert.variants)")
+        elif found.int8 is None:
+            sources[source] = SourceModel(None, "", f"clustering failed: {found.error}")
+        else:
+            sources[source] = SourceModel(workspace.keras_dir / found.int8.file,
+                                          f"{found.int8.method} at {found.clusters} clusters"
+                                          + (f", {found.sparsity:.0%} sparsity" if of == "pruned" else ""))
     return sources
 
 
@@ -81,6 +94,7 @@ def sidecar_metadata(variant: Variant, model_file: Path, source: SourceModel, li
         "precision": variant.precision,
         "method": source.method, "source_model": source.path.name if source.path else None,
         "input": asdict(loaded.input), "output": asdict(loaded.output), "sparsity": sparsity,
+        "weight_structure": weight_structure(model_file),  # read back from the file: pruning/clustering kept?
         # what the model file emits (always class probabilities) and what the trained head emitted
         "outputs": "probabilities",
         "trained_head": "logits, softmax appended for export" if trained_head == "logits" else "softmax",

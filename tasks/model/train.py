@@ -1,6 +1,8 @@
-"""The ``train`` stage: float32 baseline, then PTQ check, QAT, pruning and PQAT as the recipe asks.
+"""The ``train`` stage: float32 baseline, then PTQ check, QAT, pruning and PQAT, clustering and CQAT/PCQAT as the
+recipe asks.
 
-Writes the Keras models (``baseline.h5`` and, as needed, ``qat.h5``, ``pruned.h5``, ``pruned_qat.h5``),
+Writes the Keras models (``baseline.h5`` and, as needed, ``qat.h5``, ``pruned.h5``, ``pruned_qat.h5``,
+``baseline_clustered[_qat].h5``, ``pruned_clustered[_qat].h5``),
 the float32 test-set probabilities (the yardstick of every variant) and a :class:`TrainSummary` of
 every decision the recipe made, all where :class:`tasks.contracts.Workspace` says.
 """
@@ -17,6 +19,7 @@ import numpy as np
 from tasks.config import Params, PruneParams, QuantizeParams, TrainParams
 from tasks.contracts import (
     BaselineSummary,
+    ClusteringSummary,
     PreparedData,
     PrunedInt8,
     PruningSummary,
@@ -32,8 +35,8 @@ from tasks.contracts import (
 )
 from tasks.entrypoint import run_stage, stage_arguments
 from tasks.errors import QualityFloorError
-from tasks.model import heads, optimize
-from tasks.model.keras_io import kernel_sparsity
+from tasks.model import cluster, heads, optimize
+from tasks.model.keras_io import kernel_sparsity, load_trained
 from tasks.model.tfsetup import set_seeds
 
 log = logging.getLogger(__name__)
@@ -164,6 +167,24 @@ def check_qat(model: Any, baseline_val: float, params: QuantizeParams, prepared:
     return ptq, qat
 
 
+def run_clusterings(params: Params, model: Any, pruning: PruningSummary | None, baseline_val: float,
+                    tuning: optimize.FineTuning, workspace: Workspace) -> list[ClusteringSummary]:
+    """The clustering searches whose variants are asked for (``convert.variants``): of the baseline, and of the
+    pruned model with its zeros kept."""
+    wanted = set(params.convert.enabled_variants)
+    summaries = []
+    if not params.cluster.enabled:
+        return summaries
+    if "tflite_int8_clustered" in wanted:
+        summaries.append(cluster.run_clustering(model, "baseline", baseline_val, params.cluster, params.quantize,
+                                                tuning, workspace))
+    if "tflite_int8_pruned_clustered" in wanted:
+        pruned = load_trained(workspace.keras_dir / pruning.file) if pruning is not None and pruning.file else None
+        summaries.append(cluster.run_clustering(pruned, "pruned", baseline_val, params.cluster, params.quantize,
+                                                tuning, workspace))
+    return summaries
+
+
 def train(params: Params, prepared: PreparedData, workspace: Workspace) -> TrainSummary:
     """Run the whole stage and return the summary it writes (or stop when the baseline did not learn)."""
     set_seeds(params.seed)
@@ -183,13 +204,14 @@ def train(params: Params, prepared: PreparedData, workspace: Workspace) -> Train
     ptq, qat = check_qat(model, baseline_val, params.quantize, prepared, tuning, workspace)
     pruning = (run_pruning(model, baseline_val, params.prune, params.quantize, tuning, workspace)
                if params.prune.enabled else None)
+    clustering = run_clusterings(params, model, pruning, baseline_val, tuning, workspace)
     summary = TrainSummary(
         model=params.train.model, params_count=int(model.count_params()),
         input_shape=list(prepared.train.input_shape), labels=prepared.train.labels, output=tuning.output,
         quality=quality, batchnorm=tuning.batchnorm_checks,
         baseline=BaselineSummary(file=workspace.keras_model("baseline").name, val_accuracy=baseline_val,
                                  test_accuracy=test_accuracy),
-        ptq_check=ptq, qat=qat, pruning=pruning,
+        ptq_check=ptq, qat=qat, pruning=pruning, clustering=clustering,
     )
     write_train_summary(workspace, summary)
     return summary
@@ -197,7 +219,7 @@ def train(params: Params, prepared: PreparedData, workspace: Workspace) -> Train
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_arguments(argparse.ArgumentParser(
-        prog="edgeloop train", description="train stage: baseline, QAT, pruning"))
+        prog="edgeloop train", description="train stage: baseline, QAT, pruning, clustering"))
     args = parser.parse_args(argv)
 
     def stage(params: Params, workspace: Workspace) -> None:

@@ -478,3 +478,73 @@ def test_a_container_device_takes_a_new_image_only_once_it_proved_itself(images,
     with capsys.disabled():
         print(f"\ncontainer device: {sum(traffic.versions.values())} requests through the front during 3 refused "
               f"and 1 accepted image updates, {len(traffic.failures)} failed; served {dict(traffic.versions)}")
+
+
+def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollback(images, shipped_arm64, bundle_kit,
+                                                                                  tmp_path):
+    """An arm64 device under qemu: the packaged arm64 image run as a container device (the updater's own wiring,
+    through RolloutHandler), of class ``rpi4-8gb`` in a per-class manifest that gives the x86 gateways an ONNX
+    Runtime bundle and the Pis a LiteRT one. It installs its class's bundle only and serves that variant; then
+    its class's rollback entry (the gateways' stays ``install``) brings it back to its previous version."""
+    import docker
+    from edge.files import sha256_file
+    from edge.rollout import ClassRelease, RolloutManifest, sign_rollout
+    from edge.signing import load_public_keys
+    from edge.store.model_store import ModelStore
+    from edge.updater.apply import RolloutHandler
+    from edge.updater.daemon import load_config, service_container
+    from tasks.registry.bundle import bundle_from_files, load_private_key
+    from tasks.stack.services import free_port
+
+    (arm,) = shipped_arm64.images
+    key, keys = load_private_key(images.signing_key), load_public_keys([images.public_keys])  # what the image trusts
+
+    def bundle(version: str, variant: str) -> tuple[str, str]:
+        path = bundle_from_files(tmp_path / "bundles" / f"{version}-{variant}.tar.gz", version, MODEL_NAME,
+                                 version.lstrip("v"), None, {"primary": bundle_kit.model_files[variant]},
+                                 bundle_kit.sample, key)
+        return path.resolve().as_uri(), sha256_file(path)
+
+    first, pis, gateways = bundle("v2000", "tflite_int8"), bundle("v2001", "tflite_fp32"), bundle("v2001", "onnx_fp32")
+    store = ModelStore(tmp_path / "store", keys)
+    store.install(Path(first[0].removeprefix("file://")))
+    config = load_config(["--broker", "unused:1883", "--device", "pi-arm64", "--group", "pis", "--store",
+                          str(store.root), "--public-keys", str(images.public_keys), "--password-file", "/unused",
+                          "--engine", os.environ["DOCKER_HOST"], "--service-image", arm.pinned, "--service-listen",
+                          f"127.0.0.1:{free_port()}", "--container-memory-mb", "512", "--ready-timeout-s", "240",
+                          "--device-class", "rpi4-8gb"], environ={})
+    service = service_container(config, store)
+    handler = RolloutHandler("pi-arm64", "pis", store, keys, lambda *_: None, service=service, arch="arm64",
+                             device_class="rpi4-8gb")
+
+    def manifest(sequence: int, pi_entry: ClassRelease) -> bytes:
+        gateway_entry = ClassRelease(action="install", version="v2001", variant="onnx_fp32", runtime="onnx",
+                                     bundle_url=gateways[0], bundle_sha256=gateways[1])
+        return sign_rollout(RolloutManifest(
+            rollout_id="classes-arm64", group="pis", sequence=sequence, action="install", model_name=MODEL_NAME,
+            version="v2001", bundle_url=gateways[0], bundle_sha256=gateways[1], cohort_cutoff=1.0,
+            issued_at=1_780_000_000.0 + sequence, classes={"x86-gateway": gateway_entry, "rpi4-8gb": pi_entry}), key)
+
+    def served() -> dict:
+        return httpx.get(f"http://127.0.0.1:{service.proxy.port}/v1/model", timeout=30).json()
+
+    service.proxy.start()
+    try:
+        service.start(arm.pinned)
+        assert docker.from_env().images.get(arm.pinned).attrs["Architecture"] == "arm64"
+        status = handler.handle(manifest(1, ClassRelease(
+            action="install", version="v2001", variant="tflite_fp32", runtime="tflite", bundle_url=pis[0],
+            bundle_sha256=pis[1], images={"arm64": arm.pinned})))
+        assert status is not None and (status["state"], status["version"]) == ("installed", "v2001"), status
+        assert (status["variant"], status["device_class"]) == ("tflite_fp32", "rpi4-8gb")
+        assert (served()["serving"], served()["variant"], served()["runtime"]) == ("v2001", "tflite_fp32", "tflite")
+        status = handler.handle(manifest(2, ClassRelease(
+            action="rollback", version="v2000", variant="tflite_int8", runtime="tflite", bundle_url=first[0],
+            bundle_sha256=first[1], reason="the Pis' canary was unhealthy")))
+        assert status is not None and (status["state"], status["version"]) == ("installed", "v2000"), status
+        assert (served()["serving"], served()["variant"]) == ("v2000", "tflite_int8")
+    finally:
+        service.proxy.stop()
+        if service.current is not None:
+            service.engine.remove(service.current.id)
+        service.engine.close()

@@ -22,6 +22,7 @@ FAST_PARAMS = {
     "train": {"epochs": 4},
     "quantize": {"strategy": "qat", "qat_epochs": 1},
     "prune": {"epochs": 2, "target_sparsities": [0.5, 0.8], "max_accuracy_drop_pts": 3.0},
+    "cluster": {"cluster_counts": [16, 8], "epochs": 1, "max_accuracy_drop_pts": 3.0},
     "evaluate": {"latency_warmup_runs": 5, "latency_runs": 30,
                  "gates": {"max_accuracy_drop_pts": 5.0, "max_host_latency_ms": GENEROUS_LATENCY_MS}},
     "package": {"platforms": ["linux/amd64"], "repository": "edgeloop/dvc-test"},
@@ -94,10 +95,16 @@ def test_repro_writes_every_output(project):
     with open(project / "reports/comparison.csv") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int8_qat",
-                         "tflite_int8_pruned", "tflite_int16x8", "onnx_fp32", "onnx_int8", "onnx_int8_u8s8"}
+                         "tflite_int8_pruned", "tflite_int8_clustered", "tflite_int8_pruned_clustered",
+                         "tflite_int16x8", "onnx_fp32", "onnx_int8", "onnx_int8_u8s8"}
     assert all(row["status"] == "ok" for row in rows.values()), {k: r["error"] for k, r in rows.items()}
     assert float(rows["tflite_int8"]["size_reduction"]) > 3.0
     assert float(rows["tflite_int8_pruned"]["sparsity"]) >= 0.45
+    # read back from the converted files: PCQAT kept the zeros and the centroids through int8, CQAT the centroids
+    assert float(rows["tflite_int8_pruned_clustered"]["file_sparsity"]) >= 0.45
+    assert int(rows["tflite_int8_pruned_clustered"]["max_distinct_weights"]) <= 17
+    assert int(rows["tflite_int8_clustered"]["max_distinct_weights"]) <= 17 < int(rows["tflite_int8"][
+        "max_distinct_weights"])
     for variant in rows:
         suffix = ".onnx" if variant.startswith("onnx") else ".tflite"
         sidecar = json.loads((project / "models/variants" / f"{variant}{suffix}.json").read_text())

@@ -59,7 +59,7 @@ def test_form_offers_devices_yaml_names_as_choices():
 def test_defaults_come_from_params_yaml():
     defaults = default_parameters()
     assert defaults.epochs == 25 and defaults.model == "digits_cnn"
-    assert len(defaults.variants) == 10
+    assert len(defaults.variants) == 12 and defaults.cluster is True
 
 
 def test_applied_parameters_override_params_yaml_and_are_validated(tmp_path):
