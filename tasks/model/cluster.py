@@ -75,12 +75,13 @@ def cluster_to(model: Any, clusters: int, params: ClusterParams, tuning: FineTun
 
 
 def search_clusters(model: Any, baseline_val: float, params: ClusterParams, tuning: FineTuning,
-                    preserve_sparsity: bool) -> tuple[Any, list[ClusterTrial], bool]:
+                    preserve_sparsity: bool) -> tuple[Any, int, list[ClusterTrial], bool]:
     """Step the cluster count down; keep the fewest whose val drop is within budget (else the most tried)."""
     check_counts_fit(model, params)
-    kept, trials = None, []
+    kept, first, trials = None, None, []
     for clusters in sorted(params.cluster_counts, reverse=True):
         clustered = cluster_to(model, clusters, params, tuning, preserve_sparsity)
+        first = first or (clustered, clusters)
         accuracy = keras_accuracy(clustered, tuning.val)
         trial = ClusterTrial(clusters=clusters, val_accuracy=accuracy, drop_pts=100.0 * (baseline_val - accuracy))
         trials.append(trial)
@@ -90,8 +91,10 @@ def search_clusters(model: Any, baseline_val: float, params: ClusterParams, tuni
         kept = (clustered, clusters)
     if kept is not None:
         return *kept, trials, True
-    return cluster_to(model, max(params.cluster_counts), params, tuning, preserve_sparsity), max(
-        params.cluster_counts), trials, False
+    log.warning("no cluster count kept the val drop within cluster.max_accuracy_drop_pts (%.2f pts): the variant "
+                "is built with the most clusters tried (%d), the gates judge it",
+                params.max_accuracy_drop_pts, first[1])
+    return *first, trials, False
 
 
 def cluster_preserving_qat(clustered: Any, params: QuantizeParams, tuning: FineTuning, preserve_sparsity: bool) -> Any:

@@ -45,6 +45,29 @@ def test_recommendation_by_each_criterion():
     assert recommend(rows, "latency").variant == "fast"
     assert recommend(rows, "accuracy").variant == "accurate"
     assert recommend([rows[-1]], "size") is None
+    for row, bundle in zip(rows, (60, 30, 10, 1), strict=True):
+        row.bundle_bytes = bundle
+    assert recommend(rows, "bundle_bytes").variant == "accurate"  # the fewest bytes per device among passing
+
+
+def test_bundle_and_fleet_bytes_are_measured_from_the_file_and_the_fleet(tmp_path, tiny_model_files):
+    """bundle_bytes: the file and its sidecar gzipped; fleet bytes: that times the fleet file's devices."""
+    import shutil
+
+    import yaml
+
+    from tasks.evaluation.evaluate import bundle_bytes, fleet_devices
+
+    model = tmp_path / "m.tflite"
+    shutil.copy(tiny_model_files["tflite_int8"], model)
+    write_sidecar(model, {"variant": "tflite_int8"})
+    assert 0 < bundle_bytes(model) < model.stat().st_size + 2048
+    fleet = tmp_path / "fleet.yaml"
+    assert fleet_devices(fleet) is None  # no fleet file: no column
+    fleet.write_text(yaml.safe_dump({"devices": {f"d{i}": {"group": "lab"} for i in range(7)}}))
+    assert fleet_devices(fleet) == 7
+    fleet.write_text("devices: [unclosed")
+    assert fleet_devices(fleet) is None
 
 
 def test_no_passing_variant_message_names_every_gate_and_margin():
