@@ -486,6 +486,8 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     through RolloutHandler), of class ``rpi4-8gb`` in a per-class manifest that gives the x86 gateways an ONNX
     Runtime bundle and the Pis a LiteRT one. It installs its class's bundle only and serves that variant; then
     its class's rollback entry (the gateways' stays ``install``) brings it back to its previous version."""
+    from dataclasses import replace
+
     import docker
     from edge.files import sha256_file
     from edge.rollout import ClassRelease, RolloutManifest, sign_rollout
@@ -493,6 +495,7 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     from edge.store.model_store import ModelStore
     from edge.updater.apply import RolloutHandler
     from edge.updater.daemon import load_config, service_container
+    from tasks.packaging.docker_client import EMULATED_CPU, emulated_cpuinfo
     from tasks.registry.bundle import bundle_from_files, load_private_key
     from tasks.stack.services import free_port
 
@@ -514,6 +517,11 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
                           f"127.0.0.1:{free_port()}", "--container-memory-mb", "512", "--ready-timeout-s", "240",
                           "--device-class", "rpi4-8gb"], environ={})
     service = service_container(config, store)
+    # the device's CPU under emulation (a real Pi needs none of it): qemu as a Cortex-A72 with its /proc/cpuinfo
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(emulated_cpuinfo(1))
+    service.template = replace(service.template, env={**service.template.env, "QEMU_CPU": EMULATED_CPU},
+                               binds=[*service.template.binds, f"{cpuinfo}:/proc/cpuinfo:ro"])
     handler = RolloutHandler("pi-arm64", "pis", store, keys, lambda *_: None, service=service, arch="arm64",
                              device_class="rpi4-8gb")
 

@@ -116,3 +116,17 @@ def test_bad_cluster_params_name_the_key(cluster_section, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_params({"cluster": cluster_section})
     assert Params().cluster.cluster_counts == [32, 16, 8]
+
+
+def test_the_searches_run_only_for_the_clustered_variants_asked_for(tmp_path):
+    from tasks.model.train import run_clusterings
+
+    workspace = Workspace(tmp_path)
+    neither = Params.model_validate({"convert": {"variants": {"tflite_int8_clustered": False,
+                                                              "tflite_int8_pruned_clustered": False}}})
+    assert run_clusterings(neither, None, None, 0.9, None, workspace) == []
+    assert run_clusterings(Params.model_validate({"cluster": {"enabled": False}}), None, None, 0.9, None,
+                           workspace) == []
+    only_pruned = Params.model_validate({"convert": {"variants": {"tflite_int8_clustered": False}}})
+    summaries = run_clusterings(only_pruned, None, None, 0.9, None, workspace)  # pruning off: nothing to cluster
+    assert [summary.of for summary in summaries] == ["pruned"] and "pruning did not produce" in summaries[0].error

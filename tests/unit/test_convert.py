@@ -75,3 +75,32 @@ def test_resolve_sources_follows_the_train_summary(tmp_path):
     assert "pruning disabled" in resolve_sources(_summary(pruning=None), workspace)["pruned_int8"].reason
     failed = _summary(pruning={"error": "ValueError: can only prune ..."})
     assert "pruning failed: ValueError" in resolve_sources(failed, workspace)["pruned_int8"].reason
+
+
+def test_clustered_sources_follow_the_train_summary(tmp_path):
+    workspace = Workspace(tmp_path)
+    assert "clustering not run" in resolve_sources(_summary(), workspace)["clustered_int8"].reason
+    summary = _summary(clustering=[
+        {"of": "baseline", "clusters": 8, "sparsity": 0.0, "int8": {"method": "cqat", "reason": "r",
+                                                                     "file": "baseline_clustered_qat.h5"}},
+        {"of": "pruned", "error": "cluster.cluster_counts value 128 does not fit layer 'conv2d': its kernel has 72 "
+                                  "weights"}])
+    sources = resolve_sources(summary, workspace)
+    assert sources["clustered_int8"].path == workspace.keras_dir / "baseline_clustered_qat.h5"
+    assert sources["clustered_int8"].method == "cqat at 8 clusters"
+    assert sources["pruned_clustered_int8"].path is None
+    assert "clustering failed: cluster.cluster_counts value 128 does not fit layer 'conv2d'" in sources[
+        "pruned_clustered_int8"].reason
+
+
+def test_the_sidecar_carries_the_weight_structure_read_from_the_file(tmp_path, digits, tiny_model):
+    import json
+
+    workspace = _workspace(tmp_path)
+    result = convert_variant(VARIANTS["tflite_int8"], SourceModel(tmp_path / "baseline.h5", "post-training"),
+                             ConvertParams(), _prepared(digits), workspace, LINEAGE, {tmp_path / "baseline.h5":
+                                                                                      tiny_model}, {})
+    assert result.status == "ok", result.error
+    structure = json.loads((workspace.variants_dir / "tflite_int8.tflite.json").read_text())["weight_structure"]
+    assert [layer["shape"] for layer in structure["layers"]] and structure["max_distinct_weights"] > 20
+    assert all(layer["distinct_values"] <= 256 for layer in structure["layers"])
