@@ -88,6 +88,12 @@ class ServiceContainer:
         log.info("now serving %s from %s (container %s)", version, image, new.name)
         return True
 
+    def confirm(self, version: str) -> None:
+        """The running container serves ``version`` (a model-only change: it reloads the store's active version
+        within its watch interval), answering its health sample; raises RolloutFailed."""
+        if self.current is not None:
+            self._health_check(self.current, version)
+
     def _launch(self, image: str, version: str | None) -> Running:
         """Pull, start, wait for readiness and (given ``version``) health-check; nothing left behind on failure."""
         try:

@@ -59,6 +59,8 @@ class ImageService(Protocol):
     """What serves the model on a container device (:class:`edge.agent.service.ServiceContainer`)."""
 
     def update(self, image: str, version: str) -> bool: ...
+
+    def confirm(self, version: str) -> None: ...
 Fetch = Callable[[str, Path, int], str]  # (url, destination, max_bytes) -> sha256 of what was written
 
 
@@ -137,11 +139,14 @@ class RolloutHandler:
         this architecture), or raise with the store and the service container as they were."""
         before = self.store.state().active
         self._apply_bundle(manifest)
-        image = manifest.image_for(self.arch) if self.service is not None else None
-        if image is None:
+        if self.service is None:
             return
+        image = manifest.image_for(self.arch)
         try:
-            self.service.update(image, manifest.version)
+            if image is None:  # the model alone: done once the running container serves it
+                self.service.confirm(manifest.version)
+            else:
+                self.service.update(image, manifest.version)
         except RolloutFailed:
             if before is not None and before != manifest.version:
                 self.store.activate(before)  # the old container goes on serving what it served

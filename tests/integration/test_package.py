@@ -498,6 +498,7 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     from tasks.packaging.docker_client import EMULATED_CPU, emulated_cpuinfo
     from tasks.registry.bundle import bundle_from_files, load_private_key
     from tasks.stack.services import free_port
+    from tests.stack_helpers import wait_for
 
     (arm,) = shipped_arm64.images
     key, keys = load_private_key(images.signing_key), load_public_keys([images.public_keys])  # what the image trusts
@@ -550,7 +551,9 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
             action="rollback", version="v2000", variant="tflite_int8", runtime="tflite", bundle_url=first[0],
             bundle_sha256=first[1], reason="the Pis' canary was unhealthy")))
         assert status is not None and (status["state"], status["version"]) == ("installed", "v2000"), status
-        assert (served()["serving"], served()["variant"]) == ("v2000", "tflite_int8")
+        # the service sees the store's active version change on its next watch (slower under emulation)
+        wait_for(lambda: served()["serving"] == "v2000", 120, "the arm64 service to serve v2000 again")
+        assert served()["variant"] == "tflite_int8"
     finally:
         service.proxy.stop()
         if service.current is not None:

@@ -67,14 +67,19 @@ def test_the_control_plane_takes_only_pushed_images_pinned_by_digest_from_the_ve
 class FakeService:
     """The service container's contract: ``update`` raises RolloutFailed, or switches and says so."""
 
-    def __init__(self, failure: str | None = None) -> None:
-        self.failure, self.calls = failure, []
+    def __init__(self, failure: str | None = None, serves: bool = True) -> None:
+        self.failure, self.serves, self.calls, self.confirmed = failure, serves, [], []
 
     def update(self, image: str, version: str) -> bool:
         self.calls.append((image, version))
         if self.failure:
             raise RolloutFailed(self.failure, f"the new container failed ({self.failure})")
         return True
+
+    def confirm(self, version: str) -> None:
+        self.confirmed.append(version)
+        if not self.serves:
+            raise RolloutFailed("image_health", f"the running container does not serve {version}")
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +116,20 @@ def test_a_model_only_rollout_and_a_device_without_containers_never_touch_images
     arm_only = {"arm64": GOOD}  # nothing for this device's architecture: the model alone
     handler.handle(sign_rollout(manifest(bundles["v1"], "v1", 1, images=arm_only), bundle_kit.private_key))
     assert published[-1]["state"] == "installed" and service.calls == []
+    assert service.confirmed == ["v1"]  # installed once the running container serves it, not before
     handler.service = None  # a device that runs the service itself
     handler.handle(sign_rollout(manifest(bundles["v2"], "v2", 2, images={"amd64": GOOD}), bundle_kit.private_key))
     assert published[-1]["state"] == "installed" and store.state().active == "v2"
+
+
+def test_a_model_only_change_the_running_container_does_not_serve_is_a_failure(tmp_path, bundle_kit,
+                                                                               bundles) -> None:
+    published: list[dict] = []
+    handler, store = _handler(tmp_path, bundle_kit, FakeService(serves=False), published)
+    store.install(bundles["v1"])
+    handler.handle(sign_rollout(manifest(bundles["v2"], "v2", 1), bundle_kit.private_key))
+    assert (published[-1]["state"], published[-1]["reason"]) == ("failed", "image_health")
+    assert store.state().active == "v1"  # the store back on what the container serves
 
 
 def test_a_container_device_needs_its_first_image_pinned(tmp_path) -> None:
