@@ -128,7 +128,8 @@ def note_rollout(note: Timeline, since: float) -> None:
     for step in [*report["stages"], *([report["rollback"]] if report["rollback"] else [])]:
         figures = step.get("figures") or {}
         confidence = figures.get("mean_confidence")
-        note(f"  rollout {step['name']:>8}: {step['action']} {step['version']} -> {len(step['installed'])}/"
+        lane = f" [{step['device_class']}]" if step.get("device_class") else ""
+        note(f"  rollout {step['name']:>8}{lane}: {step['action']} {step['version']} -> {len(step['installed'])}/"
              f"{len(step['devices'])} acked" + (f", confidence {confidence:.3f}" if confidence is not None else "")
              + (f"; {'; '.join(step['problems'])}" if step["problems"] else ""))
     note(f"  rollout {report['rollout_id']}: {report['outcome']}" + (f" ({report['reason']})" if report["reason"]
