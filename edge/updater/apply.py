@@ -61,6 +61,8 @@ class ImageService(Protocol):
     def update(self, image: str, version: str) -> bool: ...
 
     def confirm(self, version: str) -> None: ...
+
+
 Fetch = Callable[[str, Path, int], str]  # (url, destination, max_bytes) -> sha256 of what was written
 
 
