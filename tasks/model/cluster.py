@@ -27,17 +27,19 @@ from tasks.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
+def _kernel(layer: Any) -> Any | None:
+    """The weight tensor clustering reduces (a DepthwiseConv2D's is ``depthwise_kernel``); None without one."""
+    kernel = getattr(layer, "kernel", None)
+    return kernel if kernel is not None else getattr(layer, "depthwise_kernel", None)
+
+
 def clustered_layers(model: Any, params: ClusterParams) -> list[Any]:
     """The layers of ``model`` whose type ``cluster.layers`` names (those with a kernel)."""
-    return [layer for layer in model.layers if type(layer).__name__ in params.layers
-            and getattr(layer, "kernel", getattr(layer, "depthwise_kernel", None)) is not None]
+    return [layer for layer in model.layers if type(layer).__name__ in params.layers and _kernel(layer) is not None]
 
 
 def _kernel_size(layer: Any) -> int:
-    kernel = getattr(layer, "kernel", None)
-    if kernel is None:
-        kernel = layer.depthwise_kernel
-    return int(kernel.shape.num_elements())
+    return int(_kernel(layer).shape.num_elements())
 
 
 def check_counts_fit(model: Any, params: ClusterParams) -> None:
