@@ -60,6 +60,17 @@ class Runner(Protocol):
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]: ...
 
 
+def container_cpus(device: str, cpus: float | None, host_cpus: int | None = None) -> float | None:
+    """The device's CPU quota for its container, at most this host's CPUs (the engine refuses more: a 4-core
+    board's profile on a 2-core host); a capped quota is logged, and its figures are the host's, not the device's."""
+    host_cpus = host_cpus or os.cpu_count() or 1
+    if cpus is None or cpus <= host_cpus:
+        return cpus
+    log.warning("%s: runner.cpus %g is more than this host's %d CPUs: its container gets %d", device, cpus,
+                host_cpus, host_cpus)
+    return float(host_cpus)
+
+
 def _bench_command(python: str, out: str = RESULT_FILE) -> list[str]:
     return [python, "-m", "edge.bench", "--job", JOB_FILE, "--out", out]
 
@@ -172,8 +183,8 @@ class DockerRunner:
             raise RunnerError(str(error)) from error
         environment = {"EDGELOOP_EMULATED": "1" if emulated else "0"}
         try:
-            with docker_engine.device_options(device.runner.cpus, device.runner.memory_mb, emulated,
-                                              environment) as options:
+            with docker_engine.device_options(container_cpus(device.name, device.runner.cpus),
+                                              device.runner.memory_mb, emulated, environment) as options:
                 return self._run_container(engine.client, image, platform, inputs, timeout_s, options, emulated)
         except docker.errors.ImageNotFound as error:
             raise RunnerError(f"image {image} not found ({error.explanation})", transient=False) from error
