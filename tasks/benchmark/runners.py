@@ -133,12 +133,13 @@ def _untar_file(chunks, name: str) -> bytes:
     return member.read()
 
 
-def newest_image(registry_address: str, repository: str, platform: str) -> str | None:
-    """The newest packaged edge image for ``platform`` in the registry (by its ``created`` label), or None."""
+def newest_image(registry_address: str, repository: str, platform: str, runtime: str | None = None) -> str | None:
+    """The newest packaged edge image for ``platform`` in the registry (by its ``created`` label), one carrying
+    ``runtime`` when there is one (images carry one runtime each: a class's variant decides which), or None."""
     from tasks.packaging.oci_registry import Registry
 
     registry = Registry(registry_address)
-    newest: tuple[str, str] | None = None
+    newest: tuple[bool, str, str] | None = None
     arch = platform.split("/")[1]
     for tag in registry.tags(repository):
         if not tag.endswith(f"-{arch}"):  # image tags end with the architecture: skip the others' labels
@@ -146,10 +147,10 @@ def newest_image(registry_address: str, repository: str, platform: str) -> str |
         labels = registry.labels(repository, tag)
         if labels.get("edgeloop.platform") != platform:
             continue
-        created = labels.get("org.opencontainers.image.created", "")
-        if newest is None or created > newest[0]:
-            newest = (created, tag)
-    return f"{registry_address}/{repository}:{newest[1]}" if newest else None
+        key = (labels.get("edgeloop.runtime") == runtime, labels.get("org.opencontainers.image.created", ""), tag)
+        if newest is None or key > newest:
+            newest = key
+    return f"{registry_address}/{repository}:{newest[2]}" if newest else None
 
 
 class DockerRunner:
@@ -158,12 +159,13 @@ class DockerRunner:
     def __init__(self, params: BenchmarkParams, package: PackageParams) -> None:
         self.params, self.package = params, package
 
-    def image_for(self, platform: str) -> str:
+    def image_for(self, platform: str, runtime: str | None = None) -> str:
+        """``benchmark.images``' image for ``platform``, else the newest packaged one, of ``runtime`` if any."""
         if platform in self.params.images:
             return self.params.images[platform]
         registry = self.package.registry  # EDGELOOP_REGISTRY is applied when the config loads
         try:
-            image = newest_image(registry, self.package.repository, platform)
+            image = newest_image(registry, self.package.repository, platform, runtime)
         except Exception as error:  # the registry is down or answers nonsense
             raise RunnerError(f"cannot list edge images in {registry} ({error})") from error
         if image is None:
@@ -175,7 +177,7 @@ class DockerRunner:
         import docker
         from tasks.packaging import docker_client as docker_engine
         platform = device.runner.platform or f"linux/{HOST_ARCH}"
-        image = self.image_for(platform)
+        image = self.image_for(platform, device.preferred_runtime)
         emulated = platform.split("/")[1] != HOST_ARCH
         try:
             engine = docker_engine.connect(timeout_s=120)
