@@ -370,7 +370,8 @@ def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
 # wins over params.yaml; a run's own parameters (the rollout plan) win over it.
 ENVIRONMENT = {"MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"), "EDGELOOP_REGISTRY": ("package", "registry"),
                "EDGELOOP_SIGNING_KEY": ("package", "signing_key"), "EDGELOOP_TRUSTED_KEYS": ("package", "public_keys"),
-               "EDGELOOP_BROKER": ("rollout", "broker"), "EDGELOOP_DATA_SYNC": ("data", "sync")}
+               "EDGELOOP_BROKER": ("rollout", "broker"), "EDGELOOP_DATA_SYNC": ("data", "sync"),
+               "EDGELOOP_MAX_START_S": ("package", "max_start_s")}  # a slow or busy packaging host
 
 
 def apply_environment(params: Params, environ: Mapping[str, str] = os.environ) -> Params:

@@ -145,8 +145,10 @@ class ImageEnv:
 
     @property
     def env(self) -> dict[str, str]:
+        """For the flows' packaging too; the cold-start gate's budget is one no healthy start misses on a loaded
+        2-core host (the gate itself: test_package.py's failed-gate test)."""
         return {"EDGELOOP_REGISTRY": self.registry, "EDGELOOP_SIGNING_KEY": str(self.signing_key),
-                "EDGELOOP_TRUSTED_KEYS": str(self.public_keys)}
+                "EDGELOOP_TRUSTED_KEYS": str(self.public_keys), "EDGELOOP_MAX_START_S": "60"}
 
 
 @pytest.fixture(scope="session")

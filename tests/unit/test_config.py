@@ -80,7 +80,8 @@ def test_a_partial_variant_map_switches_off_only_what_it_names():
 # ---- the environment's overrides: one table, applied once by load_params ---------------------------------------
 ENVIRONMENT_VALUES = {"MLFLOW_TRACKING_URI": "http://mlflow.lan:5000", "EDGELOOP_REGISTRY": "registry.lan:5000",
                       "EDGELOOP_SIGNING_KEY": "/keys/release.key", "EDGELOOP_TRUSTED_KEYS": "/keys/trusted",
-                      "EDGELOOP_BROKER": "broker.lan:1883", "EDGELOOP_DATA_SYNC": "pull"}
+                      "EDGELOOP_BROKER": "broker.lan:1883", "EDGELOOP_DATA_SYNC": "pull",
+                      "EDGELOOP_MAX_START_S": "12.5"}
 
 
 def test_the_environment_table_names_every_variable_once_and_load_params_applies_it(monkeypatch):
