@@ -34,7 +34,7 @@ def test_the_docker_runner_measures_in_the_newest_image_of_the_devices_runtime(m
 
     class Registry:
         def __init__(self, address: str) -> None:
-            pass
+            self.address = address
 
         def tags(self, repository: str) -> list[str]:
             return list(images)
