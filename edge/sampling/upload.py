@@ -10,20 +10,22 @@ instead of blocking the queue forever.
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
-
-import httpx
+from urllib.parse import urlsplit
 
 from edge.errors import SampleStoreError, UploadError
 from edge.files import atomic_write_bytes, sha256_file
 from edge.retry import backoff_delay
 from edge.sampling.store import SampleStore
-from edge.tls import ClientTls, PlainHttpRefused, http_client, require_https
+from edge.tls import ClientTls, require_https
 
 LOGGER = logging.getLogger(__name__)
 # the file itself is refused (too large, malformed, its name taken by other bytes): resending cannot succeed
@@ -63,17 +65,40 @@ class HttpTarget:
     """POSTs files to the ingest endpoint (``edgeloop ingest serve``), authenticated per device: by its client
     certificate over mutual TLS (``tls``: https only, never a plain-HTTP fallback) or by its token.
 
-    Confirmed only by a 2xx answer that echoes the file's sha256; 409, 413 and 422 are permanent refusals.
+    Confirmed only by a 2xx answer that echoes the file's sha256; 409, 413 and 422 are permanent refusals;
+    a redirect is never followed. One connection per file, on the standard library's ``http.client``: a small
+    device's service does not carry an HTTP client library for one POST a minute.
     """
 
     def __init__(self, url: str, device_id: str, token: str | None, timeout_s: float = 10.0,
                  tls: ClientTls | None = None) -> None:
         if tls is not None:
             require_https(url, "ingest URL")
-        self.url = url
-        self.device_id = device_id
-        self._token = token
-        self._client = http_client(tls, timeout_s)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UploadError(f"ingest URL {url!r} is not an http(s) URL", permanent=True)
+        self.url, self.device_id, self._token, self._timeout_s = url, device_id, token, timeout_s
+        self._parts = parts
+        self._context = (tls.context() if tls is not None else ssl.create_default_context()) \
+            if parts.scheme == "https" else None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        host, port = self._parts.hostname, self._parts.port
+        if self._context is not None:
+            return http.client.HTTPSConnection(host, port, timeout=self._timeout_s, context=self._context)
+        return http.client.HTTPConnection(host, port, timeout=self._timeout_s)
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        target = self._parts.path or "/"
+        if self._parts.query:
+            target += f"?{self._parts.query}"
+        connection = self._connection()
+        try:
+            connection.request("POST", target, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read(1 << 20)
+        finally:
+            connection.close()
 
     def send(self, path: Path) -> None:
         digest = sha256_file(path)
@@ -82,26 +107,24 @@ class HttpTarget:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         try:
-            response = self._client.post(self.url, content=path.read_bytes(), headers=headers)
-        except PlainHttpRefused as error:  # redirected to plain HTTP: never followed
-            raise UploadError(str(error)) from None
-        except (httpx.HTTPError, OSError) as error:
+            status, body = self._post(path.read_bytes(), headers)
+        except (http.client.HTTPException, OSError) as error:  # OSError: refused, unreachable, TLS, timeout
             raise UploadError(f"ingest endpoint {self.url} did not answer ({type(error).__name__}: {error})") from error
-        if not response.is_success:
-            hint = " (check this device's token)" if response.status_code in (401, 403) else ""
-            raise UploadError(f"ingest endpoint refused {path.name}: HTTP {response.status_code} "
-                              f"{response.text[:300]}{hint}",
-                              permanent=response.status_code in PERMANENT_HTTP_STATUSES)
+        if not 200 <= status < 300:
+            hint = " (check this device's token)" if status in (401, 403) else ""
+            raise UploadError(f"ingest endpoint refused {path.name}: HTTP {status} "
+                              f"{body[:300].decode(errors='replace')}{hint}",
+                              permanent=status in PERMANENT_HTTP_STATUSES)
         try:
-            echoed = response.json().get("sha256")
-        except ValueError:
+            echoed = json.loads(body).get("sha256")
+        except (ValueError, AttributeError):
             echoed = None
         if echoed != digest:
-            raise UploadError(f"ingest endpoint answered {response.status_code} for {path.name} without "
+            raise UploadError(f"ingest endpoint answered {status} for {path.name} without "
                               "confirming its sha256; will retry")
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing to release: each file opens and closes its own connection."""
 
     def __enter__(self) -> HttpTarget:
         return self

@@ -1,8 +1,9 @@
-"""The edge inference service: the FastAPI app that wires the routers to one server's :class:`Services`.
+"""The edge inference service: the Starlette app that wires the routes to one server's :class:`Services`.
 
 Predictions are answered from local state only (local-first): sampling writes to the local sample
 store and uploads happen on a background thread. Every error a client can cause is a JSON 4xx;
-no stack trace ever reaches a client. The routes live in :mod:`edge.serving.routers`, one module per concern.
+no stack trace ever reaches a client. The routes live in :mod:`edge.serving.routers`, one module per concern;
+their contract is ``openapi.json`` (:mod:`edge.serving.openapi`), served at ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 from edge.config import ServeConfig
-from edge.serving.responses import add_error_handlers
+from edge.serving.openapi import openapi_document
+from edge.serving.responses import error_handlers
 from edge.serving.routers import health, model, predict
 from edge.serving.server import Services
 
 
-def create_app(config: ServeConfig) -> FastAPI:
+def create_app(config: ServeConfig) -> Starlette:
     """The app of one edge server: its background work runs for the app's lifespan."""
     services = Services(config)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(services.start)
         watcher = asyncio.create_task(services.watch())
         try:
@@ -33,10 +36,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             watcher.cancel()
             await asyncio.to_thread(services.stop)
 
-    app = FastAPI(title="edgeloop edge inference service", version="1", lifespan=lifespan,
-                  description="Local-first predictions from the device's signed model store.")
+    routes = [*health.ROUTES, *predict.ROUTES, *model.ROUTES,
+              Route("/openapi.json", openapi_document, methods=["GET"], include_in_schema=False)]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(services))
     app.state.services = services
-    add_error_handlers(app, services)
-    for router in (health.router, predict.router, model.router):
-        app.include_router(router)
     return app

@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    # no WebSocket routes: ws="none" keeps uvicorn from importing a WebSocket library
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level.lower(), access_log=False,
-                server_header=False)
+                server_header=False, ws="none")
     return 0
 
 

@@ -46,8 +46,8 @@ LOCK_FILE = REPO_ROOT / "requirements.lock"
 EDGE_PACKAGE = REPO_ROOT / "edge"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 # what edge/ imports at run time, besides the runtime itself; versions come from requirements.lock
-EDGE_REQUIREMENTS = ("numpy", "fastapi", "uvicorn", "httptools", "uvloop", "prometheus-client", "cryptography",
-                     "orjson", "httpx", "paho-mqtt")  # paho-mqtt: the updater (python -m edge.updater)
+EDGE_REQUIREMENTS = ("numpy", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client", "cryptography",
+                     "orjson", "httpx", "paho-mqtt")  # httpx, paho-mqtt: the updater (python -m edge.updater)
 RUNTIME_REQUIREMENTS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
 PIP_PLATFORMS = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
 MANYLINUX = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")
@@ -60,11 +60,11 @@ def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
     unknown = sorted(set(runtimes) - set(RUNTIME_REQUIREMENTS))
     if unknown:
         raise ConfigError(f"runtime {unknown} is not supported; use one of {sorted(RUNTIME_REQUIREMENTS)}")
-    lock_hash = hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()[:12]
-    target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{lock_hash}"
+    requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
+    recipe = hashlib.sha256(LOCK_FILE.read_bytes() + repr(requirements).encode()).hexdigest()[:12]
+    target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{recipe}"
     with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
         if not (target / "requirements.txt").is_file():
-            requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
             download_wheels(platform, requirements, target, f"the {'+'.join(runtimes)} wheels for {platform}")
     return target
 

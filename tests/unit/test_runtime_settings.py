@@ -8,7 +8,7 @@ import json
 import tarfile
 
 import pytest
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 
 from edge.errors import BundleRefused
 from edge.signing import load_public_keys

@@ -1,1 +1,4 @@
-"""The edge service's routes, one router per concern; :func:`edge.serving.app.create_app` includes them."""
+"""The edge service's routes, one module per concern, each a ``ROUTES`` list.
+
+:func:`edge.serving.app.create_app` mounts them.
+"""

@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter
-from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from edge.serving.dependencies import ServicesDep
-from edge.serving.responses import ErrorBody, error_response
-
-router = APIRouter()
+from edge.serving.dependencies import services_of
+from edge.serving.responses import error_response, json_response
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
+async def healthz(request: Request) -> Response:
     """The process is up."""
-    return {"status": "ok"}
+    return json_response({"status": "ok"})
 
 
-@router.get("/readyz", responses={503: {"model": ErrorBody}})
-async def readyz(services: ServicesDep) -> Any:
+async def readyz(request: Request) -> Response:
     """A verified, health-checked model is loaded."""
-    active = services.engine.active
+    active = services_of(request).engine.active
     if active is None:
         return error_response(503, "not_ready", "no verified model version is loaded")
-    return {"status": "ready", "version": active.version}
+    return json_response({"status": "ready", "version": active.version})
 
 
-@router.get("/metrics", response_class=Response)
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
+    services = services_of(request)
     services.thermal.refresh()
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]),
+          Route("/metrics", metrics, methods=["GET"])]

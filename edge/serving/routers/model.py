@@ -5,68 +5,51 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from edge.errors import BundleRefused, StoreError
-from edge.serving.dependencies import ServicesDep, admin
+from edge.serving.dependencies import require_admin, services_of
 from edge.serving.requests import body_chunks
-from edge.serving.responses import CONFLICT, ERRORS, error_response
-
-router = APIRouter()
-BUNDLE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
-    "schema": {"type": "string", "format": "binary", "description": "a signed bundle (.tar.gz)"}}}}}
+from edge.serving.responses import error_response, json_response
 
 
-class ModelStatus(BaseModel):
-    active: str | None
-    serving: str | None
-    variant: str | None = None   # the variant the serving version runs (its class's, in a per-class release)
-    runtime: str | None = None   # the runtime that runs it here: tflite (LiteRT) or onnx (ONNX Runtime)
-    config: str = "default"      # the runtime configuration its bundle asks for (the benchmark's best on the class)
-    accelerators: list[str] = []  # what runs it besides the plain CPU kernels here: XNNPACK, an ORT provider
-    previous: str | None
-    installed: list[str]
-    rolled_back: dict[str, str]
-    manifest: dict[str, Any] | None
-
-
-@router.get("/v1/model", response_model=ModelStatus)
-async def model(services: ServicesDep) -> Any:
-    """The active version and its manifest, the previous one, and every installed version."""
+async def model(request: Request) -> Response:
+    """The active version and its manifest, the previous one, and every installed version (``ModelStatus``)."""
+    services = services_of(request)
     state, active = services.store.state(), services.engine.active
-    return {"active": state.active, "serving": active.version if active else None,
-            "variant": active.manifest.variant if active else None,
-            "runtime": active.primary.runtime if active else None,
-            "config": active.manifest.runtime_options.config if active and active.manifest.runtime_options
-            else "default", "accelerators": active.primary.accelerators if active else [],
-            "previous": state.previous,
-            "installed": state.installed, "rolled_back": state.rolled_back,
-            "manifest": active.manifest.model_dump(mode="json", by_alias=True) if active else None}
+    options = active.manifest.runtime_options if active else None
+    return json_response({
+        "active": state.active, "serving": active.version if active else None,
+        "variant": active.manifest.variant if active else None,  # its class's, in a per-class release
+        "runtime": active.primary.runtime if active else None,  # tflite (LiteRT) or onnx (ONNX Runtime)
+        "config": options.config if options else "default",  # the configuration its bundle asks for
+        "accelerators": active.primary.accelerators if active else [],  # XNNPACK, an ORT provider, or none
+        "previous": state.previous, "installed": state.installed, "rolled_back": state.rolled_back,
+        "manifest": active.manifest.model_dump(mode="json", by_alias=True) if active else None})
 
 
-@router.post("/v1/model/reload", dependencies=[Depends(admin)], responses=ERRORS)
-async def reload(services: ServicesDep) -> dict[str, str | None]:
+async def reload(request: Request) -> Response:
     """Load the store's active version now (a failing one is rolled back)."""
-    return {"active": await asyncio.to_thread(services.engine.reload)}
+    services = require_admin(request)
+    return json_response({"active": await asyncio.to_thread(services.engine.reload)})
 
 
-@router.post("/v1/model/rollback", dependencies=[Depends(admin)], responses={**ERRORS, **CONFLICT})
-async def rollback(services: ServicesDep) -> Any:
+async def rollback(request: Request) -> Response:
     """Switch back to the previous version."""
+    services = require_admin(request)
     try:
         await asyncio.to_thread(services.store.rollback, "requested through /v1/model/rollback")
     except StoreError as error:
         return error_response(409, "no_previous", str(error))
-    return {"active": await asyncio.to_thread(services.engine.reload)}
+    return json_response({"active": await asyncio.to_thread(services.engine.reload)})
 
 
-@router.post("/v1/model/install", dependencies=[Depends(admin)], responses={**ERRORS, **CONFLICT},
-             openapi_extra=BUNDLE_BODY)
-async def install(request: Request, services: ServicesDep) -> Any:
+async def install(request: Request) -> Response:
     """Install a signed bundle (verified, health-checked) and serve it."""
+    services = require_admin(request)
     # streamed to the store's own filesystem (not /tmp, often RAM): bundles can be large
     with tempfile.NamedTemporaryFile(dir=services.store.root, prefix=".upload-", suffix=".tar.gz") as handle:
         async for chunk in body_chunks(request, services.max_bundle_bytes):
@@ -76,4 +59,9 @@ async def install(request: Request, services: ServicesDep) -> Any:
             manifest = await asyncio.to_thread(services.store.install, Path(handle.name))
         except BundleRefused as error:
             return error_response(409 if error.reason == "version_conflict" else 422, error.reason, str(error))
-    return {"installed": manifest.version, "active": await asyncio.to_thread(services.engine.reload)}
+    return json_response({"installed": manifest.version, "active": await asyncio.to_thread(services.engine.reload)})
+
+
+ROUTES = [Route("/v1/model", model, methods=["GET"]), Route("/v1/model/reload", reload, methods=["POST"]),
+          Route("/v1/model/rollback", rollback, methods=["POST"]),
+          Route("/v1/model/install", install, methods=["POST"])]

@@ -1,7 +1,7 @@
 """``POST /v1/predict``: answered from local state only (local-first).
 
 Sampling hands the batch to a background worker that writes the local sample store; uploads run on a
-thread of their own, so neither costs a prediction.
+thread of their own, so neither costs a prediction. The response is ``PredictResponse`` of ``openapi.json``.
 """
 
 from __future__ import annotations
@@ -9,43 +9,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
-from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from edge.errors import EdgeError
-from edge.serving.dependencies import ServicesDep
+from edge.serving.dependencies import services_of
 from edge.serving.engine import ModelUnavailable, Prediction
-from edge.serving.requests import JSON_TYPE, NPY_TYPE, parse_batch, read_body
-from edge.serving.responses import ERRORS, error_response
+from edge.serving.requests import parse_batch, read_body
+from edge.serving.responses import error_response, json_response
 
 log = logging.getLogger(__name__)
-router = APIRouter()
-
-
-class ScoredSample(BaseModel):
-    label: str
-    class_index: int
-    confidence: float
-    scores: list[float]
-    stage: str  # primary | large (the cascade's second stage)
-
-
-class PredictResponse(BaseModel):
-    version: str
-    model_name: str
-    variant: str
-    fallback: str | None
-    latency_ms: float
-    predictions: list[ScoredSample]
-
-
-PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    JSON_TYPE: {"schema": {"type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
-        "inputs": {"type": "array", "description": "one sample (the model's input shape) or a batch of them, "
-                                                   "as nested lists of floats"}}}},
-    NPY_TYPE: {"schema": {"type": "string", "format": "binary", "description": "a .npy float array"}}}}}
 
 
 def _prediction_body(prediction: Prediction) -> dict[str, Any]:
@@ -60,13 +34,9 @@ def _prediction_body(prediction: Prediction) -> dict[str, Any]:
             "fallback": prediction.fallback, "latency_ms": prediction.latency_s * 1000.0, "predictions": rows}
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY)
-async def predict(request: Request, services: ServicesDep) -> Any:
-    """Scores, label and confidence for one sample or a batch (float inputs; quantization is applied here).
-
-    Returns a ready JSONResponse: the ``response_model`` documents the shape without re-validating it
-    on every request (that costs more than the model on small inputs).
-    """
+async def predict(request: Request) -> Response:
+    """Scores, label and confidence for one sample or a batch (float inputs; quantization is applied here)."""
+    services = services_of(request)
     active, config = services.engine.active, services.config
     if active is None:
         services.metrics.unavailable.inc()
@@ -83,4 +53,7 @@ async def predict(request: Request, services: ServicesDep) -> Any:
         services.sampling.offer(batch, prediction.scores, prediction.latency_s * 1000.0, manifest.version)
     except (EdgeError, OSError) as error:  # sampling must never cost a prediction
         log.warning("sampling failed: %s", error)
-    return Response(orjson.dumps(_prediction_body(prediction)), media_type=JSON_TYPE)
+    return json_response(_prediction_body(prediction))
+
+
+ROUTES = [Route("/v1/predict", predict, methods=["POST"])]
