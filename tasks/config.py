@@ -247,7 +247,7 @@ class PackageParams(_Section):
     public_keys: Path = Path("keys")                     # .pub file or folder of them the image trusts
     large_variant: VariantName | None = None             # the cascade's second stage, from the same run
     check_device: str = "industrial-256mb"  # devices.yaml entry whose cpus/memory the checked container gets
-    max_image_mb: float = Field(250.0, gt=0.0)
+    max_image_mb: float = Field(150.0, gt=0.0)
     max_start_s: float = Field(5.0, gt=0.0)
     start_attempts: int = Field(3, ge=1, le=10)  # starts measured while over max_start_s; the fastest is gated
     emulated_start_timeout_s: float = Field(180.0, gt=0.0)  # arm64 under qemu: ready within this (not a gate)

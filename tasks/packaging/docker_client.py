@@ -96,8 +96,11 @@ def connect(timeout_s: float = 600.0) -> Engine:
     return Engine(host, docker.DockerClient(base_url=host, timeout=timeout_s))
 
 
-def build(client, context: Path, tag: str, platform: str, base_image: str, labels: dict[str, str]) -> str:
-    """Build ``context`` (its Dockerfile) with BuildKit for ``platform`` as ``tag``; the image id.
+def build(client, context: Path, tag: str, platform: str, base_image: str, labels: dict[str, str],
+          runtime_base: str | None = None) -> str:
+    """Build ``context`` (its Dockerfile) with BuildKit for ``platform`` as ``tag``, on ``base_image`` (the
+    ``BASE_IMAGE`` build argument) and ``runtime_base`` (``RUNTIME_BASE``, when the Dockerfile has a final stage on
+    another base); the image id.
 
     BuildKit, through the Engine API's ``/build?version=2`` (the docker package drives only the classic
     builder, which records foreign-platform multi-stage images as the host's architecture). BuildKit
@@ -107,8 +110,9 @@ def build(client, context: Path, tag: str, platform: str, base_image: str, label
     with tarfile.open(fileobj=body, mode="w", format=tarfile.GNU_FORMAT) as archive:  # BuildKit misreads PAX
         archive.add(context, arcname=".")
     api = client.api
+    arguments = {"BASE_IMAGE": base_image, **({"RUNTIME_BASE": runtime_base} if runtime_base else {})}
     query = {"t": tag, "version": "2", "platform": platform, "rm": "1", "forcerm": "1",
-             "labels": json.dumps(labels), "buildargs": json.dumps({"BASE_IMAGE": base_image})}
+             "labels": json.dumps(labels), "buildargs": json.dumps(arguments)}
     # One BuildKit build at a time per cache: Debian's dockerd (20.10) can crash under concurrent BuildKit builds
     # (moby/moby#40752, moby/buildkit#2889), and on a small host they only compete for the same cores anyway.
     with cache_lock("buildkit-build"):

@@ -4,15 +4,17 @@ Build context::
 
     wheelhouse/   the edge stack's wheels for the target platform, resolved on the host with
                   ``pip download --only-binary=:all: --platform ...`` against requirements.lock,
-                  plus ``pip.whl`` and ``requirements.txt`` (the build needs no network)
+                  plus ``pip.whl`` and ``requirements.txt`` (the build needs no network), slimmed
+                  (:mod:`tasks.packaging.slim_wheels`)
     edge/         the device package, as it is in the repository
     keys/         the trusted public keys (never a private key)
     store/        a model store with the signed bundle installed and verified on the host
     Dockerfile    docker/Dockerfile
 
-Wheelhouses are cached per (platform, runtimes, lock hash) in the cache folder (``EDGELOOP_CACHE``).
-The base image (:func:`resolve_base_image`) is the configured one, else the official slim Python,
-else the Debian-built one (:mod:`tasks.packaging.base_images`).
+Wheelhouses are cached per (platform, runtimes, lock, requirements, slimming recipe) in the cache folder
+(``EDGELOOP_CACHE``).
+The base images (:func:`resolve_base_image`) are the configured one, else the official slim Python,
+else the Debian-built base (the builder stage) and runtime (the final stage; :mod:`tasks.packaging.base_images`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from tasks.packaging import docker_client as docker_engine
 from tasks.packaging.base_images import RECIPE_LABEL, ensure_base_image
 from tasks.packaging.docker_client import Engine, cache_lock
 from tasks.packaging.oci_registry import Registry
+from tasks.packaging.slim_wheels import RECIPE as SLIM_RECIPE
+from tasks.packaging.slim_wheels import slim_wheelhouse
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
     if unknown:
         raise ConfigError(f"runtime {unknown} is not supported; use one of {sorted(RUNTIME_REQUIREMENTS)}")
     requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
-    recipe = hashlib.sha256(LOCK_FILE.read_bytes() + repr(requirements).encode()).hexdigest()[:12]
+    recipe = hashlib.sha256(LOCK_FILE.read_bytes() + repr((requirements, SLIM_RECIPE)).encode()).hexdigest()[:12]
     target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{recipe}"
     with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
         if not (target / "requirements.txt").is_file():
@@ -85,6 +89,8 @@ def download_wheels(platform: str, requirements: list[str], target: Path, what: 
             raise ConfigError(f"could not resolve {what} (is the package index reachable?):\n"
                               f"{completed.stderr[-1500:]}")
         next(scratch.glob("pip-*.whl")).rename(scratch / "pip.whl")  # the Dockerfile runs pip from its wheel
+        before, after = slim_wheelhouse(scratch)
+        log.info("%s: %.1f MB of wheel content slimmed to %.1f MB", what, before / 2**20, after / 2**20)
         (scratch / "requirements.txt").write_text("\n".join(requirements) + "\n")
         scratch.rename(target)  # complete or absent: never half a wheelhouse in the cache
     except BaseException:
@@ -103,7 +109,7 @@ def build_context(bundle: Path, public_keys: list[Path], platform: str, cache_di
     keys = load_public_keys(public_keys)
     manifest = ModelStore(destination / "store", keys).install(bundle)  # verified and health-checked first
     shutil.copytree(wheelhouse(platform, runtimes_of(manifest), cache_dir), destination / "wheelhouse")
-    shutil.copytree(EDGE_PACKAGE, destination / "edge", ignore=shutil.ignore_patterns("__pycache__", "openapi.json"))
+    shutil.copytree(EDGE_PACKAGE, destination / "edge", ignore=shutil.ignore_patterns("__pycache__"))
     (destination / "keys").mkdir()
     for path in public_keys:
         sources = sorted(path.glob("*.pub")) if path.is_dir() else [path]
@@ -138,20 +144,21 @@ def base_recipe(engine: Engine, base: str) -> str:
     return image.labels.get(RECIPE_LABEL) or next(iter(image.attrs.get("RepoDigests") or []), image.id)
 
 
-def resolve_base_image(engine: Engine, configured: str | None, arch: str, registry: Registry) -> str:
-    """The base image reference for ``arch``: the configured one, else the official slim Python when the
-    engine has or can pull it, else the Debian-built one (pushed to ``registry``, where BuildKit finds it)."""
+def resolve_base_image(engine: Engine, configured: str | None, arch: str, registry: Registry) -> tuple[str, str]:
+    """The (builder, runtime) base image references for ``arch``: the configured one (both), else the official
+    slim Python when the engine has or can pull it (both), else the Debian-built base and runtime images
+    (pushed to ``registry``, where BuildKit finds them)."""
     import docker
 
     platform = f"linux/{arch}"
     for reference in [configured] if configured else [OFFICIAL_BASE]:
         with contextlib.suppress(docker.errors.ImageNotFound):
             if engine.client.images.get(reference).attrs.get("Architecture") == arch:
-                return reference
+                return reference, reference
         puller = docker.DockerClient(base_url=engine.host, timeout=PULL_TIMEOUT_S)  # a silent network fails fast
         try:
             puller.images.pull(reference, platform=platform)
-            return reference
+            return reference, reference
         except requests.exceptions.RequestException as error:
             if configured:
                 raise ConfigError(f"pulling package.base_image {configured!r} timed out ({error})") from error
@@ -164,7 +171,12 @@ def resolve_base_image(engine: Engine, configured: str | None, arch: str, regist
             log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error.explanation)
         finally:
             puller.close()
-    local = ensure_base_image(arch, engine)
+    return (_in_registry(engine, registry, ensure_base_image(arch, engine)),
+            _in_registry(engine, registry, ensure_base_image(arch, engine, runtime=True)))
+
+
+def _in_registry(engine: Engine, registry: Registry, local: str) -> str:
+    """``local`` pushed to ``registry`` unless the registry holds the same recipe; its registry reference."""
     repository, tag = local.rsplit(":", 1)
     held = registry.labels(repository, tag) if registry.digest(repository, tag) else {}
     if held.get(RECIPE_LABEL) != engine.client.images.get(local).labels.get(RECIPE_LABEL):

@@ -34,7 +34,8 @@ class ImageRecord(BaseModel):
     classes: list[str] = []        # the device classes this image is for (per-class releases)
     digest: str | None = None      # after the push
     status: Literal["pushed", "already_released", "failed_gate", "not_pushed"] = "not_pushed"
-    base_image: str = ""
+    base_image: str = ""    # the builder stage's base
+    runtime_base: str = ""  # the final stage's: what the image runs on
     image_mb: float | None = None
     ready_s: float | None = None   # docker run to the first 200 from /readyz: the fastest of the starts
     start_s: list[float] = []      # every measured start (a second one only when the first was over budget)

@@ -107,11 +107,12 @@ def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bund
     context = scratch / arch
     context.mkdir(parents=True)
     manifest = build_context(bundle, [settings.public_keys], platform, CACHE_DIR, context)
-    base = resolve_base_image(engine, settings.base_image, arch, registry)
-    recipe = recipe_sha256(context, base_recipe(engine, base))
+    base, runtime_base = resolve_base_image(engine, settings.base_image, arch, registry)
+    recipe = recipe_sha256(context, f"{base_recipe(engine, base)} {base_recipe(engine, runtime_base)}")
     release = Release(None, arch, _model_identity(manifest), recipe, "", manifest.data_version, manifest.params_hash)
     primary = next(entry for entry in manifest.models if entry.role == "primary")
     record = ImageRecord(platform=platform, arch=arch, runtime=primary.runtime, reference="", base_image=base,
+                         runtime_base=runtime_base,
                          emulated=arch != _host_arch(), variant=manifest.variant, classes=classes or [])
     return Candidate(record, release, context), manifest
 
@@ -168,10 +169,11 @@ def _build_and_check(engine: Engine, registry: Registry, settings: PackageParams
         record.digest, record.status = existing, "already_released"
         log.info("%s is already in the registry (%s): not rebuilt", record.reference, existing)
         return
-    log.info("building %s on %s", record.reference, record.base_image)
+    log.info("building %s on %s (built on %s)", record.reference, record.runtime_base, record.base_image)
     docker_engine.build(engine.client, candidate.context, record.reference, record.platform, record.base_image,
                         {**labels, **release.labels(), "edgeloop.platform": record.platform,
-                         "edgeloop.runtime": record.runtime, "org.opencontainers.image.base.name": record.base_image})
+                         "edgeloop.runtime": record.runtime, "org.opencontainers.image.base.name": record.runtime_base},
+                        runtime_base=record.runtime_base)
     check_image(engine, record, settings, device.runner.cpus, device.runner.memory_mb, *reference)
 
 
