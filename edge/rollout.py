@@ -38,13 +38,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge.errors import BundleRefused
-from edge.signing import sign_manifest, verify_manifest
+from edge.signing import PublicKey, sign_manifest, verify_manifest
+
+if TYPE_CHECKING:  # the control plane signs; a device never imports cryptography
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SCHEMA = "edgeloop.rollout/1"
 GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # MQTT topic level: no '/', '+' or '#'
@@ -217,7 +219,7 @@ def sign_rollout(manifest: RolloutManifest, private_key: Ed25519PrivateKey) -> b
     return json.dumps({"manifest": text, "signature": signature}, sort_keys=True).encode()
 
 
-def verify_rollout(payload: bytes, keys: dict[str, Ed25519PublicKey]) -> RolloutManifest:
+def verify_rollout(payload: bytes, keys: dict[str, PublicKey]) -> RolloutManifest:
     """The manifest in ``payload`` once its signature verifies; :class:`BundleRefused` names what is wrong."""
     if len(payload) > MAX_MESSAGE_BYTES:
         raise BundleRefused("malformed", f"rollout message of {len(payload)} bytes, over {MAX_MESSAGE_BYTES}")

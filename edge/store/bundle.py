@@ -17,11 +17,9 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge.errors import BundleRefused
 from edge.files import sha256_file
-from edge.signing import MAX_SIGNATURE_BYTES, verify_manifest
+from edge.signing import MAX_SIGNATURE_BYTES, PublicKey, verify_manifest
 from edge.store.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SAFE_NAME, SIGNATURE_FILE, Manifest, parse_manifest
 
 MAX_MEMBERS = 64
@@ -125,7 +123,7 @@ def _read_at_most(path: Path, limit: int) -> bytes:
         return stream.read(limit + 1)
 
 
-def verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
+def verify_folder(folder: Path, keys: dict[str, PublicKey]) -> Manifest:
     """Check the signature and every payload file of an unpacked bundle; return its manifest."""
     try:
         return _verify_folder(folder, keys)
@@ -133,7 +131,7 @@ def verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
         raise BundleRefused("truncated", f"{folder.name}: a file could not be read ({error})") from error
 
 
-def _verify_folder(folder: Path, keys: dict[str, Ed25519PublicKey]) -> Manifest:
+def _verify_folder(folder: Path, keys: dict[str, PublicKey]) -> Manifest:
     manifest_path, signature_path = folder / MANIFEST_FILE, folder / SIGNATURE_FILE
     if not manifest_path.is_file():
         raise BundleRefused("malformed", f"the bundle has no {MANIFEST_FILE}")

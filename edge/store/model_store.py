@@ -32,10 +32,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge.errors import BundleRefused, StoreError
 from edge.files import atomic_write_text
+from edge.signing import PublicKey
 from edge.store.bundle import unpack, verify_folder
 from edge.store.health import LoadedVersion, load_and_check
 from edge.store.manifest import MANIFEST_FILE, Manifest
@@ -92,7 +91,7 @@ def _remove_tree(path: Path) -> None:
 class ModelStore:
     """Versions on disk plus the pointer to the active one; see the module docstring."""
 
-    def __init__(self, root: Path, public_keys: dict[str, Ed25519PublicKey], keep: int = 3,
+    def __init__(self, root: Path, public_keys: dict[str, PublicKey], keep: int = 3,
                  max_bundle_bytes: int = 512 * 2**20, on_event: EventHook | None = None) -> None:
         if keep < 2:
             raise StoreError(f"keep={keep}: a store keeps at least 2 versions (the active one and the previous)")

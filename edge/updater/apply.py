@@ -41,10 +41,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge.errors import BundleRefused, StoreError
 from edge.rollout import RolloutManifest, judge, resolve_class, status_topic, verify_rollout
+from edge.signing import PublicKey
 from edge.store.manifest import MANIFEST_FILE, parse_manifest
 from edge.store.model_store import ModelStore
 from edge.updater.fetch import RolloutFailed, fetch_bundle
@@ -69,7 +68,7 @@ Fetch = Callable[[str, Path, int], str]  # (url, destination, max_bytes) -> sha2
 class RolloutHandler:
     """Applies verified rollout manifests to one device's :class:`ModelStore` and reports each outcome."""
 
-    def __init__(self, device: str, group: str, store: ModelStore, keys: dict[str, Ed25519PublicKey],
+    def __init__(self, device: str, group: str, store: ModelStore, keys: dict[str, PublicKey],
                  publish: Publish, fetch: Fetch = fetch_bundle, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time, service: ImageService | None = None,
                  arch: str = "amd64", device_class: str | None = None,

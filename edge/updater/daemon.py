@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from edge.config import ENV_PREFIX, LIST_SETTINGS, settings_with_kit
@@ -43,7 +42,7 @@ from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.identity import DeviceId
 from edge.retry import backoff_delay
 from edge.rollout import ARCH, DEVICE_CLASS, DIGEST_REFERENCE, GROUP, model_topic, telemetry_topic
-from edge.signing import load_public_keys
+from edge.signing import PublicKey, load_public_keys
 from edge.store.model_store import ModelStore
 from edge.tls import TlsSettings
 from edge.updater.apply import RolloutHandler, json_bytes
@@ -186,7 +185,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
 class Updater:
     """The MQTT session, the manifest worker and the telemetry loop of one device."""
 
-    def __init__(self, config: UpdaterConfig, store: ModelStore, keys: dict[str, Ed25519PublicKey],
+    def __init__(self, config: UpdaterConfig, store: ModelStore, keys: dict[str, PublicKey],
                  password: str | None, telemetry: TelemetrySource | None = None,
                  service: ServiceContainer | None = None) -> None:
         import paho.mqtt.client as mqtt

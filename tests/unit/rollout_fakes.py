@@ -7,7 +7,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.rollout import judge, resolve_class, verify_rollout
-from edge.signing import key_id
+from edge.signing import PublicKey, key_id
 from tasks.config import DriftParams, RolloutParams
 from tasks.rollout.engine import Release, Rollout
 
@@ -32,7 +32,7 @@ class Fleet:
 
     def __init__(self, key: Ed25519PrivateKey, count: int, clock: Clock, figures=None, failing=(), silent=(),
                  classes: dict[str, int] | None = None):
-        self.keys = {key_id(key.public_key()): key.public_key()}
+        self.keys = {key_id(key.public_key()): PublicKey(key.public_key().public_bytes_raw())}
         self.clock, self.figures = clock, figures or {}  # version (or (class, version)) -> telemetry figures
         self.active = {f"dev-{index:03d}": "v1" for index in range(count)}
         self.device_class: dict[str, str] = {}  # classes: class -> how many devices of it (named <class>-NNN)

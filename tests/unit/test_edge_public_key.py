@@ -1,0 +1,84 @@
+"""The device's Ed25519 verification (the system OpenSSL through ``_ssl``) agrees with ``cryptography``'s, which
+the control plane signs with, on valid and on every kind of invalid signature; keys that are not Ed25519 are
+refused by name; and the service and updater never import ``cryptography``."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+
+import pytest
+from cryptography.exceptions import InvalidSignature as CryptographyInvalid
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge.errors import ConfigError
+from edge.signing import InvalidSignature, PublicKey, key_id, read_public_key
+from tests.conftest import REPO_ROOT
+
+
+def _pem(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _agree(private: Ed25519PrivateKey, device: PublicKey, signature: bytes, message: bytes) -> bool:
+    """Both verifiers' verdicts, asserted equal; True when the signature verifies."""
+    try:
+        private.public_key().verify(signature, message)
+        reference = True
+    except CryptographyInvalid:
+        reference = False
+    try:
+        device.verify(signature, message)
+        ours = True
+    except InvalidSignature:
+        ours = False
+    assert ours == reference, (signature.hex(), message)
+    return ours
+
+
+def test_the_device_verifies_exactly_what_cryptography_verifies():
+    signer, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    device = PublicKey.from_pem(_pem(signer.public_key()))
+    assert key_id(device) == key_id(signer.public_key())
+    message = b'{"version": "v7"}'
+    signature = signer.sign(message)
+    assert _agree(signer, device, signature, message)
+    flipped = [bytes([*signature[:index], signature[index] ^ 1, *signature[index + 1:]]) for index in range(64)]
+    refused = [signature[:-1], signature + b"\0", b"", bytes(64), other.sign(message), *flipped]
+    for candidate in refused:
+        assert not _agree(signer, device, candidate, message)
+    for altered in (message + b" ", message[:-1], b"", message.replace(b"7", b"8")):
+        assert not _agree(signer, device, signature, altered)
+    # S + L (the group order) is the classic malleated signature: refused by both
+    order = 2**252 + 27742317777372353535851937790883648493
+    s_value = int.from_bytes(signature[32:], "little") + order
+    assert not _agree(signer, device, signature[:32] + s_value.to_bytes(32, "little"), message)
+    ssl.create_default_context()  # nothing left in OpenSSL's error queue for the ssl module to trip on
+
+
+def test_keys_that_are_not_ed25519_or_not_pem_are_refused_by_name(tmp_path):
+    cases = {"p256.pub": _pem(ec.generate_private_key(ec.SECP256R1()).public_key()),
+             "garbage.pub": b"-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n",
+             "binary.pub": b"\xff\xfe", "private.pub": Ed25519PrivateKey.generate().private_bytes(
+                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=f"public key .*{name} is not an Ed25519 PEM public key"):
+            read_public_key(tmp_path / name)
+    with pytest.raises(ConfigError, match="unreadable"):
+        read_public_key(tmp_path / "missing.pub")
+    with pytest.raises(ValueError, match="32 bytes"):
+        PublicKey(b"\0" * 31)
+
+
+def test_the_service_and_the_updater_never_import_cryptography_and_the_service_no_http_client():
+    code = ("import sys, edge.serving.app, edge.updater.daemon, edge.store.storectl; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'fastapi'}))")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+    code = "import sys, edge.serving.app; print(sorted({m.split('.')[0] for m in sys.modules} & {'httpx', 'requests'}))"
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
