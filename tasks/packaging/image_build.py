@@ -4,7 +4,8 @@ Build context::
 
     wheelhouse/   the edge stack's wheels for the target platform, resolved on the host with
                   ``pip download --only-binary=:all: --platform ...`` against requirements.lock,
-                  plus ``pip.whl`` and ``requirements.txt`` (the build needs no network), slimmed
+                  plus ``pip.whl``, ``requirements.txt`` and ``pip-platforms`` (the target's ``--platform``
+                  flags: the builder runs on the host's platform); the build needs no network; slimmed
                   (:mod:`tasks.packaging.slim_wheels`)
     edge/         the device package, as it is in the repository
     keys/         the trusted public keys (never a private key)
@@ -35,7 +36,7 @@ from edge.store.manifest import Manifest
 from edge.store.model_store import ModelStore
 from tasks.errors import ConfigError
 from tasks.packaging import docker_client as docker_engine
-from tasks.packaging.base_images import RECIPE_LABEL, ensure_base_image
+from tasks.packaging.base_images import RECIPE_LABEL, ensure_base_image, host_arch
 from tasks.packaging.docker_client import Engine, cache_lock
 from tasks.packaging.oci_registry import Registry
 from tasks.packaging.slim_wheels import RECIPE as SLIM_RECIPE
@@ -50,7 +51,8 @@ LOCK_FILE = REPO_ROOT / "requirements.lock"
 EDGE_PACKAGE = REPO_ROOT / "edge"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 # what edge/ imports at run time, besides the runtime itself; versions come from requirements.lock
-EDGE_REQUIREMENTS = ("numpy", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client", "cryptography",
+# (no cryptography: a device verifies signatures with the OpenSSL Python's ssl module loads, edge/signing.py)
+EDGE_REQUIREMENTS = ("numpy", "pydantic", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client",
                      "orjson", "httpx", "paho-mqtt")  # httpx, paho-mqtt: the updater (python -m edge.updater)
 RUNTIME_REQUIREMENTS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
 PIP_PLATFORMS = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
@@ -92,6 +94,8 @@ def download_wheels(platform: str, requirements: list[str], target: Path, what: 
         before, after = slim_wheelhouse(scratch)
         log.info("%s: %.1f MB of wheel content slimmed to %.1f MB", what, before / 2**20, after / 2**20)
         (scratch / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        # the builder stage runs on the host's platform and installs these wheels for the target's
+        (scratch / "pip-platforms").write_text(" ".join(platforms) + "\n")
         scratch.rename(target)  # complete or absent: never half a wheelhouse in the cache
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -145,9 +149,10 @@ def base_recipe(engine: Engine, base: str) -> str:
 
 
 def resolve_base_image(engine: Engine, configured: str | None, arch: str, registry: Registry) -> tuple[str, str]:
-    """The (builder, runtime) base image references for ``arch``: the configured one (both), else the official
-    slim Python when the engine has or can pull it (both), else the Debian-built base and runtime images
-    (pushed to ``registry``, where BuildKit finds them)."""
+    """The (builder, runtime) base image references for an ``arch`` image: the configured one (both), else the
+    official slim Python when the engine has or can pull it (both), else the Debian-built base of the host's
+    architecture (the builder runs there, whatever the target) and ``arch``'s runtime image (pushed to
+    ``registry``, where BuildKit finds them)."""
     import docker
 
     platform = f"linux/{arch}"
@@ -171,7 +176,7 @@ def resolve_base_image(engine: Engine, configured: str | None, arch: str, regist
             log.info("%s cannot be pulled (%s): using the Debian-built base", reference, error.explanation)
         finally:
             puller.close()
-    return (_in_registry(engine, registry, ensure_base_image(arch, engine)),
+    return (_in_registry(engine, registry, ensure_base_image(host_arch(), engine)),
             _in_registry(engine, registry, ensure_base_image(arch, engine, runtime=True)))
 
 

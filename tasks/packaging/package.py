@@ -45,7 +45,7 @@ from tasks.entrypoint import report_user_errors, setup_logging
 from tasks.errors import ConfigError, PackagingError
 from tasks.lineage import git_commit, utc_now
 from tasks.packaging import docker_client as docker_engine
-from tasks.packaging.base_images import enable_emulation
+from tasks.packaging.base_images import enable_emulation, host_arch
 from tasks.packaging.docker_client import CACHE_DIR, Engine
 from tasks.packaging.image_build import REPO_ROOT, base_recipe, build_context, recipe_sha256, resolve_base_image
 from tasks.packaging.image_checks import ImageRecord, check_image, host_outputs
@@ -91,18 +91,12 @@ def _source_run(manifest: Manifest) -> tuple[str, str]:
     return run_id, client.get_run(run_id).data.params.get("train.model", "unknown")
 
 
-def _host_arch() -> str:
-    import platform
-
-    machine = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
-
 
 def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bundle: Path, platform: str,
                scratch: Path, classes: list[str] | None = None) -> tuple[Candidate, Manifest]:
     """Context, base image and release identity of ``bundle`` on ``platform`` (nothing built yet)."""
     arch = ARCHES[platform]
-    if arch != _host_arch():
+    if arch != host_arch():
         enable_emulation(arch)  # qemu user emulation runs the foreign build steps and the checked container
     context = scratch / arch
     context.mkdir(parents=True)
@@ -113,7 +107,7 @@ def _candidate(engine: Engine, settings: PackageParams, registry: Registry, bund
     primary = next(entry for entry in manifest.models if entry.role == "primary")
     record = ImageRecord(platform=platform, arch=arch, runtime=primary.runtime, reference="", base_image=base,
                          runtime_base=runtime_base,
-                         emulated=arch != _host_arch(), variant=manifest.variant, classes=classes or [])
+                         emulated=arch != host_arch(), variant=manifest.variant, classes=classes or [])
     return Candidate(record, release, context), manifest
 
 

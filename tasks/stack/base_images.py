@@ -1,5 +1,6 @@
-"""``make base-images``: the Debian-built Python base images (tasks/packaging/base_images.py), with an engine;
-``--control-plane``: also the compose control plane's images (tasks/packaging/control_plane_images.py).
+"""``make base-images``: the Debian-built Python images (tasks/packaging/base_images.py), with an engine: the
+host's base (builder stages) and every architecture's runtime (edge images' final stage); ``--control-plane``:
+also the compose control plane's images (tasks/packaging/control_plane_images.py).
 
     edgeloop base-images [--arch amd64 arm64] [--control-plane]
 """
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tasks.errors import EdgeloopError
-from tasks.packaging.base_images import PLATFORMS, ensure_base_image
+from tasks.packaging.base_images import PLATFORMS, ensure_base_image, host_arch
 from tasks.packaging.control_plane_images import ensure_control_plane_images
 from tasks.packaging.docker_client import connect
 from tasks.stack.services import REPO_ROOT, ServiceError, start_docker_engine
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = connect()
         try:
             for arch in args.arch:  # the control plane's images right after amd64 (CI's warm-up: tests wait on them)
-                print(ensure_base_image(arch, engine))
+                if arch == host_arch():
+                    print(ensure_base_image(arch, engine))
+                print(ensure_base_image(arch, engine, runtime=True))
                 if arch == "amd64" and args.control_plane:
                     for setting, tag in ensure_control_plane_images(engine).items():
                         print(f"{setting}={tag}")
