@@ -67,7 +67,8 @@ control-plane-compose: system-packages $(STAMP)
 image-services: system-packages $(STAMP)
 	$(BIN)/edgeloop services up --images --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
-# Python 3.11 base images from Debian packages (debootstrap; arm64 under qemu), for hosts without Docker Hub.
+# Python 3.11 base images from Debian packages (debootstrap): the host's base (builds) and each architecture's
+# runtime (edge images run on it), for hosts without Docker Hub.
 base-images: $(STAMP)
 	$(BIN)/edgeloop base-images
 
@@ -88,8 +89,9 @@ down:
 repro: system-packages image-services keys/control-plane.key
 	$(BIN)/dvc repro
 
-# The whole suite. As root, the Debian base images (amd64 ~70 s, the compose control plane's ~95 s, arm64 ~5 min
-# under qemu on a machine's first run; cached in ~/.cache/edgeloop) are built beside the first tests, which wait on the same cache locks; the engine
+# The whole suite. As root, the Debian base images (amd64 ~70 s, the compose control plane's ~95 s, arm64's
+# runtime ~30 s, unpacked on the host; on a machine's first run, cached in ~/.cache/edgeloop) are built beside
+# the first tests, which wait on the same cache locks; the engine
 # that warm-up started, if any, is stopped afterwards.
 WARMUP := .run/test-warmup
 # One session over two pytest-xdist workers, a test file at a time each (most of the e2e and integration tests'

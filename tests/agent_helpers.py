@@ -18,9 +18,13 @@ DERIVED = {
               'sys.exit(3)"]'],
     "hang": ['ENTRYPOINT ["/opt/edgeloop/bin/python", "-c", "import time; time.sleep(3600)"]'],
     # a serving bug: the service answers, but with the least likely class instead of the most likely one
+    # (the image has no shell: the edit runs in its own Python, exec form)
     "wrong": ["USER root",
-              "RUN sed -i 's/return self.scores.argmax(axis=1)/return self.scores.argmin(axis=1)/' "
-              "/opt/edgeloop/app/edge/serving/engine.py && grep -q argmin /opt/edgeloop/app/edge/serving/engine.py",
+              'RUN ["/opt/edgeloop/bin/python", "-c", "import pathlib; '
+              "path = pathlib.Path('/opt/edgeloop/app/edge/serving/engine.py'); text = path.read_text(); "
+              "assert 'return self.scores.argmax(axis=1)' in text; "
+              "path.write_text(text.replace('return self.scores.argmax(axis=1)', 'return self.scores.argmin(axis=1)'))"
+              '"]',
               "USER edgeloop"],
 }
 

@@ -43,7 +43,6 @@ EDGE_PACKAGE = REPO_ROOT / "edge"
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(host_platform.machine(),
                                                                         host_platform.machine())
 CONTAINER_DIR = "/tmp/edgeloop-bench"
-CONTAINER_PYTHON = "/opt/edgeloop/bin/python"
 
 
 class RunnerError(Exception):
@@ -199,8 +198,10 @@ class DockerRunner:
                        options: dict[str, Any], emulated: bool) -> dict[str, Any]:
         import requests
 
+        from tasks.packaging.docker_client import IMAGE_PYTHON
+
         container = client.containers.create(
-            image, entrypoint=[CONTAINER_PYTHON], command=_bench_command(CONTAINER_PYTHON)[1:],
+            image, entrypoint=[IMAGE_PYTHON], command=_bench_command(IMAGE_PYTHON)[1:],
             working_dir=CONTAINER_DIR,
             platform=platform, network_disabled=True, **options)
         try:

@@ -209,6 +209,9 @@ def image_mb(client, reference: str) -> float:
     return client.images.get(reference).attrs["Size"] / 1e6
 
 
+IMAGE_PYTHON = "/opt/edgeloop/bin/python"  # the edge image's interpreter (it has no shell: exec runs this)
+
+
 @dataclass
 class RunningContainer:
     container: object

@@ -90,7 +90,7 @@ def check_image(engine: Engine, record: ImageRecord, params: PackageParams, cpus
         with docker_engine.running(engine.client, record.reference, record.platform, cpus, memory_mb,
                                    timeout_s, emulated=record.emulated) as container:
             record.start_s.append(round(container.ready_s, 3))
-            record.user = container.exec("id", "-u")
+            record.user = container.exec(docker_engine.IMAGE_PYTHON, "-c", "import os; print(os.getuid())")
             compare_predictions(record, container.predict(sample), host)
         if not record.emulated:
             _restart_while_over_budget(engine, record, params, cpus, memory_mb, timeout_s)

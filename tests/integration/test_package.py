@@ -203,7 +203,8 @@ def test_a_build_error_is_reported_with_the_build_log(stack, images, shipped, tm
     report, _ = shipped
     broken = tmp_path / "Dockerfile"
     broken.write_text((REPO_ROOT / "docker" / "Dockerfile").read_text().replace(
-        "FROM ${BASE_IMAGE} AS builder", "FROM ${BASE_IMAGE} AS builder\nRUN echo the-step-that-breaks && false", 1))
+        "${BASE_IMAGE} AS builder\n", "${BASE_IMAGE} AS builder\nRUN echo the-step-that-breaks && false\n", 1))
+    assert "the-step-that-breaks" in broken.read_text()
     monkeypatch.setattr(image_build, "DOCKERFILE", broken)  # a real build of a Dockerfile with a failing step
     with pytest.raises(PackagingError) as failure:
         package_module.package(_params(stack, repository="edgeloop/broken"), Workspace(tmp_path),
