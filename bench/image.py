@@ -39,6 +39,38 @@ from tasks.stack import services  # noqa: E402
 PLATFORM = "linux/amd64"
 
 
+def _measure(engine, registry, settings, device, bundle: Path, public: Path, platform: str, root: Path,
+             runs: int, starts: list[float]) -> float:
+    """Build ``bundle``'s image for ``platform`` as ``edgeloop package`` does; its size (MB). The host's image is
+    started ``runs`` times under the check device's profile (appended to ``starts``), another once under qemu."""
+    arch = platform.split("/")[1]
+    if arch != host_arch():
+        enable_emulation(arch)
+    context = root / f"context-{arch}"
+    context.mkdir()
+    build_context(bundle, [public], platform, CACHE_DIR, context)
+    base, runtime_base = resolve_base_image(engine, settings.base_image, arch, registry)
+    tag = f"{registry.address}/edgeloop/bench:image-{arch}"
+    docker_engine.build(engine.client, context, tag, platform, base, {"edgeloop.bench": "image"},
+                        runtime_base=runtime_base)
+    size = docker_engine.image_mb(engine.client, tag)
+    print(f"{arch}: {size:.1f} MB on {runtime_base} (built on {base})")
+    try:
+        if arch != host_arch():
+            with docker_engine.running(engine.client, tag, platform, 1.0, None, 240, emulated=True) as started:
+                print(f"{arch}: ready in {started.ready_s:.2f} s (emulated: qemu, not a device figure)")
+            return size
+        for run in range(runs):
+            with docker_engine.running(engine.client, tag, platform, device.runner.cpus, device.runner.memory_mb,
+                                       60) as container:
+                starts.append(container.ready_s)
+            print(f"run {run + 1}: ready in {container.ready_s:.2f} s "
+                  f"(--cpus {device.runner.cpus} --memory {device.runner.memory_mb}m, {settings.check_device})")
+        return size
+    finally:
+        engine.client.images.remove(tag, force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -64,32 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             private, public = generate_keypair(root / "keys", "bench")
             bundle = bundle_from_files(root / "bundle.tar.gz", "v1", "bench", "1", None, {"primary": model},
                                        x[1200:1216], load_private_key(private))
-            sizes, bases, starts = {}, {}, []
+            sizes, starts = {}, []
             for platform in args.platforms:
-                arch = platform.split("/")[1]
-                if arch != host_arch():
-                    enable_emulation(arch)
-                context = root / f"context-{arch}"
-                context.mkdir()
-                build_context(bundle, [public], platform, CACHE_DIR, context)
-                base, bases[arch] = resolve_base_image(engine, settings.base_image, arch, registry)
-                tag = f"{registry.address}/edgeloop/bench:image-{arch}"
-                docker_engine.build(engine.client, context, tag, platform, base, {"edgeloop.bench": "image"},
-                                    runtime_base=bases[arch])
-                sizes[arch] = docker_engine.image_mb(engine.client, tag)
-                print(f"{arch}: {sizes[arch]:.1f} MB on {bases[arch]} (built on {base})")
-                if arch != host_arch():
-                    with docker_engine.running(engine.client, tag, platform, 1.0, None, 240, emulated=True) as started:
-                        print(f"{arch}: ready in {started.ready_s:.2f} s (emulated: qemu, not a device figure)")
-                    engine.client.images.remove(tag, force=True)
-                    continue
-                for run in range(args.runs):
-                    with docker_engine.running(engine.client, tag, platform, device.runner.cpus,
-                                               device.runner.memory_mb, 60) as container:
-                        starts.append(container.ready_s)
-                    print(f"run {run + 1}: ready in {container.ready_s:.2f} s "
-                          f"(--cpus {device.runner.cpus} --memory {device.runner.memory_mb}m, {settings.check_device})")
-                engine.client.images.remove(tag, force=True)
+                sizes[platform.split("/")[1]] = _measure(engine, registry, settings, device, bundle, public, platform,
+                                                         root, args.runs, starts)
         finally:
             engine.close()
             services.stop("registry", root / "run")

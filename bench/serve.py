@@ -16,7 +16,7 @@ kept, the sampler's worst case. Both are converted to full int8. Host figures, n
 
 Last line: ``serve_added_p50_ms=<x> serve_rps_c8=<y> mlflow_p50_ratio=<edgeloop p50 / mlflow p50>
 serve_rss_mb=<z>`` (for the default int8 model). Targets: added p50 <= 1 ms at concurrency 1, p50 at
-most half of MLflow's, RSS <= 128 MB.
+most half of MLflow's, RSS <= 64 MB (a quarter of the 256 MB device).
 """
 
 from __future__ import annotations
