@@ -5,10 +5,12 @@ Builds each image exactly as ``edgeloop package`` does (build context, base imag
 Engine API), starting a dockerd and a registry the way the tests do when none is reachable and
 stopping them afterwards; then starts the amd64 one 5 times with the ``package.check_device`` profile's cpus
 and memory and takes the median time from ``docker run`` to the first 200 from ``/readyz`` (the arm64 image's
-start under qemu is printed, labelled emulated, never a figure to gate). The first run on a machine also
+start under qemu is printed, labelled emulated, never a figure to gate); then runs the amd64 one in that profile
+(1 CPU, 256 MB, no swap for industrial-256mb) under ``wrk`` load (concurrency 8, ``--load-seconds``) and reads
+the service's peak resident memory and whether anything was OOM-killed. The first run on a machine also
 builds the Debian base and runtime images and resolves the wheelhouses (cached afterwards; not part of the
-figures). Last line: ``image_mb_amd64=<x> image_mb_arm64=<y> cold_start_s=<z>``. Targets: at most 150 MB
-each and 5 s.
+figures). Last line: ``image_mb_amd64=<x> image_mb_arm64=<y> cold_start_s=<z> serve_peak_rss_mb_256m=<p>
+oom_killed=<0|1>``. Targets: at most 150 MB each, 5 s, no OOM kill.
 
     .venv/bin/python bench/image.py [--runs 5] [--platforms linux/amd64 linux/arm64]
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from serve import build_int8_model  # noqa: E402  (bench/serve.py, beside this script)
+from serve import build_int8_model, wrk  # noqa: E402  (bench/serve.py, beside this script)
 
 from tasks.config import load_params  # noqa: E402
 from tasks.devices import load_devices  # noqa: E402
@@ -40,9 +42,10 @@ PLATFORM = "linux/amd64"
 
 
 def _measure(engine, registry, settings, device, bundle: Path, public: Path, platform: str, root: Path,
-             runs: int, starts: list[float]) -> float:
+             runs: int, starts: list[float], load: dict) -> float:
     """Build ``bundle``'s image for ``platform`` as ``edgeloop package`` does; its size (MB). The host's image is
-    started ``runs`` times under the check device's profile (appended to ``starts``), another once under qemu."""
+    started ``runs`` times under the check device's profile (appended to ``starts``) and then loaded
+    (:func:`_under_load`); another architecture's starts once under qemu."""
     arch = platform.split("/")[1]
     if arch != host_arch():
         enable_emulation(arch)
@@ -66,15 +69,37 @@ def _measure(engine, registry, settings, device, bundle: Path, public: Path, pla
                 starts.append(container.ready_s)
             print(f"run {run + 1}: ready in {container.ready_s:.2f} s "
                   f"(--cpus {device.runner.cpus} --memory {device.runner.memory_mb}m, {settings.check_device})")
+        if load.get("seconds"):
+            load.update(_under_load(engine, tag, platform, device, load["sample"], load["seconds"], root))
+            print(f"{arch} under load for {load['seconds']:g} s in {settings.check_device}'s profile (--cpus "
+                  f"{device.runner.cpus} --memory {device.runner.memory_mb}m, no swap): {load['rps']:.0f} requests/s, "
+                  f"peak RSS {load['peak_rss_mb']:.1f} MB, OOM-killed: {load['oom_killed']}")
         return size
     finally:
         engine.client.images.remove(tag, force=True)
+
+
+def _under_load(engine, tag: str, platform: str, device, sample: list, seconds: float, scratch: Path) -> dict:
+    """The image in the device's profile (its cpus, its memory, no swap) under ``wrk`` at concurrency 8 for
+    ``seconds``: requests/s, the service's peak resident memory (VmHWM of the container's main process, read on
+    the host) and whether the kernel killed anything in the container for memory (OOMKilled)."""
+    import json
+
+    with docker_engine.running(engine.client, tag, platform, device.runner.cpus, device.runner.memory_mb,
+                               60) as container:
+        pid = engine.client.containers.get(container.container.id).attrs["State"]["Pid"]
+        load = wrk(f"{container.url}/v1/predict", json.dumps({"inputs": sample}), 8, seconds, scratch)
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak_mb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+        state = engine.client.containers.get(container.container.id).attrs["State"]
+    return {"rps": load["rps"], "peak_rss_mb": peak_mb, "oom_killed": bool(state["OOMKilled"])}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--platforms", nargs="+", default=["linux/amd64", "linux/arm64"])
+    parser.add_argument("--load-seconds", type=float, default=20.0, help="wrk load on the host's image in the profile")
     args = parser.parse_args(argv)
     from sklearn.datasets import load_digits
 
@@ -97,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             bundle = bundle_from_files(root / "bundle.tar.gz", "v1", "bench", "1", None, {"primary": model},
                                        x[1200:1216], load_private_key(private))
             sizes, starts = {}, []
+            load = {"seconds": args.load_seconds, "sample": x[1200:1201].tolist()}
             for platform in args.platforms:
                 sizes[platform.split("/")[1]] = _measure(engine, registry, settings, device, bundle, public, platform,
-                                                         root, args.runs, starts)
+                                                         root, args.runs, starts, load)
         finally:
             engine.close()
             services.stop("registry", root / "run")
@@ -112,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold start median of {len(starts)}: {cold_start} s (target <= {settings.max_start_s:g}); "
           f"size target <= {settings.max_image_mb:g} MB")
     figures = " ".join(f"image_mb_{arch}={mb:.1f}" for arch, mb in sizes.items())
-    print(f"{figures} cold_start_s={cold_start}")
+    under_load = (f" serve_peak_rss_mb_256m={load['peak_rss_mb']:.1f} oom_killed={int(load['oom_killed'])}"
+                  if "peak_rss_mb" in load else "")
+    print(f"{figures} cold_start_s={cold_start}{under_load}")
     return 0
 
 
