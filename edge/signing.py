@@ -74,14 +74,29 @@ def _libcrypto() -> ctypes.CDLL:
     return library
 
 
+def _cryptography_key(raw: bytes):
+    """``cryptography``'s key, for a Python whose ``_ssl`` does not expose its OpenSSL (statically linked builds,
+    such as python-build-standalone): the control plane has ``cryptography``; a device image never needs it."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    except ImportError:
+        raise OpenSslUnavailable("Python's ssl module does not expose OpenSSL's Ed25519 and cryptography is not "
+                                 "installed") from None
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 class PublicKey:
     """An Ed25519 public key (32 raw bytes) that verifies detached signatures."""
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != KEY_BYTES:
             raise ValueError(f"an Ed25519 public key has {KEY_BYTES} bytes, not {len(raw)}")
-        self.raw = bytes(raw)
-        library = _libcrypto()
+        self.raw, self._key, self._fallback = bytes(raw), None, None
+        try:
+            self._library = library = _libcrypto()  # kept: __del__ may run at interpreter shutdown
+        except OpenSslUnavailable:
+            self._library, self._fallback = None, _cryptography_key(self.raw)
+            return
         self._key = library.EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, None, self.raw, KEY_BYTES)
         library.ERR_clear_error()
         if not self._key:
@@ -107,7 +122,14 @@ class PublicKey:
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Return if ``signature`` is this key's over ``message``; :class:`InvalidSignature` otherwise."""
-        library = _libcrypto()
+        library = self._library
+        if library is None:
+            from cryptography.exceptions import InvalidSignature as Invalid
+
+            try:
+                return self._fallback.verify(signature, message)
+            except Invalid:
+                raise InvalidSignature("the Ed25519 signature does not verify") from None
         context = library.EVP_MD_CTX_new()
         if not context:
             raise MemoryError("OpenSSL could not allocate a digest context")
@@ -123,7 +145,7 @@ class PublicKey:
     def __del__(self) -> None:
         key, self._key = getattr(self, "_key", None), None
         if key:
-            _libcrypto().EVP_PKEY_free(key)
+            self._library.EVP_PKEY_free(key)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and other.raw == self.raw

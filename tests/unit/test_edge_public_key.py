@@ -82,3 +82,22 @@ def test_the_service_and_the_updater_never_import_cryptography_and_the_service_n
     code = "import sys, edge.serving.app; print(sorted({m.split('.')[0] for m in sys.modules} & {'httpx', 'requests'}))"
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+
+
+def test_a_python_whose_ssl_hides_openssl_verifies_with_cryptography_where_it_is_installed(monkeypatch):
+    """python-build-standalone links OpenSSL statically into ``_ssl``: the control plane then verifies with
+    ``cryptography`` (same verdicts); on a device without it, loading a key is a clear error."""
+    import edge.signing as signing
+
+    def hidden():
+        raise signing.OpenSslUnavailable("Python's ssl module does not expose OpenSSL's Ed25519 (test)")
+
+    monkeypatch.setattr(signing, "_libcrypto", hidden)
+    signer = Ed25519PrivateKey.generate()
+    device = PublicKey.from_pem(_pem(signer.public_key()))
+    signature = signer.sign(b"manifest")
+    assert _agree(signer, device, signature, b"manifest")
+    assert not _agree(signer, device, signature, b"manifest!")
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.asymmetric.ed25519", None)
+    with pytest.raises(signing.OpenSslUnavailable, match="cryptography is not installed"):
+        PublicKey(signer.public_key().public_bytes_raw())

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import importlib.util
 import io
-import shutil
 import subprocess
 import sysconfig
 import tarfile
@@ -18,6 +17,7 @@ import pytest
 from tasks.errors import ConfigError
 from tasks.packaging.base_images import runtime_kept
 from tasks.packaging.slim_wheels import slim_wheel, slim_wheelhouse
+from tests.conftest import require_system_tools
 
 # a real extension module of this interpreter, with its symbol table: what a wheel's shared objects look like
 EXTENSION = next(Path(sysconfig.get_config_var("DESTSHARED")).glob("_json.cpython-*.so"))
@@ -39,8 +39,8 @@ def _symbols(data: bytes, scratch: Path) -> str:
     return subprocess.run(["readelf", "-S", str(path)], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.skipif(shutil.which("strip") is None, reason="binutils (strip) is not installed")
 def test_a_slimmed_wheel_drops_what_the_device_never_loads_and_its_stripped_module_still_imports(tmp_path):
+    require_system_tools("strip", "readelf", packages="binutils-multiarch")
     module = EXTENSION.read_bytes()
     vendored = b"\x7fELF vendored by auditwheel, patched by patchelf: never stripped"
     wheel = _wheel(tmp_path, {"demo_pkg/__init__.py": b"", "demo_pkg/tests/test_demo.py": b"assert True",
@@ -71,8 +71,8 @@ def test_a_slimmed_wheel_drops_what_the_device_never_loads_and_its_stripped_modu
     assert loaded.scanstring('"edge"', 1) == ("edge", 6)
 
 
-@pytest.mark.skipif(shutil.which("strip") is None, reason="binutils (strip) is not installed")
 def test_a_shared_object_strip_cannot_read_is_named_and_the_wheel_is_left_as_it_was(tmp_path):
+    require_system_tools("strip", packages="binutils-multiarch")
     wheel = _wheel(tmp_path, {"demo_pkg/__init__.py": b"", "demo_pkg/_broken.so": b"not an ELF object"})
     original = wheel.read_bytes()
     with pytest.raises(ConfigError, match=r"demo_pkg/_broken.so.*binutils-multiarch"):
