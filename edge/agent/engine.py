@@ -2,14 +2,17 @@
 (a device cannot import the control plane's ``docker`` package, nor needs it).
 
 Images are pulled by digest only (``registry/repository@sha256:<64 hex>``): what the signed rollout manifest
-names is exactly what runs. Containers are started with the service port published on loopback at a port the
-engine picks (the agent's front forwards to it), the device's store and samples mounted, read-only root, and
-the device profile's memory and CPU limits.
+names is exactly what runs. Containers are started with the service port published on a free loopback port
+the agent picks and the engine keeps across restarts (the agent's front forwards to it; a port the engine
+picked could change when the container restarts), the device's store and samples mounted, read-only root, the
+device profile's memory and CPU limits (no swap), and restarted by the engine when they die (``unless-stopped``:
+a service killed for memory comes back without the agent, and after a reboot).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -24,6 +27,12 @@ LABEL = "io.edgeloop.agent"
 
 class EngineError(EdgeError):
     """The engine refused or failed an operation; the message says which and why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ class Engine:
     def run(self, spec: ContainerSpec) -> Running:
         """Create and start ``spec``'s container; its id and the loopback port of its service."""
         host_config: dict = {"Binds": spec.binds, "ReadonlyRootfs": True, "Tmpfs": {"/tmp": ""},
-                             "PortBindings": {SERVICE_PORT: [{"HostIp": "127.0.0.1", "HostPort": ""}]}}
+                             "PortBindings": {SERVICE_PORT: [{"HostIp": "127.0.0.1", "HostPort": str(_free_port())}]},
+                             "RestartPolicy": {"Name": "unless-stopped"}}
         if spec.memory_mb:
             host_config |= {"Memory": spec.memory_mb * 2**20, "MemorySwap": spec.memory_mb * 2**20}
         if spec.cpus:
@@ -125,11 +135,19 @@ class Engine:
         return [entry["Id"] for entry in found]
 
     def running(self, container: str) -> bool:
-        """Whether ``container`` exists and runs (False for one that exited or is gone)."""
+        """Whether ``container`` exists and runs (False for one that exited, is gone, or waits to be restarted)."""
         try:
-            return bool(self.inspect(container)["State"]["Running"])
+            state = self.inspect(container)["State"]
         except EngineError:
             return False
+        return bool(state["Running"]) and not state.get("Restarting")
+
+    def restarts(self, container: str) -> int:
+        """How many times the engine restarted ``container`` after it died (its restart policy); 0 when gone."""
+        try:
+            return int(self.inspect(container).get("RestartCount") or 0)
+        except EngineError:
+            return 0
 
     def logs(self, container: str, lines: int = 20) -> str:
         """The container's last ``lines`` of output (for a failure report)."""

@@ -569,3 +569,74 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
         if service.current is not None:
             service.engine.remove(service.current.id)
         service.engine.close()
+
+
+def test_a_service_killed_for_memory_comes_back_by_its_restart_policy_with_its_store_intact(images, shipped,
+                                                                                            bundle_kit, tmp_path):
+    """The updater's service container (its own wiring) under a memory limit lowered step by step until the
+    kernel kills the service once: the engine restarts it by the container's policy (no agent involved), and
+    once the limit is back the same container serves the same version from a store whose every file is as it
+    was (the store is only read while serving)."""
+    import docker
+    from edge.files import sha256_file
+    from edge.signing import load_public_keys
+    from edge.store.model_store import ModelStore
+    from edge.updater.daemon import load_config, service_container
+    from tasks.registry.bundle import bundle_from_files, load_private_key
+    from tasks.stack.services import free_port
+    from tests.stack_helpers import wait_for
+
+    report, _ = shipped
+    base = report.images[0].pinned
+    keys = load_public_keys([images.public_keys])
+    store = ModelStore(tmp_path / "store", keys)
+    store.install(bundle_from_files(tmp_path / "v1000.tar.gz", "v1000", MODEL_NAME, "1000", None,
+                                    {"primary": bundle_kit.model_files["tflite_int8"]}, bundle_kit.sample,
+                                    load_private_key(images.signing_key)))
+    config = load_config(["--broker", "unused:1883", "--device", f"oom-test-{free_port()}", "--group", "images",
+                          "--store", str(store.root), "--public-keys", str(images.public_keys), "--password-file",
+                          "/unused", "--engine", os.environ["DOCKER_HOST"], "--service-image", base,
+                          "--service-listen", f"127.0.0.1:{free_port()}", "--container-memory-mb", "256"], environ={})
+    service = service_container(config, store)
+    files = sorted(path for path in (store.root / "versions").rglob("*") if path.is_file())
+    before = {path: sha256_file(path) for path in [*files, store.state_file]}
+    front = f"http://127.0.0.1:{service.proxy.port}"
+
+    def serves() -> str | None:
+        try:
+            answer = httpx.post(f"{front}/v1/predict", json={"inputs": bundle_kit.sample[:2].tolist()}, timeout=5)
+            return answer.json()["version"] if answer.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    client = docker.from_env()
+    service.proxy.start()
+    running = None
+    try:
+        running = service.start(base)
+        container = client.containers.get(running.id)
+        assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+        assert wait_for(serves, 60, "the service") == "v1000"
+        killed_at = None
+        for limit_mb in (128, 96, 64, 48, 32):  # lowered until the service is killed once (its RSS is ~75 MB)
+            container.stop(timeout=10)  # a running container's limit cannot go below its usage on cgroup v1
+            container.update(mem_limit=f"{limit_mb}m", memswap_limit=f"{limit_mb}m")
+            container.start()
+            outcome = wait_for(lambda: "killed" if client.containers.get(running.id).attrs["RestartCount"] else
+                               ("serving" if serves() else None), 90, f"the service under {limit_mb} MB")
+            if outcome == "killed":
+                killed_at = limit_mb
+                break
+        assert killed_at is not None, "the service was never killed for memory down to 32 MB"
+        print(f"the service was killed for memory under {killed_at} MB and restarted by its policy")
+        container.update(mem_limit="256m", memswap_limit="256m")  # the policy's next restart comes up
+        assert wait_for(serves, 180, "the service restarted by its policy") == "v1000"
+        container.reload()
+        assert container.id == running.id and container.attrs["RestartCount"] >= 1
+        assert container.attrs["State"]["Running"] and container.attrs["HostConfig"]["Memory"] == 256 * 2**20
+        assert {path: sha256_file(path) for path in before} == before and store.state().active == "v1000"
+        assert ModelStore(store.root, keys).load("v1000").manifest.version == "v1000"  # verifies signature + files
+    finally:
+        if running is not None:
+            service.engine.remove(running.id)
+        service.proxy.stop()
