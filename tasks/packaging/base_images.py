@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def recipe_current(engine: Engine, tag: str, label: str, value: str) -> bool:
 
 
 def host_arch() -> str:
-    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
+    """The host's architecture as images name it (amd64, arm64): no dpkg needed, so any Linux host packages."""
+    machine = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
 def enable_emulation(arch: str) -> None:
