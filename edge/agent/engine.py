@@ -134,20 +134,19 @@ class Engine:
                            params={"all": "1", "filters": json.dumps({"name": [f"^/{pattern}$"]})}).json()
         return [entry["Id"] for entry in found]
 
+    def status(self, container: str) -> tuple[bool, int]:
+        """(whether ``container`` runs now, how many times the engine restarted it after it died), from one
+        inspection; (False, 0) for one that is gone. One that waits to be restarted does not run."""
+        try:
+            info = self.inspect(container)
+        except EngineError:
+            return False, 0
+        state = info["State"]
+        return bool(state["Running"]) and not state.get("Restarting"), int(info.get("RestartCount") or 0)
+
     def running(self, container: str) -> bool:
         """Whether ``container`` exists and runs (False for one that exited, is gone, or waits to be restarted)."""
-        try:
-            state = self.inspect(container)["State"]
-        except EngineError:
-            return False
-        return bool(state["Running"]) and not state.get("Restarting")
-
-    def restarts(self, container: str) -> int:
-        """How many times the engine restarted ``container`` after it died (its restart policy); 0 when gone."""
-        try:
-            return int(self.inspect(container).get("RestartCount") or 0)
-        except EngineError:
-            return 0
+        return self.status(container)[0]
 
     def logs(self, container: str, lines: int = 20) -> str:
         """The container's last ``lines`` of output (for a failure report)."""

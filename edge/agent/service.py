@@ -118,7 +118,8 @@ class ServiceContainer:
         deadline = time.monotonic() + self.ready_timeout_s
         url = f"http://127.0.0.1:{running.port}/readyz"
         while True:
-            if not self.engine.running(running.id) or self.engine.restarts(running.id):  # died (maybe restarted)
+            runs, restarts = self.engine.status(running.id)
+            if not runs or restarts:  # it died before it was ready (and may have been restarted since)
                 raise RolloutFailed("image_start", f"{running.image} exited before it was ready; its log ends:\n"
                                                    f"{self.engine.logs(running.id)}")
             try:

@@ -40,6 +40,8 @@ PRUNED = {
 }
 RECIPE = repr((COMMON, sorted(PRUNED.items()), "strip --strip-unneeded"))
 STRIP = "strip"
+MISSING_STRIP = ("strip is missing: apt-get install binutils-multiarch (it strips the edge images' shared objects "
+                 "for every architecture)")
 
 
 def distribution(wheel: Path) -> str:
@@ -69,8 +71,7 @@ def _stripped(data: bytes, name: str, scratch: Path) -> bytes:
     try:
         completed = subprocess.run([STRIP, "--strip-unneeded", str(path)], capture_output=True, text=True)
     except FileNotFoundError:
-        raise ConfigError("strip is missing: apt-get install binutils-multiarch (it strips the edge images' "
-                          "shared objects for every architecture)") from None
+        raise ConfigError(MISSING_STRIP) from None
     if completed.returncode != 0:
         raise ConfigError(f"strip could not read {name} ({completed.stderr.strip()[-300:]}); a strip for "
                           "another architecture needs Debian's binutils-multiarch: apt-get install binutils-multiarch")
@@ -113,8 +114,7 @@ def slim_wheel(wheel: Path, scratch: Path) -> tuple[int, int]:
 def slim_wheelhouse(folder: Path) -> tuple[int, int]:
     """Slim every wheel in ``folder`` but pip's own; total (before, after) bytes of their content."""
     if shutil.which(STRIP) is None:
-        raise ConfigError("strip is missing: apt-get install binutils-multiarch (it strips the edge images' "
-                          "shared objects for every architecture)")
+        raise ConfigError(MISSING_STRIP)
     totals = [0, 0]
     with tempfile.TemporaryDirectory(prefix="edgeloop-strip-") as scratch:
         for wheel in sorted(folder.glob("*.whl")):
