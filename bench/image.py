@@ -36,6 +36,7 @@ from tasks.packaging.base_images import enable_emulation, host_arch  # noqa: E40
 from tasks.packaging.docker_client import CACHE_DIR  # noqa: E402
 from tasks.packaging.image_build import REPO_ROOT, build_context, resolve_base_image  # noqa: E402
 from tasks.packaging.oci_registry import Registry  # noqa: E402
+from tasks.packaging.platforms import image_platform  # noqa: E402
 from tasks.stack import services  # noqa: E402
 
 PLATFORM = "linux/amd64"
@@ -46,7 +47,7 @@ def _measure(engine, registry, settings, device, bundle: Path, public: Path, pla
     """Build ``bundle``'s image for ``platform`` as ``edgeloop package`` does; its size (MB). The host's image is
     started ``runs`` times under the check device's profile (appended to ``starts``) and then loaded
     (:func:`_under_load`); another architecture's starts once under qemu."""
-    arch = platform.split("/")[1]
+    arch = image_platform(platform).arch
     if arch != host_arch():
         enable_emulation(arch)
     context = root / f"context-{arch}"
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             sizes, starts = {}, []
             load = {"seconds": args.load_seconds, "sample": x[1200:1201].tolist()}
             for platform in args.platforms:
-                sizes[platform.split("/")[1]] = _measure(engine, registry, settings, device, bundle, public, platform,
-                                                         root, args.runs, starts, load)
+                sizes[image_platform(platform).arch] = _measure(engine, registry, settings, device, bundle, public,
+                                                                platform, root, args.runs, starts, load)
         finally:
             engine.close()
             services.stop("registry", root / "run")

@@ -14,17 +14,10 @@ from typing import Protocol
 import numpy as np
 
 from edge.errors import InferenceError, ModelLoadError
+from edge.runtime_modules import RUNTIME_BY_SUFFIX, installed_runtimes, runtime_module
 from edge.sidecar import sidecar_path, verify_model_file
 
-RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx"}
-RUNTIME_MODULES = {"tflite": "ai_edge_litert", "onnx": "onnxruntime"}  # what each runtime imports
-
-
-def installed_runtimes() -> tuple[str, ...]:
-    """The runtimes this Python can serve (their packages are installed), without importing them."""
-    from importlib.util import find_spec
-
-    return tuple(runtime for runtime, module in RUNTIME_MODULES.items() if find_spec(module) is not None)
+__all__ = ["RUNTIME_BY_SUFFIX", "EdgeModel", "installed_runtimes"]
 
 
 @dataclass(frozen=True)
@@ -73,8 +66,10 @@ def dequantize(values: np.ndarray, info: TensorInfo) -> np.ndarray:
 
 class _LiteRTBackend:
     def __init__(self, path: Path, num_threads: int | None, options: RuntimeOptions) -> None:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        from importlib import import_module
 
+        litert = import_module(runtime_module("tflite") or "ai_edge_litert.interpreter")  # armv7: tflite_runtime
+        Interpreter, OpResolverType = litert.Interpreter, litert.OpResolverType  # noqa: N806 (classes)
         resolver = OpResolverType.AUTO if options.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self._interpreter = Interpreter(model_path=str(path), num_threads=num_threads,
                                         experimental_op_resolver_type=resolver)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.runtime import EdgeModel
+from edge.runtime_modules import module_for
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ def memory_footprint(path: Path) -> dict[str, int]:
     ``model_rss_bytes`` is what loading and running the model added once its runtime was imported;
     ``peak_rss_bytes`` is the whole process's peak (runtime included), what a device must have free.
     """
-    runtime_module = "ai_edge_litert.interpreter" if path.suffix == ".tflite" else "onnxruntime"
-    __import__(runtime_module)
+    __import__(module_for(path.suffix) or "ai_edge_litert.interpreter")
     before = current_rss_bytes()
     model = EdgeModel.load(path, num_threads=1)
     shape = [1 if d == -1 else d for d in model.input.shape]

@@ -15,9 +15,8 @@ from typing import Any
 
 from edge.bench.job import BenchConfig, BenchError, BenchJob
 from edge.bench.probes import EnergyMeter
+from edge.runtime_modules import RUNTIME_BY_SUFFIX, module_for
 from edge.serving.thermal import read_celsius
-
-RUNTIME_MODULES = {".tflite": "ai_edge_litert.interpreter", ".onnx": "onnxruntime"}
 
 
 def _timed(call, argument, runs: int) -> list[float]:
@@ -105,9 +104,12 @@ def _runtime_module(model_path: str) -> str:
         raise BenchError("numpy is not installed for this Python on the device: install the edge runtime "
                          "(pip install numpy ai-edge-litert or onnxruntime) or point runner.python at one") from None
     suffix = Path(model_path).suffix
-    runtime_module = RUNTIME_MODULES.get(suffix)
-    if runtime_module is None:
+    if suffix not in RUNTIME_BY_SUFFIX:
         raise BenchError(f"{model_path}: unknown model format {suffix!r}; expected .tflite or .onnx")
+    runtime_module = module_for(suffix)
+    if runtime_module is None:
+        raise BenchError(f"the {RUNTIME_BY_SUFFIX[suffix]} runtime is not installed on this device (pip install "
+                         "ai-edge-litert, tflite-runtime on armv7, or onnxruntime)")
     if not Path(model_path).is_file():
         raise BenchError(f"{model_path}: model file not found")
     return runtime_module

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import platform as host_platform
 import shlex
 import subprocess
 import sys
@@ -36,12 +35,12 @@ from tasks.benchmark.confine import confined
 from tasks.benchmark.staging import JOB_FILE, RESULT_FILE
 from tasks.config import BenchmarkParams, PackageParams
 from tasks.devices import DeviceSpec
+from tasks.packaging.platforms import BY_ARCH, host_arch, image_platform
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EDGE_PACKAGE = REPO_ROOT / "edge"
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(host_platform.machine(),
-                                                                        host_platform.machine())
+HOST_ARCH = host_arch()
 CONTAINER_DIR = "/tmp/edgeloop-bench"
 
 
@@ -139,7 +138,7 @@ def newest_image(registry_address: str, repository: str, platform: str, runtime:
 
     registry = Registry(registry_address)
     newest: tuple[bool, str, str] | None = None
-    arch = platform.split("/")[1]
+    arch = image_platform(platform).arch
     for tag in registry.tags(repository):
         if not tag.endswith(f"-{arch}"):  # image tags end with the architecture: skip the others' labels
             continue
@@ -175,9 +174,9 @@ class DockerRunner:
     def run(self, device: DeviceSpec, inputs: Path, timeout_s: float) -> dict[str, Any]:
         import docker
         from tasks.packaging import docker_client as docker_engine
-        platform = device.runner.platform or f"linux/{HOST_ARCH}"
+        platform = device.runner.platform or BY_ARCH[HOST_ARCH].docker
         image = self.image_for(platform, device.preferred_runtime)
-        emulated = platform.split("/")[1] != HOST_ARCH
+        emulated = image_platform(platform).arch != HOST_ARCH
         try:
             engine = docker_engine.connect(timeout_s=120)
         except Exception as error:
@@ -185,7 +184,7 @@ class DockerRunner:
         environment = {"EDGELOOP_EMULATED": "1" if emulated else "0"}
         try:
             with docker_engine.device_options(container_cpus(device.name, device.runner.cpus),
-                                              device.runner.memory_mb, emulated, environment) as options:
+                                              device.runner.memory_mb, emulated, environment, platform) as options:
                 return self._run_container(engine.client, image, platform, inputs, timeout_s, options, emulated)
         except docker.errors.ImageNotFound as error:
             raise RunnerError(f"image {image} not found ({error.explanation})", transient=False) from error

@@ -27,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,12 +38,12 @@ from pathlib import Path
 
 from tasks.errors import ConfigError, ServiceUnavailable
 from tasks.packaging.docker_client import CACHE_DIR, Engine, cache_lock
+from tasks.packaging.platforms import BY_ARCH, PlatformUnavailable, by_arch, host_arch
 
 MIRROR = os.environ.get("EDGELOOP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"
 REPOSITORY = "edgeloop/python-base"
-PLATFORMS = {"amd64": "linux/amd64", "arm64": "linux/arm64"}
-QEMU = {"arm64": "qemu-aarch64-static"}
+PLATFORMS = {arch: platform.docker for arch, platform in BY_ARCH.items()}
 TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "var/cache/apt/archives",
         "var/lib/apt/lists")
 
@@ -60,9 +60,12 @@ RUNTIME_REPOSITORY = "edgeloop/python-runtime"
 RUNTIME_LIBRARIES = ("ld-linux*", "libc.so*", "libm.so*", "libmvec.so*", "libpthread.so*", "libdl.so*", "librt.so*",
                      "libutil.so*", "libresolv.so*", "libnss_files.so*", "libnss_dns.so*", "libz.so*", "libexpat.so*",
                      "libffi.so*", "libssl.so*", "libcrypto.so*", "libbz2.so*", "liblzma.so*", "libuuid.so*",
-                     "libstdc++.so*", "libgcc_s.so*")
+                     "libstdc++.so*", "libgcc_s.so*",
+                     # Debian's numpy (armv7: no wheel), its BLAS and LAPACK (reached through their alternatives)
+                     "libblas.so*", "liblapack.so*", "libgfortran.so*")
 # regular files the runtime root keeps (fnmatch over the whole path; directories and symbolic links all stay)
 RUNTIME_FILES = ("usr/bin/python3.11", "usr/lib/python3.11/*", *(f"usr/lib/*/{name}" for name in RUNTIME_LIBRARIES),
+                 "usr/lib/python3/dist-packages/numpy/*",
                  "usr/lib64/ld-linux*", "etc/ld.so.*", "etc/ld.so.conf.d/*", "etc/nsswitch.conf", "etc/host.conf",
                  "etc/ssl/openssl.cnf", "etc/os-release", "usr/lib/os-release", "etc/passwd", "etc/group")
 # ... but not the standard library's parts whose shared objects are not kept, or that only build and test
@@ -71,7 +74,9 @@ RUNTIME_PYTHON_EXCLUDED = tuple(f"usr/lib/python3.11/{name}" for name in (
     "curses/*", "dbm/*", "distutils/*", "venv/*", "unittest/*", "lib-dynload/_sqlite3.*", "lib-dynload/_curses*",
     "lib-dynload/_dbm.*", "lib-dynload/_gdbm.*", "lib-dynload/readline.*", "lib-dynload/nis.*", "lib-dynload/_crypt.*",
     "lib-dynload/_ctypes_test.*", "lib-dynload/_test*", "lib-dynload/xxlimited*", "lib-dynload/_xxtestfuzz*",
-    "__pycache__/*.opt-*", "*/__pycache__/*.opt-*"))
+    "__pycache__/*.opt-*", "*/__pycache__/*.opt-*")) + tuple(
+    f"usr/lib/python3/dist-packages/numpy/{name}" for name in (
+        "*/tests/*", "f2py/*", "distutils/*", "core/include/*", "random/lib/*", "*.pyi", "*/__pycache__/*.opt-*"))
 RUNTIME_RECIPE = hashlib.sha256(repr((SUITE, TRIM, RUNTIME_FILES, RUNTIME_PYTHON_EXCLUDED)).encode()).hexdigest()[:16]
 
 
@@ -103,21 +108,15 @@ def recipe_current(engine: Engine, tag: str, label: str, value: str) -> bool:
         return False
 
 
-def host_arch() -> str:
-    """The host's architecture as images name it (amd64, arm64): no dpkg needed, so any Linux host packages."""
-    machine = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
-
-
 def enable_emulation(arch: str) -> None:
     """qemu user emulation for ``arch`` binaries (to run its images)."""
-    emulator = shutil.which(QEMU[arch])
-    if emulator is None:
-        raise ServiceUnavailable(f"{QEMU[arch]} is missing: apt-get install qemu-user-static binfmt-support")
+    qemu = by_arch(arch).qemu or f"qemu for {arch}"
+    if shutil.which(qemu) is None:
+        raise ServiceUnavailable(f"{qemu} is missing: apt-get install qemu-user-static binfmt-support")
     binfmt = Path("/proc/sys/fs/binfmt_misc")
     if not (binfmt / "status").exists():
         _run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], "mounting binfmt_misc")
-    name = QEMU[arch].removesuffix("-static").removeprefix("qemu-")
+    name = qemu.removesuffix("-static").removeprefix("qemu-")
     if not (binfmt / f"qemu-{name}").exists():
         _run(["update-binfmts", "--enable", f"qemu-{name}"], f"enabling qemu-{name} in binfmt_misc")
 
@@ -139,17 +138,33 @@ def _bootstrap(arch: str, tarball: Path, packages: tuple[str, ...] = ("python3",
     tarball.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"edgeloop-rootfs-{arch}-", dir=tarball.parent) as scratch:
         root = Path(scratch) / "root"
-        common = ["--variant=minbase", f"--include={','.join(packages)}", f"--arch={arch}"]
+        debian = BY_ARCH[arch].debian_arch if arch in BY_ARCH else arch
+        common = ["--variant=minbase", f"--include={','.join(packages)}", f"--arch={debian}"]
         if arch == host_arch():
-            _run(["debootstrap", *common, SUITE, str(root), MIRROR], f"debootstrap {arch}")
+            _debootstrap([*common, SUITE, str(root), MIRROR], arch, debian)
         else:  # unpacked on the host, nothing run: the root of a runtime image (see _unpack_foreign)
-            _run(["debootstrap", "--foreign", *common, SUITE, str(root), MIRROR], f"debootstrap {arch} (download)")
+            _debootstrap(["--foreign", *common, SUITE, str(root), MIRROR], arch, debian)
             _unpack_foreign(root, arch)
         for folder in TRIM:
             shutil.rmtree(root / folder, ignore_errors=True)
         partial = tarball.with_suffix(".partial")
         _run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."], f"packing the {arch} root")
         partial.rename(tarball)  # the cache never holds half a root file system
+
+
+def _debootstrap(arguments: list[str], arch: str, debian: str) -> None:
+    """debootstrap with ``arguments``; a package the archive lacks for ``arch`` is named
+    (:class:`PlatformUnavailable`)."""
+    completed = subprocess.run(["debootstrap", *arguments], capture_output=True, text=True)
+    if completed.returncode == 0:
+        return
+    missing = re.search(r"Couldn't find these debs: (.+)", completed.stdout + completed.stderr)
+    if missing:
+        platform = BY_ARCH[arch].docker if arch in BY_ARCH else arch
+        raise PlatformUnavailable(platform, missing.group(1).strip(), f"Debian {SUITE} has no such package for "
+                                  f"{debian} at {MIRROR}")
+    raise ServiceUnavailable(f"debootstrap {arch} failed (exit {completed.returncode}; is {MIRROR} reachable?):\n"
+                             f"{(completed.stdout + completed.stderr)[-2000:]}")
 
 
 def _unpack_foreign(root: Path, arch: str) -> None:
@@ -166,10 +181,24 @@ def _unpack_foreign(root: Path, arch: str) -> None:
         if unpack.wait() != 0 or extracted.returncode != 0:
             raise ServiceUnavailable(f"unpacking {deb.name} for {arch} failed: {extracted.stderr[-500:]}")
     shutil.rmtree(root / "debootstrap", ignore_errors=True)
-    stdlib = root / "usr" / "lib" / "python3.11"
+    _link_alternatives(root)
+    python = [path for path in (root / "usr/lib/python3.11", root / "usr/lib/python3/dist-packages") if path.is_dir()]
     if sys.version_info[:2] == (3, 11):
-        _run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(root), "-p", "/", str(stdlib)],
+        _run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(root), "-p", "/", *map(str, python)],
              f"byte-compiling the {arch} standard library")
+
+
+# update-alternatives links the maintainer scripts of an unpacked-only root never made: BLAS and LAPACK
+ALTERNATIVES = ("blas/libblas.so.3", "lapack/liblapack.so.3")
+
+
+def _link_alternatives(root: Path) -> None:
+    """``usr/lib/<triplet>/libblas.so.3 -> blas/libblas.so.3`` (and LAPACK's), as their postinst would."""
+    for library_dir in (root / "usr" / "lib").glob("*-linux-*"):
+        for target in ALTERNATIVES:
+            link = library_dir / Path(target).name
+            if (library_dir / target).is_file() and not link.exists():
+                link.symlink_to(target)
 
 
 def _excluded(name: str, patterns: tuple[str, ...] = EXCLUDED) -> bool:
@@ -219,7 +248,8 @@ def ensure_base_image(arch: str, engine: Engine, cache_dir: Path = CACHE_DIR, ru
 
 
 def _import(arch: str, engine: Engine, cache_dir: Path, runtime: bool = False) -> None:
-    tarball = bootstrap_rootfs(arch, cache_dir)
+    packages = by_arch(arch).debian_packages
+    tarball = bootstrap_rootfs(arch, cache_dir, packages, "-".join(packages))
     with tempfile.TemporaryDirectory(prefix="edgeloop-import-", dir=tarball.parent) as scratch:
         slim = Path(scratch) / "root.tar"
         filtered(tarball, slim, keep=runtime_kept if runtime else None)

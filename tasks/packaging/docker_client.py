@@ -24,6 +24,7 @@ import numpy as np
 import requests
 
 from tasks.errors import PackagingError, ServiceUnavailable
+from tasks.packaging.platforms import image_platform
 
 CACHE_DIR = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop"))
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
@@ -238,27 +239,25 @@ class RunningContainer:
         return response.json()
 
 
-EMULATED_CPU = "cortex-a72"  # the Raspberry Pi 4's core
-
-
-def emulated_cpuinfo(cores: int) -> str:
-    """An arm64 ``/proc/cpuinfo`` (Cortex-A72) for containers under qemu user emulation.
+def emulated_cpuinfo(cores: int, platform: str = "linux/arm64") -> str:
+    """``platform``'s ``/proc/cpuinfo`` (its emulated core, :mod:`tasks.packaging.platforms`) for containers under
+    qemu user emulation.
 
     qemu-user shows the host's x86 ``/proc/cpuinfo``, on which the CPU detection of LiteRT and ONNX
     Runtime crashes; and qemu's default CPU model offers extensions (dot product, SVE, ...) whose
     emulation gave XNNPACK's int8 kernels wrong results. Emulated containers therefore run with
-    ``QEMU_CPU=cortex-a72`` and see this matching description.
+    ``QEMU_CPU`` set to a real core of the device class (Cortex-A72 for arm64, Cortex-A7 for armv7) and see
+    this matching description.
     """
-    core = ("BogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
-            "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n")
+    core = image_platform(platform).cpuinfo_core
     return "".join(f"processor\t: {index}\n{core}" for index in range(max(cores, 1)))
 
 
 @contextmanager
 def device_options(cpus: float | None, memory_mb: int | None, emulated: bool,
-                   environment: dict[str, str] | None = None) -> Iterator[dict]:
+                   environment: dict[str, str] | None = None, platform: str = "linux/arm64") -> Iterator[dict]:
     """``containers.run``/``create`` options for a device profile: its CPUs and memory (no swap, no core dumps),
-    and under emulation the Cortex-A72 CPU and ``/proc/cpuinfo`` of :func:`emulated_cpuinfo` (the file lives
+    and under emulation ``platform``'s CPU and ``/proc/cpuinfo`` (:func:`emulated_cpuinfo`; the file lives
     until the context ends)."""
     import docker
 
@@ -271,9 +270,9 @@ def device_options(cpus: float | None, memory_mb: int | None, emulated: bool,
     with tempfile.TemporaryDirectory(prefix="edgeloop-cpuinfo-") as scratch:
         if emulated:
             cpuinfo = Path(scratch) / "cpuinfo"
-            cpuinfo.write_text(emulated_cpuinfo(int(cpus or 1)))
+            cpuinfo.write_text(emulated_cpuinfo(int(cpus or 1), platform))
             options["volumes"] = {str(cpuinfo): {"bind": "/proc/cpuinfo", "mode": "ro"}}
-            options["environment"] = {"QEMU_CPU": EMULATED_CPU, **options["environment"]}
+            options["environment"] = {"QEMU_CPU": image_platform(platform).emulated_cpu, **options["environment"]}
         yield options
 
 
@@ -281,7 +280,7 @@ def device_options(cpus: float | None, memory_mb: int | None, emulated: bool,
 def running(client, image: str, platform: str, cpus: float | None, memory_mb: int | None, timeout_s: float,
             environment: dict[str, str] | None = None, emulated: bool = False) -> Iterator[RunningContainer]:
     """Start ``image`` with the given limits on a loopback port; wait until /readyz answers 200; remove it after."""
-    with device_options(cpus, memory_mb, emulated, environment) as options:
+    with device_options(cpus, memory_mb, emulated, environment, platform) as options:
         with _started(client, image, platform, timeout_s, options) as container:
             yield container
 

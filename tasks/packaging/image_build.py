@@ -4,9 +4,12 @@ Build context::
 
     wheelhouse/   the edge stack's wheels for the target platform, resolved on the host with
                   ``pip download --only-binary=:all: --platform ...`` against requirements.lock,
-                  plus ``pip.whl``, ``requirements.txt`` and ``pip-platforms`` (the target's ``--platform``
-                  flags: the builder runs on the host's platform); the build needs no network; slimmed
-                  (:mod:`tasks.packaging.slim_wheels`)
+                  plus ``pip.whl``, ``requirements.txt`` (every wheel, pinned: the image installs exactly these,
+                  ``--no-deps``) and ``pip-platforms`` (the target's ``--platform`` flags: the builder runs on
+                  the host's platform); the build needs no network; slimmed (:mod:`tasks.packaging.slim_wheels`).
+                  Where Debian brings what has no wheel (numpy on armv7, :mod:`tasks.packaging.platforms`), the
+                  runtime's wheel comes without its dependencies and ``debian-dist-packages.pth`` puts
+                  Debian's ``dist-packages`` on the image's path
     edge/         the device package, as it is in the repository
     keys/         the trusted public keys (never a private key)
     store/        a model store with the signed bundle installed and verified on the host
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -36,9 +40,10 @@ from edge.store.manifest import Manifest
 from edge.store.model_store import ModelStore
 from tasks.errors import ConfigError
 from tasks.packaging import docker_client as docker_engine
-from tasks.packaging.base_images import RECIPE_LABEL, ensure_base_image, host_arch
+from tasks.packaging.base_images import RECIPE_LABEL, ensure_base_image
 from tasks.packaging.docker_client import Engine, cache_lock
 from tasks.packaging.oci_registry import Registry
+from tasks.packaging.platforms import RUNTIME_REQUIREMENTS, PlatformUnavailable, by_arch, host_arch, image_platform
 from tasks.packaging.slim_wheels import RECIPE as SLIM_RECIPE
 from tasks.packaging.slim_wheels import slim_wheelhouse
 
@@ -54,52 +59,72 @@ DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 # (no cryptography: a device verifies signatures with the OpenSSL Python's ssl module loads, edge/signing.py)
 EDGE_REQUIREMENTS = ("numpy", "pydantic", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client",
                      "orjson", "httpx", "paho-mqtt")  # httpx, paho-mqtt: the updater (python -m edge.updater)
-RUNTIME_REQUIREMENTS = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
-PIP_PLATFORMS = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
-MANYLINUX = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014")
+DEBIAN_PATH_FILE = "debian-dist-packages.pth"
 
 
 def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
-    """A folder of wheels for an edge image with ``runtimes`` on ``platform`` (cached; resolved offline-ready)."""
-    if platform not in PIP_PLATFORMS:
-        raise ConfigError(f"platform {platform!r} is not supported; use one of {sorted(PIP_PLATFORMS)}")
+    """A folder of wheels for an edge image with ``runtimes`` on ``platform`` (cached; resolved offline-ready);
+    :class:`PlatformUnavailable` naming the package a platform lacks."""
+    target_platform = image_platform(platform)
     unknown = sorted(set(runtimes) - set(RUNTIME_REQUIREMENTS))
     if unknown:
         raise ConfigError(f"runtime {unknown} is not supported; use one of {sorted(RUNTIME_REQUIREMENTS)}")
-    requirements = [*EDGE_REQUIREMENTS, *(RUNTIME_REQUIREMENTS[runtime] for runtime in sorted(runtimes))]
+    edge = [name for name in EDGE_REQUIREMENTS if name not in target_platform.no_wheel]
+    runtime_wheels = [target_platform.runtime_requirement(runtime) for runtime in sorted(runtimes)]
+    requirements = [*edge, *runtime_wheels]
     recipe = hashlib.sha256(LOCK_FILE.read_bytes() + repr((requirements, SLIM_RECIPE)).encode()).hexdigest()[:12]
     target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{recipe}"
     with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
         if not (target / "requirements.txt").is_file():
-            download_wheels(platform, requirements, target, f"the {'+'.join(runtimes)} wheels for {platform}")
+            # a runtime whose dependencies Debian brings (armv7's numpy) comes without them
+            download_wheels(platform, edge if target_platform.no_wheel else requirements, target,
+                            f"the {'+'.join(runtimes)} wheels for {platform}",
+                            runtime_wheels if target_platform.no_wheel else [])
     return target
 
 
-def download_wheels(platform: str, requirements: list[str], target: Path, what: str) -> None:
-    """Wheels of ``requirements`` (pinned by requirements.lock) and pip's own for ``platform`` into the new folder
-    ``target``, with the ``requirements.txt`` an image build installs from; complete or absent."""
-    machine = PIP_PLATFORMS[platform]
-    platforms = [flag for tag in MANYLINUX for flag in ("--platform", f"{tag}_{machine}")]
+def download_wheels(platform: str, requirements: list[str], target: Path, what: str,
+                    without_dependencies: list[str] | None = None) -> None:
+    """Wheels of ``requirements`` (pinned by requirements.lock), of ``without_dependencies`` alone and pip's own for
+    ``platform`` into the new folder ``target``, with the ``requirements.txt`` an image build installs from (every
+    wheel, pinned); complete or absent. A missing wheel raises :class:`PlatformUnavailable` naming it."""
+    target_platform = image_platform(platform)
+    platforms = [flag for tag in target_platform.manylinux
+                 for flag in ("--platform", f"{tag}_{target_platform.pip_machine}")]
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     try:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
-                   "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
-                   "--abi", "none", "--dest", str(scratch), "--constraint", str(LOCK_FILE), *requirements, "pip"]
-        completed = subprocess.run(command, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise ConfigError(f"could not resolve {what} (is the package index reachable?):\n"
-                              f"{completed.stderr[-1500:]}")
+        common = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
+                  "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+                  "--abi", "none", "--dest", str(scratch), "--constraint", str(LOCK_FILE)]
+        _pip_download([*common, *requirements, "pip"], platform, what)
+        if without_dependencies:
+            _pip_download([*common, "--no-deps", *without_dependencies], platform, what)
         next(scratch.glob("pip-*.whl")).rename(scratch / "pip.whl")  # the Dockerfile runs pip from its wheel
         before, after = slim_wheelhouse(scratch)
         log.info("%s: %.1f MB of wheel content slimmed to %.1f MB", what, before / 2**20, after / 2**20)
-        (scratch / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        pinned = sorted("==".join(wheel.name.split("-")[:2]) for wheel in scratch.glob("*-*.whl"))
+        (scratch / "requirements.txt").write_text("\n".join(pinned) + "\n")
         # the builder stage runs on the host's platform and installs these wheels for the target's
         (scratch / "pip-platforms").write_text(" ".join(platforms) + "\n")
+        if target_platform.debian_python:
+            (scratch / DEBIAN_PATH_FILE).write_text("/usr/lib/python3/dist-packages\n")
         scratch.rename(target)  # complete or absent: never half a wheelhouse in the cache
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _pip_download(command: list[str], platform: str, what: str) -> None:
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode == 0:
+        return
+    missing = re.search(r"No matching distribution found for ([^\s]+)", completed.stderr)
+    if missing:
+        raise PlatformUnavailable(platform, missing.group(1), "no CPython 3.11 wheel of it for "
+                                  f"{image_platform(platform).pip_machine} was found (is the package index "
+                                  f"reachable?):\n{completed.stderr[-800:]}")
+    raise ConfigError(f"could not resolve {what} (is the package index reachable?):\n{completed.stderr[-1500:]}")
 
 
 def runtimes_of(manifest: Manifest) -> list[str]:
@@ -155,10 +180,10 @@ def resolve_base_image(engine: Engine, configured: str | None, arch: str, regist
     ``registry``, where BuildKit finds them)."""
     import docker
 
-    platform = f"linux/{arch}"
+    platform = by_arch(arch).docker
     for reference in [configured] if configured else [OFFICIAL_BASE]:
         with contextlib.suppress(docker.errors.ImageNotFound):
-            if engine.client.images.get(reference).attrs.get("Architecture") == arch:
+            if engine.client.images.get(reference).attrs.get("Architecture") == platform.split("/")[1]:
                 return reference, reference
         puller = docker.DockerClient(base_url=engine.host, timeout=PULL_TIMEOUT_S)  # a silent network fails fast
         try:

@@ -33,7 +33,7 @@ class ImageRecord(BaseModel):
     variant: str = ""              # the variant its bundle serves
     classes: list[str] = []        # the device classes this image is for (per-class releases)
     digest: str | None = None      # after the push
-    status: Literal["pushed", "already_released", "failed_gate", "not_pushed"] = "not_pushed"
+    status: Literal["pushed", "already_released", "failed_gate", "not_pushed", "not_built"] = "not_pushed"
     base_image: str = ""    # the builder stage's base
     runtime_base: str = ""  # the final stage's: what the image runs on
     image_mb: float | None = None

@@ -52,13 +52,14 @@ from tasks.packaging.image_checks import ImageRecord, check_image, host_outputs
 from tasks.packaging.image_version import Release, SemVer, image_tag, next_version
 from tasks.packaging.oci_registry import Registry
 from tasks.packaging.package_report import PackageReport, describe, record_in_mlflow, write_report
+from tasks.packaging.platforms import PLATFORMS, PlatformUnavailable
 from tasks.registry.bundle import export_registered
 from tasks.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 # ---- what a package run produces ------------------------------------------------------------------
-ARCHES = {"linux/amd64": "amd64", "linux/arm64": "arm64"}
+ARCHES = {docker: platform.arch for docker, platform in PLATFORMS.items()}
 @dataclass(frozen=True)
 class Candidate:
     """A built-but-unchecked image of one platform."""
@@ -202,17 +203,36 @@ def _common_labels(manifest: Manifest, semver: SemVer, run_id: str, zoo_model: s
     }
 
 
+def _buildable(engine: Engine, settings: PackageParams, registry: Registry, bundle: Path,
+               platforms: dict[str, list[str]], scratch: Path, unbuilt: list[ImageRecord],
+               variant: str = "") -> list[tuple[Candidate, Manifest]]:
+    """:func:`_candidate` on each of ``platforms`` (platform -> the classes its image serves); a platform that lacks
+    a package the image needs is recorded in ``unbuilt`` (naming the package) and the others still build."""
+    built = []
+    for platform, classes in platforms.items():
+        try:
+            built.append(_candidate(engine, settings, registry, bundle, platform, scratch, classes))
+        except PlatformUnavailable as error:
+            log.error("no %s image for %s: %s", variant or "registered", platform, error)
+            unbuilt.append(ImageRecord(platform=platform, arch=ARCHES[platform], runtime="", reference="",
+                                       variant=variant, classes=classes, status="not_built", failures=[str(error)]))
+    if not built and not variant:
+        raise PackagingError(f"no image can be built: {'; '.join(record.failures[0] for record in unbuilt)}")
+    return built
+
+
 def _variant_groups(params: Params, engine: Engine, registry: Registry, inventory, bundle: Path,
-                    scratch: Path) -> list[tuple[Manifest, list[Candidate]]]:
+                    scratch: Path, unbuilt: list[ImageRecord]) -> list[tuple[Manifest, list[Candidate]]]:
     """The images to build, by variant (the registered one first, on every platform; then each other variant a
-    device class chose, on its classes' platforms), each variant's bundle exported once."""
+    device class chose, on its classes' platforms), each variant's bundle exported once; a platform that cannot
+    be built goes to ``unbuilt``."""
     import mlflow
 
     from tasks.packaging.class_images import image_targets
 
     settings = params.package
-    registered = [_candidate(engine, settings, registry, bundle, platform, scratch / "registered")
-                  for platform in settings.platforms]
+    registered = _buildable(engine, settings, registry, bundle, {platform: [] for platform in settings.platforms},
+                            scratch / "registered", unbuilt)
     manifest = registered[0][1]
     tags = mlflow.MlflowClient().get_model_version(manifest.model_name, manifest.mlflow_version).tags
     targets = image_targets(tags, inventory, settings.platforms, manifest.variant)
@@ -227,9 +247,9 @@ def _variant_groups(params: Params, engine: Engine, registry: Registry, inventor
         classes = sorted(name for names in by_platform.values() for name in names)
         variant_bundle = export_registered(params.mlflow, folder, settings.signing_key, alias=None,
                                            version=manifest.mlflow_version, device_class=classes[0])
-        built = [_candidate(engine, settings, registry, variant_bundle, platform, folder, names)
-                 for platform, names in by_platform.items()]
-        groups.append((built[0][1], [candidate for candidate, _ in built]))
+        built = _buildable(engine, settings, registry, variant_bundle, by_platform, folder, unbuilt, variant)
+        if built:
+            groups.append((built[0][1], [candidate for candidate, _ in built]))
         log.info("device classes %s run %s: its image for %s too", ", ".join(classes), variant,
                  ", ".join(by_platform))
     return groups
@@ -261,7 +281,8 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
             (Path(scratch) / "registered").mkdir()
             bundle = export_registered(params.mlflow, Path(scratch) / "registered", settings.signing_key, alias=alias,
                                        version=version, large_variant=settings.large_variant)
-            groups = _variant_groups(params, engine, registry, inventory, bundle, Path(scratch))
+            unbuilt: list[ImageRecord] = []
+            groups = _variant_groups(params, engine, registry, inventory, bundle, Path(scratch), unbuilt)
             manifest = groups[0][0]
             run_id, zoo_model = _source_run(manifest)
             groups = [(variant_manifest, [replace(candidate, release=replace(
@@ -273,11 +294,11 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
                      manifest.variant, semver, reason)
             records = [record for variant_manifest, candidates in groups
                        for record in _build_variant(engine, registry, settings, variant_manifest, candidates, semver,
-                                                    (run_id, zoo_model), device)]
+                                                    (run_id, zoo_model), device)] + unbuilt
             failed = [record for record in records if record.failures]
-            if not failed:  # all or nothing: no release with one architecture missing
+            if not failed or settings.partial_release:  # else all or nothing: no release with an architecture missing
                 for record in records:
-                    if record.status == "not_pushed":
+                    if record.status == "not_pushed" and not record.failures:
                         repository, tag = record.reference.rsplit(":", 1)
                         record.digest = docker_engine.push(engine.client, repository, tag)
                         record.status = "pushed"
@@ -288,10 +309,13 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
                            created_at=utc_now(), images=records)
     record_in_mlflow(params.mlflow, settings, report, run_id)
     write_report(workspace, report)
-    if failed:
-        problems = "; ".join(f"{record.arch}: {' / '.join(record.failures)}" for record in failed)
+    problems = "; ".join(f"{record.arch}: {' / '.join(record.failures)}" for record in failed)
+    if failed and not settings.partial_release:
         raise PackagingError(f"{manifest.model_name} version {manifest.mlflow_version} was not shipped, nothing "
-                             f"was pushed: {problems}")
+                             f"was pushed (package.partial_release is false): {problems}")
+    if failed:
+        log.warning("partial release (package.partial_release): %s version %s shipped without %s", manifest.model_name,
+                    manifest.mlflow_version, problems)
     return report
 
 

@@ -38,7 +38,9 @@ def record_in_mlflow(mlflow_settings: MlflowParams, settings: PackageParams, rep
 
     from tasks.registry.tracking import ensure_experiment
 
-    shipped = all(record.digest for record in report.images)
+    # shipped: every image pushed, or (a partial release) every image pushed or failed
+    shipped = any(record.digest for record in report.images) and all(
+        record.digest or (settings.partial_release and record.failures) for record in report.images)
     experiment_id = ensure_experiment(mlflow_settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"package-v{report.version}") as run:
         mlflow.set_tags({"edgeloop.stage": "package", "source_run_id": source_run_id,
@@ -62,7 +64,7 @@ def record_in_mlflow(mlflow_settings: MlflowParams, settings: PackageParams, rep
         client.set_model_version_tag(report.model_name, report.mlflow_version, "image.version", report.version)
         client.set_model_version_tag(report.model_name, report.mlflow_version, "image.package_run_id",
                                      run.info.run_id)
-        for record in report.images:
+        for record in (record for record in report.images if record.digest):
             if record.variant in ("", report.variant):
                 client.set_model_version_tag(report.model_name, report.mlflow_version, f"image.{record.arch}",
                                              record.pinned)
@@ -91,6 +93,7 @@ def describe(report: PackageReport) -> str:
         emulated = " (emulated)" if record.emulated else ""
         size = f"{record.image_mb:.1f} MB" if record.image_mb is not None else "size n/a"
         serves = f" for {', '.join(record.classes)}" if record.classes else ""
-        lines.append(f"  {record.status:16s} {record.pinned or record.reference}  {size}, {timing}{emulated}"
-                     f"  [{record.variant}{serves}]")
+        lines.append(f"  {record.status:16s} {record.pinned or record.reference or record.platform}  {size}, "
+                     f"{timing}{emulated}  [{record.variant}{serves}]")
+        lines.extend(f"    {failure}" for failure in record.failures)
     return "\n".join(lines)

@@ -505,7 +505,8 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     from edge.store.model_store import ModelStore
     from edge.updater.apply import RolloutHandler
     from edge.updater.daemon import load_config, service_container
-    from tasks.packaging.docker_client import EMULATED_CPU, emulated_cpuinfo
+    from tasks.packaging.docker_client import emulated_cpuinfo
+    from tasks.packaging.platforms import PLATFORMS
     from tasks.registry.bundle import bundle_from_files, load_private_key
     from tasks.stack.services import free_port
     from tests.stack_helpers import wait_for
@@ -531,7 +532,7 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     # the device's CPU under emulation (a real Pi needs none of it): qemu as a Cortex-A72 with its /proc/cpuinfo
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(emulated_cpuinfo(1))
-    service.template = replace(service.template, env={**service.template.env, "QEMU_CPU": EMULATED_CPU},
+    service.template = replace(service.template, env={**service.template.env, "QEMU_CPU": PLATFORMS["linux/arm64"].emulated_cpu},
                                binds=[*service.template.binds, f"{cpuinfo}:/proc/cpuinfo:ro"])
     handler = RolloutHandler("pi-arm64", "pis", store, keys, lambda *_: None, service=service, arch="arm64",
                              device_class="rpi4-8gb")
