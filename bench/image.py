@@ -1,18 +1,20 @@
-"""Image benchmark: size of the edge image on every platform it is built for, and cold start (LiteRT, the digits
-int8 model).
+"""Image benchmark: size of the edge image on every platform it is built for (amd64, arm64, armv7), cold start,
+and the service under load in the 256 MB device's profile (LiteRT, the digits int8 model).
 
 Builds each image exactly as ``edgeloop package`` does (build context, base images, BuildKit through the
 Engine API), starting a dockerd and a registry the way the tests do when none is reachable and
 stopping them afterwards; then starts the amd64 one 5 times with the ``package.check_device`` profile's cpus
-and memory and takes the median time from ``docker run`` to the first 200 from ``/readyz`` (the arm64 image's
-start under qemu is printed, labelled emulated, never a figure to gate); then runs the amd64 one in that profile
-(1 CPU, 256 MB, no swap for industrial-256mb) under ``wrk`` load (concurrency 8, ``--load-seconds``) and reads
-the service's peak resident memory and whether anything was OOM-killed. The first run on a machine also
-builds the Debian base and runtime images and resolves the wheelhouses (cached afterwards; not part of the
-figures). Last line: ``image_mb_amd64=<x> image_mb_arm64=<y> cold_start_s=<z> serve_peak_rss_mb_256m=<p>
-oom_killed=<0|1>``. Targets: at most 150 MB each, 5 s, no OOM kill.
+and memory and takes the median time from ``docker run`` to the first 200 from ``/readyz`` (the arm64 and armv7
+images start once under qemu in that profile: printed, labelled emulated, never a figure to gate); then runs the
+amd64 one in that profile (1 CPU, 256 MB, no swap for industrial-256mb) under ``wrk`` load (concurrency 8,
+``--load-seconds``) and reads the service's peak resident memory and whether anything was OOM-killed; the armv7
+one (that device's own architecture) too, under qemu: its figures are the emulator's process, qemu's own memory
+included, labelled ``_emulated``. The first run on a machine also builds the Debian base and runtime images and
+resolves the wheelhouses (cached afterwards; not part of the figures). Last line: ``image_mb_amd64=<x>
+image_mb_arm64=<y> image_mb_armv7=<v> cold_start_s=<z> serve_peak_rss_mb_256m=<p>
+serve_peak_rss_mb_256m_armv7_emulated=<q> oom_killed=<0|1>``. Targets: at most 150 MB each, 5 s, no OOM kill.
 
-    .venv/bin/python bench/image.py [--runs 5] [--platforms linux/amd64 linux/arm64]
+    .venv/bin/python bench/image.py [--runs 5] [--platforms linux/amd64 linux/arm64 linux/arm/v7]
 """
 
 from __future__ import annotations
@@ -40,13 +42,11 @@ from tasks.packaging.platforms import image_platform  # noqa: E402
 from tasks.stack import services  # noqa: E402
 
 PLATFORM = "linux/amd64"
+LOADED_FOREIGN = ("armv7",)  # the 256 MB device's architecture is also loaded, under qemu (labelled emulated)
 
 
-def _measure(engine, registry, settings, device, bundle: Path, public: Path, platform: str, root: Path,
-             runs: int, starts: list[float], load: dict) -> float:
-    """Build ``bundle``'s image for ``platform`` as ``edgeloop package`` does; its size (MB). The host's image is
-    started ``runs`` times under the check device's profile (appended to ``starts``) and then loaded
-    (:func:`_under_load`); another architecture's starts once under qemu."""
+def build_image(engine, registry, settings, bundle: Path, public: Path, platform: str, root: Path) -> str:
+    """``bundle``'s image for ``platform`` built as ``edgeloop package`` builds it (not pushed); its tag."""
     arch = image_platform(platform).arch
     if arch != host_arch():
         enable_emulation(arch)
@@ -57,37 +57,53 @@ def _measure(engine, registry, settings, device, bundle: Path, public: Path, pla
     tag = f"{registry.address}/edgeloop/bench:image-{arch}"
     docker_engine.build(engine.client, context, tag, platform, base, {"edgeloop.bench": "image"},
                         runtime_base=runtime_base)
+    print(f"{arch}: built on {runtime_base} (builder {base})")
+    return tag
+
+
+def _measure(engine, registry, settings, device, bundle: Path, public: Path, platform: str, root: Path,
+             runs: int, starts: list[float], load: dict) -> float:
+    """Build ``bundle``'s image for ``platform`` (:func:`build_image`); its size (MB). The host's image is started
+    ``runs`` times under the check device's profile (appended to ``starts``) and then loaded (:func:`_under_load`);
+    another architecture's starts once under qemu in that profile, and armv7's is loaded there too (emulated:
+    ``load[arch]``)."""
+    arch = image_platform(platform).arch
+    tag = build_image(engine, registry, settings, bundle, public, platform, root)
     size = docker_engine.image_mb(engine.client, tag)
-    print(f"{arch}: {size:.1f} MB on {runtime_base} (built on {base})")
+    print(f"{arch}: {size:.1f} MB")
+    profile = f"--cpus {device.runner.cpus} --memory {device.runner.memory_mb}m, {settings.check_device}"
     try:
         if arch != host_arch():
-            with docker_engine.running(engine.client, tag, platform, 1.0, None, 240, emulated=True) as started:
-                print(f"{arch}: ready in {started.ready_s:.2f} s (emulated: qemu, not a device figure)")
-            return size
-        for run in range(runs):
             with docker_engine.running(engine.client, tag, platform, device.runner.cpus, device.runner.memory_mb,
-                                       60) as container:
-                starts.append(container.ready_s)
-            print(f"run {run + 1}: ready in {container.ready_s:.2f} s "
-                  f"(--cpus {device.runner.cpus} --memory {device.runner.memory_mb}m, {settings.check_device})")
-        if load.get("seconds"):
-            load.update(_under_load(engine, tag, platform, device, load["sample"], load["seconds"], root))
-            print(f"{arch} under load for {load['seconds']:g} s in {settings.check_device}'s profile (--cpus "
-                  f"{device.runner.cpus} --memory {device.runner.memory_mb}m, no swap): {load['rps']:.0f} requests/s, "
-                  f"peak RSS {load['peak_rss_mb']:.1f} MB, OOM-killed: {load['oom_killed']}")
+                                       240, emulated=True) as started:
+                print(f"{arch}: ready in {started.ready_s:.2f} s ({profile}; emulated: qemu, not a device figure)")
+        else:
+            for run in range(runs):
+                with docker_engine.running(engine.client, tag, platform, device.runner.cpus,
+                                           device.runner.memory_mb, 60) as container:
+                    starts.append(container.ready_s)
+                print(f"run {run + 1}: ready in {container.ready_s:.2f} s ({profile})")
+        if load.get("seconds") and (arch == host_arch() or arch in LOADED_FOREIGN):
+            figures = _under_load(engine, tag, platform, device, load["sample"], load["seconds"], root)
+            load[arch] = figures
+            emulated = "" if arch == host_arch() else " (emulated: the qemu process's memory, the emulator's included)"
+            print(f"{arch} under load for {load['seconds']:g} s in {settings.check_device}'s profile ({profile}, no "
+                  f"swap): {figures['rps']:.0f} requests/s, peak RSS {figures['peak_rss_mb']:.1f} MB{emulated}, "
+                  f"OOM-killed: {figures['oom_killed']}")
         return size
     finally:
         engine.client.images.remove(tag, force=True)
 
 
 def _under_load(engine, tag: str, platform: str, device, sample: list, seconds: float, scratch: Path) -> dict:
-    """The image in the device's profile (its cpus, its memory, no swap) under ``wrk`` at concurrency 8 for
-    ``seconds``: requests/s, the service's peak resident memory (VmHWM of the container's main process, read on
-    the host) and whether the kernel killed anything in the container for memory (OOMKilled)."""
+    """The image in the device's profile (its cpus, its memory, no swap; under qemu when foreign) under ``wrk`` at
+    concurrency 8 for ``seconds``: requests/s, the service's peak resident memory (VmHWM of the container's main
+    process, read on the host) and whether the kernel killed anything in the container for memory (OOMKilled)."""
     import json
 
+    emulated = image_platform(platform).arch != host_arch()
     with docker_engine.running(engine.client, tag, platform, device.runner.cpus, device.runner.memory_mb,
-                               60) as container:
+                               240 if emulated else 60, emulated=emulated) as container:
         pid = engine.client.containers.get(container.container.id).attrs["State"]["Pid"]
         load = wrk(f"{container.url}/v1/predict", json.dumps({"inputs": sample}), 8, seconds, scratch)
         status = Path(f"/proc/{pid}/status").read_text()
@@ -99,7 +115,7 @@ def _under_load(engine, tag: str, platform: str, device, sample: list, seconds: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--platforms", nargs="+", default=["linux/amd64", "linux/arm64"])
+    parser.add_argument("--platforms", nargs="+", default=["linux/amd64", "linux/arm64", "linux/arm/v7"])
     parser.add_argument("--load-seconds", type=float, default=20.0, help="wrk load on the host's image in the profile")
     args = parser.parse_args(argv)
     from sklearn.datasets import load_digits
@@ -139,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cold start median of {len(starts)}: {cold_start} s (target <= {settings.max_start_s:g}); "
           f"size target <= {settings.max_image_mb:g} MB")
     figures = " ".join(f"image_mb_{arch}={mb:.1f}" for arch, mb in sizes.items())
-    under_load = (f" serve_peak_rss_mb_256m={load['peak_rss_mb']:.1f} oom_killed={int(load['oom_killed'])}"
-                  if "peak_rss_mb" in load else "")
+    loaded = {arch: figures for arch, figures in load.items() if isinstance(figures, dict)}
+    under_load = "".join(
+        f" serve_peak_rss_mb_256m{'' if arch == host_arch() else f'_{arch}_emulated'}={figures['peak_rss_mb']:.1f}"
+        for arch, figures in loaded.items())
+    if loaded:
+        under_load += f" oom_killed={int(any(figures['oom_killed'] for figures in loaded.values()))}"
     print(f"{figures} cold_start_s={cold_start}{under_load}")
     return 0
 

@@ -242,7 +242,7 @@ class PackageParams(_Section):
     registry: str = Field("127.0.0.1:5050", pattern=r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$")  # EDGELOOP_REGISTRY overrides
     repository: str = Field("edgeloop/edge", pattern=r"^[a-z0-9]+([._\-/][a-z0-9]+)*$")
     base_image: str | None = None  # null: python:3.11-slim if the engine has or pulls it, else `make base-images`
-    platforms: Platforms = Field(default_factory=lambda: ["linux/amd64", "linux/arm64"])
+    platforms: Platforms = Field(default_factory=lambda: ["linux/amd64", "linux/arm64", "linux/arm/v7"])
     signing_key: Path = Path("keys/control-plane.key")  # private Ed25519 key (PEM) that signs the bundle
     public_keys: Path = Path("keys")                     # .pub file or folder of them the image trusts
     large_variant: VariantName | None = None             # the cascade's second stage, from the same run

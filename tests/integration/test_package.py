@@ -248,23 +248,29 @@ def test_a_foreign_image_under_the_release_tag_is_never_overwritten(stack, image
 
 
 @pytest.fixture(scope="module")
-def shipped_arm64(stack, images, shipped, tmp_path_factory):
-    """The same candidate packaged for arm64 (built and checked under qemu)."""
+def shipped_arm(stack, images, shipped, tmp_path_factory):
+    """The same candidate packaged for arm64 and armv7 in one run (built on this host, checked under qemu)."""
     from tasks.packaging.package import package
     from tasks.workspace import Workspace
 
     report, _ = shipped
-    return package(_params(stack, platforms=["linux/arm64"]), Workspace(tmp_path_factory.mktemp("arm64")),
-                   version=report.mlflow_version)
+    return package(_params(stack, platforms=["linux/arm64", "linux/arm/v7"]),
+                   Workspace(tmp_path_factory.mktemp("arm")), version=report.mlflow_version)
 
 
-def test_the_arm64_image_answers_under_emulation(stack, images, shipped, shipped_arm64, bundle_kit):
+@pytest.fixture(scope="module")
+def shipped_arm64(shipped_arm):
+    (image,) = [image for image in shipped_arm.images if image.arch == "arm64"]
+    return image
+
+
+def test_the_arm64_image_answers_under_emulation(stack, images, shipped, shipped_arm, shipped_arm64, bundle_kit):
     import docker
     from tasks.packaging.docker_client import running
 
     report, _ = shipped
-    (image,) = shipped_arm64.images
-    assert shipped_arm64.version == report.version  # the same release, one more architecture
+    image = shipped_arm64
+    assert shipped_arm.version == report.version  # the same release, more architectures
     assert image.status == "pushed" and image.emulated and image.label_agreement >= 0.9
     client = docker.from_env()
     assert client.images.get(image.pinned).attrs["Architecture"] == "arm64"
@@ -276,7 +282,32 @@ def test_the_arm64_image_answers_under_emulation(stack, images, shipped, shipped
     assert _registry_tags(images).count(image.reference.rsplit(":", 1)[1]) == 1
 
 
-def test_the_docker_runner_benchmarks_in_the_shipped_images(stack, images, nightly_run, shipped, shipped_arm64,
+def test_the_armv7_image_serves_under_emulation_in_the_256mb_profile(stack, images, shipped, shipped_arm, bundle_kit):
+    """The industrial class's image (linux/arm/v7): LiteRT from tflite-runtime, numpy from Debian armhf, passed the
+    same gates (size, non-root, labels vs the host under a Cortex-A7 qemu in the check device's 1 CPU / 256 MB);
+    run again in that profile it serves the bundle's sample, and its Python is 32-bit ARM."""
+    import docker
+    from tasks.packaging.docker_client import IMAGE_PYTHON, running
+
+    report, _ = shipped
+    (image,) = [image for image in shipped_arm.images if image.arch == "armv7"]
+    assert image.status == "pushed" and image.emulated and image.label_agreement >= 0.9 and not image.failures
+    assert image.image_mb <= 150 and image.user not in (None, "0") and image.reference.endswith("-armv7")
+    attrs = docker.from_env().images.get(image.pinned).attrs
+    assert (attrs["Architecture"], attrs.get("Variant")) == ("arm", "v7")
+    with running(docker.from_env(), image.pinned, "linux/arm/v7", 1.0, 256, 240, emulated=True) as container:
+        probe = ("import platform, numpy, edge.runtime_modules as r; "
+                 "print(platform.machine(), numpy.__file__, r.runtime_module('tflite'))")
+        machine, numpy_file, litert = container.exec(IMAGE_PYTHON, "-c", probe).split()
+        assert machine == "armv7l" and numpy_file.startswith("/usr/lib/python3/dist-packages/numpy/")
+        assert litert == "tflite_runtime.interpreter"
+        answer = container.predict(np.asarray(bundle_kit.sample[:4], np.float32))
+        assert answer["version"] == f"v{report.mlflow_version}" and len(answer["predictions"]) == 4
+    tags = mlflow_client(stack).get_model_version(MODEL_NAME, report.mlflow_version).tags
+    assert tags["image.armv7"] == image.pinned
+
+
+def test_the_docker_runner_benchmarks_in_the_shipped_images(stack, images, nightly_run, shipped, shipped_arm,
                                                             tmp_path):
     """The docker runner finds the newest packaged image per platform in the registry and runs edge.bench in
     it with the device's limits: arm64 under qemu (marked emulated, latency not gated), amd64 native."""
@@ -313,10 +344,13 @@ def test_the_docker_runner_benchmarks_in_the_shipped_images(stack, images, night
     assert all(row.host_agreement >= 0.9 for row in pi + gateway)
     assert outcomes["pi-like"].emulated and outcomes["pi-like"].recommended is not None
     documents = {name: json.loads(workspace.benchmark_device_file(name).read_text())
-                 for name in ("pi-like", "gateway-like")}
+                 for name in ("pi-like", "gateway-like", "armv7-like")}
+    assert documents["armv7-like"]["runner"]["image"].endswith("-armv7")
     assert documents["gateway-like"]["environment"]["memory_limit_bytes"] == 256 * 1024 * 1024
     assert documents["pi-like"]["runner"]["image"].endswith("-arm64")
-    assert outcomes["armv7-like"].status == "error" and "no edge image for linux/arm/v7" in outcomes["armv7-like"].error
+    armv7 = [row for row in summary.rows if row.device == "armv7-like"]
+    assert armv7 and all(row.status == "ok" and row.emulated and row.arch == "armv7l" for row in armv7)
+    assert all(row.host_agreement >= 0.9 and 0 < row.peak_rss_bytes < 256 * 2**20 for row in armv7)
     assert "EMULATED" in workspace.benchmark_report("md").read_text()
 
 
@@ -511,7 +545,7 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     from tasks.stack.services import free_port
     from tests.stack_helpers import wait_for
 
-    (arm,) = shipped_arm64.images
+    arm = shipped_arm64
     key, keys = load_private_key(images.signing_key), load_public_keys([images.public_keys])  # what the image trusts
 
     def bundle(version: str, variant: str) -> tuple[str, str]:
@@ -532,7 +566,8 @@ def test_an_arm64_container_device_takes_its_class_release_and_its_class_rollbac
     # the device's CPU under emulation (a real Pi needs none of it): qemu as a Cortex-A72 with its /proc/cpuinfo
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(emulated_cpuinfo(1))
-    service.template = replace(service.template, env={**service.template.env, "QEMU_CPU": PLATFORMS["linux/arm64"].emulated_cpu},
+    qemu_cpu = PLATFORMS["linux/arm64"].emulated_cpu
+    service.template = replace(service.template, env={**service.template.env, "QEMU_CPU": qemu_cpu},
                                binds=[*service.template.binds, f"{cpuinfo}:/proc/cpuinfo:ro"])
     handler = RolloutHandler("pi-arm64", "pis", store, keys, lambda *_: None, service=service, arch="arm64",
                              device_class="rpi4-8gb")
@@ -641,3 +676,39 @@ def test_a_service_killed_for_memory_comes_back_by_its_restart_policy_with_its_s
         if running is not None:
             service.engine.remove(running.id)
         service.proxy.stop()
+
+
+def test_a_platform_missing_a_package_is_named_and_the_others_ship_only_in_a_partial_release(stack, images, shipped,
+                                                                                            tmp_path, monkeypatch):
+    """armv7's LiteRT wheel renamed to one no index has (the stand-in for a wheel that does not exist for a
+    platform; pip's refusal is real): the error names the package and the platform. All or nothing by default:
+    the amd64 image still builds and passes, and nothing is pushed; with ``package.partial_release`` amd64 is
+    pushed and recorded on the version, and armv7 is reported not built."""
+    from dataclasses import replace
+
+    from tasks.errors import PackagingError
+    from tasks.packaging import platforms
+    from tasks.packaging.package import package
+    from tasks.workspace import Workspace
+
+    report, _ = shipped
+    missing = replace(platforms.PLATFORMS["linux/arm/v7"], runtimes={"tflite": "tflite-runtime-missing"})
+    monkeypatch.setitem(platforms.PLATFORMS, "linux/arm/v7", missing)
+    settings = {"repository": "edgeloop/partial-check", "platforms": ["linux/amd64", "linux/arm/v7"]}
+    with pytest.raises(PackagingError) as failure:
+        package(_params(stack, **settings), Workspace(tmp_path / "all"), version=report.mlflow_version)
+    message = str(failure.value)
+    assert "tflite-runtime-missing is not available for linux/arm/v7" in message and "nothing was pushed" in message
+    assert "partial_release" in message and _registry_tags(images, "edgeloop/partial-check") == []
+    written = json.loads((tmp_path / "all" / "reports" / "package.json").read_text())
+    assert {image["arch"]: image["status"] for image in written["images"]} == {"amd64": "not_pushed",
+                                                                               "armv7": "not_built"}
+
+    partial = package(_params(stack, partial_release=True, **settings), Workspace(tmp_path / "partial"),
+                      version=report.mlflow_version)
+    amd64, armv7 = sorted(partial.images, key=lambda image: image.arch)
+    assert amd64.status == "pushed" and armv7.status == "not_built"
+    assert "tflite-runtime-missing" in armv7.failures[0] and "linux/arm/v7" in armv7.failures[0]
+    assert _registry_tags(images, "edgeloop/partial-check") == [amd64.reference.rsplit(":", 1)[1]]
+    tags = mlflow_client(stack).get_model_version(MODEL_NAME, report.mlflow_version).tags
+    assert tags["image.amd64"] == amd64.pinned

@@ -102,6 +102,15 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
     ("./usr/lib/python3.11/sqlite3/__init__.py", False), ("./usr/lib/python3.11/venv/__init__.py", False),
     ("./usr/lib/python3.11/lib-dynload/_sqlite3.cpython-311-x86_64-linux-gnu.so", False),
     ("./var/lib/dpkg/status", False),
+    # armv7: Debian's numpy and the BLAS/LAPACK it loads, without its tests, headers and build tools
+    ("./usr/lib/python3/dist-packages/numpy/core/_multiarray_umath.cpython-311-arm-linux-gnueabihf.so", True),
+    ("./usr/lib/arm-linux-gnueabihf/blas/libblas.so.3.11.0", True),
+    ("./usr/lib/arm-linux-gnueabihf/lapack/liblapack.so.3.11.0", True),
+    ("./usr/lib/arm-linux-gnueabihf/libgfortran.so.5.0.0", True),
+    ("./usr/lib/python3/dist-packages/numpy/core/tests/test_numeric.py", False),
+    ("./usr/lib/python3/dist-packages/numpy/f2py/__init__.py", False),
+    ("./usr/lib/python3/dist-packages/numpy/core/include/numpy/ndarrayobject.h", False),
+    ("./usr/lib/python3/dist-packages/pkg_resources/__init__.py", False),
 ])
 def test_the_runtime_root_keeps_the_interpreter_and_its_libraries_and_nothing_that_installs_or_shells(name, kept):
     assert runtime_kept(_member(name)) is kept
