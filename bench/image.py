@@ -24,6 +24,8 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -43,6 +45,27 @@ from tasks.stack import services  # noqa: E402
 
 PLATFORM = "linux/amd64"
 LOADED_FOREIGN = ("armv7",)  # the 256 MB device's architecture is also loaded, under qemu (labelled emulated)
+
+
+@contextmanager
+def image_engine(root: Path) -> Iterator[tuple]:
+    """A dockerd and a registry of this script's own (under ``root``), as the tests start them: (engine, registry);
+    stopped afterwards, ``DOCKER_HOST`` restored."""
+    saved_host = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = services.start_docker_engine(root / "run")
+    registry = Registry(f"127.0.0.1:{services.free_port()}")
+    services.start_registry(root / "run", int(registry.address.rsplit(":", 1)[1]))
+    engine = docker_engine.connect()
+    try:
+        yield engine, registry
+    finally:
+        engine.close()
+        services.stop("registry", root / "run")
+        services.stop("dockerd", root / "run")  # only a dockerd this script started
+        if saved_host is None:
+            os.environ.pop("DOCKER_HOST", None)
+        else:
+            os.environ["DOCKER_HOST"] = saved_host
 
 
 def build_image(engine, registry, settings, bundle: Path, public: Path, platform: str, root: Path) -> str:
@@ -124,44 +147,31 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_params(REPO_ROOT / "params.yaml").package
     device = load_devices(REPO_ROOT / "devices.yaml").get(settings.check_device)
-    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-image-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-image-") as scratch, \
+            image_engine(Path(scratch)) as (engine, registry):
         root = Path(scratch)
-        saved_host = os.environ.get("DOCKER_HOST")
-        os.environ["DOCKER_HOST"] = services.start_docker_engine(root / "run")
-        registry = Registry(f"127.0.0.1:{services.free_port()}")
-        services.start_registry(root / "run", int(registry.address.rsplit(":", 1)[1]))
-        engine = docker_engine.connect()
-        try:
-            digits = load_digits()
-            x = (digits.images / 16.0).astype("float32")[..., None]
-            model = build_int8_model("digits_cnn", (8, 8, 1), root, x[:1200], digits.target[:1200])
-            private, public = generate_keypair(root / "keys", "bench")
-            bundle = bundle_from_files(root / "bundle.tar.gz", "v1", "bench", "1", None, {"primary": model},
-                                       x[1200:1216], load_private_key(private))
-            sizes, starts = {}, []
-            load = {"seconds": args.load_seconds, "sample": x[1200:1201].tolist()}
-            for platform in args.platforms:
-                sizes[image_platform(platform).arch] = _measure(engine, registry, settings, device, bundle, public,
-                                                                platform, root, args.runs, starts, load)
-        finally:
-            engine.close()
-            services.stop("registry", root / "run")
-            services.stop("dockerd", root / "run")  # only a dockerd this script started
-            if saved_host is None:
-                os.environ.pop("DOCKER_HOST", None)
-            else:
-                os.environ["DOCKER_HOST"] = saved_host
+        digits = load_digits()
+        x = (digits.images / 16.0).astype("float32")[..., None]
+        model = build_int8_model("digits_cnn", (8, 8, 1), root, x[:1200], digits.target[:1200])
+        private, public = generate_keypair(root / "keys", "bench")
+        bundle = bundle_from_files(root / "bundle.tar.gz", "v1", "bench", "1", None, {"primary": model},
+                                   x[1200:1216], load_private_key(private))
+        sizes, starts = {}, []
+        load = {"seconds": args.load_seconds, "sample": x[1200:1201].tolist()}
+        for platform in args.platforms:
+            sizes[image_platform(platform).arch] = _measure(engine, registry, settings, device, bundle, public,
+                                                            platform, root, args.runs, starts, load)
     cold_start = f"{statistics.median(starts):.2f}" if starts else "none"
     print(f"cold start median of {len(starts)}: {cold_start} s (target <= {settings.max_start_s:g}); "
           f"size target <= {settings.max_image_mb:g} MB")
-    figures = " ".join(f"image_mb_{arch}={mb:.1f}" for arch, mb in sizes.items())
-    loaded = {arch: figures for arch, figures in load.items() if isinstance(figures, dict)}
+    image_sizes = " ".join(f"image_mb_{arch}={mb:.1f}" for arch, mb in sizes.items())
+    loaded = {arch: value for arch, value in load.items() if isinstance(value, dict)}
     under_load = "".join(
-        f" serve_peak_rss_mb_256m{'' if arch == host_arch() else f'_{arch}_emulated'}={figures['peak_rss_mb']:.1f}"
-        for arch, figures in loaded.items())
+        f" serve_peak_rss_mb_256m{'' if arch == host_arch() else f'_{arch}_emulated'}={value['peak_rss_mb']:.1f}"
+        for arch, value in loaded.items())
     if loaded:
-        under_load += f" oom_killed={int(any(figures['oom_killed'] for figures in loaded.values()))}"
-    print(f"{figures} cold_start_s={cold_start}{under_load}")
+        under_load += f" oom_killed={int(any(value['oom_killed'] for value in loaded.values()))}"
+    print(f"{image_sizes} cold_start_s={cold_start}{under_load}")
     return 0
 
 

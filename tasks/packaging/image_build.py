@@ -60,6 +60,7 @@ DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 EDGE_REQUIREMENTS = ("numpy", "pydantic", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client",
                      "orjson", "httpx", "paho-mqtt")  # httpx, paho-mqtt: the updater (python -m edge.updater)
 DEBIAN_PATH_FILE = "debian-dist-packages.pth"
+WHEELHOUSE_LAYOUT = 2  # 2: requirements.txt pins every wheel (installed --no-deps); a cached older one is not reused
 
 
 def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
@@ -72,7 +73,8 @@ def wheelhouse(platform: str, runtimes: list[str], cache_dir: Path) -> Path:
     edge = [name for name in EDGE_REQUIREMENTS if name not in target_platform.no_wheel]
     runtime_wheels = [target_platform.runtime_requirement(runtime) for runtime in sorted(runtimes)]
     requirements = [*edge, *runtime_wheels]
-    recipe = hashlib.sha256(LOCK_FILE.read_bytes() + repr((requirements, SLIM_RECIPE)).encode()).hexdigest()[:12]
+    layout = (requirements, SLIM_RECIPE, WHEELHOUSE_LAYOUT)
+    recipe = hashlib.sha256(LOCK_FILE.read_bytes() + repr(layout).encode()).hexdigest()[:12]
     target = cache_dir / "wheelhouse" / f"{platform.replace('/', '-')}-{'-'.join(sorted(runtimes))}-{recipe}"
     with cache_lock(f"wheelhouse-{target.name}", cache_dir):  # one process downloads, the others reuse
         if not (target / "requirements.txt").is_file():
