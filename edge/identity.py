@@ -16,9 +16,10 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, WithJsonSchema
+from edge.schema import Rule
 
-# runs of letters and digits joined by single separators; no look-arounds, so pydantic's Rust regex takes it
+# runs of letters and digits joined by single separators; no look-arounds, so the control plane's pydantic (Rust
+# regex) takes it too
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$"
 DEVICE_ID_MAX_LENGTH = 64
 DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
@@ -32,15 +33,16 @@ def is_device_id(value: object) -> bool:
 
 
 def check_device_id(value: str) -> str:
-    """``value`` when it is a device id; otherwise a ``ValueError`` that names the rule (pydantic shows it)."""
+    """``value`` when it is a device id; otherwise a ``ValueError`` that names the rule (validation shows it)."""
     if not is_device_id(value):
         raise ValueError(f"device id {value!r} is not allowed: {DEVICE_ID_RULE}")
     return value
 
 
-# a pydantic field type: the rule's own error message, and the pattern in the JSON schema forms read
-DeviceId = Annotated[str, AfterValidator(check_device_id), WithJsonSchema(
-    {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": DEVICE_ID_MAX_LENGTH})]
+# a record field type (edge.schema) with the rule's own error message; the control plane's pydantic models use
+# tasks.rollout.messages.DeviceId, the same check with this JSON schema for forms
+DeviceId = Annotated[str, Rule(check=check_device_id)]
+DEVICE_ID_JSON_SCHEMA = {"type": "string", "pattern": DEVICE_ID_PATTERN, "maxLength": DEVICE_ID_MAX_LENGTH}
 
 
 UPLOAD_NAME_MAX_LENGTH = 132  # what edge.sampling.segments.file_name makes is 47 characters

@@ -26,11 +26,10 @@ import json
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
-
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from typing import TYPE_CHECKING
 
 from edge.errors import BundleRefused, ConfigError
+from edge.schema import Record, SchemaError, setting, where
 
 if TYPE_CHECKING:  # the control plane's signing key type; a device never imports cryptography
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -161,13 +160,12 @@ PUBLIC_KEY_SUFFIXES = (".pub", ".pem")
 MAX_SIGNATURE_BYTES = 4096  # a record is about 150 bytes; anything far larger is not one
 
 
-class SignatureRecord(BaseModel):
+class SignatureRecord(Record):
     """``manifest.sig``: known fields only, each a string (no coercion), of bounded length."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-    algorithm: Annotated[str, StringConstraints(max_length=32)]
-    key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    signature: Annotated[str, StringConstraints(max_length=256)]
+    algorithm: str = setting(max_length=32)
+    key_id: str = setting(min_length=1, max_length=64)
+    signature: str = setting(max_length=256)
 
 
 def key_id(public_key: PublicKey | Ed25519PublicKey) -> str:
@@ -220,10 +218,9 @@ def parse_signature(signature_bytes: bytes | None) -> SignatureRecord:
         raise BundleRefused("unsigned", f"manifest.sig has {len(signature_bytes)} bytes, over {MAX_SIGNATURE_BYTES}: "
                                         "not a signature record")
     try:
-        return SignatureRecord.model_validate_json(signature_bytes)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'record'}: {item['msg']}"
-                             for item in error.errors()[:3])
+        return SignatureRecord.from_json(signature_bytes)
+    except SchemaError as error:
+        problems = "; ".join(f"{where(location)}: {message}" for location, message in error.problems[:3])
         raise BundleRefused("unsigned", f"manifest.sig is not a readable signature record ({problems})") from None
 
 

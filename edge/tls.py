@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-
 from edge.errors import ConfigError
 from edge.identity import is_device_id
+from edge.schema import Record, setting
 
 KIT_FILE = "device.json"
 
@@ -68,29 +68,29 @@ def client_context(tls: ClientTls) -> ssl.SSLContext:
     return context
 
 
-class TlsSettings(BaseModel):
-    """The TLS settings the updater and the service share (a pydantic mixin): a kit, or the three files."""
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    return path
 
-    kit: Path | None = Field(None, description="enrollment kit folder (`edgeloop fleet enroll`): device id, group, "
-                             "broker, ingest URL, signing keys and TLS identity, unless set otherwise")
-    tls_ca: Path | None = Field(None, description="fleet CA certificate: every fleet link over TLS, verified")
-    tls_cert: Path | None = Field(None, description="this device's client certificate (mutual TLS)")
-    tls_key: Path | None = Field(None, description="the private key of --tls-cert")
 
-    @field_validator("tls_ca", "tls_cert", "tls_key")
-    @classmethod
-    def _exists(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"{path} does not exist")
-        return path
+class TlsSettings(Record):
+    """The TLS settings the updater and the service share (a record mixin): a kit, or the three files."""
 
-    @model_validator(mode="after")
-    def _complete(self) -> TlsSettings:
+    kit: Path | None = setting(None, description="enrollment kit folder (`edgeloop fleet enroll`): device id, group, "
+                               "broker, ingest URL, signing keys and TLS identity, unless set otherwise")
+    tls_ca: Path | None = setting(None, check=_existing_file,
+                                  description="fleet CA certificate: every fleet link over TLS, verified")
+    tls_cert: Path | None = setting(None, check=_existing_file,
+                                    description="this device's client certificate (mutual TLS)")
+    tls_key: Path | None = setting(None, check=_existing_file, description="the private key of --tls-cert")
+
+    def problems(self) -> Iterator[str]:
+        yield from super().problems()
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+            yield "tls_cert and tls_key go together"
         if self.tls_cert is not None and self.tls_ca is None:
-            raise ValueError("tls_cert needs tls_ca (the CA the servers' certificates are verified against)")
-        return self
+            yield "tls_cert needs tls_ca (the CA the servers' certificates are verified against)"
 
     def client_tls(self) -> ClientTls | None:
         return ClientTls(self.tls_ca, self.tls_cert, self.tls_key) if self.tls_ca is not None else None

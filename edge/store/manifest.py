@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
 from edge.errors import BundleRefused
+from edge.schema import Record, Rule, SchemaError, setting, where
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -29,60 +29,57 @@ PROVIDER_NAME = r"^[A-Za-z][A-Za-z0-9]{0,62}ExecutionProvider$"
 ModelRole = Literal["primary", "large"]  # large: the cascade's second stage
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _provider_name(provider: str) -> str:
+    if not re.fullmatch(PROVIDER_NAME, provider):
+        raise ValueError(f"{provider[:80]!r} is not an ONNX Runtime execution provider name")
+    return provider
 
 
-class PayloadFile(_Record):
-    name: str = Field(pattern=SAFE_NAME)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size_bytes: int = Field(ge=0)
+ProviderName = Annotated[str, Rule(check=_provider_name)]
 
 
-class ModelEntry(_Record):
-    file: str = Field(pattern=SAFE_NAME)
+class PayloadFile(Record):
+    name: str = setting(pattern=SAFE_NAME)
+    sha256: str = setting(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = setting(ge=0)
+
+
+class ModelEntry(Record):
+    file: str = setting(pattern=SAFE_NAME)
     role: ModelRole
     runtime: Literal["tflite", "onnx"]
     sidecar: dict[str, Any]  # the model file's sidecar as written by the convert stage
 
 
-class SampleCheck(_Record):
+class SampleCheck(Record):
     """A real input batch (``.npy``) and what the primary model must make of it on any device."""
 
-    file: str = Field(pattern=SAFE_NAME)
+    file: str = setting(pattern=SAFE_NAME)
     output_shape: list[int]
     output_dtype: str = "float32"
     expected_labels: list[int]
-    min_label_agreement: float = Field(0.9, ge=0.0, le=1.0)  # int8 numerics differ a little between CPUs
+    min_label_agreement: float = setting(0.9, ge=0.0, le=1.0)  # int8 numerics differ a little between CPUs
 
-    @model_validator(mode="after")
-    def _one_label_per_row(self) -> SampleCheck:
+    def problems(self) -> Iterator[str]:
         if len(self.output_shape) != 2 or len(self.expected_labels) != self.output_shape[0]:
-            raise ValueError(f"expected_labels has {len(self.expected_labels)} entries for an output of shape "
-                             f"{self.output_shape} (one per sample row)")
-        return self
+            yield (f"expected_labels has {len(self.expected_labels)} entries for an output of shape "
+                   f"{self.output_shape} (one per sample row)")
 
 
-class RuntimeSettings(_Record):
+class RuntimeSettings(Record):
     """How the device runs the primary model when it is not the runtime's default: the configuration the
     benchmark measured best on the device's class (LiteRT without XNNPACK, an ONNX Runtime provider list).
     A provider the device's build lacks is left out when loading: the CPU provider is always the last resort."""
 
-    config: str = Field(pattern=SAFE_NAME)  # the benchmark configuration's name (devices.yaml runner), for reports
+    config: str = setting(pattern=SAFE_NAME)  # the benchmark configuration's name (devices.yaml runner), for reports
     xnnpack: bool = True
-    onnx_providers: list[str] = Field(["CPUExecutionProvider"], min_length=1, max_length=4)
-
-    @model_validator(mode="after")
-    def _known_provider_names(self) -> RuntimeSettings:
-        for provider in self.onnx_providers:
-            if not re.fullmatch(PROVIDER_NAME, provider):
-                raise ValueError(f"{provider[:80]!r} is not an ONNX Runtime execution provider name")
-        return self
+    onnx_providers: list[ProviderName] = setting(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+                                                 max_length=4)
 
 
-class Manifest(_Record):
-    schema_id: Literal["edgeloop.manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")
-    version: str = Field(pattern=VERSION_PATTERN)
+class Manifest(Record):
+    schema_id: Literal["edgeloop.manifest/1"] = setting(MANIFEST_SCHEMA, alias="schema")
+    version: str = setting(pattern=VERSION_PATTERN)
     model_name: str
     mlflow_version: str
     alias: str | None = None
@@ -93,27 +90,23 @@ class Manifest(_Record):
     data_version: str
     git_commit: str
     params_hash: str
-    models: list[ModelEntry] = Field(min_length=1, max_length=2)
+    models: list[ModelEntry] = setting(min_length=1, max_length=2)
     sample: SampleCheck
-    files: list[PayloadFile] = Field(min_length=1)
+    files: list[PayloadFile] = setting(min_length=1)
     runtime_options: RuntimeSettings | None = None  # left out of the bytes when None (older devices' schema)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
+    def problems(self) -> Iterator[str]:
         names = [entry.name for entry in self.files]
         if len(set(names)) != len(names):
-            raise ValueError("files lists a name twice")
+            yield "files lists a name twice"
         if names.count(MANIFEST_FILE) or names.count(SIGNATURE_FILE):
-            raise ValueError(f"files may not list {MANIFEST_FILE} or {SIGNATURE_FILE}")
+            yield f"files may not list {MANIFEST_FILE} or {SIGNATURE_FILE}"
         for needed in [model.file for model in self.models] + [self.sample.file]:
             if needed not in names:
-                raise ValueError(f"{needed} is used but not listed in files")
+                yield f"{needed} is used but not listed in files"
         roles = [model.role for model in self.models]
         if roles.count("primary") != 1 or len(set(roles)) != len(roles):
-            raise ValueError(f"models need exactly one primary and at most one large model, got {roles}")
-        return self
+            yield f"models need exactly one primary and at most one large model, got {roles}"
 
     def model(self, role: ModelRole) -> ModelEntry | None:
         return next((entry for entry in self.models if entry.role == role), None)
@@ -121,13 +114,14 @@ class Manifest(_Record):
     @property
     def primary(self) -> ModelEntry:
         primary = self.model("primary")
-        assert primary is not None  # enforced by the validator
+        assert primary is not None  # enforced by problems()
         return primary
 
     def to_bytes(self) -> bytes:
         """The canonical bytes that are signed and shipped (sorted keys, so rebuilding gives the same bytes)."""
-        left_out = {"runtime_options"} if self.runtime_options is None else set()
-        content = self.model_dump(mode="json", by_alias=True, exclude=left_out)
+        content = self.to_dict()
+        if self.runtime_options is None:
+            del content["runtime_options"]
         return (json.dumps(content, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -136,8 +130,8 @@ def parse_manifest(content: bytes) -> Manifest:
     if len(content) > MAX_MANIFEST_BYTES:
         raise BundleRefused("malformed", f"{MANIFEST_FILE} has {len(content)} bytes, over {MAX_MANIFEST_BYTES}")
     try:
-        return Manifest.model_validate_json(content)
-    except ValidationError as error:  # every problem of the bytes, JSON or schema (pydantic bounds the nesting)
-        problems = "; ".join(f"{'.'.join(str(p)[:64] for p in item['loc']) or 'manifest'}: {item['msg']}"
-                             for item in error.errors()[:5])
+        return Manifest.from_json(content)
+    except SchemaError as error:  # every problem of the bytes, JSON or schema (edge.schema bounds the nesting)
+        problems = "; ".join(f"{where(location) if location else 'manifest'}: {message}"
+                             for location, message in error.problems[:5])
         raise BundleRefused("malformed", f"{MANIFEST_FILE} is not a valid edgeloop manifest ({problems})") from error

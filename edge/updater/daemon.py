@@ -32,16 +32,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
-
-from edge.config import ENV_PREFIX, LIST_SETTINGS, settings_with_kit
+from edge.config import settings_parser, settings_with_kit
 from edge.errors import EXIT_USER_ERROR, ConfigError, EdgeError
 from edge.identity import DeviceId
 from edge.retry import backoff_delay
 from edge.rollout import ARCH, DEVICE_CLASS, DIGEST_REFERENCE, GROUP, model_topic, telemetry_topic
+from edge.schema import setting
 from edge.signing import PublicKey, load_public_keys
 from edge.store.model_store import ModelStore
 from edge.tls import TlsSettings
@@ -76,69 +76,68 @@ def host_arch() -> str:
     return MACHINE_ARCH.get(machine, machine)
 
 
-class UpdaterConfig(TlsSettings):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _pinned(image: str) -> str:
+    if not DIGEST_REFERENCE.fullmatch(image):
+        raise ValueError(f"{image!r} is not pinned by digest: give registry/repository@sha256:<64 hex> (`edgeloop "
+                         "package` prints it; MLflow has it as the version's image.<arch> tag)")
+    return image
 
-    broker: str = Field(pattern=r"^[^\s:/]+(:\d{1,5})?$", description="the MQTT broker, HOST[:PORT]")
-    device_id: DeviceId = Field(description="this device's id: MQTT username, client id, topic level")
-    group: str = Field(pattern=f"^{GROUP.pattern}$", description="the fleet group whose manifests apply")
-    password_file: Path | None = Field(None, description=f"file holding the MQTT password (or {PASSWORD_ENV})")
-    store: Path = Field(description="the model store folder, the one the edge service serves from")
-    public_keys: list[Path] = Field(min_length=1, description="trusted Ed25519 public key files or folders")
-    keep_versions: int = Field(3, ge=2, le=20, description="model versions kept in the store")
-    service_url: str | None = Field(None, pattern=r"^https?://", description="the local edge service, for telemetry")
-    telemetry_interval_s: float = Field(30.0, ge=1.0, le=86400.0, description="seconds between telemetry summaries")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
-    session_expiry_s: int = Field(7 * 86400, ge=0, description="how long the broker keeps this device's session")
-    max_backoff_s: float = Field(60.0, ge=1.0, description="longest wait between reconnect or fetch attempts")
-    fetch_timeout_s: float = Field(30.0, gt=0.0, description="timeout of each bundle download request")
-    fetch_attempts: int = Field(4, ge=1, le=20, description="bundle download attempts before the rollout fails")
-    max_bundle_mb: float = Field(256.0, gt=0.0, description="largest bundle accepted")
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
-    device_class: str | None = Field(None, pattern=f"^{DEVICE_CLASS.pattern}$", max_length=64,
-                                     description="this device's class (its devices.yaml name): a per-class release "
-                                     "installs that class's variant")
-    runtimes: list[Literal["tflite", "onnx"]] | None = Field(None, description="the runtimes this device serves "
-                                                             "(default: those installed here; a container device: "
-                                                             "not checked, its image carries them)")
+
+def _port_in_range(broker: str) -> str:
+    port = broker.partition(":")[2]
+    if port and not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is not in 1..65535")
+    return broker
+
+
+class UpdaterConfig(TlsSettings):
+    broker: str = setting(pattern=r"^[^\s:/]+(:\d{1,5})?$", check=_port_in_range,
+                          description="the MQTT broker, HOST[:PORT]")
+    device_id: DeviceId = setting(description="this device's id: MQTT username, client id, topic level")
+    group: str = setting(pattern=f"^{GROUP.pattern}$", description="the fleet group whose manifests apply")
+    password_file: Path | None = setting(None, description=f"file holding the MQTT password (or {PASSWORD_ENV})")
+    store: Path = setting(description="the model store folder, the one the edge service serves from")
+    public_keys: list[Path] = setting(min_length=1, description="trusted Ed25519 public key files or folders")
+    keep_versions: int = setting(3, ge=2, le=20, description="model versions kept in the store")
+    service_url: str | None = setting(None, pattern=r"^https?://",
+                                      description="the local edge service, for telemetry")
+    telemetry_interval_s: float = setting(30.0, ge=1.0, le=86400.0,
+                                          description="seconds between telemetry summaries")
+    keepalive_s: int = setting(30, ge=5, le=3600, description="MQTT keepalive")
+    session_expiry_s: int = setting(7 * 86400, ge=0, description="how long the broker keeps this device's session")
+    max_backoff_s: float = setting(60.0, ge=1.0, description="longest wait between reconnect or fetch attempts")
+    fetch_timeout_s: float = setting(30.0, gt=0.0, description="timeout of each bundle download request")
+    fetch_attempts: int = setting(4, ge=1, le=20, description="bundle download attempts before the rollout fails")
+    max_bundle_mb: float = setting(256.0, gt=0.0, description="largest bundle accepted")
+    log_level: str = setting("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="log level")
+    device_class: str | None = setting(None, pattern=f"^{DEVICE_CLASS.pattern}$", max_length=64,
+                                       description="this device's class (its devices.yaml name): a per-class "
+                                       "release installs that class's variant")
+    runtimes: list[Literal["tflite", "onnx"]] | None = setting(None, description="the runtimes this device serves "
+                                                               "(default: those installed here; a container device: "
+                                                               "not checked, its image carries them)")
     # A container device (the packaged image): the updater runs the service container and applies the image part
     # of manifests (edge.agent.service); the store is bind-mounted into it, the service running as its owner.
-    engine: str | None = Field(None, pattern=r"^unix:///", description="container device: the local Docker "
-                               "engine's socket (unix:///var/run/docker.sock)")
-    service_image: str | None = Field(None, description="container device: the image served until a rollout names "
-                                      "another, pinned by digest")
-    service_listen: str = Field("0.0.0.0:8080", pattern=r"^[^\s:]+:\d{1,5}$",
-                                description="container device: HOST:PORT the service is reached on (the agent's front)")
-    arch: str = Field(default_factory=host_arch, pattern=f"^{ARCH.pattern}$",
-                      description="container device: the architecture whose image it runs (amd64, arm64, arm)")
-    samples_dir: Path | None = Field(None, description="container device: the host folder of the service's drift "
-                                     "samples (default: 'samples' beside the store)")
-    container_memory_mb: int = Field(256, ge=64, le=65536, description="container device: the service's memory limit")
-    container_cpus: float = Field(1.0, gt=0.0, le=256.0, description="container device: the service's CPU limit")
-    ready_timeout_s: float = Field(120.0, gt=0.0, description="container device: a new container's time to /readyz")
+    engine: str | None = setting(None, pattern=r"^unix:///", description="container device: the local Docker "
+                                 "engine's socket (unix:///var/run/docker.sock)")
+    service_image: str | None = setting(None, check=_pinned, description="container device: the image served until "
+                                        "a rollout names another, pinned by digest")
+    service_listen: str = setting("0.0.0.0:8080", pattern=r"^[^\s:]+:\d{1,5}$", description="container device: "
+                                  "HOST:PORT the service is reached on (the agent's front)")
+    arch: str = setting(default_factory=host_arch, pattern=f"^{ARCH.pattern}$",
+                        description="container device: the architecture whose image it runs (amd64, arm64, arm)")
+    samples_dir: Path | None = setting(None, description="container device: the host folder of the service's drift "
+                                       "samples (default: 'samples' beside the store)")
+    container_memory_mb: int = setting(256, ge=64, le=65536,
+                                       description="container device: the service's memory limit")
+    container_cpus: float = setting(1.0, gt=0.0, le=256.0, description="container device: the service's CPU limit")
+    ready_timeout_s: float = setting(120.0, gt=0.0,
+                                     description="container device: a new container's time to /readyz")
 
-    @field_validator("service_image")
-    @classmethod
-    def _pinned(cls, image: str | None) -> str | None:
-        if image is not None and not DIGEST_REFERENCE.fullmatch(image):
-            raise ValueError(f"{image!r} is not pinned by digest: give registry/repository@sha256:<64 hex> (`edgeloop "
-                             "package` prints it; MLflow has it as the version's image.<arch> tag)")
-        return image
-
-    @model_validator(mode="after")
-    def _container_device_complete(self) -> UpdaterConfig:
+    def problems(self) -> Iterator[str]:
+        yield from super().problems()
         if self.engine and not self.service_image:
-            raise ValueError("--engine needs --service-image: the image (pinned by digest) served until a rollout "
-                             "names another")
-        return self
-
-    @field_validator("broker")
-    @classmethod
-    def _port_in_range(cls, broker: str) -> str:
-        port = broker.partition(":")[2]
-        if port and not 1 <= int(port) <= 65535:
-            raise ValueError(f"port {port} is not in 1..65535")
-        return broker
+            yield "--engine needs --service-image: the image (pinned by digest) served until a rollout names another"
 
     def served_runtimes(self) -> tuple[str, ...] | None:
         """What a per-class manifest's runtime is checked against (None: a container device, not checked)."""
@@ -174,10 +173,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     """Settings from flags, then ``EDGELOOP_*`` variables (``EDGELOOP_PUBLIC_KEYS`` ':'-separated)."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="edge.updater", description="edgeloop device updater (fleet rollouts)")
-    for name, info in UpdaterConfig.model_fields.items():
-        flags = FLAGS.get(name, ("--" + name.replace("_", "-"),))
-        parser.add_argument(*flags, dest=name, default=None, nargs="+" if name in LIST_SETTINGS else None,
-                            help=f"{info.description} [{ENV_PREFIX}{name.upper()}]")
+    settings_parser(UpdaterConfig, parser, FLAGS)
     return settings_with_kit(UpdaterConfig, vars(parser.parse_args(argv)), environ, "updater",
                              {name: names[0] for name, names in FLAGS.items()})
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.files import atomic_writer, sha256_file
 from edge.runtime import RUNTIME_BY_SUFFIX, EdgeModel
+from edge.schema import SchemaError
 from edge.sidecar import read_sidecar, sidecar_path
 from edge.signing import key_id, sign_manifest
 from edge.store.health import runtime_options
@@ -170,16 +171,14 @@ def class_variant(tags: dict[str, str], device_class: str, name: str, version: s
 def class_runtime_settings(tags: dict[str, str], device_class: str) -> RuntimeSettings | None:
     """The runtime configuration a registered version's bundle asks ``device_class`` to run its variant in (its
     ``device.<class>.runtime_options`` tag, written when the class was measured best in a non-default one)."""
-    from pydantic import ValidationError
-
     raw = tags.get(f"device.{device_class}.runtime_options")
     if raw is None:
         return None
     try:
-        return RuntimeSettings.model_validate_json(raw)
-    except ValidationError as error:
+        return RuntimeSettings.from_json(raw)
+    except SchemaError as error:
         raise ConfigError(f"tag device.{device_class}.runtime_options is not a runtime configuration "
-                          f"({error.errors()[0]['msg']}): re-run the register stage") from error
+                          f"({error.problems[0][1]}): re-run the register stage") from error
 
 
 def bundle_file_name(name: str, version: str, tags: dict[str, str], device_class: str | None = None) -> str:

@@ -25,10 +25,19 @@ import threading
 from typing import Annotated, Any, Literal
 
 from prometheus_client import Counter
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import from_json
 
-from edge.identity import DeviceId, is_device_id
+from edge.identity import DEVICE_ID_JSON_SCHEMA, check_device_id, is_device_id
 from edge.rollout import DEVICE_CLASS, GROUP, ROLLOUT_ID_PATTERN
 from edge.store.manifest import VERSION_PATTERN
 
@@ -44,6 +53,8 @@ DropReason = Literal["too_large", "not_json", "invalid", "device_mismatch", "bad
 DROP_REASONS: tuple[DropReason, ...] = ("too_large", "not_json", "invalid", "device_mismatch", "bad_device_id",
                                         "error")
 
+# edge.identity's rule as a pydantic type (the device side has no pydantic): its message, its pattern for forms
+DeviceId = Annotated[str, AfterValidator(check_device_id), WithJsonSchema(DEVICE_ID_JSON_SCHEMA)]
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]  # a bundle version, as the manifest allows
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]

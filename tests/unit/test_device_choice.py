@@ -90,7 +90,7 @@ def test_a_class_measured_best_outside_its_runtimes_default_gets_that_configurat
         "config": "CUDAExecutionProvider", "onnx_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
     assert choices["rpi4-8gb"].options is None and choices["industrial-256mb"].options is None
     tags = choice_tags(list(choices.values()))
-    settings = RuntimeSettings.model_validate_json(tags["device.x86-gateway.runtime_options"])
+    settings = RuntimeSettings.from_json(tags["device.x86-gateway.runtime_options"])
     assert (settings.config, settings.xnnpack) == ("no-xnnpack", False)
     assert json.loads(tags["device.jetson-xavier-nx.runtime_options"])["onnx_providers"][0] == "CUDAExecutionProvider"
     assert "device.rpi4-8gb.runtime_options" not in tags

@@ -195,7 +195,7 @@ def test_a_version_failing_its_health_check_is_rolled_back(tmp_path, store, bund
     payload.mkdir()
     for name, content in members.items():
         (payload / name).write_bytes(content)
-    bad = manifest.model_copy(update={"sample": manifest.sample.model_copy(update={"expected_labels": wrong})})
+    bad = manifest.replace(sample=manifest.sample.replace(expected_labels=wrong))
     bundle = write_bundle(tmp_path / "bad.tar.gz", bad, payload, bundle_kit.private_key)
     with pytest.raises(BundleRefused) as refused:
         store.install(bundle)

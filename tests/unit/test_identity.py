@@ -16,7 +16,6 @@ from edge.errors import SamplingError
 from edge.identity import (
     DEVICE_ID_RULE,
     UPLOAD_NAME_RULE,
-    DeviceId,
     is_device_id,
     is_upload_name,
     stored_upload_name,
@@ -28,6 +27,7 @@ from edge.updater.daemon import load_config as load_updater_config
 from tasks.errors import ConfigError
 from tasks.monitoring import ingest, simulate_drift
 from tasks.rollout import fleet
+from tasks.rollout.messages import DeviceId
 
 GOOD_IDS = ["a", "cam-1", "site.a", "node_7", "A1-b2.c3_d4", "x" * 64, "sim-0042"]
 BAD_IDS = ["", "site--a", "-cam", "cam-", ".cam", "cam.", "a..b", "a._b", "cam/1", "cam+1", "cam#", "cam 1",

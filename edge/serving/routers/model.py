@@ -28,7 +28,7 @@ async def model(request: Request) -> Response:
         "config": options.config if options else "default",  # the configuration its bundle asks for
         "accelerators": active.primary.accelerators if active else [],  # XNNPACK, an ORT provider, or none
         "previous": state.previous, "installed": state.installed, "rolled_back": state.rolled_back,
-        "manifest": active.manifest.model_dump(mode="json", by_alias=True) if active else None})
+        "manifest": active.manifest.to_dict() if active else None})
 
 
 async def reload(request: Request) -> Response:
