@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,20 @@ def test_a_malformed_signature_record_is_a_counted_refusal_not_a_server_error(se
     assert server.metric("edgeloop_store_refusals_total", reason="unsigned") == before + 1
     with server.client() as client:
         assert client.get("/v1/model").json()["active"] == active  # still serving what it served
+
+
+def test_the_running_service_never_loads_pydantic(server, digits):
+    """The real process, after predictions, status and metrics: pydantic_core's extension (3.7 MB of resident
+    memory, with pydantic 11 MB of the 64 MB budget) is not mapped into it."""
+    from tasks.stack.processes import running_pid
+
+    assert server.predict(digits.x[:3]).status_code == 200
+    with server.client() as client:
+        assert client.get("/v1/model").status_code == 200 and client.get("/metrics").status_code == 200
+    pid = running_pid(server.run_dir, "edge-serve")
+    assert b"edge.serving.serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    mapped = Path(f"/proc/{pid}/maps").read_text()
+    assert "numpy" in mapped and "pydantic" not in mapped  # numpy: these are the service's own mappings
 
 
 def test_sampled_features_reach_the_outbox_without_raw_inputs(server, digits):

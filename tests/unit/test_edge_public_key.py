@@ -1,12 +1,14 @@
 """The device's Ed25519 verification (the system OpenSSL through ``_ssl``) agrees with ``cryptography``'s, which
 the control plane signs with, on valid and on every kind of invalid signature; keys that are not Ed25519 are
-refused by name; and the service and updater never import ``cryptography``."""
+refused by name; and the service and updater never import ``cryptography``, nor the service ``pydantic`` (11 MB of
+a 64 MB budget), not even once it has installed a bundle and served requests."""
 
 from __future__ import annotations
 
 import ssl
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from cryptography.exceptions import InvalidSignature as CryptographyInvalid
@@ -79,9 +81,49 @@ def test_the_service_and_the_updater_never_import_cryptography_and_the_service_n
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'fastapi'}))")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
-    code = "import sys, edge.serving.app; print(sorted({m.split('.')[0] for m in sys.modules} & {'httpx', 'requests'}))"
+    code = ("import sys, edge.serving.serve, edge.serving.app, edge.store.storectl; print(sorted({m.split('.')[0] for "
+            "m in sys.modules} & {'httpx', 'requests', 'pydantic', 'pydantic_core'}))")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+
+
+SERVE_THEN_LIST_MODULES = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from starlette.testclient import TestClient
+
+    from edge.config import load_config
+    from edge.serving.app import create_app
+
+    root, keys, bundle = map(Path, sys.argv[1:4])
+    config = load_config(["--store", str(root / "store"), "--public-keys", str(keys), "--admin-token", "t",
+                          "--samples-dir", str(root / "samples"), "--upload-to", str(root / "outbox"),
+                          "--device-id", "imports-test", "--sample-rate", "1"], environ={})
+    with TestClient(create_app(config)) as client:
+        admin = {"authorization": "Bearer t"}
+        answers = [client.post("/v1/model/install", content=bundle.read_bytes(), headers=admin),
+                   client.post("/v1/predict", json={"inputs": np.load(root / "inputs.npy").tolist()}),
+                   client.get("/v1/model"), client.get("/metrics"), client.get("/readyz"),
+                   client.post("/v1/model/install", content=b"not a bundle", headers=admin),
+                   client.post("/v1/model/reload", headers=admin)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 200, 200, 422, 200], answers
+    print(sorted({name.split(".")[0] for name in sys.modules} & {"pydantic", "pydantic_core"}))
+""")
+
+
+def test_a_service_that_installed_a_bundle_and_served_requests_has_imported_no_pydantic(tmp_path, bundle_kit):
+    """Lazy imports included: a bundle installed (manifest and signature parsed), predictions, status, metrics."""
+    import numpy as np
+
+    np.save(tmp_path / "inputs.npy", bundle_kit.sample[:4])
+    bundle = bundle_kit.bundle("v1", name="imports-v1.tar.gz")
+    arguments = [str(tmp_path), str(bundle_kit.public_dir), str(bundle)]
+    completed = subprocess.run([sys.executable, "-c", SERVE_THEN_LIST_MODULES, *arguments], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and completed.stdout.strip().splitlines()[-1] == "[]", (
+        completed.stdout + completed.stderr)
 
 
 def test_a_python_whose_ssl_hides_openssl_verifies_with_cryptography_where_it_is_installed(monkeypatch):
