@@ -279,9 +279,9 @@ def _from_text(hint: Any, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     text = value.strip()
-    if hint is int and re.fullmatch(r"[+-]?\d+", text):
+    if hint is int and re.fullmatch(r"[+-]?[0-9]+", text):
         return int(text)
-    if hint is float and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+    if hint is float and re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text):
         return float(text)
     if hint is bool and text.lower() in TRUE_WORDS | FALSE_WORDS:
         return text.lower() in TRUE_WORDS

@@ -156,6 +156,9 @@ def test_text_from_flags_and_variables_is_converted_to_each_fields_type():
     assert [where for where, _ in caught.value.problems] == [("port",), ("rate",), ("verbose",), ("runtimes", 0),
                                                              ("limit",)]
     assert "not str 'fast'" in str(caught.value) and "one of 'tflite', 'onnx'" in str(caught.value)
+    for text in ("\u0661\u0662", "1_000", "0x10", "inf"):  # what int() or float() would take, a setting does not
+        with pytest.raises(SchemaError, match="must be"):
+            Settings.from_text({"limit": text, "rate": text})
 
 
 @pytest.mark.parametrize(("content", "message"), [
