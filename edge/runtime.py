@@ -8,16 +8,39 @@ inputs and get float32 class probabilities back, whatever the model's tensor typ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from edge.errors import InferenceError, ModelLoadError
-from edge.runtime_modules import RUNTIME_BY_SUFFIX, installed_runtimes, runtime_module
 from edge.sidecar import sidecar_path, verify_model_file
 
-__all__ = ["RUNTIME_BY_SUFFIX", "EdgeModel", "installed_runtimes"]
+RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx"}
+# the module each runtime is imported from, in order of preference: LiteRT's interpreter comes from ai-edge-litert
+# where that has wheels (amd64, arm64) and from tflite-runtime (the same API, TensorFlow 2.14's) on 32-bit ARM
+RUNTIME_MODULES = {"tflite": ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"), "onnx": ("onnxruntime",)}
+
+
+def runtime_module(runtime: str) -> str | None:
+    """The module ``runtime`` (``tflite``, ``onnx``) is imported from here, found without importing it; None when
+    none is installed."""
+    for module in RUNTIME_MODULES.get(runtime, ()):
+        if find_spec(module.split(".")[0]) is not None:  # the top package: finding a submodule imports its parent
+            return module
+    return None
+
+
+def module_for(path_suffix: str) -> str | None:
+    """The installed runtime module that runs a model file with ``path_suffix`` (``.tflite``, ``.onnx``)."""
+    runtime = RUNTIME_BY_SUFFIX.get(path_suffix)
+    return runtime_module(runtime) if runtime else None
+
+
+def installed_runtimes() -> tuple[str, ...]:
+    """The runtimes this Python can serve (their packages are installed), without importing them."""
+    return tuple(runtime for runtime in RUNTIME_MODULES if runtime_module(runtime) is not None)
 
 
 @dataclass(frozen=True)

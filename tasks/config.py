@@ -231,8 +231,7 @@ class DriftParams(_Section):
         return value
 
 
-Platform = Literal["linux/amd64", "linux/arm64", "linux/arm/v7"]
-Platforms = Annotated[list[Platform], Field(min_length=1, description=(
+Platforms = Annotated[list[Literal["linux/amd64", "linux/arm64", "linux/arm/v7"]], Field(min_length=1, description=(
     "image platforms to package for (one image each; arm64 and armv7 are checked under qemu emulation)"))]
 
 
@@ -251,9 +250,7 @@ class PackageParams(_Section):
     max_start_s: float = Field(5.0, gt=0.0)
     start_attempts: int = Field(3, ge=1, le=10)  # starts measured while over max_start_s; the fastest is gated
     emulated_start_timeout_s: float = Field(180.0, gt=0.0)  # arm64 under qemu: ready within this (not a gate)
-    # true: the platforms whose images passed are pushed when another cannot be built or fails a gate (the version
-    # then has no image for it, its devices keep theirs); false: all or nothing
-    partial_release: bool = False
+    partial_release: bool = False  # push the images that passed when another platform cannot be built or fails
 
     @field_validator("platforms")
     @classmethod

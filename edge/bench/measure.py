@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import EdgeModel
-from edge.runtime_modules import module_for
+from edge.runtime import EdgeModel, module_for
 
 
 @dataclass(frozen=True)

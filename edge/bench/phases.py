@@ -15,7 +15,6 @@ from typing import Any
 
 from edge.bench.job import BenchConfig, BenchError, BenchJob
 from edge.bench.probes import EnergyMeter
-from edge.runtime_modules import RUNTIME_BY_SUFFIX, module_for
 from edge.serving.thermal import read_celsius
 
 
@@ -103,6 +102,8 @@ def _runtime_module(model_path: str) -> str:
     except ImportError:
         raise BenchError("numpy is not installed for this Python on the device: install the edge runtime "
                          "(pip install numpy ai-edge-litert or onnxruntime) or point runner.python at one") from None
+    from edge.runtime import RUNTIME_BY_SUFFIX, module_for  # numpy, which it imports, is known to be there now
+
     suffix = Path(model_path).suffix
     if suffix not in RUNTIME_BY_SUFFIX:
         raise BenchError(f"{model_path}: unknown model format {suffix!r}; expected .tflite or .onnx")

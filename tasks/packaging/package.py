@@ -255,6 +255,14 @@ def _variant_groups(params: Params, engine: Engine, registry: Registry, inventor
     return groups
 
 
+def _push_passed(engine: Engine, records: list[ImageRecord]) -> None:
+    for record in records:
+        if record.status == "not_pushed" and not record.failures:
+            repository, tag = record.reference.rsplit(":", 1)
+            record.digest = docker_engine.push(engine.client, repository, tag)
+            record.status = "pushed"
+
+
 def package(params: Params, workspace: Workspace, version: str | None = None, alias: str | None = None,
             devices_path: Path = DEVICES_FILE) -> PackageReport:
     """Build, check, push and record the images of a registered model version (see the module doc).
@@ -297,11 +305,7 @@ def package(params: Params, workspace: Workspace, version: str | None = None, al
                                                     (run_id, zoo_model), device)] + unbuilt
             failed = [record for record in records if record.failures]
             if not failed or settings.partial_release:  # else all or nothing: no release with an architecture missing
-                for record in records:
-                    if record.status == "not_pushed" and not record.failures:
-                        repository, tag = record.reference.rsplit(":", 1)
-                        record.digest = docker_engine.push(engine.client, repository, tag)
-                        record.status = "pushed"
+                _push_passed(engine, records)
     finally:
         engine.close()
     report = PackageReport(model_name=manifest.model_name, mlflow_version=manifest.mlflow_version,

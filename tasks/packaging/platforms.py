@@ -6,7 +6,7 @@
   tflite-runtime 2.14 (manylinux_2_34).
 
 32-bit ARM has no CPython 3.11 wheels of ai-edge-litert, onnxruntime, numpy, uvloop or httptools. Its image
-takes LiteRT's interpreter from ``tflite-runtime`` (the same API, :mod:`edge.runtime_modules`), numpy from
+takes LiteRT's interpreter from ``tflite-runtime`` (the same API, :func:`edge.runtime.runtime_module`), numpy from
 Debian's armhf ``python3-numpy`` (1.24, with its BLAS and LAPACK) in the runtime root, and runs uvicorn on
 asyncio and h11 (uvloop and httptools are optional speed-ups). ONNX Runtime has no armv7 build at all: an ONNX
 variant for armv7 is refused, naming the package and the platform (:class:`PlatformUnavailable`).

@@ -296,7 +296,7 @@ def test_the_armv7_image_serves_under_emulation_in_the_256mb_profile(stack, imag
     attrs = docker.from_env().images.get(image.pinned).attrs
     assert (attrs["Architecture"], attrs.get("Variant")) == ("arm", "v7")
     with running(docker.from_env(), image.pinned, "linux/arm/v7", 1.0, 256, 240, emulated=True) as container:
-        probe = ("import platform, numpy, edge.runtime_modules as r; "
+        probe = ("import platform, numpy, edge.runtime as r; "
                  "print(platform.machine(), numpy.__file__, r.runtime_module('tflite'))")
         machine, numpy_file, litert = container.exec(IMAGE_PYTHON, "-c", probe).split()
         assert machine == "armv7l" and numpy_file.startswith("/usr/lib/python3/dist-packages/numpy/")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import runtime_modules
+from edge import runtime as edge_runtime
 from tasks.errors import ConfigError
 from tasks.packaging.base_images import _link_alternatives
 from tasks.packaging.docker_client import emulated_cpuinfo
@@ -72,13 +72,13 @@ def test_without_ai_edge_litert_the_model_runs_on_tflite_runtime(tmp_path, monke
     (package / "interpreter.py").write_text("from ai_edge_litert.interpreter import Interpreter, OpResolverType\n"
                                             "LOADED_THROUGH_FALLBACK = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    real_find_spec = runtime_modules.find_spec
-    monkeypatch.setattr(runtime_modules, "find_spec",
+    real_find_spec = edge_runtime.find_spec
+    monkeypatch.setattr(edge_runtime, "find_spec",
                         lambda name: None if name == "ai_edge_litert" else real_find_spec(name))
-    assert runtime_modules.runtime_module("tflite") == "tflite_runtime.interpreter"
-    assert runtime_modules.installed_runtimes()[0] == "tflite"
+    assert edge_runtime.runtime_module("tflite") == "tflite_runtime.interpreter"
+    assert edge_runtime.installed_runtimes()[0] == "tflite"
     answer = EdgeModel.load(tiny_model_files["tflite_int8"]).predict(digits.x[:8])
     assert sys.modules["tflite_runtime.interpreter"].LOADED_THROUGH_FALLBACK
     np.testing.assert_allclose(answer, reference, atol=1e-6)
-    monkeypatch.setattr(runtime_modules, "find_spec", lambda name: None)
-    assert runtime_modules.runtime_module("tflite") is None and runtime_modules.installed_runtimes() == ()
+    monkeypatch.setattr(edge_runtime, "find_spec", lambda name: None)
+    assert edge_runtime.runtime_module("tflite") is None and edge_runtime.installed_runtimes() == ()
