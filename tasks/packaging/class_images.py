@@ -4,7 +4,7 @@ A registered version that chose a variant per device class (``device.<class>.var
 :mod:`tasks.registry.device_choice`) needs, besides the registered variant's image on every platform of
 ``package.platforms``, an image of each other chosen variant on the platforms of the classes that run it,
 carrying that variant's runtime: one image per (variant, platform), shared by every class on it. A class on
-a platform the run does not build (armv7 today) gets none, and says so in the log.
+a platform the run does not build (one left out of ``package.platforms``) gets none, and says so in the log.
 
 Each class's image is tagged on the version as ``device.<class>.image.<arch>`` (pinned by digest), which is
 what the rollout sends that class's container devices (:func:`tasks.rollout.records.release_of`).
@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 
 from tasks.devices import DeviceInventory
+from tasks.packaging.platforms import PLATFORMS
 from tasks.registry.bundle import chosen_variants
 
 log = logging.getLogger(__name__)
-PLATFORM_OF_CPU = {"x86_64": "linux/amd64", "aarch64": "linux/arm64", "armv7l": "linux/arm/v7"}
+PLATFORM_OF_CPU = {platform.pip_machine: docker for docker, platform in PLATFORMS.items()}  # devices.yaml cpu_arch
 
 
 def image_targets(tags: dict[str, str], inventory: DeviceInventory, platforms: list[str],
