@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGELOOP_MQTT_PASSWORD"
 CONTAINER_STORE = "/var/lib/edgeloop/models"  # where the packaged image's service reads its store (docker/Dockerfile)
 CONTAINER_SAMPLES = "/var/lib/edgeloop/samples"  # ... and keeps its drift samples
-MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm"}
+# as edgeloop's image tags and a rollout's ``images`` name architectures (tasks/packaging/platforms.py)
+MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "armv7"}
 
 
 def store_owner(store: Path) -> str:
@@ -69,7 +70,7 @@ def store_owner(store: Path) -> str:
 
 
 def host_arch() -> str:
-    """This machine's architecture as Docker names platforms."""
+    """This machine's architecture as edgeloop's images name it (amd64, arm64, armv7)."""
     import platform
 
     machine = platform.machine().lower()

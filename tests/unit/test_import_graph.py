@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT
 # flows wire tasks, tasks use the device package, the device package uses nothing of ours).
 LAYERS = ("edge", "tasks", "flows", "scripts", "bench")
 PACKAGES = LAYERS
-MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_EDGE_TOP_LEVEL = 400, 60, 12
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_EDGE_TOP_LEVEL = 400, 60, 13
 STAGE_MODULES = {"prepare": "tasks/data/prepare.py", "train": "tasks/model/train.py",
                  "convert": "tasks/model/convert.py", "evaluate": "tasks/evaluation/evaluate.py",
                  "benchmark": "tasks/benchmark/stage.py", "register": "tasks/registry/register.py",

@@ -82,3 +82,15 @@ def test_without_ai_edge_litert_the_model_runs_on_tflite_runtime(tmp_path, monke
     np.testing.assert_allclose(answer, reference, atol=1e-6)
     monkeypatch.setattr(edge_runtime, "find_spec", lambda name: None)
     assert edge_runtime.runtime_module("tflite") is None and edge_runtime.installed_runtimes() == ()
+
+
+def test_a_device_names_its_architecture_as_the_images_of_its_platform_are_named(monkeypatch):
+    """An armv7 device's updater looks up the rollout's ``images["armv7"]``, which packaging tags."""
+    import platform
+
+    from edge.updater.daemon import host_arch as device_arch
+    from tasks.packaging.platforms import host_arch
+
+    for machine, arch in (("x86_64", "amd64"), ("aarch64", "arm64"), ("armv7l", "armv7")):
+        monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
+        assert device_arch() == host_arch() == arch == image_platform(by_arch(arch).docker).arch
