@@ -6,7 +6,9 @@ For the default int8 model (``digits_cnn``, 8x8x1) and a ``resnet8``-sized int8 
   concurrency 1 and 8: p50 and requests/s;
 - the same model as the MLflow pyfunc (``tasks/registry/edge_pyfunc.py``) served by
   ``mlflow models serve --env-manager local`` under the same load;
-- the server's RSS with the int8 model loaded, after the load.
+- the server's RSS with the int8 model loaded, after the load;
+- the same for the default model in the armv7 image (built as ``edgeloop package`` builds it) under qemu in the
+  256 MB device's profile: the qemu process's memory, the emulator's own included (``--no-armv7`` skips it).
 The default model is ``digits_cnn`` trained for a few epochs on the bundled digits and sent real
 test digits, so the sampler sees a realistic confidence mix (2% kept, plus the rows under 0.85).
 ``resnet8`` has random weights and random inputs: every prediction is under the confidence floor and
@@ -15,8 +17,8 @@ kept, the sampler's worst case. Both are converted to full int8. Host figures, n
     .venv/bin/python bench/serve.py [--seconds 5]
 
 Last line: ``serve_added_p50_ms=<x> serve_rps_c8=<y> mlflow_p50_ratio=<edgeloop p50 / mlflow p50>
-serve_rss_mb=<z>`` (for the default int8 model). Targets: added p50 <= 1 ms at concurrency 1, p50 at
-most half of MLflow's, RSS <= 64 MB (a quarter of the 256 MB device).
+serve_rss_mb=<z> serve_rss_mb_armv7_emulated=<w>`` (for the default int8 model). Targets: added p50 <= 1 ms at
+concurrency 1, p50 at most half of MLflow's, RSS <= 64 MB (a quarter of the 256 MB device).
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def bench_model(name: str, shape: tuple[int, int, int], seconds: float, root: Pa
     body = json.dumps({"inputs": sample[:1].tolist()})
     confidence = float(EdgeModel.load(model_file).predict(sample[:1]).max())
     result = {"raw_p50_ms": raw.p50_ms, "sample_confidence": confidence}
+    np.save(scratch / "sample.npy", sample)  # the armv7 measurement sends the same
     edge = serve_edgeloop(model_file, sample, scratch)
     try:
         wrk(f"{edge.url}/v1/predict", body, 1, 1, scratch)  # warm-up
@@ -166,10 +169,37 @@ def bench_model(name: str, shape: tuple[int, int, int], seconds: float, root: Pa
     return result
 
 
+def armv7_rss_mb(model_file: Path, sample: np.ndarray, seconds: float, root: Path) -> float:
+    """The service's resident memory in the armv7 image (built as ``edgeloop package`` builds it) under qemu, in
+    the 256 MB device's profile, after ``wrk`` at concurrency 1 for ``seconds``: the qemu process's memory (the
+    emulator's own included, so above what a real armv7 core would hold), labelled emulated."""
+    from image import build_image, image_engine  # bench/image.py, beside this script
+
+    import docker
+    from tasks.config import load_params
+    from tasks.devices import load_devices
+    from tasks.packaging.docker_client import running
+    from tasks.registry.bundle import bundle_from_files, generate_keypair, load_private_key
+
+    settings = load_params(Path(__file__).resolve().parents[1] / "params.yaml").package
+    device = load_devices(Path(__file__).resolve().parents[1] / "devices.yaml").get(settings.check_device)
+    private, public = generate_keypair(root / "keys-armv7", "bench")
+    bundle = bundle_from_files(root / "armv7.tar.gz", "v1", "bench", "1", None, {"primary": model_file}, sample,
+                               load_private_key(private))
+    with image_engine(root / "engine") as (engine, registry):
+        tag = build_image(engine, registry, settings, bundle, public, "linux/arm/v7", root)
+        with running(engine.client, tag, "linux/arm/v7", device.runner.cpus, device.runner.memory_mb, 240,
+                     emulated=True) as container:
+            wrk(f"{container.url}/v1/predict", json.dumps({"inputs": sample[:1].tolist()}), 1, seconds, root)
+            return rss_mb(docker.from_env().containers.get(container.container.id).attrs["State"]["Pid"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--no-armv7", dest="armv7", action="store_false",
+                        help="skip the armv7 image under qemu (needs a Docker engine and qemu-user-static)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -181,9 +211,19 @@ def main() -> int:
             results[name] = bench_model(name, MODELS[name], args.seconds, Path(scratch))
             figures = " ".join(f"{key}={value:.3f}" for key, value in results[name].items())
             print(f"{name}: {figures} ({time.perf_counter() - started:.0f} s)", flush=True)
-    default = results[args.models[0]]
+        default = results[args.models[0]]
+        armv7 = ""
+        if args.armv7:
+            scratch_armv7 = Path(scratch) / "armv7"
+            scratch_armv7.mkdir()
+            folder = Path(scratch) / args.models[0]
+            rss = armv7_rss_mb(folder / f"{args.models[0]}_int8.tflite", np.load(folder / "sample.npy"),
+                               args.seconds, scratch_armv7)
+            print(f"armv7 image under qemu (--cpus 1 --memory 256m): RSS {rss:.1f} MB (emulated: the qemu process, "
+                  "the emulator's own memory included)")
+            armv7 = f" serve_rss_mb_armv7_emulated={rss:.1f}"
     print(f"serve_added_p50_ms={default['serve_added_p50_ms']:.3f} serve_rps_c8={default['serve_rps_c8']:.0f} "
-          f"mlflow_p50_ratio={default['mlflow_p50_ratio']:.3f} serve_rss_mb={default['serve_rss_mb']:.1f}")
+          f"mlflow_p50_ratio={default['mlflow_p50_ratio']:.3f} serve_rss_mb={default['serve_rss_mb']:.1f}{armv7}")
     return 0
 
 
