@@ -654,7 +654,7 @@ def test_a_service_killed_for_memory_comes_back_by_its_restart_policy_with_its_s
         assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
         assert wait_for(serves, 60, "the service") == "v1000"
         killed_at = None
-        for limit_mb in (128, 96, 64, 48, 32):  # lowered until the service is killed once (its RSS is ~75 MB)
+        for limit_mb in (128, 96, 64, 48, 32, 24, 16):  # lowered until the service is killed once (RSS ~62 MB)
             container.stop(timeout=10)  # a running container's limit cannot go below its usage on cgroup v1
             container.update(mem_limit=f"{limit_mb}m", memswap_limit=f"{limit_mb}m")
             container.start()
@@ -663,7 +663,7 @@ def test_a_service_killed_for_memory_comes_back_by_its_restart_policy_with_its_s
             if outcome == "killed":
                 killed_at = limit_mb
                 break
-        assert killed_at is not None, "the service was never killed for memory down to 32 MB"
+        assert killed_at is not None, "the service was never killed for memory down to 16 MB"
         print(f"the service was killed for memory under {killed_at} MB and restarted by its policy")
         container.update(mem_limit="256m", memswap_limit="256m")  # the policy's next restart comes up
         assert wait_for(serves, 180, "the service restarted by its policy") == "v1000"
