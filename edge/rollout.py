@@ -38,11 +38,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from edge.errors import BundleRefused
+from edge.schema import Record, SchemaError, setting
 from edge.signing import PublicKey, sign_manifest, verify_manifest
 
 if TYPE_CHECKING:  # the control plane signs; a device never imports cryptography
@@ -89,78 +89,64 @@ def cohort_cutoff(rollout_id: str, devices: list[str], percent: float) -> float:
     return 1.0 if count >= len(devices) else positions[int(count) - 1]
 
 
-def _check_images(images: dict[str, str], where: str) -> None:
+def _image_problems(images: dict[str, str], where: str) -> Iterator[str]:
     for arch, reference in images.items():
         if not ARCH.fullmatch(arch) or not DIGEST_REFERENCE.fullmatch(reference):
-            raise ValueError(f"{where}[{arch!r}] = {reference!r}: an architecture (amd64, arm64, ...) and an image "
-                             "pinned by digest (registry/repository@sha256:<64 hex>)")
+            yield (f"{where}[{arch!r}] = {reference!r}: an architecture (amd64, arm64, ...) and an image pinned by "
+                   "digest (registry/repository@sha256:<64 hex>)")
 
 
-class ClassRelease(BaseModel):
+class ClassRelease(Record):
     """What the devices of one class do with a manifest: install or roll back to their bundle, or hold."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     action: Literal["install", "rollback", "hold"]
-    version: str | None = Field(None, min_length=1, max_length=64)
-    variant: str | None = Field(None, min_length=1, max_length=64)     # what the bundle serves, for the record
+    version: str | None = setting(None, min_length=1, max_length=64)
+    variant: str | None = setting(None, min_length=1, max_length=64)  # what the bundle serves, for the record
     runtime: Literal["tflite", "onnx"] | None = None                  # what the bundle needs on the device
-    bundle_url: str | None = Field(None, min_length=1)
-    bundle_sha256: str | None = Field(None, pattern=HEX64.pattern)
-    images: dict[str, str] = Field(default_factory=dict, max_length=8)
-    cohort_cutoff: float = Field(1.0, gt=0.0, le=1.0)
-    reason: str = Field("", max_length=1000)                           # a rollback or a hold says why
+    bundle_url: str | None = setting(None, min_length=1)
+    bundle_sha256: str | None = setting(None, pattern=HEX64.pattern)
+    images: dict[str, str] = setting(default_factory=dict, max_length=8)
+    cohort_cutoff: float = setting(1.0, gt=0.0, le=1.0)
+    reason: str = setting("", max_length=1000)                        # a rollback or a hold says why
 
-    @model_validator(mode="after")
-    def _complete(self) -> ClassRelease:
+    def problems(self) -> Iterator[str]:
         if self.action != "hold" and None in (self.version, self.bundle_url, self.bundle_sha256, self.runtime):
-            raise ValueError(f"an {self.action} entry needs version, runtime, bundle_url and bundle_sha256")
+            yield f"an {self.action} entry needs version, runtime, bundle_url and bundle_sha256"
         if self.action != "install" and not self.reason:
-            raise ValueError(f"a {self.action} entry must say why (reason)")
-        _check_images(self.images, "images")
-        return self
+            yield f"a {self.action} entry must say why (reason)"
+        yield from _image_problems(self.images, "images")
 
 
-class RolloutManifest(BaseModel):
+class RolloutManifest(Record):
     """What devices of ``group`` whose cohort position is at most ``cohort_cutoff`` should run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_id: Literal["edgeloop.rollout/1"] = Field(SCHEMA, alias="schema")
-    rollout_id: str = Field(pattern=ROLLOUT_ID_PATTERN)
-    group: str = Field(pattern=GROUP.pattern)
-    sequence: int = Field(ge=1)                 # per group, increasing with every manifest published
+    schema_id: Literal["edgeloop.rollout/1"] = setting(SCHEMA, alias="schema")
+    rollout_id: str = setting(pattern=ROLLOUT_ID_PATTERN)
+    group: str = setting(pattern=GROUP.pattern)
+    sequence: int = setting(ge=1)                 # per group, increasing with every manifest published
     action: Literal["install", "rollback"]
-    model_name: str = Field(min_length=1)
-    version: str = Field(min_length=1, max_length=64)   # the bundle version devices end up on
-    bundle_url: str = Field(min_length=1)               # where the bundle is fetched (http(s) or file)
-    bundle_sha256: str = Field(pattern=HEX64.pattern)   # the bundle is installed only with this digest
-    image: str | None = None                            # the amd64 image, as devices before ``images`` read it
-    images: dict[str, str] = Field(default_factory=dict, max_length=8)  # arch -> repository@sha256:... (containers)
-    previous_version: str | None = None                 # what the cohort ran before this rollout
-    cohort_cutoff: float = Field(gt=0.0, le=1.0)
-    stage: str = Field("canary", min_length=1, max_length=32)
-    jitter_s: float = Field(0.0, ge=0.0, le=3600.0)     # devices wait uniformly in [0, jitter_s] before fetching
+    model_name: str = setting(min_length=1)
+    version: str = setting(min_length=1, max_length=64)   # the bundle version devices end up on
+    bundle_url: str = setting(min_length=1)               # where the bundle is fetched (http(s) or file)
+    bundle_sha256: str = setting(pattern=HEX64.pattern)   # the bundle is installed only with this digest
+    image: str | None = None                              # the amd64 image, as devices before ``images`` read it
+    images: dict[str, str] = setting(default_factory=dict, max_length=8)  # arch -> repository@sha256:... (containers)
+    previous_version: str | None = None                   # what the cohort ran before this rollout
+    cohort_cutoff: float = setting(gt=0.0, le=1.0)
+    stage: str = setting("canary", min_length=1, max_length=32)
+    jitter_s: float = setting(0.0, ge=0.0, le=3600.0)     # devices wait uniformly in [0, jitter_s] before fetching
     issued_at: float
-    reason: str = ""                                    # a rollback says why
-    classes: dict[str, ClassRelease] = Field(default_factory=dict, max_length=MAX_CLASSES)  # device class -> its part
+    reason: str = ""                                      # a rollback says why
+    classes: dict[str, ClassRelease] = setting(default_factory=dict, max_length=MAX_CLASSES)  # device class -> its part
 
-    @model_validator(mode="after")
-    def _rollback_names_why(self) -> RolloutManifest:
+    def problems(self) -> Iterator[str]:
         if self.action == "rollback" and not self.reason:
-            raise ValueError("a rollback manifest must say why (reason)")
-        return self
-
-    @model_validator(mode="after")
-    def _images_pinned(self) -> RolloutManifest:
-        _check_images(self.images, "images")
-        return self
-
-    @model_validator(mode="after")
-    def _classes_named(self) -> RolloutManifest:
+            yield "a rollback manifest must say why (reason)"
+        yield from _image_problems(self.images, "images")
         for name in self.classes:
             if len(name) > 64 or not DEVICE_CLASS.fullmatch(name):
-                raise ValueError(f"classes[{name[:80]!r}]: a device class is a devices.yaml name (lowercase letters, "
-                                 "digits, single hyphens; at most 64)")
-        return self
+                yield (f"classes[{name[:80]!r}]: a device class is a devices.yaml name (lowercase letters, digits, "
+                       "single hyphens; at most 64)")
 
     def image_for(self, arch: str) -> str | None:
         """The image a container device of ``arch`` runs (None: a model-only rollout for it)."""
@@ -172,9 +158,11 @@ class RolloutManifest(BaseModel):
     def to_text(self) -> str:
         """The signed text. Without images (classes), the field is left out: devices that predate it (their schema
         forbids unknown fields) keep taking model-only, whole-fleet rollouts; one with it needs devices that read it."""
-        empty = {name for name in ("images", "classes") if not getattr(self, name)}
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude=empty), sort_keys=True,
-                          separators=(",", ":"))
+        content = self.to_dict()
+        for name in ("images", "classes"):
+            if not content[name]:
+                del content[name]
+        return json.dumps(content, sort_keys=True, separators=(",", ":"))
 
 
 ClassVerdict = Literal["held", "no_class", "unknown_class", "wrong_runtime"]
@@ -206,10 +194,10 @@ def resolve_class(manifest: RolloutManifest, device_class: str | None,
         return None, "wrong_runtime", (f"class {device_class}'s {entry.variant or 'bundle'} needs the {entry.runtime} "
                                        f"runtime; this device has {', '.join(runtimes) or 'none'}")
     assert entry.version and entry.bundle_url and entry.bundle_sha256  # checked by ClassRelease
-    return manifest.model_copy(update={
-        "action": entry.action, "version": entry.version, "bundle_url": entry.bundle_url,
-        "bundle_sha256": entry.bundle_sha256, "images": entry.images, "image": entry.images.get("amd64"),
-        "cohort_cutoff": entry.cohort_cutoff, "reason": entry.reason, "classes": {}}), None, ""
+    return manifest.replace(
+        action=entry.action, version=entry.version, bundle_url=entry.bundle_url, bundle_sha256=entry.bundle_sha256,
+        images=entry.images, image=entry.images.get("amd64"), cohort_cutoff=entry.cohort_cutoff, reason=entry.reason,
+        classes={}), None, ""
 
 
 def sign_rollout(manifest: RolloutManifest, private_key: Ed25519PrivateKey) -> bytes:
@@ -235,8 +223,8 @@ def verify_rollout(payload: bytes, keys: dict[str, PublicKey]) -> RolloutManifes
         raise BundleRefused("malformed", f"rollout message is not a manifest envelope ({error})") from None
     verify_manifest(text.encode(), signature_bytes, keys)
     try:
-        return RolloutManifest.model_validate_json(text)
-    except ValidationError as error:
+        return RolloutManifest.from_json(text)
+    except SchemaError as error:
         raise BundleRefused("malformed", f"signed rollout manifest does not validate: {error}") from None
 
 

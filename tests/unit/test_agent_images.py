@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from edge.agent.service import _health_problem
 from edge.files import sha256_file
 from edge.rollout import RolloutManifest, sign_rollout, verify_rollout
+from edge.schema import SchemaError
 from edge.store.model_store import ModelStore
 from edge.updater.apply import RolloutHandler
 from edge.updater.daemon import load_config
@@ -38,7 +38,7 @@ def manifest(bundle: Path, version: str, sequence: int, **changes) -> RolloutMan
 def test_an_image_not_pinned_by_digest_or_a_bad_architecture_never_validates(tmp_path, images) -> None:
     bundle = tmp_path / "b.tar.gz"
     bundle.write_bytes(b"x")
-    with pytest.raises(ValidationError):
+    with pytest.raises(SchemaError, match="images"):
         manifest(bundle, "v1", 1, images=images)
 
 

@@ -1,10 +1,11 @@
 """The device's Ed25519 verification (the system OpenSSL through ``_ssl``) agrees with ``cryptography``'s, which
 the control plane signs with, on valid and on every kind of invalid signature; keys that are not Ed25519 are
-refused by name; and the service and updater never import ``cryptography``, nor the service ``pydantic`` (11 MB of
-a 64 MB budget), not even once it has installed a bundle and served requests."""
+refused by name; and the service and updater never import ``cryptography``, nor any device module ``pydantic``
+(11 MB of the service's 64 MB budget), the service not even once it has installed a bundle and served requests."""
 
 from __future__ import annotations
 
+import ast
 import ssl
 import subprocess
 import sys
@@ -83,6 +84,25 @@ def test_the_service_and_the_updater_never_import_cryptography_and_the_service_n
     assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
     code = ("import sys, edge.serving.serve, edge.serving.app, edge.store.storectl; print(sorted({m.split('.')[0] for "
             "m in sys.modules} & {'httpx', 'requests', 'pydantic', 'pydantic_core'}))")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
+
+
+def test_no_device_module_imports_pydantic():
+    """The images carry no pydantic (7 MB of image, MBs of each process): every module under edge/ loads without it,
+    and none names it in an import, function-level (lazy) ones included. The Prefect flow a device's worker runs is
+    the exception: Prefect itself needs pydantic (edge/bench/prefect_flow.py imports nothing else of the project)."""
+    paths = [path for path in (REPO_ROOT / "edge").rglob("*.py") if path.name != "prefect_flow.py"]
+    named = [f"{path.relative_to(REPO_ROOT)}:{node.lineno}" for path in paths for node in ast.walk(ast.parse(
+             path.read_text())) if isinstance(node, ast.Import | ast.ImportFrom) and {
+             (alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+             for alias in node.names} & {"pydantic", "pydantic_core"}]
+    assert not named, f"device modules that import pydantic: {named}"
+    modules = sorted(".".join(path.relative_to(REPO_ROOT).with_suffix("").parts) for path in paths
+                     if path.stem not in ("__init__", "__main__"))  # __main__ modules run on import
+    assert {"edge.rollout", "edge.updater.daemon", "edge.agent.service", "edge.serving.app"} <= set(modules)
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'pydantic_core'}))")
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == "[]", completed.stdout + completed.stderr
 

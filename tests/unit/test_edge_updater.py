@@ -86,7 +86,7 @@ def _tampered(payload: bytes, key) -> bytes:  # the signed text altered afterwar
 
 
 def _unknown_key(payload: bytes, key) -> bytes:
-    return sign_rollout(RolloutManifest.model_validate_json(json.loads(payload)["manifest"]),
+    return sign_rollout(RolloutManifest.from_json(json.loads(payload)["manifest"]),
                         Ed25519PrivateKey.generate())
 
 
@@ -147,22 +147,22 @@ def test_the_active_version_is_acknowledged_again(handler, store, bundles, bundl
 
 
 def _wrong_digest(manifest: RolloutManifest, bundles, tmp_path) -> RolloutManifest:
-    return manifest.model_copy(update={"bundle_sha256": "0" * 64})
+    return manifest.replace(bundle_sha256="0" * 64)
 
 
 def _not_a_bundle(manifest: RolloutManifest, bundles, tmp_path) -> RolloutManifest:
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(b"\x1f\x8b not really gzip")
-    return manifest.model_copy(update={"bundle_url": junk.as_uri(), "bundle_sha256": sha256_file(junk)})
+    return manifest.replace(bundle_url=junk.as_uri(), bundle_sha256=sha256_file(junk))
 
 
 def _other_version(manifest: RolloutManifest, bundles, tmp_path) -> RolloutManifest:
     other = bundles["v3"]  # signed and intact, but another version than the rollout names
-    return manifest.model_copy(update={"bundle_url": other.as_uri(), "bundle_sha256": sha256_file(other)})
+    return manifest.replace(bundle_url=other.as_uri(), bundle_sha256=sha256_file(other))
 
 
 def _missing(manifest: RolloutManifest, bundles, tmp_path) -> RolloutManifest:
-    return manifest.model_copy(update={"bundle_url": (tmp_path / "nowhere.tar.gz").as_uri()})
+    return manifest.replace(bundle_url=(tmp_path / "nowhere.tar.gz").as_uri())
 
 
 @pytest.mark.parametrize("spoil, reason", [(_wrong_digest, "digest_mismatch"), (_not_a_bundle, "truncated"),
