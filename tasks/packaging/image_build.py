@@ -56,8 +56,9 @@ LOCK_FILE = REPO_ROOT / "requirements.lock"
 EDGE_PACKAGE = REPO_ROOT / "edge"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 # what edge/ imports at run time, besides the runtime itself; versions come from requirements.lock
-# (no cryptography: a device verifies signatures with the OpenSSL Python's ssl module loads, edge/signing.py)
-EDGE_REQUIREMENTS = ("numpy", "pydantic", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client",
+# (no cryptography: a device verifies signatures with the OpenSSL Python's ssl module loads, edge/signing.py;
+# no pydantic: edge/schema.py checks the device's records, rollout manifests included)
+EDGE_REQUIREMENTS = ("numpy", "starlette", "uvicorn", "httptools", "uvloop", "prometheus-client",
                      "orjson", "httpx", "paho-mqtt")  # httpx, paho-mqtt: the updater (python -m edge.updater)
 DEBIAN_PATH_FILE = "debian-dist-packages.pth"
 WHEELHOUSE_LAYOUT = 2  # 2: requirements.txt pins every wheel (installed --no-deps); a cached older one is not reused
