@@ -301,6 +301,8 @@ def test_the_armv7_image_serves_under_emulation_in_the_256mb_profile(stack, imag
         machine, numpy_file, litert = container.exec(IMAGE_PYTHON, "-c", probe).split()
         assert machine == "armv7l" and numpy_file.startswith("/usr/lib/python3/dist-packages/numpy/")
         assert litert == "tflite_runtime.interpreter"
+        updater = container.exec(IMAGE_PYTHON, "-m", "edge.updater", "--help")  # the device's other process
+        assert "--broker" in updater and "--store" in updater
         answer = container.predict(np.asarray(bundle_kit.sample[:4], np.float32))
         assert answer["version"] == f"v{report.mlflow_version}" and len(answer["predictions"]) == 4
     tags = mlflow_client(stack).get_model_version(MODEL_NAME, report.mlflow_version).tags
