@@ -104,7 +104,7 @@ class ClassRelease(Record):
     variant: str | None = setting(None, min_length=1, max_length=64)  # what the bundle serves, for the record
     runtime: Literal["tflite", "onnx"] | None = None                  # what the bundle needs on the device
     bundle_url: str | None = setting(None, min_length=1)
-    bundle_sha256: str | None = setting(None, pattern=HEX64.pattern)
+    bundle_sha256: str | None = setting(None, pattern=f"^{HEX64.pattern}$")
     images: dict[str, str] = setting(default_factory=dict, max_length=8)
     cohort_cutoff: float = setting(1.0, gt=0.0, le=1.0)
     reason: str = setting("", max_length=1000)                        # a rollback or a hold says why
@@ -122,13 +122,13 @@ class RolloutManifest(Record):
 
     schema_id: Literal["edgeloop.rollout/1"] = setting(SCHEMA, alias="schema")
     rollout_id: str = setting(pattern=ROLLOUT_ID_PATTERN)
-    group: str = setting(pattern=GROUP.pattern)
+    group: str = setting(pattern=f"^{GROUP.pattern}$")  # the whole text: one MQTT topic level
     sequence: int = setting(ge=1)                 # per group, increasing with every manifest published
     action: Literal["install", "rollback"]
     model_name: str = setting(min_length=1)
     version: str = setting(min_length=1, max_length=64)   # the bundle version devices end up on
     bundle_url: str = setting(min_length=1)               # where the bundle is fetched (http(s) or file)
-    bundle_sha256: str = setting(pattern=HEX64.pattern)   # the bundle is installed only with this digest
+    bundle_sha256: str = setting(pattern=f"^{HEX64.pattern}$")  # the bundle is installed only with this digest
     image: str | None = None                              # the amd64 image, as devices before ``images`` read it
     images: dict[str, str] = setting(default_factory=dict, max_length=8)  # arch -> repository@sha256:... (containers)
     previous_version: str | None = None                   # what the cohort ran before this rollout

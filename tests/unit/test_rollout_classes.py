@@ -118,6 +118,22 @@ def test_class_entries_are_validated():
                         classes={"Bad_Class": ClassRelease(action="hold", reason="x")})
 
 
+
+@pytest.mark.parametrize(("field", "value"), [("group", "lab/+#"), ("group", "lab extra"),
+                                              ("bundle_sha256", "x" + "a" * 64), ("bundle_sha256", "a" * 64 + "\n")])
+def test_a_group_or_digest_with_anything_around_it_is_refused(field, value):
+    """The whole text must match (a group is one MQTT topic level; a digest is 64 hex digits, nothing else)."""
+    fields = {"rollout_id": "r", "group": "lab", "sequence": 1, "action": "install", "model_name": "m",
+              "version": "v2", "bundle_url": "file:///b", "bundle_sha256": "a" * 64, "cohort_cutoff": 1.0,
+              "issued_at": 0.0}
+    RolloutManifest(**fields)
+    with pytest.raises(ValueError, match=field):
+        RolloutManifest(**{**fields, field: value})
+    if field == "bundle_sha256":
+        with pytest.raises(ValueError, match=field):
+            ClassRelease(action="install", version="v2", runtime="tflite", bundle_url="file:///b", bundle_sha256=value)
+
+
 # ---- the device side --------------------------------------------------------------------------------------
 
 def _manifest(bundles: dict[str, Path], sequence: int, **entries: ClassRelease) -> RolloutManifest:
