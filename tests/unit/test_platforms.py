@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -94,3 +95,24 @@ def test_a_device_names_its_architecture_as_the_images_of_its_platform_are_named
     for machine, arch in (("x86_64", "amd64"), ("aarch64", "arm64"), ("armv7l", "armv7")):
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
         assert device_arch() == host_arch() == arch == image_platform(by_arch(arch).docker).arch
+
+
+def test_a_debian_package_the_archive_lacks_is_named_with_the_platform(tmp_path, monkeypatch):
+    """Stand-in for debootstrap (a real run downloads the armhf archive's index, ~10 MB): a script that fails as
+    debootstrap 1.0.128+nmu2+deb12u2 did here on 2026-12-08 for ``--include=python3-nonexistent-xyz --arch=armhf``."""
+    from tasks.errors import ServiceUnavailable
+    from tasks.packaging.base_images import _debootstrap
+
+    fake = tmp_path / "bin" / "debootstrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'I: Retrieving InRelease'\n"
+                    "echo \"E: Couldn't find these debs: python3-nonexistent-xyz\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    with pytest.raises(PlatformUnavailable) as refused:
+        _debootstrap(["--foreign", "--arch=armhf", "bookworm", str(tmp_path / "root")], "armv7", "armhf")
+    assert (refused.value.package, refused.value.platform) == ("python3-nonexistent-xyz", "linux/arm/v7")
+    assert "Debian bookworm has no such package for armhf" in str(refused.value)
+    fake.write_text("#!/bin/sh\necho 'E: Failed getting release file' >&2\nexit 1\n")  # the mirror, not a package
+    with pytest.raises(ServiceUnavailable, match="is .* reachable"):
+        _debootstrap(["--arch=armhf", "bookworm", str(tmp_path / "root")], "armv7", "armhf")
