@@ -16,6 +16,7 @@ class of the group the release does not name at all is left out of the manifest,
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -113,9 +114,12 @@ class ClassRollout:
             self.report.classes[name] = ClassOutcome("in_progress", mine.variant, members[name])
 
     def run(self) -> RolloutReport:
-        """Every lane to its end, side by side; the report holds each class's outcome and every step. Never raises."""
-        threads = [threading.Thread(target=lane.run, name=f"rollout-{name}", daemon=True)
-                   for name, lane in self.lanes.items()]
+        """Every lane to its end, side by side; the report holds each class's outcome and every step. Never raises.
+
+        Each lane runs in a copy of the caller's context: the flow run's (its ``on_step`` artifacts belong to the run)
+        and its Prefect settings (a thread started bare sees the process's import-time settings instead)."""
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(lane.run,), name=f"rollout-{name}",
+                                    daemon=True) for name, lane in self.lanes.items()]
         for thread in threads:
             thread.start()
         for thread in threads:

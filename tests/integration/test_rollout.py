@@ -15,6 +15,7 @@ One scenario, in order (each phase starts from where the last one left the fleet
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 from pathlib import Path
@@ -184,8 +185,10 @@ def test_healthy_rollout_rides_out_a_broker_stop_then_a_bad_challenger_is_rolled
 
     # ---- 1: version 2, healthy; the broker stops after the canary and comes back -------------------------
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(state=rollout(
-        version="2", plan=_plan(settings), report_dir=str(tmp_path / "reports"), return_state=True)))
+    # in this context: the stack's Prefect settings are a context variable, and a bare thread would see the
+    # settings Prefect read when first imported (a run once went to a temporary server of its own that way)
+    runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(state=rollout(
+        version="2", plan=_plan(settings), report_dir=str(tmp_path / "reports"), return_state=True)),))
     runner.start()
     wait_for(lambda: any(_active(d) == "v2" for d in devices.devices.values()), 60, "the canary to install v2")
     mosquitto.stop_mosquitto(root / "run")  # SIGTERM: the broker saves its state, as in a planned restart

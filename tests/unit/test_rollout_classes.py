@@ -63,6 +63,22 @@ def test_each_class_gets_its_own_variant_and_its_own_canary(key):
     assert [m.sequence for m in fleet.published] == list(range(1, 7))  # one manifest per change, any lane
 
 
+def test_every_lane_runs_in_the_callers_context(key):
+    """The flow's run context and Prefect settings are context variables: each lane thread sees the caller's."""
+    import contextvars
+
+    caller = contextvars.ContextVar("caller", default="a bare thread")
+    seen: list[str] = []
+    clock = Clock()
+    fleet = Fleet(key, 0, clock, classes={GATEWAY: 4, PI: 4})
+    rollout = _class_rollout(fleet, key, clock)
+    for lane in rollout.lanes.values():
+        lane.on_step = lambda step: seen.append(caller.get())
+    caller.set("the flow run")
+    assert rollout.run().outcome == "completed"
+    assert seen and set(seen) == {"the flow run"}
+
+
 def test_a_slower_class_is_rolled_back_alone_while_the_faster_one_completes(key):
     clock = Clock()  # pooled with the gateways' 2 ms, the Pis' slowdown would vanish in the fleet's p95
     fleet = Fleet(key, 0, clock, classes={GATEWAY: 30, PI: 10},
